@@ -1,0 +1,376 @@
+"""Graph capture: trace a model with torch.fx and describe every node without real memory.
+
+``capture(model, input_shape)`` traces the model, runs the traced graph once under
+``FakeTensorMode`` with autograd on (so no real memory is touched, whatever the size) and records
+per node: op kind, module path, output shape and bytes, the bytes autograd saves for backward
+(observed with saved-tensor hooks, deduplicated by storage), forward/backward FLOPs and the
+H-geometry.  The result, :class:`LayerGraph`, is what the planner and executor work from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import ops as _ops
+from .geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
+
+
+class CaptureError(ValueError):
+    """The model cannot be captured at this input shape (message says why and what to do)."""
+
+
+@dataclass
+class Node:
+    """One node of the layer graph."""
+
+    name: str                 # fx node name (unique)
+    op: str                   # conv2d, maxpool2d, batchnorm2d, relu, add, cat, linear, ...
+    kind: str                 # spatial | pointwise | join | norm | global | input | output
+    target: str               # module path for module calls, function name otherwise
+    module: str               # owning module path ('' for the root)
+    inputs: List[str]         # tensor inputs (node names)
+    shape: Tuple[int, ...]    # output shape
+    out_bytes: int            # bytes of the output tensor
+    saved_bytes: int = 0      # activation bytes autograd keeps for backward, first saved here
+    flops_fwd: int = 0
+    flops_bwd: int = 0
+    geom: Optional[HGeom] = None
+    rowwise: bool = False
+    reason: str = ""          # why the node cannot run in a row segment
+    param_bytes: int = 0
+    receptive_field: int = 1  # input rows one interior output row depends on
+    cum_stride: int = 1       # product of strides from the input
+
+    @property
+    def height(self) -> int:
+        return self.shape[2] if len(self.shape) == 4 else 1
+
+    @property
+    def is_map(self) -> bool:
+        return len(self.shape) == 4
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class LayerGraph:
+    """Captured layer graph of a model at one input shape."""
+
+    nodes: List[Node]
+    input_shape: Tuple[int, ...]
+    dtype: str
+    model_name: str = ""
+    training: bool = True
+    by_name: Dict[str, Node] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.by_name = {n.name: n for n in self.nodes}
+        self._index = {n.name: i for i, n in enumerate(self.nodes)}
+
+    # -- access -------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Node:
+        return self.by_name[name]
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __len__(self):
+        return len(self.nodes)
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    @property
+    def input_node(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def output_node(self) -> Node:
+        return self.nodes[-1]
+
+    def consumers(self) -> Dict[str, List[str]]:
+        cons: Dict[str, List[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for u in n.inputs:
+                cons[u].append(n.name)
+        return cons
+
+    def row_graph(self) -> RowGraph:
+        return RowGraph([n.name for n in self.nodes], {n.name: n.inputs for n in self.nodes},
+                        {n.name: (n.geom or IDENTITY) for n in self.nodes},
+                        {n.name: n.height for n in self.nodes})
+
+    def cut_points(self) -> List[str]:
+        """Nodes after which exactly one tensor (that node's output) is live: legal segment ends."""
+        cons = self.consumers()
+        last_use = {}
+        for i, n in enumerate(self.nodes):
+            for u in n.inputs:
+                last_use[u] = i
+        cuts = []
+        live: set = set()
+        for i, n in enumerate(self.nodes):
+            live.add(n.name)
+            live = {u for u in live if last_use.get(u, -1) > i}
+            if live == {n.name}:
+                cuts.append(n.name)
+        return cuts
+
+    def resolve(self, ref: str, end: str = "first") -> str:
+        """Node name for a node name or a module path (first/last node inside that module)."""
+        if ref in self.by_name:
+            return ref
+        hits = [n.name for n in self.nodes if n.target == ref and n.kind not in (_ops.INPUT, _ops.OUTPUT)]
+        if not hits:
+            hits = [n.name for n in self.nodes if n.module == ref or n.module.startswith(ref + ".")
+                    or n.target.startswith(ref + ".")]
+        if not hits:
+            raise KeyError(f"no node or module named {ref!r} in the graph of {self.model_name or 'the model'}")
+        return hits[0] if end == "first" else hits[-1]
+
+    def span(self, first: str, last: str) -> List[Node]:
+        i, j = self.index(first), self.index(last)
+        if j < i:
+            raise ValueError(f"segment {first}..{last} is reversed")
+        return self.nodes[i: j + 1]
+
+    # -- totals -------------------------------------------------------------------------
+    @property
+    def total_saved_bytes(self) -> int:
+        return sum(n.saved_bytes for n in self.nodes)
+
+    @property
+    def total_flops_fwd(self) -> int:
+        return sum(n.flops_fwd for n in self.nodes)
+
+    @property
+    def total_flops_bwd(self) -> int:
+        return sum(n.flops_bwd for n in self.nodes)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(n.param_bytes for n in self.nodes)
+
+    def fingerprint(self) -> str:
+        """Hash of the graph structure, shapes and dtype (not of the weights)."""
+        canon = [(n.name, n.op, n.target, n.inputs, list(n.shape)) for n in self.nodes]
+        blob = json.dumps([list(self.input_shape), self.dtype, canon], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dataframe(self):
+        """Per-layer table as a pandas DataFrame."""
+        import pandas as pd
+
+        rows = []
+        for n in self.nodes:
+            if n.kind in (_ops.INPUT, _ops.OUTPUT):
+                continue
+            rows.append({
+                "name": n.name, "op": n.op, "kind": n.kind, "module": n.target,
+                "shape": "x".join(map(str, n.shape)),
+                "out_MiB": n.out_bytes / 2**20, "saved_MiB": n.saved_bytes / 2**20,
+                "GFLOPs_fwd": n.flops_fwd / 1e9, "GFLOPs_bwd": n.flops_bwd / 1e9,
+                "rf": n.receptive_field, "stride": n.cum_stride, "rowwise": n.rowwise,
+            })
+        return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+
+class _LeafTracer(fx.Tracer):
+    """Treat torchvision's building blocks transparently but keep stock nn layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (stock nn layers stay leaf modules)."""
+    try:
+        tracer = _LeafTracer()
+        graph = tracer.trace(model)
+    except Exception as e:  # torch.fx raises many types
+        raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); lrcnn needs an fx-traceable model") from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _tensor_args(n: fx.Node) -> List[str]:
+    out: List[str] = []
+
+    def visit(a):
+        if isinstance(a, fx.Node):
+            if a.name not in out:
+                out.append(a.name)
+        return a
+
+    fx.node.map_aggregate(n.args, visit)
+    fx.node.map_aggregate(n.kwargs, visit)
+    return out
+
+
+def _owner(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        vals = list(stack.values())
+        path = vals[-1][0] if isinstance(vals[-1], tuple) else str(vals[-1])
+        return path
+    if n.op == "call_module":
+        return str(n.target).rsplit(".", 1)[0] if "." in str(n.target) else ""
+    return ""
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+            model_name: str = "", gm: Optional[fx.GraphModule] = None) -> LayerGraph:
+    """Capture ``model`` at ``input_shape`` (N, C, H, W) into a :class:`LayerGraph`.
+
+    No real memory is allocated for activations: the traced graph runs once under
+    ``FakeTensorMode`` with autograd enabled.  The model's train/eval mode is respected (it
+    decides, for instance, what BatchNorm saves).  ``model`` may live on the meta device.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 4 or any(s < 1 for s in input_shape):
+        raise CaptureError(f"input shape {input_shape} must be (N, C, H, W) with positive sizes")
+    gm = gm if gm is not None else trace(model)
+    modules = dict(gm.named_modules())
+    esize = torch.empty((), dtype=dtype, device="meta").element_size()
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    state = {}
+    for k, v in list(gm.named_parameters()) + list(gm.named_buffers()):
+        mv = v.detach().to("meta")
+        if mv.is_floating_point():
+            mv = mv.to(dtype)
+        fv = fake_mode.from_tensor(mv)
+        if isinstance(v, nn.Parameter):
+            fv.requires_grad_(v.requires_grad)
+        state[k] = fv
+    param_keys = {_storage_key(v) for v in state.values()}
+
+    records: Dict[str, dict] = {}
+    seen_storages: Dict[int, str] = {}
+    current = {"node": None}
+    input_key: set = set()
+
+    def pack(t):
+        key = _storage_key(t)
+        if key in param_keys or key in seen_storages:
+            return t
+        seen_storages[key] = current["node"]
+        rec = records.setdefault(current["node"], {"saved": 0})
+        nbytes = t.untyped_storage().nbytes()
+        if key in input_key:
+            rec["saved_input"] = rec.get("saved_input", 0) + nbytes
+        else:
+            rec["saved"] += nbytes
+        return t
+
+    class _Interp(fx.Interpreter):
+        def run_node(self, n):
+            current["node"] = n.name
+            out = super().run_node(n)
+            rec = records.setdefault(n.name, {"saved": 0})
+            if isinstance(out, torch.Tensor):
+                rec["shape"] = tuple(out.shape)
+                rec["bytes"] = out.numel() * out.element_size()
+            return out
+
+    from torch.func import functional_call
+
+    class _Runner(nn.Module):
+        def __init__(self, g):
+            super().__init__()
+            self.g = g
+
+        def forward(self, x):
+            return _Interp(self.g).run(x)
+
+    runner = _Runner(gm)
+    try:
+        with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = torch.empty(input_shape, dtype=dtype, device="meta").requires_grad_(True)
+            input_key.add(_storage_key(x))
+            functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        where = current["node"]
+        raise CaptureError(f"input shape {'x'.join(map(str, input_shape))} does not fit "
+                           f"{model_name or type(model).__name__} (at node {where}: {msg}); "
+                           f"use a larger --resolution") from None
+
+    nodes: List[Node] = []
+    for n in gm.graph.nodes:
+        rec = records.get(n.name, {})
+        shape = tuple(rec.get("shape", ()))
+        ins = _tensor_args(n)
+        in_shapes = [nodes_by[u].shape for u in ins if u in nodes_by] if nodes else []
+        mod = None
+        if n.op == "placeholder":
+            info = _ops.OpInfo("input", _ops.INPUT, IDENTITY, True)
+            target = "input"
+        elif n.op == "output":
+            info = _ops.OpInfo("output", _ops.OUTPUT, None, False, "graph output")
+            target = "output"
+            shape = nodes[-1].shape if nodes else ()
+        elif n.op == "call_module":
+            mod = modules[n.target]
+            info = _ops.classify_module(mod)
+            target = str(n.target)
+        elif n.op in ("call_function", "call_method"):
+            if n.op == "call_method":
+                info = _ops.OpInfo(str(n.target), _ops.GLOBAL, None, False, f"tensor method .{n.target}()")
+            else:
+                info = _ops.classify_function(n.target, n.args, n.kwargs)
+            target = getattr(n.target, "__name__", str(n.target))
+        else:  # get_attr
+            info = _ops.OpInfo("get_attr", _ops.GLOBAL, None, False, "attribute access")
+            target = str(n.target)
+        rowwise, reason, geom = info.rowwise, info.reason, info.geom
+        # Row-local only between maps of equal height (no broadcasting of global vectors).
+        if info.kind in (_ops.JOIN, _ops.POINTWISE, _ops.NORM, _ops.SPATIAL) and rowwise:
+            if len(shape) != 4 or any(len(s) != 4 for s in in_shapes):
+                rowwise, reason = False, "not a 4-D feature map"
+            elif info.kind != _ops.SPATIAL and any(s[2] != shape[2] for s in in_shapes):
+                rowwise, reason, geom = False, "broadcasts a global value over rows", None
+        fl = _ops.flops(info.op, mod, in_shapes, shape) if n.op not in ("placeholder", "output") else (0, 0)
+        pbytes = sum(p.numel() for p in mod.parameters(recurse=False)) * esize if mod is not None else 0
+        node = Node(
+            name=n.name, op=info.op, kind=info.kind, target=target, module=_owner(n), inputs=ins,
+            shape=shape, out_bytes=int(rec.get("bytes", 0)) if n.op != "output" else 0,
+            saved_bytes=int(rec.get("saved", 0)), flops_fwd=int(fl[0]), flops_bwd=int(fl[1]),
+            geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes),
+        )
+        nodes.append(node)
+        nodes_by = {x.name: x for x in nodes}
+
+    graph = LayerGraph(nodes, input_shape, _dtype_name(dtype), model_name or type(model).__name__,
+                       training=model.training)
+    rg = graph.row_graph()
+    cs = cumulative_strides(rg)
+    rf = receptive_fields(rg)
+    beyond: set = set()  # nodes at or after a global op: they see the whole input
+    for node in graph.nodes:
+        if node.geom is None or any(u in beyond for u in node.inputs):
+            beyond.add(node.name)
+            node.receptive_field = input_shape[2]
+            node.cum_stride = max((graph[u].cum_stride for u in node.inputs), default=1)
+        else:
+            node.cum_stride = cs.get(node.name, 1)
+            node.receptive_field = min(rf.get(node.name, 1), input_shape[2] + 2 * 10**6)
+    graph.saved_input_bytes = sum(r.get("saved_input", 0) for r in records.values())
+    return graph

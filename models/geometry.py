@@ -1,0 +1,303 @@
+"""Row geometry: the one implementation of "which input rows does an output row band need".
+
+Everything in lrcnn that reasons about rows (capture, cost model, planner, executor) goes through
+this module, so the planner and the executor can never disagree about a halo.
+
+Conventions
+-----------
+* Rows are half-open ranges ``[lo, hi)`` in *full-map* coordinates of the node they belong to.
+* A layer is described along H by :class:`HGeom` (kernel, stride, padding, dilation, ceil_mode,
+  pad value).  Pointwise ops and joins (add, concat) have the identity geometry.
+* Output rows ``[a, b)`` of a layer need input rows
+  ``[a*s - p, (b-1)*s - p + d*(k-1) + 1)``; the part outside ``[0, H)`` is padding, which exists
+  only at the true top and bottom of the map.
+* Strips are defined on the *output* rows of a segment and propagated backwards through the
+  segment's DAG (union over consumers), so every row any strip computes is a row of the full map,
+  on the full map's sampling grid: aligned with every layer's cumulative stride by construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+Range = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class HGeom:
+    """Geometry of an op along the H axis."""
+
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    ceil_mode: bool = False
+    pad_value: float = 0.0  # value the op pads with: 0 (conv, avg-pool) or -inf (max-pool)
+
+    @property
+    def span(self) -> int:
+        """Rows covered by one window: d*(k-1)+1."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kernel == 1 and self.stride == 1 and self.padding == 0
+
+    def out_size(self, in_h: int) -> int:
+        """Output rows for ``in_h`` input rows (PyTorch's conv/pool formula, ceil_mode included)."""
+        eff = in_h + 2 * self.padding - self.span
+        if eff < 0:
+            return 0
+        if self.ceil_mode:
+            out = -(-eff // self.stride) + 1
+            # PyTorch: the last window must start inside the input or the top padding.
+            if (out - 1) * self.stride >= in_h + self.padding:
+                out -= 1
+        else:
+            out = eff // self.stride + 1
+        return out
+
+    def window(self, a: int, b: int) -> Range:
+        """Unclipped input rows read by output rows [a, b) (may extend past the map: padding)."""
+        return a * self.stride - self.padding, (b - 1) * self.stride - self.padding + self.span
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if math.isinf(d["pad_value"]):
+            d["pad_value"] = "-inf" if d["pad_value"] < 0 else "inf"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "HGeom":
+        d = dict(d)
+        if isinstance(d.get("pad_value"), str):
+            d["pad_value"] = float(d["pad_value"])
+        return cls(**d)
+
+
+IDENTITY = HGeom()
+
+
+@dataclass(frozen=True)
+class InputRows:
+    """Rows of one input that an output row band needs."""
+
+    lo: int  # first real input row (clipped to the map)
+    hi: int  # one past the last real input row
+    pad_top: int  # padding rows above lo (only at the true top of the map)
+    pad_bottom: int  # padding rows below hi (only at the true bottom)
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+def input_rows(geom: HGeom, a: int, b: int, in_h: int) -> InputRows:
+    """Input rows (and border padding) that output rows ``[a, b)`` of a layer need.
+
+    ``in_h`` is the height of the input map.  An empty band (``a >= b``) needs nothing.
+    """
+    if a >= b:
+        return InputRows(0, 0, 0, 0)
+    lo_u, hi_u = geom.window(a, b)
+    lo, hi = max(lo_u, 0), min(hi_u, in_h)
+    if hi < lo:  # window entirely in padding (cannot happen for valid PyTorch layers)
+        hi = lo
+    return InputRows(lo, hi, lo - lo_u, hi_u - hi)
+
+
+def union(r1: Optional[Range], r2: Optional[Range]) -> Optional[Range]:
+    """Hull of two row ranges (None or empty ranges are ignored)."""
+    if r1 is None or r1[0] >= r1[1]:
+        return r2 if (r2 is not None and r2[0] < r2[1]) else r1
+    if r2 is None or r2[0] >= r2[1]:
+        return r1
+    return min(r1[0], r2[0]), max(r1[1], r2[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Subgraph composition
+# ----------------------------------------------------------------------------------------------
+
+class RowGraph:
+    """The minimal view of a DAG that row geometry needs.
+
+    ``order``: node names in topological order; ``inputs[n]``: the tensor inputs of n (node names);
+    ``geom[n]``: the HGeom of n (the same for all its inputs); ``height[n]``: rows of n's output.
+    :class:`models.capture.LayerGraph` provides these; tests build them by hand.
+    """
+
+    def __init__(self, order: Sequence[str], inputs: Mapping[str, Sequence[str]],
+                 geom: Mapping[str, HGeom], height: Mapping[str, int]):
+        self.order = list(order)
+        self.inputs = {n: list(inputs.get(n, ())) for n in self.order}
+        self.geom = dict(geom)
+        self.height = dict(height)
+
+
+def propagate_rows(g: RowGraph, nodes: Sequence[str], out_node: str, out_range: Range,
+                   clip: bool = True) -> Dict[str, Range]:
+    """Rows every node of a subgraph must produce so that ``out_node`` can produce ``out_range``.
+
+    ``nodes`` is the subgraph in topological order (it may include its external input(s), which
+    then receive the rows they must supply).  The rows a node must produce are the hull of what
+    its consumers need.  With ``clip=False`` ranges are not clipped to the maps (receptive field
+    of an interior band).
+    """
+    need: Dict[str, Optional[Range]] = {out_node: tuple(out_range)}
+    members = set(nodes)
+    for n in reversed(list(nodes)):
+        r = need.get(n)
+        if r is None or r[0] >= r[1]:
+            continue
+        geom = g.geom.get(n, IDENTITY)
+        for u in g.inputs.get(n, ()):
+            if u not in members:
+                continue
+            if clip:
+                ir = input_rows(geom, r[0], r[1], g.height[u])
+                rr = (ir.lo, ir.hi)
+            else:
+                rr = geom.window(r[0], r[1])
+            need[u] = union(need.get(u), rr)
+    return {n: r for n, r in need.items() if r is not None}
+
+
+def cumulative_strides(g: RowGraph) -> Dict[str, int]:
+    """Product of strides from the graph input to each node (max over paths)."""
+    cs: Dict[str, int] = {}
+    for n in g.order:
+        ins = g.inputs.get(n, ())
+        base = max((cs[u] for u in ins if u in cs), default=1)
+        cs[n] = base * g.geom.get(n, IDENTITY).stride
+    return cs
+
+
+def receptive_fields(g: RowGraph, source: Optional[str] = None) -> Dict[str, int]:
+    """Rows of ``source`` (default: the first node) that one interior output row of each node sees."""
+    src = source or g.order[0]
+    rf: Dict[str, int] = {}
+    idx = {n: i for i, n in enumerate(g.order)}
+    for n in g.order:
+        if n == src:
+            rf[n] = 1
+            continue
+        sub = g.order[idx[src]: idx[n] + 1]
+        need = propagate_rows(g, sub, n, (0, 1), clip=False)
+        r = need.get(src)
+        rf[n] = (r[1] - r[0]) if r else 0
+    return rf
+
+
+def propagate_heights(g: RowGraph, input_heights: Mapping[str, int]) -> Dict[str, int]:
+    """Heights of every node for given heights of the source node(s) (no tensors involved)."""
+    h = dict(input_heights)
+    for n in g.order:
+        if n in h:
+            continue
+        ins = [u for u in g.inputs.get(n, ()) if u in h]
+        if not ins:
+            continue
+        geom = g.geom.get(n, IDENTITY)
+        h[n] = geom.out_size(h[ins[0]])
+    return h
+
+
+# ----------------------------------------------------------------------------------------------
+# Strips
+# ----------------------------------------------------------------------------------------------
+
+def even_bounds(out_rows: int, strips: int) -> List[int]:
+    """Split ``out_rows`` output rows into ``strips`` contiguous bands as evenly as possible."""
+    if out_rows < 1:
+        raise ValueError("a segment with no output rows cannot be split into strips")
+    if not 1 <= strips <= out_rows:
+        raise ValueError(f"strip count {strips} out of range: 1..{out_rows} for {out_rows} output rows")
+    return [(i * out_rows) // strips for i in range(strips)] + [out_rows]
+
+
+def check_bounds(bounds: Sequence[int], out_rows: int) -> List[int]:
+    b = [int(x) for x in bounds]
+    if len(b) < 2 or b[0] != 0 or b[-1] != out_rows or any(x >= y for x, y in zip(b, b[1:])):
+        raise ValueError(f"strip bounds {list(bounds)} must increase strictly from 0 to {out_rows}")
+    return b
+
+
+@dataclass
+class StripRows:
+    """What one strip does at one node (all ranges in the node's full-map rows)."""
+
+    lo: int  # first row the strip needs at this node
+    hi: int  # one past the last row needed
+    start: int  # first row this strip computes (2PS: rows below `start` are carried in)
+
+    @property
+    def computed(self) -> int:
+        return max(0, self.hi - self.start)
+
+    @property
+    def carried(self) -> Range:
+        return (self.lo, max(self.lo, min(self.start, self.hi)))
+
+
+@dataclass
+class StripSchedule:
+    """Per strip, per node: needed rows, computed rows and carried rows.
+
+    ``source`` is the segment's input node (rows are read from the stored input, never carried);
+    ``policy`` is ``"overl"`` (every strip computes all it needs) or ``"2ps"`` (each row is computed
+    once; rows computed by an earlier strip are carried in).
+    """
+
+    source: str
+    nodes: List[str]  # the segment's nodes, topological order, source excluded
+    bounds: List[int]
+    policy: str
+    rows: List[Dict[str, StripRows]]
+
+    @property
+    def strips(self) -> int:
+        return len(self.bounds) - 1
+
+    def computed_rows(self, node: str) -> int:
+        """Rows of ``node`` computed by one forward sweep over all strips."""
+        return sum(s[node].computed for s in self.rows if node in s)
+
+    def carry_rows(self, node: str) -> int:
+        """Rows of ``node`` carried between strips over a sweep (2PS boundary state)."""
+        return sum(s[node].carried[1] - s[node].carried[0] for s in self.rows if node in s)
+
+
+def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Sequence[int],
+                   policy: str) -> StripSchedule:
+    """Build the strip schedule of a row segment.
+
+    ``nodes``: the segment's nodes in topological order (not including ``source``); the last one is
+    the segment output.  ``bounds``: strip bounds on the output rows.
+    """
+    if policy not in ("overl", "2ps"):
+        raise ValueError(f"unknown row policy {policy!r}: use '2ps' or 'overl'")
+    nodes = list(nodes)
+    out = nodes[-1]
+    bounds = check_bounds(bounds, g.height[out])
+    sub = [source] + nodes
+    rows: List[Dict[str, StripRows]] = []
+    prev_hi: Dict[str, int] = {}
+    for a, b in zip(bounds, bounds[1:]):
+        need = propagate_rows(g, sub, out, (a, b))
+        strip: Dict[str, StripRows] = {}
+        for n in sub:
+            lo, hi = need.get(n, (0, 0))
+            if hi <= lo:
+                lo = hi = prev_hi.get(n, 0)
+            if policy == "2ps" and n != source:
+                start = max(lo, prev_hi.get(n, lo))
+                start = min(start, hi) if hi >= lo else lo
+            else:
+                start = lo
+            strip[n] = StripRows(lo, hi, start)
+            if hi > lo:
+                prev_hi[n] = max(prev_hi.get(n, 0), hi)
+        rows.append(strip)
+    return StripSchedule(source, nodes, bounds, policy, rows)

@@ -1,0 +1,206 @@
+"""The plan format: one JSON document that says how to train a model (``lrcnn.plan/1``).
+
+A plan is an ordered list of segments over the captured graph.  Each segment is a contiguous run
+of nodes between two cut points (places where one tensor alone crosses) with a mode:
+
+* ``store``      plain autograd; optionally a ``recompute`` set of cheap nodes (ReLU, BN, add) whose
+                 outputs are dropped after forward and recomputed when backward needs them;
+* ``checkpoint`` keep only the segment input, recompute the segment in backward;
+* ``rows``       row-centric: run in horizontal strips (``policy`` ``2ps`` or ``overl``), either
+                 ``strips`` (a count, split evenly over the segment's output rows) or explicit
+                 ``bounds`` on the output rows.
+
+Nodes not covered by any segment run as ``store``.  Hand-written plans are made with
+:meth:`Plan.build`::
+
+    plan = Plan.build(graph, [
+        Segment("conv1", "layer2", "rows", policy="2ps", strips=8),
+        Segment("layer3", "layer4", "checkpoint"),
+    ])
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, asdict
+from typing import Any, Dict, List, Optional, Sequence
+
+SCHEMA = "lrcnn.plan/1"
+MODES = ("store", "checkpoint", "rows")
+POLICIES = ("2ps", "overl")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used as is; the message says what does not match and what to do."""
+
+
+@dataclass
+class Segment:
+    """One segment of a plan (node names, or module paths when building by hand)."""
+
+    first: str
+    last: str
+    mode: str = "store"
+    policy: Optional[str] = None        # rows: "2ps" | "overl"
+    strips: Optional[int] = None        # rows: strip count (even split of the output rows)
+    bounds: Optional[List[int]] = None  # rows: explicit strip bounds on the output rows
+    recompute: List[str] = field(default_factory=list)  # store/checkpoint: nodes to recompute
+    options: Dict[str, Any] = field(default_factory=dict)  # mode-specific extras (e.g. BN strategy)
+
+    def validate_fields(self, where: str = "") -> None:
+        w = f"{where}: " if where else ""
+        if self.mode not in MODES:
+            raise PlanError(f"{w}mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode == "rows":
+            if self.policy not in POLICIES:
+                raise PlanError(f"{w}rows segment needs policy '2ps' or 'overl', got {self.policy!r}")
+            if self.strips is None and not self.bounds:
+                raise PlanError(f"{w}rows segment needs 'strips' (a count) or 'bounds'")
+            if self.strips is not None and (not isinstance(self.strips, int) or self.strips < 1):
+                raise PlanError(f"{w}strips must be a positive integer, got {self.strips!r}")
+        elif self.policy is not None or self.strips is not None or self.bounds:
+            raise PlanError(f"{w}policy/strips/bounds are only meaningful for rows segments")
+
+    def to_dict(self) -> dict:
+        d = {"first": self.first, "last": self.last, "mode": self.mode}
+        for k in ("policy", "strips", "bounds", "recompute", "options"):
+            v = getattr(self, k)
+            if v not in (None, [], {}):
+                d[k] = list(v) if isinstance(v, list) else (dict(v) if isinstance(v, dict) else v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> "Segment":
+        known = {"first", "last", "mode", "policy", "strips", "bounds", "recompute", "options"}
+        extra = set(d) - known
+        if extra:
+            raise PlanError(f"{where}: unknown segment field(s) {sorted(extra)}")
+        if "first" not in d or "last" not in d:
+            raise PlanError(f"{where}: a segment needs 'first' and 'last' node names")
+        seg = cls(**{k: d[k] for k in known if k in d})
+        seg.validate_fields(where)
+        return seg
+
+
+@dataclass
+class Plan:
+    """A training plan for one model at one input shape."""
+
+    model: str
+    fingerprint: str
+    input_shape: List[int]
+    dtype: str = "float32"
+    training: Dict[str, Any] = field(default_factory=lambda: {"optimizer": "sgd", "bn": "eval"})
+    budget_bytes: Optional[int] = None
+    segments: List[Segment] = field(default_factory=list)
+    predicted: Dict[str, Any] = field(default_factory=dict)
+    solver: Dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, graph, segments: Sequence[Segment], model: Optional[str] = None,
+              training: Optional[Dict[str, Any]] = None, budget_bytes: Optional[int] = None) -> "Plan":
+        """A hand-written plan: segments may name nodes or module paths (resolved here)."""
+        segs = []
+        for i, s in enumerate(segments):
+            try:
+                first = graph.resolve(s.first, "first")
+                last = graph.resolve(s.last, "last")
+            except KeyError as e:
+                raise PlanError(f"segment {i}: {e.args[0]}") from None
+            segs.append(Segment(first, last, s.mode, s.policy, s.strips,
+                                list(s.bounds) if s.bounds else None, list(s.recompute), dict(s.options)))
+        plan = cls(model=model or graph.model_name, fingerprint=graph.fingerprint(),
+                   input_shape=list(graph.input_shape), dtype=graph.dtype,
+                   training=dict(training or {"optimizer": "sgd", "bn": "train" if graph.training else "eval"}),
+                   budget_bytes=budget_bytes, segments=segs)
+        plan.validate(graph)
+        return plan
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self, graph) -> None:
+        """Check the plan against a captured graph; PlanError says exactly what does not match."""
+        if self.schema != SCHEMA:
+            raise PlanError(f"plan schema {self.schema!r} is not {SCHEMA!r}; re-create the plan with this version of lrcnn")
+        if list(graph.input_shape) != list(self.input_shape) or graph.dtype != self.dtype:
+            raise PlanError(f"plan is for input {tuple(self.input_shape)} {self.dtype}, the model was captured at "
+                            f"{tuple(graph.input_shape)} {graph.dtype}")
+        fp = graph.fingerprint()
+        if fp != self.fingerprint:
+            raise PlanError(f"plan fingerprint {self.fingerprint} does not match the model's graph ({fp}): "
+                            f"the plan was made for a different model or input shape; re-run 'planner solve'")
+        cuts = set(graph.cut_points())
+        prev_end = -1
+        for i, s in enumerate(self.segments):
+            where = f"segment {i} ({s.first}..{s.last})"
+            s.validate_fields(where)
+            for ref in (s.first, s.last):
+                if ref not in graph.by_name:
+                    raise PlanError(f"{where}: node {ref!r} is not in the graph")
+            a, b = graph.index(s.first), graph.index(s.last)
+            if b < a:
+                raise PlanError(f"{where}: first node comes after last node")
+            if a <= prev_end:
+                raise PlanError(f"{where}: overlaps the previous segment")
+            prev_end = b
+            if graph.nodes[a].kind in ("input", "output") or graph.nodes[b].kind == "output":
+                raise PlanError(f"{where}: segments cover model nodes, not the graph input/output")
+            before = graph.nodes[a - 1].name
+            if before not in cuts:
+                raise PlanError(f"{where}: more than one tensor enters the segment before {s.first!r}; "
+                                f"start it at a block boundary (one of the graph's cut points)")
+            if s.last not in cuts:
+                raise PlanError(f"{where}: more than one tensor leaves the segment after {s.last!r}; "
+                                f"end it at a block boundary (one of the graph's cut points)")
+            for r in s.recompute:
+                if r not in graph.by_name or not (a <= graph.index(r) <= b):
+                    raise PlanError(f"{where}: recompute node {r!r} is not inside the segment")
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema": self.schema, "model": self.model, "fingerprint": self.fingerprint,
+            "input_shape": list(self.input_shape), "dtype": self.dtype, "training": dict(self.training),
+            "budget_bytes": self.budget_bytes, "segments": [s.to_dict() for s in self.segments],
+            "predicted": dict(self.predicted), "solver": dict(self.solver),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanError("a plan must be a JSON object")
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            raise PlanError(f"plan schema {schema!r} is not {SCHEMA!r}; re-create the plan with this version of lrcnn")
+        for k in ("model", "fingerprint", "input_shape", "segments"):
+            if k not in d:
+                raise PlanError(f"plan is missing the field {k!r}")
+        segs = [Segment.from_dict(s, f"segment {i}") for i, s in enumerate(d["segments"])]
+        return cls(model=d["model"], fingerprint=d["fingerprint"], input_shape=list(d["input_shape"]),
+                   dtype=d.get("dtype", "float32"), training=dict(d.get("training") or {}),
+                   budget_bytes=d.get("budget_bytes"), segments=segs,
+                   predicted=dict(d.get("predicted") or {}), solver=dict(d.get("solver") or {}), schema=schema)
+
+    def save(self, path: str) -> None:
+        """Write the plan as JSON (atomically: no half-written file on failure)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, graph=None) -> "Plan":
+        """Read a plan; with ``graph`` also check schema, fingerprint and segments against it."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except OSError as e:
+            raise PlanError(f"cannot read plan {path!r}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan {path!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        plan = cls.from_dict(d)
+        if graph is not None:
+            plan.validate(graph)
+        return plan

@@ -1,0 +1,43 @@
+"""Byte sizes: parsing ("8GB", "8GiB", "512MiB", "1.5e9") and printing, one implementation."""
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(text) -> int:
+    """Bytes from a size: an int, or a string with unit B, KB, MB, GB, TB (powers of 1000) or
+    KiB, MiB, GiB, TiB (powers of 1024).  Raises ValueError with a one-line reason."""
+    if isinstance(text, bool):
+        raise ValueError(f"size {text!r} is not a number of bytes")
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ValueError(f"size must be positive, got {text}")
+        return int(text)
+    m = _RE.match(str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 8GB, 7.5GiB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(round(value))
+
+
+def fmt_bytes(n: float) -> str:
+    """Human form in binary units: '1.23 GiB'."""
+    n = float(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_both(n: float) -> str:
+    """Both forms: '8.00 GB (7.45 GiB)'."""
+    return f"{n / 1e9:.2f} GB ({n / 2**30:.2f} GiB)"
