@@ -1,0 +1,306 @@
+"""Peak memory of a training step: one measurement API for benchmarks, the runner and the tests.
+
+Three methods, one report (:class:`MemoryReport`), chosen by :func:`measure_step`:
+
+* ``'storage'`` (CPU, or any device when asked): :class:`StorageTracker`, a ``TorchDispatchMode``
+  that accounts tensor storages the way torch's ``MemTracker`` does -- after every aten op it
+  registers each output's *new* untyped storage (weak reference + ``nbytes()``) and subtracts it
+  again when the storage is freed.  Not RSS, not tracemalloc: allocator caching and the memory of
+  kernel-internal scratch buffers are invisible, exactly like ``MemTracker``.
+* ``'cuda'``: ``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated`` around the step,
+  relative to what was allocated before it.
+* ``'fake'``: the storage tracker running on top of an active ``FakeTensorMode`` -- the peak of a
+  full-size step without the memory (see :func:`fake_mode` and :func:`fake_state`).
+
+Per-phase peaks: the step function calls the module-level :func:`mark` (``mark("forward")`` after
+the forward pass, ``mark("backward")`` after backward, ...); it forwards to the active measurement
+and is a no-op when none is active, so instrumented code costs nothing in normal runs.
+
+Example::
+
+    def step():
+        loss = model(x).sum(); memory.mark("forward")
+        loss.backward();       memory.mark("backward")
+    rep = memory.measure_step(step)            # CPU: storage accounting
+    rep.peak_bytes, rep.phase_peaks()          # {'forward': ..., 'backward': ..., 'end': ...}
+
+Fake (simulated) step::
+
+    with memory.fake_mode():
+        params = memory.fake_state(model)      # fake copies of parameters and buffers
+        x = torch.randn(256, 3, 224, 224)      # fake: created inside the mode
+        step = lambda: torch.func.functional_call(model, params, (x,)).sum().backward()
+        rep = memory.measure_step(step)        # rep.method == 'fake'
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["MemoryReport", "StorageTracker", "measure_step", "mark", "fake_mode", "fake_state"]
+
+Entry = Tuple[str, int, int]  # (label, live bytes, peak bytes since the previous mark)
+
+_ACTIVE: List["_Meter"] = []  # measurements in progress, innermost last (what mark() talks to)
+
+
+@dataclass
+class MemoryReport:
+    """Memory of one measured step.
+
+    All byte counts except ``baseline_bytes`` are *new* bytes above the start of the step.
+
+    Attributes:
+        peak_bytes: peak of live bytes during the step, minus ``baseline_bytes``.
+        baseline_bytes: bytes counted before the step started (CUDA: ``memory_allocated()``;
+            storage/fake: the storages passed as ``track_existing``, 0 by default).
+        timeline: ``(label, live_bytes, peak_bytes)`` per :func:`mark` call, the peak being the
+            peak since the previous mark; :func:`measure_step` closes it with an ``'end'`` entry.
+        device: the device measured (for ``'fake'``: the label the caller gave, default ``cpu``).
+        method: ``'storage'``, ``'cuda'`` or ``'fake'``.
+    """
+
+    peak_bytes: int
+    baseline_bytes: int
+    timeline: List[Entry] = field(default_factory=list)
+    device: str = "cpu"
+    method: str = "storage"
+
+    def phase_peaks(self) -> Dict[str, int]:
+        """Peak bytes per phase label (the maximum when a label is marked more than once)."""
+        out: Dict[str, int] = {}
+        for label, _, peak in self.timeline:
+            out[label] = max(out.get(label, peak), peak)
+        return out
+
+
+class _Meter:
+    """Common state of a measurement: absolute ``live``/``peak``/``baseline`` bytes and marks."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.baseline = 0        # bytes counted at entry
+        self.timeline: List[Entry] = []
+        self._since_mark = 0     # peak since the previous mark
+        self._peak = 0           # peak before the previous mark
+
+    @property
+    def peak(self) -> int:
+        """Peak bytes since entry (CUDA: as of the last mark)."""
+        return max(self._peak, self._since_mark)
+
+    def _start(self, baseline: int) -> None:
+        self.live = self.baseline = self._since_mark = self._peak = baseline
+        self.timeline = []
+        _ACTIVE.append(self)
+
+    def _stop(self) -> None:
+        _ACTIVE.remove(self)
+
+    def _record(self, label: str, live: int, since_mark: int) -> None:
+        self.timeline.append((label, live, since_mark))
+        self._peak = max(self._peak, since_mark)
+        self._since_mark = live
+
+    def mark(self, label: str) -> None:
+        """Append ``(label, live, peak since previous mark)`` to :attr:`timeline`."""
+        self._record(label, self.live, self._since_mark)
+
+    def report(self, device: str, method: str) -> MemoryReport:
+        """The measurement so far as a :class:`MemoryReport` (bytes relative to the baseline)."""
+        b = self.baseline
+        return MemoryReport(self.peak - b, b, [(l, v - b, p - b) for l, v, p in self.timeline],
+                            device, method)
+
+
+def _storages(objs) -> Iterable[torch.UntypedStorage]:
+    """Untyped storages of the tensors (and storages) among ``objs`` (flattened pytree)."""
+    for o in tree_flatten(objs)[0]:
+        if isinstance(o, torch.Tensor):
+            try:
+                yield o.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse / opaque tensors: no storage
+                continue
+        elif isinstance(o, torch.UntypedStorage):
+            yield o
+
+
+class StorageTracker(_Meter, TorchDispatchMode):
+    """Storage accounting of every tensor allocated while the mode is active.
+
+    After each aten op, every output storage that is neither already tracked nor shared with an
+    input of the op (views, in-place and ``out=`` ops reuse their input's storage) is a new
+    allocation: it is added to :attr:`live` with its ``nbytes()`` and a weak reference removes it
+    again when the storage is freed.  Storages are keyed by their ``StorageImpl`` (``_cdata``), so
+    views and in-place results are never counted twice; a tracked storage that changes size
+    (``Tensor.resize_``) is re-counted.  Works unchanged on FakeTensors (their meta storages have
+    ``nbytes``), provided ``FakeTensorMode`` is entered first (it always sits below user modes).
+
+    Storages that existed before entry (parameters, the input batch, optimizer state) are not
+    counted unless passed in ``track_existing`` (tensors, or modules for their parameters, buffers
+    and existing ``.grad``); their bytes form :attr:`baseline` and start :attr:`live`.  Parameter
+    gradients made during the step are new storages and *are* counted: autograd runs CPU backward
+    on the calling thread under the mode, and ``AccumulateGrad`` either steals the incoming
+    gradient (already counted where it was computed) or copies/accumulates it with an op the mode
+    sees.  (On CUDA the engine propagates the mode to its device threads as well.)
+
+    Not seen: memory a kernel allocates and frees internally, allocator rounding and caching,
+    and ``UntypedStorage.resize_`` called directly on a storage (FSDP-style; ``MemTracker``
+    monkey-patches it, this tracker does not).
+
+    Attributes (absolute bytes): :attr:`live`, :attr:`peak` (overall), :attr:`baseline`,
+    :attr:`timeline` (``(label, live, peak since previous mark)`` per :meth:`mark`).
+    """
+
+    def __init__(self, track_existing: Iterable[Union[torch.Tensor, nn.Module]] = ()) -> None:
+        _Meter.__init__(self)
+        TorchDispatchMode.__init__(self)
+        self._existing = list(track_existing)
+        self._sizes: Dict[int, Tuple[int, weakref.ref]] = {}  # _cdata -> (nbytes, weakref)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _track(self, st: torch.UntypedStorage) -> None:
+        key, n = st._cdata, st.nbytes()
+        self._sizes[key] = (n, weakref.ref(st, partial(self._freed, key)))
+        self.live += n
+        self._since_mark = max(self._since_mark, self.live)
+
+    def _freed(self, key: int, ref: weakref.ref) -> None:
+        entry = self._sizes.get(key)
+        if entry is not None and entry[1] is ref:
+            del self._sizes[key]
+            self.live -= entry[0]
+
+    def tracks(self, t: Union[torch.Tensor, torch.UntypedStorage]) -> bool:
+        """Whether the storage of ``t`` is counted in :attr:`live`."""
+        st = t.untyped_storage() if isinstance(t, torch.Tensor) else t
+        return st._cdata in self._sizes
+
+    # -- mode ----------------------------------------------------------------------------------
+    def __enter__(self) -> "StorageTracker":
+        self._sizes.clear()
+        objs: list = []
+        for o in self._existing:
+            if isinstance(o, nn.Module):
+                objs += [p for p in o.parameters()] + [p.grad for p in o.parameters()]
+                objs += list(o.buffers())
+            else:
+                objs.append(o)
+        self.live = 0
+        for st in _storages(objs):
+            if st._cdata not in self._sizes:
+                self._track(st)
+        self._start(self.live)
+        return TorchDispatchMode.__enter__(self)
+
+    def __exit__(self, *exc) -> None:
+        TorchDispatchMode.__exit__(self, *exc)
+        self._stop()
+        self._sizes.clear()  # drops the weak references: later frees no longer change the numbers
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = None
+        for st in _storages(out):
+            key = st._cdata
+            entry = self._sizes.get(key)
+            if entry is not None:  # view / in-place on a tracked storage: count a resize only
+                if st.nbytes() != entry[0]:
+                    self.live += st.nbytes() - entry[0]
+                    self._sizes[key] = (st.nbytes(), entry[1])
+                    self._since_mark = max(self._since_mark, self.live)
+                continue
+            if inputs is None:
+                inputs = {s._cdata for s in _storages((args, kwargs))}
+            if key not in inputs:  # not an alias of an (untracked, pre-existing) input: new
+                self._track(st)
+        return out
+
+
+class _CudaMeter(_Meter):
+    """``max_memory_allocated`` around a step; each mark reads and resets the peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def mark(self, label: str) -> None:
+        torch.cuda.synchronize(self.device)
+        self.live = torch.cuda.memory_allocated(self.device)
+        self._record(label, self.live, torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __enter__(self) -> "_CudaMeter":
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._start(torch.cuda.memory_allocated(self.device))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+
+def mark(label: str) -> None:
+    """Record a timeline entry in the innermost active measurement; no-op when none is active."""
+    if _ACTIVE:
+        _ACTIVE[-1].mark(label)
+
+
+def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device, None] = None,
+                 warmup: int = 0,
+                 track_existing: Iterable[Union[torch.Tensor, nn.Module]] = ()) -> MemoryReport:
+    """Run ``step_fn()`` once under the right measurement and report its peak memory.
+
+    ``step_fn`` does one training step (forward, loss, backward, maybe the optimizer step) and
+    may call :func:`mark` between phases.  It runs ``warmup`` times unmeasured first (lazy state
+    such as optimizer moments or cuDNN workspaces then belongs to the baseline, not the step).
+
+    Method: ``'fake'`` when a ``FakeTensorMode`` is active (see :func:`fake_mode`; ``device``
+    then only labels the report), ``'cuda'`` when ``device`` is a CUDA device (allocator
+    statistics, ``track_existing`` ignored), else ``'storage'`` (:class:`StorageTracker`).
+    The report's timeline ends with an ``'end'`` entry covering the rest of the step.
+    """
+    device = torch.device(device if device is not None else "cpu")
+    fake = active_fake_mode() is not None
+    for _ in range(warmup):
+        step_fn()
+    gc.collect()
+    if device.type == "cuda" and not fake:
+        meter: _Meter = _CudaMeter(device)
+        method = "cuda"
+    else:
+        meter, method = StorageTracker(track_existing), ("fake" if fake else "storage")
+    with meter:
+        step_fn()
+        meter.mark("end")
+    return meter.report(str(device), method)
+
+
+def fake_mode(**kwargs) -> FakeTensorMode:
+    """A ``FakeTensorMode`` context (kwargs are passed on): tensors made inside are fake."""
+    return FakeTensorMode(**kwargs)
+
+
+def fake_state(module: nn.Module, mode: Optional[FakeTensorMode] = None) -> Dict[str, torch.Tensor]:
+    """Fake copies of ``module``'s parameters and buffers, for ``torch.func.functional_call``.
+
+    Parameters stay leaves with their ``requires_grad``, so backward fills their ``.grad`` as in
+    a real step.  ``mode`` defaults to the active fake mode (call inside ``with fake_mode():``).
+    """
+    mode = mode or active_fake_mode()
+    if mode is None:
+        raise RuntimeError("fake_state needs a FakeTensorMode: call it inside `with fake_mode():`")
+    state: Dict[str, torch.Tensor] = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        state[name] = mode.from_tensor(t.detach()).requires_grad_(t.requires_grad)
+    return state

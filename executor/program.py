@@ -1,0 +1,302 @@
+"""``apply_plan``: turn a model and a plan into an ordinary ``nn.Module`` that trains by the plan.
+
+The returned :class:`PlannedModule` owns the very same submodules, parameters and buffers as the
+user's model (same objects, same ``state_dict()`` keys), so the user's optimizer keeps working.
+Its forward walks the model's fx graph; plan segments replace runs of nodes:
+
+* ``store``: plain autograd; nodes in the ``recompute`` set have their outputs dropped after the
+  forward pass (saved-tensor hooks store a recipe instead) and recomputed when backward needs them;
+* ``checkpoint``: ``torch.utils.checkpoint`` (non-reentrant); BatchNorm running statistics are
+  updated once, in the forward pass, never again in the recompute;
+* ``rows``: :mod:`executor.rows`.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import weakref
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as tcp
+
+from models import ops as _ops
+from models.capture import capture, trace
+from planner.plan import Plan, PlanError
+from .rows import RowSegment, run_rows
+from .strips import RowSegmentError
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+class _NodeRunner:
+    """Runs single fx nodes against the planned module (plain semantics, or side-effect free)."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self._cache: Dict[tuple, Any] = {}
+
+    def run(self, n: fx.Node, env: Dict[str, Any], mode: str = "plain") -> Any:
+        """Evaluate node ``n``.
+
+        ``mode``: ``plain`` (the model's own call), ``noinplace`` (same, but activations do not
+        overwrite their input), ``pure`` (recomputation: no in-place, no BN running-stat update).
+        """
+        args = fx.node.map_arg(n.args, lambda a: env[a.name])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+        if n.op == "call_module":
+            mod = self.root.get_submodule(n.target)
+            if mode != "plain":
+                mod = self._variant(n, mod, mode)
+            return mod(*args, **kwargs)
+        if n.op == "call_function":
+            target = n.target
+            if mode != "plain":
+                if target is operator.iadd:
+                    target = operator.add
+                elif target in (F.relu_, torch.relu_):
+                    target = torch.relu
+                if "inplace" in kwargs:
+                    kwargs = dict(kwargs, inplace=False)
+            return target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "get_attr":
+            obj = self.root
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise RuntimeError(f"internal: cannot run node {n.name} ({n.op})")
+
+    def _variant(self, n: fx.Node, mod: nn.Module, mode: str):
+        key = (n.name, mode)
+        f = self._cache.get(key)
+        if f is None:
+            if mode == "pure" and isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                def f(x, m=mod):
+                    if m.training or not m.track_running_stats:
+                        # Same batch statistics and the same saved tensors as the forward pass
+                        # (checkpoint compares them), but the running statistics are not touched:
+                        # the update goes to throw-away copies.
+                        rm = None if m.running_mean is None else m.running_mean.clone()
+                        rv = None if m.running_var is None else m.running_var.clone()
+                        return F.batch_norm(x, rm, rv, m.weight, m.bias, True, 0.0, m.eps)
+                    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            elif getattr(mod, "inplace", False):
+                f = copy.copy(mod)
+                f.inplace = False
+            else:
+                f = mod
+            self._cache[key] = f
+        return f
+
+
+class _Recipe:
+    """How to recompute a dropped store-segment output: node + (tensors or recipes) of its inputs."""
+
+    __slots__ = ("node", "inputs")
+
+    def __init__(self, node: fx.Node, inputs: Dict[str, Any]):
+        self.node = node
+        self.inputs = inputs
+
+
+class PlannedModule(nn.Module):
+    """The user's model, trained by a plan.  Same submodules, parameters and buffers."""
+
+    def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.train(model.training)
+        object.__setattr__(self, "plan", plan)
+        object.__setattr__(self, "graph", graph)
+        object.__setattr__(self, "_fx", gm.graph)
+        object.__setattr__(self, "_runner", _NodeRunner(self))
+        fxnodes = {n.name: n for n in gm.graph.nodes}
+        self._build_steps(fxnodes)
+
+    # -- program --------------------------------------------------------------------------------
+    def _build_steps(self, fxnodes: Dict[str, fx.Node]) -> None:
+        graph, plan = self.graph, self.plan
+        seg_at = {}
+        for s in plan.segments:
+            seg_at[s.first] = s
+        steps: List[tuple] = []
+        order = list(self._fx.nodes)
+        i = 0
+        while i < len(order):
+            n = order[i]
+            s = seg_at.get(n.name)
+            if s is None:
+                steps.append(("node", n))
+                i += 1
+                continue
+            j = graph.index(s.last)
+            nodes = order[i: j + 1]
+            src = order[i - 1].name
+            if s.mode == "rows":
+                seg = RowSegment(self, graph, fxnodes, s)
+                steps.append(("rows", seg, src, s.last))
+            elif s.mode == "checkpoint":
+                steps.append(("checkpoint", nodes, src, s.last, set(s.recompute)))
+            else:
+                rec = set(s.recompute)
+                for r in rec:
+                    gn = graph[r]
+                    if gn.kind not in (_ops.POINTWISE, _ops.NORM, _ops.JOIN):
+                        raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op}; "
+                                        f"only cheap pointwise/BN/add/concat outputs can be recomputed")
+                steps.append(("store", nodes, src, s.last, rec))
+            i = j + 1
+        # last use of every value, for freeing
+        last: Dict[str, int] = {}
+        for k, st in enumerate(steps):
+            for name in self._step_inputs(st):
+                last[name] = k
+        object.__setattr__(self, "_steps", steps)
+        object.__setattr__(self, "_last", last)
+        for st in steps:
+            if st[0] == "rows" and self.training:
+                st[1].check_modes()
+
+    @staticmethod
+    def _step_inputs(st) -> List[str]:
+        if st[0] == "node":
+            return [a.name for a in st[1].all_input_nodes]
+        return [st[2]]
+
+    @property
+    def row_segments(self) -> List[RowSegment]:
+        return [st[1] for st in self._steps if st[0] == "rows"]
+
+    # -- execution ----------------------------------------------------------------------------
+    def forward(self, x):
+        env: Dict[str, Any] = {}
+        runner = self._runner
+        result = None
+        for k, st in enumerate(self._steps):
+            kind = st[0]
+            if kind == "node":
+                n = st[1]
+                if n.op == "placeholder":
+                    env[n.name] = x
+                elif n.op == "output":
+                    result = fx.node.map_arg(n.args[0], lambda a: env[a.name])
+                else:
+                    env[n.name] = runner.run(n, env)
+            elif kind == "rows":
+                env[st[3]] = run_rows(st[1], env[st[2]])
+            elif kind == "checkpoint":
+                env[st[3]] = self._run_checkpoint(st[1], env[st[2]], st[2])
+            else:
+                env[st[3]] = self._run_store(st[1], env[st[2]], st[2], st[4])
+            for name in self._step_inputs(st):
+                if self._last.get(name) == k:
+                    env.pop(name, None)
+        return result
+
+    def _run_nodes(self, nodes: List[fx.Node], x, src: str, mode: str = "plain"):
+        env = {src: x}
+        last: Dict[str, int] = {}
+        for k, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last[a.name] = k
+        for k, n in enumerate(nodes):
+            env[n.name] = self._runner.run(n, env, mode)
+            for a in n.all_input_nodes:
+                if last.get(a.name) == k:
+                    env.pop(a.name, None)
+        return env[nodes[-1].name]
+
+    def _run_checkpoint(self, nodes, x, src):
+        calls = [0]
+
+        def fn(inp):
+            calls[0] += 1
+            # The first call is the forward pass; later calls are recomputations (no side effects).
+            return self._run_nodes(nodes, inp, src, "pure" if calls[0] > 1 else "plain")
+
+        if not torch.is_grad_enabled():
+            return fn(x)
+        return tcp.checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True)
+
+    def _run_store(self, nodes, x, src, recompute: set):
+        if not recompute or not torch.is_grad_enabled():
+            return self._run_nodes(nodes, x, src)
+        runner = self._runner
+        env: Dict[str, Any] = {src: x}
+        registry: Dict[int, tuple] = {}  # storage id -> (weakref to output, recipe)
+
+        def key(t):
+            return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+        def pack(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            hit = registry.get(key(t))
+            if hit is not None and hit[0]() is not None:
+                return hit[1]
+            return t
+
+        def materialise(v):
+            if isinstance(v, _Recipe):
+                ins = {k: materialise(a) for k, a in v.inputs.items()}
+                with torch.no_grad():
+                    return runner.run(v.node, ins, "pure")
+            return v
+
+        def unpack(v):
+            return materialise(v)
+
+        last: Dict[str, int] = {}
+        for k, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last[a.name] = k
+        recipes: Dict[str, Any] = {}
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            for k, n in enumerate(nodes):
+                touches = n.name in recompute or any(a.name in recompute for a in n.all_input_nodes)
+                out = runner.run(n, env, "noinplace" if touches else "plain")
+                env[n.name] = out
+                if n.name in recompute and isinstance(out, torch.Tensor):
+                    rec = _Recipe(n, {a.name: recipes.get(a.name, env[a.name]) for a in n.all_input_nodes})
+                    recipes[n.name] = rec
+                    registry[key(out)] = (weakref.ref(out), rec)
+                for a in n.all_input_nodes:
+                    if last.get(a.name) == k:
+                        env.pop(a.name, None)
+        return env[nodes[-1].name]
+
+
+def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
+    """Return a module that computes exactly what ``model`` computes, with the plan's memory use.
+
+    The result shares the model's submodules, parameters and buffers; train it with your own loop
+    (``loss = crit(m(x), y); loss.backward(); opt.step()``).  ``graph``: a capture of the model at
+    the plan's input shape, if you already have one.  Raises PlanError / RowSegmentError with a
+    message naming the node when the plan does not fit the model.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError("apply_plan needs a planner.Plan (use Plan.load(path) for a JSON file)")
+    gm = trace(model)
+    if graph is None:
+        graph = capture(model, plan.input_shape, _dtype(plan.dtype), model_name=plan.model, gm=gm)
+    plan.validate(graph)
+    return PlannedModule(model, plan, graph, gm)

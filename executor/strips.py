@@ -1,0 +1,160 @@
+"""Evaluate one graph node on a band of rows, exactly as the full-map op would compute those rows.
+
+Row bands carry their position: a :class:`Band` is a tensor holding rows ``[start, start+h)`` of a
+node's full map.  Windowed ops read the input rows that :func:`models.geometry.input_rows` names,
+pad with the op's own pad value only at the true top/bottom of the map, and run with zero H-padding
+(W is untouched, so W padding, ceil_mode and count_include_pad along W keep PyTorch's semantics).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import ops as _ops
+from models.geometry import HGeom, input_rows
+
+
+class RowSegmentError(ValueError):
+    """A row segment contains something that cannot run exactly in row strips."""
+
+
+@dataclass
+class Band:
+    start: int          # first full-map row held
+    t: torch.Tensor     # N, C, rows, W
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.t.shape[2]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        if lo < self.start or hi > self.stop:
+            raise RuntimeError(f"internal: rows [{lo},{hi}) not in band [{self.start},{self.stop})")
+        return self.t[:, :, lo - self.start: hi - self.start]
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _pad_rows(x: torch.Tensor, top: int, bottom: int, value: float) -> torch.Tensor:
+    if top == 0 and bottom == 0:
+        return x
+    return F.pad(x, (0, 0, top, bottom), value=value)
+
+
+def _avgpool_row_scale(m: nn.AvgPool2d, lo: int, hi: int, in_h: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-output-row factor turning a strip average (divisor k_h) into PyTorch's full-map average."""
+    k, s, p = _pair(m.kernel_size)[0], _pair(m.stride or m.kernel_size)[0], _pair(m.padding)[0]
+    factors = []
+    for r in range(lo, hi):
+        h0 = r * s - p
+        h1 = min(h0 + k, in_h + p)
+        cnt = h1 - h0 if m.count_include_pad else min(h1, in_h) - max(h0, 0)
+        factors.append(k / cnt)
+    if all(f == 1.0 for f in factors):
+        return None
+    return torch.tensor(factors, dtype=like.dtype, device=like.device).view(1, 1, -1, 1)
+
+
+class StripOp:
+    """How one node computes a band of its output rows from bands of its inputs."""
+
+    def __init__(self, fxnode: fx.Node, info: _ops.OpInfo, module: Optional[nn.Module], in_heights: List[int]):
+        self.node = fxnode
+        self.name = fxnode.name
+        self.info = info
+        self.module = module
+        self.in_heights = in_heights
+        self.inputs = [a.name for a in fxnode.all_input_nodes]
+        self.geom: HGeom = info.geom
+        self.fn = self._build()
+
+    # A callable (inputs: list[Band], lo, hi) -> tensor of rows [lo, hi)
+    def _build(self) -> Callable:
+        m, info = self.module, self.info
+        if info.kind == _ops.SPATIAL:
+            return self._spatial
+        if info.kind == _ops.NORM:
+            return self._norm
+        if self.node.op == "call_module":
+            if isinstance(m, nn.Identity):
+                return lambda bands, lo, hi: bands[0].rows(lo, hi)
+            mod = m
+            if getattr(m, "inplace", False):
+                mod = copy.copy(m)
+                mod.inplace = False
+            return lambda bands, lo, hi: mod(bands[0].rows(lo, hi))
+        # call_function: pointwise or join; substitute row slices for node arguments
+        target = self.node.target
+        if target is operator.iadd:
+            target = operator.add
+        elif target in (F.relu_, torch.relu_):
+            target = torch.relu
+        kwargs = dict(self.node.kwargs)
+        if "inplace" in kwargs:
+            kwargs["inplace"] = False
+        index = {name: i for i, name in enumerate(self.inputs)}
+
+        def call(bands, lo, hi):
+            sub = lambda a: bands[index[a.name]].rows(lo, hi)  # noqa: E731
+            args = fx.node.map_arg(self.node.args, sub)
+            kw = fx.node.map_arg(kwargs, sub)
+            return target(*args, **kw)
+
+        return call
+
+    def _spatial(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
+        m, g = self.module, self.geom
+        ir = input_rows(g, lo, hi, self.in_heights[0])
+        x = _pad_rows(bands[0].rows(ir.lo, ir.hi), ir.pad_top, ir.pad_bottom, g.pad_value)
+        if isinstance(m, nn.Conv2d):
+            return F.conv2d(x, m.weight, m.bias, _pair(m.stride), (0, _pair(m.padding)[1]),
+                            _pair(m.dilation), m.groups)
+        if isinstance(m, nn.MaxPool2d):
+            return F.max_pool2d(x, _pair(m.kernel_size), _pair(m.stride or m.kernel_size),
+                                (0, _pair(m.padding)[1]), _pair(m.dilation), ceil_mode=m.ceil_mode)
+        if isinstance(m, nn.AvgPool2d):
+            y = F.avg_pool2d(x, _pair(m.kernel_size), _pair(m.stride or m.kernel_size),
+                             (0, _pair(m.padding)[1]), ceil_mode=m.ceil_mode,
+                             count_include_pad=m.count_include_pad)
+            scale = _avgpool_row_scale(m, lo, hi, self.in_heights[0], y)
+            return y if scale is None else y * scale
+        raise RowSegmentError(f"node {self.name}: spatial op {type(m).__name__} has no strip implementation")
+
+    def _norm(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
+        m = self.module
+        if m.training or not m.track_running_stats:
+            raise RowSegmentError(bn_refusal(self.name, m))
+        return F.batch_norm(bands[0].rows(lo, hi), m.running_mean, m.running_var, m.weight, m.bias,
+                            False, 0.0, m.eps)
+
+    def __call__(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
+        return self.fn(bands, lo, hi)
+
+
+def bn_refusal(name: str, m: nn.Module) -> str:
+    why = "in training mode" if m.training else "without running statistics"
+    return (f"row segment contains BatchNorm2d {name!r} {why}: row strips are exact only for BN in "
+            f"eval mode so far; put BN in eval mode (model.apply(lambda m: m.eval() if "
+            f"isinstance(m, torch.nn.BatchNorm2d) else None)) or cover it with a checkpoint/store segment")
+
+
+def build_strip_op(fxnode: fx.Node, graph_node, module: Optional[nn.Module], in_heights: List[int]) -> StripOp:
+    """StripOp for a captured node, or RowSegmentError naming the node and op if it cannot run in rows."""
+    if not graph_node.rowwise:
+        raise RowSegmentError(f"node {graph_node.name!r} (op {graph_node.op}, {graph_node.target}) cannot run "
+                              f"in a row segment: {graph_node.reason or 'not row-local'}; end the row segment before it")
+    if fxnode.op == "call_module":
+        info = _ops.classify_module(module)
+    else:
+        info = _ops.classify_function(fxnode.target, fxnode.args, fxnode.kwargs)
+    info = _ops.OpInfo(info.op, info.kind, graph_node.geom or info.geom, True)
+    return StripOp(fxnode, info, module, in_heights)
