@@ -119,7 +119,8 @@ class _Meter:
     def report(self, device: str, method: str) -> MemoryReport:
         """The measurement so far as a :class:`MemoryReport` (bytes relative to the baseline)."""
         b = self.baseline
-        return MemoryReport(self.peak - b, b, [(l, v - b, p - b) for l, v, p in self.timeline],
+        return MemoryReport(self.peak - b, b,
+                            [(lab, live - b, peak - b) for lab, live, peak in self.timeline],
                             device, method)
 
 
@@ -144,7 +145,8 @@ class StorageTracker(_Meter, TorchDispatchMode):
     again when the storage is freed.  Storages are keyed by their ``StorageImpl`` (``_cdata``), so
     views and in-place results are never counted twice; a tracked storage that changes size
     (``Tensor.resize_``) is re-counted.  Works unchanged on FakeTensors (their meta storages have
-    ``nbytes``), provided ``FakeTensorMode`` is entered first (it always sits below user modes).
+    ``nbytes``): with a ``FakeTensorMode`` active, entered before or after the tracker (torch keeps
+    the fake mode below user modes), the tracker sees every op first and counts fake storages.
 
     Storages that existed before entry (parameters, the input batch, optimizer state) are not
     counted unless passed in ``track_existing`` (tensors, or modules for their parameters, buffers
@@ -152,14 +154,16 @@ class StorageTracker(_Meter, TorchDispatchMode):
     gradients made during the step are new storages and *are* counted: autograd runs CPU backward
     on the calling thread under the mode, and ``AccumulateGrad`` either steals the incoming
     gradient (already counted where it was computed) or copies/accumulates it with an op the mode
-    sees.  (On CUDA the engine propagates the mode to its device threads as well.)
+    sees (tested).  On CUDA the engine's device threads run with the caller's thread-local state,
+    the dispatch-mode stack included, as ``MemTracker`` also relies on.
 
     Not seen: memory a kernel allocates and frees internally, allocator rounding and caching,
     and ``UntypedStorage.resize_`` called directly on a storage (FSDP-style; ``MemTracker``
     monkey-patches it, this tracker does not).
 
     Attributes (absolute bytes): :attr:`live`, :attr:`peak` (overall), :attr:`baseline`,
-    :attr:`timeline` (``(label, live, peak since previous mark)`` per :meth:`mark`).
+    :attr:`timeline` (``(label, live, peak since previous mark)`` per :meth:`mark`).  On exit the
+    numbers freeze (later frees no longer change them) and :meth:`tracks` answers ``False``.
     """
 
     def __init__(self, track_existing: Iterable[Union[torch.Tensor, nn.Module]] = ()) -> None:
@@ -192,8 +196,7 @@ class StorageTracker(_Meter, TorchDispatchMode):
         objs: list = []
         for o in self._existing:
             if isinstance(o, nn.Module):
-                objs += [p for p in o.parameters()] + [p.grad for p in o.parameters()]
-                objs += list(o.buffers())
+                objs += [(p, p.grad) for p in o.parameters()] + list(o.buffers())
             else:
                 objs.append(o)
         self.live = 0
@@ -206,7 +209,7 @@ class StorageTracker(_Meter, TorchDispatchMode):
     def __exit__(self, *exc) -> None:
         TorchDispatchMode.__exit__(self, *exc)
         self._stop()
-        self._sizes.clear()  # drops the weak references: later frees no longer change the numbers
+        self._sizes.clear()  # drops the weak references, so their callbacks never run
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -295,12 +298,13 @@ def fake_state(module: nn.Module, mode: Optional[FakeTensorMode] = None) -> Dict
     """Fake copies of ``module``'s parameters and buffers, for ``torch.func.functional_call``.
 
     Parameters stay leaves with their ``requires_grad``, so backward fills their ``.grad`` as in
-    a real step.  ``mode`` defaults to the active fake mode (call inside ``with fake_mode():``).
+    a real step.  An existing ``.grad`` is carried over (fake) like the rest of the state, so the
+    fake step then accumulates into it in place, as the real one would: call
+    ``module.zero_grad(set_to_none=True)`` first to simulate a step that creates the gradients.
+    ``mode`` defaults to the active fake mode (call inside ``with fake_mode():``).
     """
     mode = mode or active_fake_mode()
     if mode is None:
         raise RuntimeError("fake_state needs a FakeTensorMode: call it inside `with fake_mode():`")
-    state: Dict[str, torch.Tensor] = {}
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        state[name] = mode.from_tensor(t.detach()).requires_grad_(t.requires_grad)
-    return state
+    return {name: mode.from_tensor(t)  # a leaf with the same requires_grad
+            for name, t in list(module.named_parameters()) + list(module.named_buffers())}

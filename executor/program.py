@@ -27,6 +27,7 @@ from models import ops as _ops
 from models.capture import capture, trace
 from planner.plan import Plan, PlanError
 from .rows import RowSegment, run_rows
+from .state import StateSlots
 from .strips import RowSegmentError
 
 
@@ -124,7 +125,7 @@ class PlannedModule(nn.Module):
             self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b)
-        self.train(model.training)
+        self.training = model.training  # not train(): that would reset the children's modes
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "graph", graph)
         object.__setattr__(self, "_fx", gm.graph)
@@ -155,7 +156,8 @@ class PlannedModule(nn.Module):
                 seg = RowSegment(self, graph, fxnodes, s)
                 steps.append(("rows", seg, src, s.last))
             elif s.mode == "checkpoint":
-                steps.append(("checkpoint", nodes, src, s.last, set(s.recompute)))
+                mods = [self.get_submodule(n.target) for n in nodes if n.op == "call_module"]
+                steps.append(("checkpoint", nodes, src, s.last, StateSlots(mods)))
             else:
                 rec = set(s.recompute)
                 for r in rec:
@@ -204,7 +206,7 @@ class PlannedModule(nn.Module):
             elif kind == "rows":
                 env[st[3]] = run_rows(st[1], env[st[2]])
             elif kind == "checkpoint":
-                env[st[3]] = self._run_checkpoint(st[1], env[st[2]], st[2])
+                env[st[3]] = self._run_checkpoint(st[1], env[st[2]], st[2], st[4])
             else:
                 env[st[3]] = self._run_store(st[1], env[st[2]], st[2], st[4])
             for name in self._step_inputs(st):
@@ -225,16 +227,20 @@ class PlannedModule(nn.Module):
                     env.pop(a.name, None)
         return env[nodes[-1].name]
 
-    def _run_checkpoint(self, nodes, x, src):
+    def _run_checkpoint(self, nodes, x, src, slots: StateSlots):
+        if not torch.is_grad_enabled():
+            return self._run_nodes(nodes, x, src)
+        state = slots.capture()
         calls = [0]
 
         def fn(inp):
             calls[0] += 1
-            # The first call is the forward pass; later calls are recomputations (no side effects).
-            return self._run_nodes(nodes, inp, src, "pure" if calls[0] > 1 else "plain")
+            if calls[0] == 1:  # the forward pass
+                return self._run_nodes(nodes, inp, src, "plain")
+            # a recomputation: the forward's tensors, no side effects (BN running stats)
+            with slots.bound(*state):
+                return self._run_nodes(nodes, inp, src, "pure")
 
-        if not torch.is_grad_enabled():
-            return fn(x)
         return tcp.checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True)
 
     def _run_store(self, nodes, x, src, recompute: set):

@@ -24,7 +24,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from models.geometry import RowGraph, StripSchedule, even_bounds, propagate_heights, strip_schedule
+from models.geometry import (RowGraph, StripSchedule, default_bounds, max_strips, propagate_heights,
+                             strip_schedule)
+from .state import StateSlots
 from .strips import Band, RowSegmentError, StripOp, build_strip_op
 
 
@@ -51,19 +53,14 @@ class RowSegment:
                                  {n: graph[n].geom for n in names if graph[n].geom is not None},
                                  {})
         self.ops: Dict[str, StripOp] = {}
-        params: List[nn.Parameter] = []
-        seen = set()
         for n in names:
             fxn = fxnodes[n]
             mod = root.get_submodule(fxn.target) if fxn.op == "call_module" else None
             heights = [graph[u].height for u in graph[n].inputs]
             self.ops[n] = build_strip_op(fxn, graph[n], mod, heights)
-            if mod is not None:
-                for p in mod.parameters(recurse=False):
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        params.append(p)
-        self.params = params
+        # parameters/buffers looked up at call time, so functional_call and fake-tensor
+        # simulation see their substituted tensors (and the recompute sees the forward's)
+        self.state = StateSlots(op.module for op in self.ops.values())
         # last consumer (index in self.nodes) of each node inside the segment
         self.last_use: Dict[str, int] = {}
         for i, n in enumerate(names):
@@ -73,6 +70,10 @@ class RowSegment:
         self.rows_computed: Dict[str, int] = {}  # rows computed per node by the last forward sweep
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def params(self) -> List[torch.Tensor]:
+        return self.state.current_params()
+
     def check_modes(self) -> None:
         """Refuse train-mode BatchNorm (exact strip-wise BN statistics are a separate feature)."""
         from .strips import bn_refusal
@@ -83,35 +84,38 @@ class RowSegment:
                 raise RowSegmentError(bn_refusal(n, m))
 
     def schedule(self, in_h: int) -> StripSchedule:
-        """Strip schedule for a segment input of ``in_h`` rows (cached per height)."""
-        s = self._sched.get(in_h)
-        if s is None:
+        """Strip schedule for a segment input of ``in_h`` rows (cached per height).
+
+        The plan's explicit bounds apply at the plan's height; at another height the strip count
+        is kept (capped at the rows available).
+        """
+        hit = self._sched.get(in_h)
+        if hit is None:
             heights = propagate_heights(self.rowgraph, {self.source: in_h})
             self.rowgraph.height = heights
-            for op in self.ops.values():
-                op.in_heights = [heights[u] for u in op.inputs]
-            out_rows = heights[self.out]
             if self.bounds and in_h == self.plan_height:
                 bounds = self.bounds
             else:
-                bounds = even_bounds(out_rows, min(self.strips or len(self.bounds) - 1, out_rows))
-            s = strip_schedule(self.rowgraph, self.source, self.nodes, bounds, self.policy)
-            self._sched = {in_h: s}
-        else:
-            heights = propagate_heights(self.rowgraph, {self.source: in_h})
-            for op in self.ops.values():
-                op.in_heights = [heights[u] for u in op.inputs]
-        return s
+                count = self.strips or len(self.bounds) - 1
+                count = min(count, max_strips(self.rowgraph, self.source, self.out, self.policy))
+                bounds = default_bounds(self.rowgraph, self.source, self.out, self.policy, count)
+            hit = (strip_schedule(self.rowgraph, self.source, self.nodes, bounds, self.policy), heights)
+            self._sched = {in_h: hit}
+        sched, heights = hit
+        for op in self.ops.values():
+            op.in_heights = [heights[u] for u in op.inputs]
+        return sched
 
     # ------------------------------------------------------------------------------------------
     def _run_strip(self, sched: StripSchedule, i: int, x_band: Band,
                    carried: Optional[Dict[str, torch.Tensor]],
-                   keep: bool, on_new=None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
+                   forward: bool, on_new=None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
         """Compute strip ``i``.  Returns the bands still held and the carries for strip i+1.
 
-        ``carried``: rows each node receives from earlier strips (2PS).  ``keep``: keep every band
-        (backward: the autograd graph holds them anyway).  ``on_new(node, tensor, start)`` sees
-        each node's newly computed rows.
+        ``carried``: rows each node receives from earlier strips (2PS).  ``forward``: the no-grad
+        sweep (extract the carries for the next strip).  Bands are dropped after their last use
+        (in backward, autograd keeps what it needs).  ``on_new(node, tensor, start)`` sees each
+        node's newly computed rows.
         """
         strip = sched.rows[i]
         nxt = sched.rows[i + 1] if i + 1 < sched.strips else None
@@ -134,15 +138,13 @@ class RowSegment:
             else:
                 band = Band(r.start, new)
             bands[n] = band
-            if sched.policy == "2ps" and nxt is not None:
-                nr = nxt[n]
-                n0, n1 = nr.carried
+            if forward and sched.policy == "2ps" and nxt is not None:
+                n0, n1 = nxt[n].carried
                 if n1 > n0:
-                    carry_out[n] = band.rows(n0, n1).detach().clone() if not keep else band.rows(n0, n1).detach()
-            if not keep:
-                for u in op.inputs:
-                    if self.last_use.get(u) == k and u != self.source:
-                        del bands[u]
+                    carry_out[n] = band.rows(n0, n1).clone()
+            for u in op.inputs:
+                if self.last_use.get(u) == k and u != self.source:
+                    del bands[u]
         return bands, carry_out
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
@@ -156,24 +158,26 @@ class RowSegment:
         for i in range(sched.strips):
             lo, hi = sched.rows[i][self.source].lo, sched.rows[i][self.source].hi
             carries.append(carried)
-            bands, carry_out = self._run_strip(sched, i, Band(lo, x[:, :, lo:hi]), carried, keep=False)
+            bands, carry_out = self._run_strip(sched, i, Band(lo, x[:, :, lo:hi]), carried, forward=True)
             y = bands[self.out]
-            a, b = sched.bounds[i], sched.bounds[i + 1]
-            if out is None:
-                shp = list(y.t.shape)
-                shp[2] = sched.bounds[-1]
-                out = y.t.new_empty(shp)
-            out[:, :, a:b] = y.rows(a, b)
+            a, b = sched.out[i]
+            if b > a:  # 2PS: early strips may not reach the output yet
+                if out is None:
+                    shp = list(y.t.shape)
+                    shp[2] = sched.out[-1][1]
+                    out = y.t.new_empty(shp)
+                out[:, :, a:b] = y.rows(a, b)
             del bands, y
             carried = carry_out if sched.policy == "2ps" else None
         return out, carries
 
-    def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: list, need_gx: bool):
+    def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: list, need_gx: bool,
+                 params: List[torch.Tensor]):
         """Strip-wise recompute + backward, last strip first. Returns (grad_x, grads of params)."""
         sched = self.schedule(x.shape[2])
         gx = torch.zeros_like(x) if need_gx else None
-        gparams: List[Optional[torch.Tensor]] = [None] * len(self.params)
-        owned = [False] * len(self.params)
+        gparams: List[Optional[torch.Tensor]] = [None] * len(params)
+        owned = [False] * len(params)
         pending: Dict[str, Tuple[int, torch.Tensor]] = {}  # node -> (first row, grad of carried rows)
         for i in reversed(range(sched.strips)):
             srow = sched.rows[i][self.source]
@@ -198,12 +202,16 @@ class RowSegment:
                 if carries[i] is not None:
                     carried = {n: c.detach().requires_grad_(True) for n, c in carries[i].items()}
                     leaves = carried
-                bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, keep=True, on_new=on_new)
-                a, b = sched.bounds[i], sched.bounds[i + 1]
-                roots.append(bands[self.out].rows(a, b))
-                grads.append(gy[:, :, a:b])
-                inputs = ([xs] if need_gx else []) + list(leaves.values()) + self.params
-                got = torch.autograd.grad(roots, inputs, grads, allow_unused=True)
+                bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, forward=False, on_new=on_new)
+                a, b = sched.out[i]
+                if b > a:
+                    roots.append(bands[self.out].rows(a, b))
+                    grads.append(gy[:, :, a:b])
+                inputs = ([xs] if need_gx else []) + list(leaves.values()) + params
+                if roots:
+                    got = torch.autograd.grad(roots, inputs, grads, allow_unused=True)
+                else:
+                    got = (None,) * len(inputs)
             del bands, roots
             k = 0
             if need_gx:
@@ -246,6 +254,8 @@ class _RowFunction(torch.autograd.Function):
         y, carries = seg.forward(x)
         ctx.seg = seg
         ctx.carries = carries
+        ctx.params = params
+        ctx.buffers = seg.state.current_buffers()
         ctx.save_for_backward(x)
         return y
 
@@ -253,14 +263,16 @@ class _RowFunction(torch.autograd.Function):
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
         seg: RowSegment = ctx.seg
-        gx, gparams = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1])
-        ctx.carries = None
+        with seg.state.bound(ctx.params, ctx.buffers):
+            gx, gparams = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1], list(ctx.params))
+        ctx.carries = ctx.params = ctx.buffers = None
         return (None, gx, *gparams)
 
 
 def run_rows(seg: RowSegment, x: torch.Tensor) -> torch.Tensor:
     """Apply a row segment to its input map (differentiable)."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in seg.params))):
+    params = seg.params
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         with torch.no_grad():
             return seg.forward(x)[0]
-    return _RowFunction.apply(seg, x, *seg.params)
+    return _RowFunction.apply(seg, x, *params)

@@ -217,6 +217,28 @@ def even_bounds(out_rows: int, strips: int) -> List[int]:
     return [(i * out_rows) // strips for i in range(strips)] + [out_rows]
 
 
+def default_bounds(g: RowGraph, source: str, out: str, policy: str, strips: int) -> List[int]:
+    """Even strip bounds for a segment: on the output rows (OverL) or the input rows (2PS).
+
+    2PS bounds are placed on multiples of the segment's cumulative stride when the count allows
+    it, so every strip finishes whole output rows.
+    """
+    if policy == "overl":
+        return even_bounds(g.height[out], strips)
+    h = g.height[source]
+    stride = cumulative_strides(g)[out]
+    if 1 <= strips <= h // stride:
+        units = h // stride
+        b = [stride * ((k * units) // strips) for k in range(strips)] + [h]
+        return b
+    return even_bounds(h, strips)
+
+
+def max_strips(g: RowGraph, source: str, out: str, policy: str) -> int:
+    """Largest strip count of a segment: output rows (OverL) or input rows (2PS)."""
+    return g.height[source] if policy == "2ps" else g.height[out]
+
+
 def check_bounds(bounds: Sequence[int], out_rows: int) -> List[int]:
     b = [int(x) for x in bounds]
     if len(b) < 2 or b[0] != 0 or b[-1] != out_rows or any(x >= y for x, y in zip(b, b[1:])):
@@ -241,13 +263,25 @@ class StripRows:
         return (self.lo, max(self.lo, min(self.start, self.hi)))
 
 
+def rows_computable(geom: HGeom, avail: int, in_h: int, out_h: int) -> int:
+    """Output rows of a layer computable (from the top) when input rows ``[0, avail)`` exist."""
+    if avail >= in_h:
+        return out_h
+    if avail <= 0:
+        return 0
+    # row r reads input rows up to r*s - p + span (exclusive)
+    r = (avail + geom.padding - geom.span) // geom.stride + 1
+    return max(0, min(out_h, r))
+
+
 @dataclass
 class StripSchedule:
     """Per strip, per node: needed rows, computed rows and carried rows.
 
     ``source`` is the segment's input node (rows are read from the stored input, never carried);
-    ``policy`` is ``"overl"`` (every strip computes all it needs) or ``"2ps"`` (each row is computed
-    once; rows computed by an earlier strip are carried in).
+    ``policy`` is ``"overl"`` (every strip computes all it needs, halo included, from the input)
+    or ``"2ps"`` (each row of each node is computed exactly once; rows an earlier strip computed
+    and a later one still needs are carried).  ``out[i]`` are the output rows strip i produces.
     """
 
     source: str
@@ -255,6 +289,7 @@ class StripSchedule:
     bounds: List[int]
     policy: str
     rows: List[Dict[str, StripRows]]
+    out: List[Range] = None
 
     @property
     def strips(self) -> int:
@@ -275,29 +310,61 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
 
     ``nodes``: the segment's nodes in topological order (not including ``source``); the last one is
     the segment output.  ``bounds``: strip bounds on the output rows.
+
+    OverL: ``bounds`` split the segment's *output* rows; strip i computes, at every node, exactly
+    the rows that output rows ``[bounds[i], bounds[i+1])`` depend on.
+
+    2PS: ``bounds`` split the segment's *input* rows; strip i reads input rows up to
+    ``bounds[i+1]`` and every node then advances as far as its inputs allow (greedy, top to
+    bottom), so a node carries into the next strip only the few rows its consumers' next windows
+    still need (about kernel - stride rows per layer), whatever the depth of the segment.  Output
+    rows come out with a lag of about half the receptive field; ``out[i]`` says which.
     """
     if policy not in ("overl", "2ps"):
         raise ValueError(f"unknown row policy {policy!r}: use '2ps' or 'overl'")
     nodes = list(nodes)
     out = nodes[-1]
-    bounds = check_bounds(bounds, g.height[out])
+    bounds = check_bounds(bounds, g.height[source] if policy == "2ps" else g.height[out])
     sub = [source] + nodes
     rows: List[Dict[str, StripRows]] = []
-    prev_hi: Dict[str, int] = {}
-    for a, b in zip(bounds, bounds[1:]):
-        need = propagate_rows(g, sub, out, (a, b))
-        strip: Dict[str, StripRows] = {}
+    outs: List[Range] = []
+    if policy == "overl":
+        needs = [propagate_rows(g, sub, out, (a, b)) for a, b in zip(bounds, bounds[1:])]
+        for need, a, b in zip(needs, bounds, bounds[1:]):
+            rows.append({n: StripRows(*need[n], need[n][0]) for n in sub if n in need})
+            outs.append((a, b))
+        return StripSchedule(source, nodes, bounds, policy, rows, outs)
+
+    consumers: Dict[str, List[str]] = {n: [] for n in sub}
+    for n in nodes:
+        for u in g.inputs.get(n, ()):
+            if u in consumers:
+                consumers[u].append(n)
+    done: Dict[str, int] = {n: 0 for n in sub}  # rows computed so far (source: rows read)
+    for k in range(len(bounds) - 1):
+        src_hi = bounds[k + 1]
+        hi: Dict[str, int] = {source: max(src_hi, done[source])}
+        for n in nodes:
+            geom = g.geom.get(n, IDENTITY)
+            hi[n] = max(done[n], min(rows_computable(geom, hi[u], g.height[u], g.height[n])
+                                     for u in g.inputs[n]))
+        lo: Dict[str, int] = {}
+        for n in reversed(sub):
+            start = done[n] if n != source else hi[n]
+            first = start
+            for c in consumers[n]:
+                # rows c computes now, or (if it is stalled) the rows its next row will read
+                if done[c] < g.height[c]:
+                    ir = input_rows(g.geom.get(c, IDENTITY), done[c], max(hi[c], done[c] + 1), g.height[n])
+                    first = min(first, ir.lo)
+            lo[n] = first
+        strip = {}
         for n in sub:
-            lo, hi = need.get(n, (0, 0))
-            if hi <= lo:
-                lo = hi = prev_hi.get(n, 0)
-            if policy == "2ps" and n != source:
-                start = max(lo, prev_hi.get(n, lo))
-                start = min(start, hi) if hi >= lo else lo
-            else:
-                start = lo
-            strip[n] = StripRows(lo, hi, start)
-            if hi > lo:
-                prev_hi[n] = max(prev_hi.get(n, 0), hi)
+            start = done[n] if n != source else lo[n]
+            strip[n] = StripRows(lo[n], hi[n], start)
         rows.append(strip)
-    return StripSchedule(source, nodes, bounds, policy, rows)
+        outs.append((done[out], hi[out]))
+        done = hi
+    if done[out] != g.height[out]:
+        raise RuntimeError(f"internal: 2PS schedule ends at row {done[out]} of {g.height[out]}")
+    return StripSchedule(source, nodes, bounds, policy, rows, outs)

@@ -148,8 +148,13 @@ def get_model(name: str, num_classes: Optional[int] = None, weights: Optional[st
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; run 'planner models' for the list")
     if device is not None:
-        with torch.device(device):
-            model = ctor()
+        try:
+            with torch.device(device):
+                model = ctor()
+        except NotImplementedError:
+            # Some builders (regnet) compute layer widths with tensors and read them back with
+            # .tolist(), which the meta device cannot do: build on the CPU, then move.
+            model = ctor().to(device)
     else:
         model = ctor()
     if weights is not None:

@@ -1,0 +1,421 @@
+"""The ``planner`` command line: ``planner <verb> [options]``.
+
+Verbs so far: ``models`` (the model zoo), ``inspect`` (per-layer table of a captured model) and
+``check-plan`` (validate a plan JSON against its model).  Later verbs (solve, simulate, run,
+report, bench, calibrate) plug into the same pattern:
+
+* write ``_add_<verb>(subparsers)`` that creates the subparser (``--help`` comes free) and sets
+  ``func=cmd_<verb>``, and append it to :data:`SUBCOMMANDS`;
+* ``cmd_<verb>(args) -> int`` does the work and raises ``ValueError`` (``ModelError``,
+  ``CaptureError``, ``PlanError``, ...) with a one-line message that names the problem and the fix.
+
+:func:`main` turns every such error, and every argparse usage error, into one line on stderr
+(``planner: error: ...``) and exit code 2, with no traceback.  Output files are written atomically
+(:func:`write_csv_atomic`), so a failed command never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+BN_MODES = ("train", "eval")
+DEFAULT_BATCH = 32
+
+_RES_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reusable parsing helpers
+# ------------------------------------------------------------------------------------------------
+
+def parse_resolution(text: str) -> Tuple[int, int]:
+    """``(H, W)`` from ``"224"`` (square) or ``"512x384"`` (H x W).
+
+    Raises ``ValueError`` with a one-line message for anything else (``"22x"``, ``"abc"``,
+    ``"0x5"``, negative or empty sizes).
+    """
+    m = _RES_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read resolution {text!r}: use H or HxW with positive integers, "
+                         f"e.g. 224 or 512x384")
+    h = int(m.group(1))
+    w = int(m.group(2)) if m.group(2) is not None else h
+    if h < 1 or w < 1:
+        raise ValueError(f"resolution {text!r} must have positive height and width, e.g. 224 or 512x384")
+    return h, w
+
+
+def parse_dtype(name: str):
+    """The torch dtype for one of :data:`DTYPES` (``ValueError`` otherwise)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def _argtype(fn: Callable):
+    """Wrap a ValueError-raising parser as an argparse ``type`` that keeps its message."""
+    def conv(text):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    conv.__name__ = fn.__name__
+    return conv
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number; give a positive integer") from None
+    if v < 1:
+        raise ValueError(f"{text!r} must be a positive integer")
+    return v
+
+
+positive_int = _argtype(_positive_int)
+resolution_arg = _argtype(parse_resolution)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output helpers
+# ------------------------------------------------------------------------------------------------
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
+    """Aligned plain-text table.  ``align``: one of ``l``/``r`` per column (default: numbers
+    right-aligned, text left-aligned, judged from the first row)."""
+    cells = [[str(c) for c in r] for r in rows]
+    head = [str(h) for h in header]
+    if align is None:
+        first = rows[0] if rows else [""] * len(head)
+        align = "".join("r" if isinstance(v, (int, float)) and not isinstance(v, bool) else "l" for v in first)
+    widths = [max([len(head[i])] + [len(r[i]) for r in cells]) for i in range(len(head))]
+
+    def line(vals):
+        out = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(vals, widths, align)]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), rule] + [line(r) for r in cells])
+
+
+def write_csv_atomic(df, path: str) -> None:
+    """Write a DataFrame as CSV via a temporary file in the same folder and ``os.replace``:
+    the file at ``path`` is either the complete new CSV or untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ValueError(f"cannot write CSV {path!r}: {e.strerror or e}; choose a writable file path") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's fake-tensor logger, which logs a full traceback when a meta kernel rejects
+    a shape (e.g. a resolution too small for the network); the CLI reports that as one line."""
+    names = ("torch._subclasses.fake_tensor",)
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, lvl in saved:
+            lg.setLevel(lvl)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model + capture, shared by every verb that works on a model
+# ------------------------------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATCH) -> None:
+    """The options that say which model to capture, at which shape (shared by later verbs)."""
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'planner models')")
+    p.add_argument("--batch", type=positive_int, default=batch_default, metavar="N",
+                   help=f"batch size (default {batch_default})")
+    p.add_argument("--resolution", type=resolution_arg, default=None, metavar="H[xW]",
+                   help="input size: 224 (square) or HxW such as 512x384 (default: the model's own)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="data type (default float32)")
+    p.add_argument("--bn", choices=BN_MODES, default="train",
+                   help="BatchNorm mode during capture: train (batch statistics) or eval (default train)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="local state dict to load (torch.save(model.state_dict(), PATH)); "
+                        "without it the model is built on the meta device (no memory)")
+    p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                   help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
+
+
+def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int]] = None,
+                      dtype: str = "float32", bn: str = "train", weights: Optional[str] = None,
+                      num_classes: Optional[int] = None):
+    """Build a zoo model and capture it.  Returns ``(model, graph)``.
+
+    The model lives on the meta device unless ``weights`` is given (then on the CPU, with the
+    state dict loaded and checked).  ``bn`` puts the model in ``train()`` or ``eval()`` mode first.
+    """
+    from models import capture, default_resolution, get_model
+
+    if bn not in BN_MODES:
+        raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
+    tdtype = parse_dtype(dtype)
+    model = get_model(name, num_classes=num_classes, weights=weights,
+                      device=None if weights is not None else "meta")
+    model.train(bn == "train")
+    if resolution is None:
+        r = default_resolution(name)
+        resolution = (r, r)
+    h, w = resolution
+    with quiet_torch_logs():
+        graph = capture(model, (batch, 3, h, w), tdtype, model_name=name)
+    return model, graph
+
+
+def _shape(s) -> str:
+    return "x".join(str(v) for v in s)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.3f}"
+
+
+def _gflop(n: float) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# planner models
+# ------------------------------------------------------------------------------------------------
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the models planner knows",
+                       description="List the model zoo: name, default input resolution, parameters.")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    """``planner models``: one line per zoo model (built on the meta device: no memory)."""
+    from models import default_resolution, get_model, list_models
+
+    rows = []
+    for name in list_models():
+        model = get_model(name, device="meta")
+        params = sum(p.numel() for p in model.parameters())
+        r = default_resolution(name)
+        rows.append([name, f"{r}x{r}", f"{params:,}", "test net" if name.startswith("tiny_") else "torchvision"])
+    print(format_table(["model", "resolution", "params", "source"], rows, "lrrl"))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# planner inspect
+# ------------------------------------------------------------------------------------------------
+
+INSPECT_COLUMNS = ["name", "op", "target", "shape", "out_MiB", "saved_MiB", "GFLOPs_fwd", "GFLOPs_bwd",
+                   "rf", "stride", "cut"]
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect", help="per-layer table of a model: shapes, memory, FLOPs, receptive field",
+        description="Capture a model (no real memory: meta device + fake tensors) and print one row "
+                    "per layer: output shape, output MiB, MiB saved for backward, GFLOPs, receptive "
+                    "field (input rows one output row sees), cumulative stride, and whether the "
+                    "layer is a cut point (a legal segment end); then totals.")
+    add_model_args(p)
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV (exact bytes and FLOPs)")
+    p.set_defaults(func=cmd_inspect)
+
+
+def inspect_frame(graph):
+    """The inspect table as a pandas DataFrame with exact integer bytes/FLOPs (the CSV)."""
+    import pandas as pd
+
+    cuts = set(graph.cut_points())
+    rows = []
+    for n in graph.nodes:
+        if n.kind in ("input", "output"):
+            continue
+        rows.append({
+            "name": n.name, "op": n.op, "kind": n.kind, "module": n.target, "shape": _shape(n.shape),
+            "out_bytes": n.out_bytes, "out_MiB": n.out_bytes / 2**20,
+            "saved_bytes": n.saved_bytes, "saved_MiB": n.saved_bytes / 2**20,
+            "flops_fwd": n.flops_fwd, "flops_bwd": n.flops_bwd,
+            "GFLOPs_fwd": n.flops_fwd / 1e9, "GFLOPs_bwd": n.flops_bwd / 1e9,
+            "receptive_field": n.receptive_field, "cum_stride": n.cum_stride,
+            "rowwise": bool(n.rowwise), "cut_point": n.name in cuts,
+        })
+    return pd.DataFrame(rows)
+
+
+def cmd_inspect(args) -> int:
+    """``planner inspect``: aligned per-layer table and totals, optional CSV."""
+    model, graph = build_and_capture(args.model, args.batch, args.resolution, args.dtype, args.bn,
+                                     args.weights, args.num_classes)
+    df = inspect_frame(graph)
+    if args.csv:
+        write_csv_atomic(df, args.csv)
+    cuts = graph.cut_points()
+    cutset = set(cuts)
+    rows = [[n.name, n.op, n.target, _shape(n.shape), _mib(n.out_bytes), _mib(n.saved_bytes),
+             _gflop(n.flops_fwd), _gflop(n.flops_bwd), n.receptive_field, n.cum_stride,
+             "yes" if n.name in cutset else ""]
+            for n in graph.nodes if n.kind not in ("input", "output")]
+    nparams = sum(p.numel() for p in model.parameters())
+    saved = graph.total_saved_bytes
+    inp = graph.input_node.out_bytes
+    print(f"{args.model}: input {_shape(graph.input_shape)} {graph.dtype}, BatchNorm {args.bn} mode, "
+          f"{len(rows)} layers")
+    print()
+    print(format_table(INSPECT_COLUMNS, rows, "llllrrrrrrl"))
+    print()
+    print("Totals")
+    print(format_table(["quantity", "value"], [
+        ["saved for backward", f"{saved / 2**20:.2f} MiB ({saved / 2**30:.3f} GiB, {saved:,} bytes)"],
+        ["input batch", f"{inp / 2**20:.2f} MiB ({inp:,} bytes)"],
+        ["parameters", f"{graph.param_bytes / 2**20:.2f} MiB ({nparams:,} parameters, {graph.dtype})"],
+        ["GFLOPs forward", f"{graph.total_flops_fwd / 1e9:.3f}"],
+        ["GFLOPs backward", f"{graph.total_flops_bwd / 1e9:.3f}"],
+        ["cut points", f"{len(cuts)}"],
+    ], "ll"))
+    if args.csv:
+        print(f"\nwrote {args.csv} ({len(df)} rows)")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# planner check-plan
+# ------------------------------------------------------------------------------------------------
+
+def _add_check_plan(sub) -> None:
+    p = sub.add_parser(
+        "check-plan", help="validate a plan JSON against its model",
+        description="Load a plan (lrcnn.plan/1), build the plan's model at the plan's input shape and "
+                    "dtype on the meta device, capture it and check schema, fingerprint and segments.")
+    p.add_argument("plan", metavar="PLAN.json", help="plan file to check")
+    p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                   help="classifier outputs the plan was made with (default: the plan's "
+                        "training.num_classes, else the model's default)")
+    p.set_defaults(func=cmd_check_plan)
+
+
+def _plan_shape(plan) -> Tuple[int, int, int, int]:
+    from planner.plan import PlanError
+
+    s = plan.input_shape
+    if (not isinstance(s, list) or len(s) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)):
+        raise PlanError(f"plan input_shape {s!r} must be four positive integers [N, C, H, W]")
+    return tuple(s)
+
+
+def cmd_check_plan(args) -> int:
+    """``planner check-plan PLAN.json``: one OK line, or one error line and exit 2."""
+    from planner.plan import Plan, PlanError
+
+    plan = Plan.load(args.plan)  # schema and fields
+    n, c, h, w = _plan_shape(plan)
+    if plan.dtype not in DTYPES:
+        raise PlanError(f"plan dtype {plan.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(plan.model, str) or not plan.model:
+        raise PlanError(f"plan model {plan.model!r} must be a model name (see 'planner models')")
+    bn = (plan.training or {}).get("bn", "train")
+    if bn not in BN_MODES:
+        raise PlanError(f"plan training.bn {bn!r} is not one of {', '.join(BN_MODES)}")
+    if c != 3:  # every zoo model takes RGB input
+        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
+                        f"re-create the plan for this model")
+    num_classes = args.num_classes or (plan.training or {}).get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
+        raise PlanError(f"plan training.num_classes {num_classes!r} must be a positive integer")
+    _, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, bn, None, num_classes)
+    plan.validate(graph)
+    modes = {}
+    for s in plan.segments:
+        modes[s.mode] = modes.get(s.mode, 0) + 1
+    seg = ", ".join(f"{k} {v}" for k, v in sorted(modes.items())) or "none"
+    print(f"OK: {args.plan}: {plan.schema} plan for {plan.model} at {_shape(graph.input_shape)} {graph.dtype}, "
+          f"fingerprint {plan.fingerprint} matches; {len(plan.segments)} segment(s) ({seg})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser and entry point
+# ------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        msg = " ".join(str(message).split())
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {msg} (see '{self.prog} --help')\n")
+
+
+#: Functions that add one subcommand each; later issues append theirs.
+SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``planner`` argument parser with every subcommand in :data:`SUBCOMMANDS`."""
+    parser = _Parser(prog="planner",
+                     description="lrcnn planner: plan row-centric CNN training (exact, less memory).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``planner`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Bad input of any kind (unknown model, bad resolution, unreadable file, mismatched plan, usage
+    errors) gives one line on stderr and exit code 2, never a traceback.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_ERROR)
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except KeyboardInterrupt:
+        print("planner: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `planner inspect ... | head`
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except (ValueError, OSError) as e:  # ModelError, CaptureError, PlanError are ValueErrors
+        print(f"planner: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Shared helpers for exactness tests: plain vs planned training from the same weights."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import capture
+from planner import Plan, Segment
+from executor import apply_plan
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of a against reference b."""
+    a, b = a.detach().double(), b.detach().double()
+    nb = b.norm().item()
+    if nb == 0.0:
+        return a.norm().item()
+    return (a - b).norm().item() / nb
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05):
+    """Run ``steps`` SGD+momentum steps; return per-step records of everything exactness covers."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    torch.manual_seed(1234)  # same dropout masks in the plain and the planned run
+    records = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        xin = x.clone().requires_grad_(True)
+        out = model(xin)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        records.append({
+            "out": out.detach().clone(), "loss": loss.detach().clone(), "xgrad": xin.grad.clone(),
+            "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+        })
+        opt.step()
+    final = {
+        "params": {k: p.detach().clone() for k, p in model.named_parameters()},
+        "buffers": {k: b.detach().clone() for k, b in model.named_buffers()},
+    }
+    return records, final
+
+
+class Reference:
+    """Plain-PyTorch results for one model/input, computed once and compared against many plans."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 1):
+        self.model0 = copy.deepcopy(model)
+        self.x, self.y, self.steps = x, y, steps
+        self.records, self.final = train_steps(copy.deepcopy(model), x, y, steps)
+        self.graph = capture(model, tuple(x.shape), x.dtype)
+
+    def check(self, segments: Sequence[Segment], tol: float = None) -> Dict[str, float]:
+        """Train a copy of the model with the plan; assert every compared quantity within tol."""
+        model = copy.deepcopy(self.model0)
+        plan = Plan.build(self.graph, segments)
+        pm = apply_plan(model, plan, self.graph)
+        assert list(pm.state_dict().keys()) == list(model.state_dict().keys())
+        assert all(a is b for a, b in zip(pm.parameters(), model.parameters()))
+        records, final = train_steps(pm, self.x, self.y, self.steps)
+        tol = tol if tol is not None else TOL[self.x.dtype]
+        errs: Dict[str, float] = {}
+        for step, (r, p) in enumerate(zip(self.records, records)):
+            errs[f"out@{step}"] = rel(p["out"], r["out"])
+            errs[f"loss@{step}"] = rel(p["loss"], r["loss"])
+            errs[f"xgrad@{step}"] = rel(p["xgrad"], r["xgrad"])
+            assert set(p["grads"]) == set(r["grads"]), "parameter gradient sets differ"
+            for k in r["grads"]:
+                errs[f"grad:{k}@{step}"] = rel(p["grads"][k], r["grads"][k])
+        for k in self.final["params"]:
+            errs[f"param:{k}"] = rel(final["params"][k], self.final["params"][k])
+        for k, b in self.final["buffers"].items():
+            if b.is_floating_point():
+                errs[f"buffer:{k}"] = rel(final["buffers"][k], b)
+            else:
+                assert torch.equal(final["buffers"][k], b), f"buffer {k} differs"
+        worst = max(errs, key=errs.get)
+        assert errs[worst] <= tol, f"{worst}: relative error {errs[worst]:.3e} > {tol:g} " \
+                                   f"(plan {[s.to_dict() for s in plan.segments]})"
+        return errs
+
+
+def seg_rows(first: str, last: str, policy: str, strips: int) -> Segment:
+    return Segment(first, last, "rows", policy=policy, strips=strips)

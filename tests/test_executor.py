@@ -1,0 +1,194 @@
+"""Exactness of every execution mode against plain PyTorch (same weights, same input).
+
+float64: <= 1e-10 relative (norm-wise), float32: <= 1e-5, on output, loss, input gradient, every
+parameter gradient, parameters after the optimizer steps and BN running statistics.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exactness import Reference, seg_rows
+from models import get_model
+from planner import Segment, PlanError
+from executor import apply_plan, RowSegmentError
+
+POLICIES = ["2ps", "overl"]
+
+
+def _data(n, h, w, dtype, classes=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, h, w, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+def _model(name, dtype, bn="eval", seed=0, **kw):
+    torch.manual_seed(seed)
+    m = get_model(name, **kw).to(dtype)
+    m.train()
+    if bn == "eval":
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.eval()
+    return m
+
+
+# -- VGG-16 ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vgg16_224():
+    m = _model("vgg16", torch.float64, num_classes=10)
+    return Reference(m, *_data(1, 224, 224, torch.float64, 10))
+
+
+@pytest.mark.parametrize("policy,strips", [("2ps", 7), ("overl", 3)])
+def test_vgg16_224_whole_trunk(vgg16_224, policy, strips):
+    vgg16_224.check([seg_rows("features", "features", policy, strips)])
+
+
+@pytest.fixture(scope="module")
+def vgg16_odd():
+    m = _model("vgg16", torch.float64, num_classes=10)
+    return Reference(m, *_data(3, 200, 232, torch.float64, 10), steps=1)
+
+
+def test_vgg16_odd_mixed_plan(vgg16_odd):
+    # rows through the first two stages with many strips, rows (other policy) through stage 3-4,
+    # checkpoint for the last stage: the paper's -H hybrid.
+    g = vgg16_odd.graph
+    stage2_end = [n.name for n in g.nodes if n.op == "maxpool2d"][1]
+    stage4_end = [n.name for n in g.nodes if n.op == "maxpool2d"][3]
+    vgg16_odd.check([
+        Segment("features_0", stage2_end, "rows", policy="2ps", strips=16),
+        Segment(g.nodes[g.index(stage2_end) + 1].name, stage4_end, "rows", policy="overl", strips=3),
+        Segment(g.nodes[g.index(stage4_end) + 1].name, "features_30", "checkpoint"),
+    ])
+
+
+def test_vgg16_odd_max_strips(vgg16_odd):
+    g = vgg16_odd.graph
+    stage2_end = [n.name for n in g.nodes if n.op == "maxpool2d"][1]
+    rows = g[stage2_end].height  # one output row per strip
+    vgg16_odd.check([Segment("features_0", stage2_end, "rows", policy="overl", strips=rows),
+                     Segment(g.nodes[g.index(stage2_end) + 1].name, "features_30", "rows", policy="2ps",
+                             strips=g["features_30"].height)])
+
+
+def test_vgg16_bn_eval_float32():
+    m = _model("vgg16_bn", torch.float32, num_classes=10)
+    ref = Reference(m, *_data(3, 96, 72, torch.float32, 10), steps=3)
+    ref.check([seg_rows("features", "features", "2ps", 3)])
+    ref.check([seg_rows("features", "features", "overl", 2)])
+
+
+# -- ResNet-50 (eval BN), stem included ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet50_small():
+    m = _model("resnet50", torch.float64, num_classes=10)
+    return Reference(m, *_data(3, 131, 97, torch.float64, 10), steps=3)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("strips", [1, 2, 3, 5])  # 5 = maximum: the trunk output has 5 rows
+def test_resnet50_whole_trunk(resnet50_small, policy, strips):
+    assert resnet50_small.graph[resnet50_small.graph.resolve("layer4", "last")].height == 5
+    resnet50_small.check([seg_rows("conv1", "layer4", policy, strips)])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_resnet50_several_segments(resnet50_small, policy):
+    g = resnet50_small.graph
+    rows_l1 = g[g.resolve("layer1", "last")].height
+    resnet50_small.check([
+        seg_rows("conv1", "layer1", policy, 16),
+        seg_rows("layer2", "layer2", "overl" if policy == "2ps" else "2ps", 7),
+        seg_rows("layer3", "layer3", policy, g[g.resolve("layer3", "last")].height),
+        Segment("layer4", "layer4", "checkpoint"),
+    ])
+    resnet50_small.check([seg_rows("conv1", "maxpool", policy, rows_l1)])
+
+
+def test_resnet50_store_recompute_and_checkpoint(resnet50_small):
+    g = resnet50_small.graph
+    cheap = [n.name for n in g.span(g.resolve("layer2", "first"), g.resolve("layer2", "last"))
+             if n.op in ("relu", "batchnorm2d", "add")]
+    resnet50_small.check([
+        Segment("conv1", "layer1", "checkpoint"),
+        Segment("layer2", "layer2", "store", recompute=cheap),
+        seg_rows("layer3", "layer4", "2ps", 2),
+    ])
+
+
+def test_resnet50_float32_batch1():
+    m = _model("resnet50", torch.float32, num_classes=10)
+    ref = Reference(m, *_data(1, 160, 208, torch.float32, 10), steps=3)
+    ref.check([seg_rows("conv1", "layer4", "2ps", 3)])
+    ref.check([seg_rows("conv1", "layer2", "overl", 7), seg_rows("layer3", "layer4", "2ps", 2)])
+
+
+# -- MobileNetV2 (eval BN, depthwise, ReLU6) ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mobilenet_v2(dtype):
+    m = _model("mobilenet_v2", dtype, num_classes=10)
+    ref = Reference(m, *_data(3, 97, 83, dtype, 10), steps=3 if dtype == torch.float64 else 1)
+    for policy in POLICIES:
+        ref.check([seg_rows("features", "features", policy, 3)])
+    ref.check([seg_rows("features_0_0", "add_2", "2ps", 7),
+               Segment("features_7_conv_0_0", "features_18_2", "checkpoint")])
+
+
+# -- tiny nets: many strip counts, both policies, batch 1 and 3 -------------------------------
+
+@pytest.mark.parametrize("name,first,last", [
+    ("tiny_vgg", "features", "features"),
+    ("tiny_resnet", "conv1", "layer2"),
+    ("tiny_mobilenet", "features", "features"),
+])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tiny_all_strip_counts(name, first, last, batch):
+    m = _model(name, torch.float64)
+    ref = Reference(m, *_data(batch, 61, 35, torch.float64, 10, seed=batch), steps=3)
+    rows = ref.graph[ref.graph.resolve(last, "last")].height
+    for policy in POLICIES:
+        for strips in sorted({1, 2, 3, 7, rows}):
+            if strips <= rows:
+                ref.check([seg_rows(first, last, policy, strips)])
+
+
+def test_explicit_bounds():
+    m = _model("tiny_resnet", torch.float64)
+    ref = Reference(m, *_data(2, 61, 35, torch.float64, 10))
+    rows = ref.graph[ref.graph.resolve("layer2", "last")].height
+    ref.check([Segment("conv1", "layer2", "rows", policy="2ps", bounds=[0, 1, rows - 1, rows])])
+
+
+# -- train-mode BN: checkpoint/store are exact and update running stats once ----------------------
+
+def test_train_bn_checkpoint_and_store_update_running_stats_once():
+    m = _model("tiny_resnet", torch.float64, bn="train")
+    ref = Reference(m, *_data(3, 45, 33, torch.float64, 10), steps=3)
+    errs = ref.check([Segment("conv1", "layer1", "checkpoint"),
+                      Segment("layer2", "layer2", "store", recompute=["layer2_0_bn1", "layer2_0_relu"])])
+    assert any(k.startswith("buffer:") and "running_mean" in k for k in errs)
+
+
+def test_train_bn_in_rows_is_refused():
+    m = _model("tiny_resnet", torch.float64, bn="train")
+    ref = Reference(m, *_data(1, 45, 33, torch.float64, 10))
+    with pytest.raises(RowSegmentError, match="BatchNorm2d 'bn1' in training mode"):
+        ref.check([seg_rows("conv1", "layer2", "2ps", 2)])
+
+
+def test_unsupported_op_in_row_segment_names_node():
+    m = _model("tiny_resnet", torch.float64)
+    ref = Reference(m, *_data(1, 45, 33, torch.float64, 10))
+    with pytest.raises(RowSegmentError, match=r"node 'avgpool' \(op adaptive_avgpool2d"):
+        ref.check([seg_rows("conv1", "avgpool", "2ps", 1)])
+
+
+def test_segment_not_at_cut_point_is_refused():
+    m = _model("tiny_resnet", torch.float64)
+    ref = Reference(m, *_data(1, 45, 33, torch.float64, 10))
+    with pytest.raises(PlanError, match="more than one tensor"):
+        ref.check([seg_rows("conv1", "layer1_0_conv2", "2ps", 2)])
