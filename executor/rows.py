@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from models.geometry import (RowGraph, StripSchedule, default_bounds, max_strips, propagate_heights,
                              strip_schedule)
+from . import memory
 from .state import StateSlots
 from .strips import Band, RowSegmentError, StripOp, build_strip_op
 
@@ -169,6 +170,7 @@ class RowSegment:
                 out[:, :, a:b] = y.rows(a, b)
             del bands, y
             carried = carry_out if sched.policy == "2ps" else None
+        memory.mark(f"rows {self.name} forward")
         return out, carries
 
     def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: list, need_gx: bool,
@@ -245,6 +247,7 @@ class RowSegment:
                     gparams[j] = gparams[j] + g
                     owned[j] = True
             del got
+            memory.mark(f"rows {self.name} backward strip {i}")
         return gx, gparams
 
 

@@ -35,6 +35,8 @@ class Band:
         return self.start + self.t.shape[2]
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
+        if hi <= lo:  # no rows (an output row made only of padding reads none)
+            return self.t[:, :, :0]
         if lo < self.start or hi > self.stop:
             raise RuntimeError(f"internal: rows [{lo},{hi}) not in band [{self.start},{self.stop})")
         return self.t[:, :, lo - self.start: hi - self.start]

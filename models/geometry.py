@@ -331,7 +331,8 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
     if policy == "overl":
         needs = [propagate_rows(g, sub, out, (a, b)) for a, b in zip(bounds, bounds[1:])]
         for need, a, b in zip(needs, bounds, bounds[1:]):
-            rows.append({n: StripRows(*need[n], need[n][0]) for n in sub if n in need})
+            # a node may need no rows at all (an output row made only of padding)
+            rows.append({n: StripRows(*need.get(n, (0, 0)), need.get(n, (0, 0))[0]) for n in sub})
             outs.append((a, b))
         return StripSchedule(source, nodes, bounds, policy, rows, outs)
 
