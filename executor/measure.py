@@ -33,6 +33,9 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
     model.zero_grad(set_to_none=True)
     n_cls = _classes(model)
     if fake:
+        if device is None:  # a model built on the meta device is simulated on "meta"
+            first = next(iter(model.parameters()), None)
+            device = "meta" if first is not None and first.is_meta else None
         with memory.fake_mode():
             state = memory.fake_state(model)
             x = torch.randn(*input_shape, dtype=dtype, device=device)
