@@ -301,6 +301,11 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             return _Interp(self.g).run(x)
 
     runner = _Runner(gm)
+    import logging
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a too-small input is reported below, in one line
     try:
         with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = torch.empty(input_shape, dtype=dtype, device="meta").requires_grad_(True)
@@ -309,9 +314,12 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = current["node"]
+        hint = ("use a batch of 2 or more, or BN in eval mode" if "more than 1 value per channel" in msg
+                else "use a larger --resolution")
         raise CaptureError(f"input shape {'x'.join(map(str, input_shape))} does not fit "
-                           f"{model_name or type(model).__name__} (at node {where}: {msg}); "
-                           f"use a larger --resolution") from None
+                           f"{model_name or type(model).__name__} (at node {where}: {msg}); {hint}") from None
+    finally:
+        fake_log.setLevel(level)
 
     nodes: List[Node] = []
     for n in gm.graph.nodes:

@@ -47,16 +47,14 @@ class HGeom:
     def out_size(self, in_h: int) -> int:
         """Output rows for ``in_h`` input rows (PyTorch's conv/pool formula, ceil_mode included)."""
         eff = in_h + 2 * self.padding - self.span
-        if eff < 0:
-            return 0
         if self.ceil_mode:
             out = -(-eff // self.stride) + 1
             # PyTorch: the last window must start inside the input or the top padding.
-            if (out - 1) * self.stride >= in_h + self.padding:
+            if out > 0 and (out - 1) * self.stride >= in_h + self.padding:
                 out -= 1
         else:
-            out = eff // self.stride + 1
-        return out
+            out = eff // self.stride + 1 if eff >= 0 else 0
+        return max(out, 0)
 
     def window(self, a: int, b: int) -> Range:
         """Unclipped input rows read by output rows [a, b) (may extend past the map: padding)."""
@@ -94,16 +92,31 @@ class InputRows:
 
 
 def input_rows(geom: HGeom, a: int, b: int, in_h: int) -> InputRows:
-    """Input rows (and border padding) that output rows ``[a, b)`` of a layer need.
+    """Input rows (and border filler) that output rows ``[a, b)`` of a layer need.
 
+    ``lo``/``hi`` is the smallest range of real input rows the windows read (with dilation a
+    window skips rows, so a clipped window may start or end further in); ``pad_top`` and
+    ``pad_bottom`` are the filler rows that complete the windows at the true borders: padding, and
+    any skipped real rows between the padding and ``lo``/``hi``, which the kernel never reads.
     ``in_h`` is the height of the input map.  An empty band (``a >= b``) needs nothing.
     """
     if a >= b:
         return InputRows(0, 0, 0, 0)
     lo_u, hi_u = geom.window(a, b)
-    lo, hi = max(lo_u, 0), min(hi_u, in_h)
-    if hi < lo:  # window entirely in padding (cannot happen for valid PyTorch layers)
-        hi = lo
+    s, d = geom.stride, geom.dilation
+    first, last = None, None
+    for j in range(geom.kernel):
+        off = j * d - geom.padding  # input row of tap j for output row r: r*s + off
+        r0 = max(a, -(off // s))  # first output row whose tap j is at or below row 0
+        if r0 < b and r0 * s + off < in_h:
+            first = r0 * s + off if first is None else min(first, r0 * s + off)
+        r1 = min(b - 1, (in_h - 1 - off) // s)  # last output row whose tap j is inside the map
+        if r1 >= a and r1 * s + off >= 0:
+            last = r1 * s + off if last is None else max(last, r1 * s + off)
+    if first is None or last is None:  # only padding is read
+        lo = hi = min(max(lo_u, 0), in_h)
+    else:
+        lo, hi = first, last + 1
     return InputRows(lo, hi, lo - lo_u, hi_u - hi)
 
 
@@ -354,10 +367,11 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
             start = done[n] if n != source else hi[n]
             first = start
             for c in consumers[n]:
-                # rows c computes now, or (if it is stalled) the rows its next row will read
+                # rows c reads now or later: from where the window of its next row starts (not
+                # the first row it reads: with dilation that is not monotone in the row)
                 if done[c] < g.height[c]:
-                    ir = input_rows(g.geom.get(c, IDENTITY), done[c], max(hi[c], done[c] + 1), g.height[n])
-                    first = min(first, ir.lo)
+                    w0 = g.geom.get(c, IDENTITY).window(done[c], done[c] + 1)[0]
+                    first = min(first, max(0, w0))
             lo[n] = first
         strip = {}
         for n in sub:

@@ -7,8 +7,10 @@ of nodes between two cut points (places where one tensor alone crosses) with a m
                  outputs are dropped after forward and recomputed when backward needs them;
 * ``checkpoint`` keep only the segment input, recompute the segment in backward;
 * ``rows``       row-centric: run in horizontal strips (``policy`` ``2ps`` or ``overl``), either
-                 ``strips`` (a count, split evenly over the segment's output rows) or explicit
-                 ``bounds`` on the output rows.
+                 ``strips`` (a count, split evenly) or explicit ``bounds``.  OverL strips split the
+                 segment's *output* rows (each strip recomputes its halo); 2PS strips split the
+                 segment's *input* rows (each strip reads that band and every layer advances as
+                 far as it can, carrying the few rows the next strip shares).
 
 Nodes not covered by any segment run as ``store``.  Hand-written plans are made with
 :meth:`Plan.build`::
@@ -111,10 +113,13 @@ class Plan:
                 raise PlanError(f"segment {i}: {e.args[0]}") from None
             segs.append(Segment(first, last, s.mode, s.policy, s.strips,
                                 list(s.bounds) if s.bounds else None, list(s.recompute), dict(s.options)))
+        train = dict(training or {"optimizer": "sgd", "bn": "train" if graph.training else "eval"})
+        out_shape = graph.output_node.shape
+        if len(out_shape) == 2:  # classifier: the model is rebuilt with this many classes
+            train.setdefault("num_classes", int(out_shape[-1]))
         plan = cls(model=model or graph.model_name, fingerprint=graph.fingerprint(),
                    input_shape=list(graph.input_shape), dtype=graph.dtype,
-                   training=dict(training or {"optimizer": "sgd", "bn": "train" if graph.training else "eval"}),
-                   budget_bytes=budget_bytes, segments=segs)
+                   training=train, budget_bytes=budget_bytes, segments=segs)
         plan.validate(graph)
         return plan
 
@@ -153,9 +158,29 @@ class Plan:
             if s.last not in cuts:
                 raise PlanError(f"{where}: more than one tensor leaves the segment after {s.last!r}; "
                                 f"end it at a block boundary (one of the graph's cut points)")
+            if s.mode == "rows":
+                self._check_strips(graph, s, where)
             for r in s.recompute:
                 if r not in graph.by_name or not (a <= graph.index(r) <= b):
                     raise PlanError(f"{where}: recompute node {r!r} is not inside the segment")
+
+    @staticmethod
+    def _check_strips(graph, s: Segment, where: str) -> None:
+        from models.geometry import check_bounds
+
+        source = graph.nodes[graph.index(s.first) - 1]
+        rows = source.height if s.policy == "2ps" else graph[s.last].height
+        what = "input" if s.policy == "2ps" else "output"
+        if s.bounds:
+            try:
+                check_bounds(s.bounds, rows)
+            except ValueError as e:
+                raise PlanError(f"{where}: {e} ({s.policy} bounds split the segment's {what} rows)") from None
+            if s.strips is not None and s.strips != len(s.bounds) - 1:
+                raise PlanError(f"{where}: strips={s.strips} but bounds make {len(s.bounds) - 1} strips")
+        elif not 1 <= s.strips <= rows:
+            raise PlanError(f"{where}: {s.strips} strips do not fit: this {s.policy} segment takes 1..{rows} "
+                            f"strips here (its {what} has {rows} rows)")
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -176,6 +201,21 @@ class Plan:
         for k in ("model", "fingerprint", "input_shape", "segments"):
             if k not in d:
                 raise PlanError(f"plan is missing the field {k!r}")
+        shape = d["input_shape"]
+        if not (isinstance(shape, list) and len(shape) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise PlanError(f"plan input_shape {shape!r} must be a list of 4 positive integers (N, C, H, W)")
+        for k, typ in (("model", str), ("fingerprint", str), ("dtype", str)):
+            if k in d and not isinstance(d[k], typ):
+                raise PlanError(f"plan field {k!r} must be a string, got {d[k]!r}")
+        for k in ("training", "predicted", "solver"):
+            if d.get(k) is not None and not isinstance(d[k], dict):
+                raise PlanError(f"plan field {k!r} must be an object, got {type(d[k]).__name__}")
+        b = d.get("budget_bytes")
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b <= 0):
+            raise PlanError(f"plan budget_bytes {b!r} must be a positive integer or null")
+        if not isinstance(d["segments"], list) or not all(isinstance(x, dict) for x in d["segments"]):
+            raise PlanError("plan segments must be a list of objects")
         segs = [Segment.from_dict(s, f"segment {i}") for i, s in enumerate(d["segments"])]
         return cls(model=d["model"], fingerprint=d["fingerprint"], input_shape=list(d["input_shape"]),
                    dtype=d.get("dtype", "float32"), training=dict(d.get("training") or {}),
@@ -185,10 +225,15 @@ class Plan:
     def save(self, path: str) -> None:
         """Write the plan as JSON (atomically: no half-written file on failure)."""
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str, graph=None) -> "Plan":

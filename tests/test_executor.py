@@ -159,8 +159,18 @@ def test_tiny_all_strip_counts(name, first, last, batch):
 def test_explicit_bounds():
     m = _model("tiny_resnet", torch.float64)
     ref = Reference(m, *_data(2, 61, 35, torch.float64, 10))
-    rows = ref.graph[ref.graph.resolve("layer2", "last")].height
-    ref.check([Segment("conv1", "layer2", "rows", policy="2ps", bounds=[0, 1, rows - 1, rows])])
+    rows = ref.graph[ref.graph.resolve("layer2", "last")].height  # OverL: output rows
+    ref.check([Segment("conv1", "layer2", "rows", policy="overl", bounds=[0, 1, rows - 1, rows])])
+    # 2PS: bounds on the input rows (61), uneven, not aligned with the stride
+    ref.check([Segment("conv1", "layer2", "rows", policy="2ps", bounds=[0, 1, 2, 13, 40, 60, 61])])
+
+
+def test_strip_count_out_of_range_is_refused():
+    m = _model("tiny_resnet", torch.float64)
+    ref = Reference(m, *_data(1, 61, 35, torch.float64, 10))
+    with pytest.raises(PlanError, match=r"9 strips do not fit: this overl segment takes 1..8 strips"):
+        ref.check([seg_rows("conv1", "layer2", "overl", 9)])
+    ref.check([seg_rows("conv1", "layer2", "2ps", 61)])  # 2PS may use one strip per input row
 
 
 # -- train-mode BN: checkpoint/store are exact and update running stats once ----------------------

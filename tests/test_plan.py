@@ -176,7 +176,6 @@ def test_save_is_atomic(plan, tmp_path, monkeypatch):
     assert path.read_text() == "previous contents\n"  # never half-written
 
 
-@pytest.mark.xfail(strict=True, reason="Plan.save leaves its temporary file behind on failure (reported)")
 def test_save_failure_leaves_no_temp_file(plan, tmp_path, monkeypatch):
     path = tmp_path / "plan.json"
 
