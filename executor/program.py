@@ -165,7 +165,9 @@ class PlannedModule(nn.Module):
                     if gn.kind not in (_ops.POINTWISE, _ops.NORM, _ops.JOIN):
                         raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op}; "
                                         f"only cheap pointwise/BN/add/concat outputs can be recomputed")
-                steps.append(("store", nodes, src, s.last, rec))
+                mods = [self.get_submodule(graph_n.target) for graph_n in nodes
+                        if graph_n.op == "call_module" and graph_n.name in rec]
+                steps.append(("store", nodes, src, s.last, rec, StateSlots(mods)))
             i = j + 1
         # last use of every value, for freeing
         last: Dict[str, int] = {}
@@ -208,7 +210,7 @@ class PlannedModule(nn.Module):
             elif kind == "checkpoint":
                 env[st[3]] = self._run_checkpoint(st[1], env[st[2]], st[2], st[4])
             else:
-                env[st[3]] = self._run_store(st[1], env[st[2]], st[2], st[4])
+                env[st[3]] = self._run_store(st[1], env[st[2]], st[2], st[4], st[5])
             for name in self._step_inputs(st):
                 if self._last.get(name) == k:
                     env.pop(name, None)
@@ -243,33 +245,38 @@ class PlannedModule(nn.Module):
 
         return tcp.checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True)
 
-    def _run_store(self, nodes, x, src, recompute: set):
+    def _run_store(self, nodes, x, src, recompute: set, slots: StateSlots):
         if not recompute or not torch.is_grad_enabled():
             return self._run_nodes(nodes, x, src)
         runner = self._runner
+        state = slots.capture()  # the recompute uses the tensors this forward used
         env: Dict[str, Any] = {src: x}
         registry: Dict[int, tuple] = {}  # storage id -> (weakref to output, recipe)
 
         def key(t):
             return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
+        fresh: List[list] = []  # boxes packed while the current node runs
+
         def pack(t):
             if not isinstance(t, torch.Tensor):
                 return t
             hit = registry.get(key(t))
             if hit is not None and hit[0]() is not None:
-                return hit[1]
-            return t
+                return [hit[1]]
+            box = [t]  # an op may save its own output before we know it is one to drop
+            fresh.append(box)
+            return box
 
         def materialise(v):
             if isinstance(v, _Recipe):
                 ins = {k: materialise(a) for k, a in v.inputs.items()}
-                with torch.no_grad():
+                with torch.no_grad(), slots.bound(*state):
                     return runner.run(v.node, ins, "pure")
             return v
 
-        def unpack(v):
-            return materialise(v)
+        def unpack(box):
+            return materialise(box[0]) if isinstance(box, list) else box
 
         last: Dict[str, int] = {}
         for k, n in enumerate(nodes):
@@ -279,12 +286,17 @@ class PlannedModule(nn.Module):
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             for k, n in enumerate(nodes):
                 touches = n.name in recompute or any(a.name in recompute for a in n.all_input_nodes)
+                fresh.clear()
                 out = runner.run(n, env, "noinplace" if touches else "plain")
                 env[n.name] = out
                 if n.name in recompute and isinstance(out, torch.Tensor):
                     rec = _Recipe(n, {a.name: recipes.get(a.name, env[a.name]) for a in n.all_input_nodes})
                     recipes[n.name] = rec
-                    registry[key(out)] = (weakref.ref(out), rec)
+                    k_out = key(out)
+                    registry[k_out] = (weakref.ref(out), rec)
+                    for box in fresh:  # the op saved its own output (e.g. ReLU): drop it too
+                        if isinstance(box[0], torch.Tensor) and key(box[0]) == k_out:
+                            box[0] = rec
                 for a in n.all_input_nodes:
                     if last.get(a.name) == k:
                         env.pop(a.name, None)

@@ -27,8 +27,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 EXIT_OK = 0
 EXIT_ERROR = 2
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-BN_MODES = ("train", "eval")
+from planner.plan import BN_MODES, DTYPES  # one list of each, shared with the plan format
 DEFAULT_BATCH = 32
 
 _RES_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
@@ -318,36 +317,17 @@ def _add_check_plan(sub) -> None:
     p.set_defaults(func=cmd_check_plan)
 
 
-def _plan_shape(plan) -> Tuple[int, int, int, int]:
-    from planner.plan import PlanError
-
-    s = plan.input_shape
-    if (not isinstance(s, list) or len(s) != 4
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)):
-        raise PlanError(f"plan input_shape {s!r} must be four positive integers [N, C, H, W]")
-    return tuple(s)
-
-
 def cmd_check_plan(args) -> int:
     """``planner check-plan PLAN.json``: one OK line, or one error line and exit 2."""
     from planner.plan import Plan, PlanError
 
-    plan = Plan.load(args.plan)  # schema and fields
-    n, c, h, w = _plan_shape(plan)
-    if plan.dtype not in DTYPES:
-        raise PlanError(f"plan dtype {plan.dtype!r} is not one of {', '.join(DTYPES)}")
-    if not isinstance(plan.model, str) or not plan.model:
-        raise PlanError(f"plan model {plan.model!r} must be a model name (see 'planner models')")
-    bn = (plan.training or {}).get("bn", "train")
-    if bn not in BN_MODES:
-        raise PlanError(f"plan training.bn {bn!r} is not one of {', '.join(BN_MODES)}")
+    plan = Plan.load(args.plan)  # schema and field types
+    n, c, h, w = plan.input_shape
+    bn = plan.training.get("bn", "train")
     if c != 3:  # every zoo model takes RGB input
         raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
                         f"re-create the plan for this model")
-    num_classes = args.num_classes or (plan.training or {}).get("num_classes")
-    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
-                                    or num_classes < 1):
-        raise PlanError(f"plan training.num_classes {num_classes!r} must be a positive integer")
+    num_classes = args.num_classes or plan.training.get("num_classes")
     _, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, bn, None, num_classes)
     plan.validate(graph)
     modes = {}

@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+BN_MODES = ("train", "eval")
 POLICIES = ("2ps", "overl")
 
 
@@ -204,13 +206,23 @@ class Plan:
         shape = d["input_shape"]
         if not (isinstance(shape, list) and len(shape) == 4
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-            raise PlanError(f"plan input_shape {shape!r} must be a list of 4 positive integers (N, C, H, W)")
-        for k, typ in (("model", str), ("fingerprint", str), ("dtype", str)):
-            if k in d and not isinstance(d[k], typ):
-                raise PlanError(f"plan field {k!r} must be a string, got {d[k]!r}")
+            raise PlanError(f"plan input_shape {shape!r} must be four positive integers [N, C, H, W]")
+        if not isinstance(d["model"], str) or not d["model"]:
+            raise PlanError(f"plan model {d['model']!r} must be a model name (see 'planner models')")
+        if not isinstance(d["fingerprint"], str):
+            raise PlanError(f"plan fingerprint {d['fingerprint']!r} must be a string")
+        dtype = d.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise PlanError(f"plan dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         for k in ("training", "predicted", "solver"):
             if d.get(k) is not None and not isinstance(d[k], dict):
                 raise PlanError(f"plan field {k!r} must be an object, got {type(d[k]).__name__}")
+        training = d.get("training") or {}
+        if "bn" in training and training["bn"] not in BN_MODES:
+            raise PlanError(f"plan training.bn {training['bn']!r} is not one of {', '.join(BN_MODES)}")
+        nc = training.get("num_classes")
+        if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
+            raise PlanError(f"plan training.num_classes {nc!r} must be a positive integer")
         b = d.get("budget_bytes")
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b <= 0):
             raise PlanError(f"plan budget_bytes {b!r} must be a positive integer or null")

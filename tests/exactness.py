@@ -24,7 +24,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / nb
 
 
-def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.05):
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-4):
     """Run ``steps`` SGD+momentum steps; return per-step records of everything exactness covers."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     torch.manual_seed(1234)  # same dropout masks in the plain and the planned run
@@ -35,6 +35,7 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
         out = model(xin)
         loss = F.cross_entropy(out, y)
         loss.backward()
+        assert torch.isfinite(loss), "training diverged: the comparison would prove nothing"
         records.append({
             "out": out.detach().clone(), "loss": loss.detach().clone(), "xgrad": xin.grad.clone(),
             "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},

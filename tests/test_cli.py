@@ -297,7 +297,10 @@ def test_check_plan_ok(capfd, plan_file):
 def test_check_plan_num_classes(capfd, tmp_path, captured):
     g = captured("tiny_resnet", (2, 3, 32, 32), num_classes=7)
     path = tmp_path / "plan.json"
-    Plan.build(g, []).save(str(path))
+    plan = Plan.build(g, [])
+    assert plan.training["num_classes"] == 7  # recorded by Plan.build
+    del plan.training["num_classes"]
+    plan.save(str(path))
     assert_one_line_error(*run(capfd, "check-plan", path), "does not match the model's graph")
     rc, out, err = run(capfd, "check-plan", path, "--num-classes", "7")
     assert rc == 0 and out.startswith("OK: ")

@@ -22,12 +22,24 @@ def _data(n, h, w, dtype, classes=1000, seed=0):
 
 
 def _model(name, dtype, bn="eval", seed=0, **kw):
+    """Model in train mode; with bn="eval", BN layers in eval mode with calibrated statistics.
+
+    Calibration (one cumulative-average pass over a random batch) keeps activations O(1): with the
+    initial running statistics (mean 0, var 1) a deep eval-BN net's logits grow huge, the softmax
+    saturates and float32 gradients become ill-conditioned for *any* implementation.
+    """
     torch.manual_seed(seed)
     m = get_model(name, **kw).to(dtype)
     m.train()
     if bn == "eval":
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
+        bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+        if bns:
+            for mod in bns:
+                mod.momentum = None
+            with torch.no_grad():
+                m(torch.randn(4, 3, 64, 64, dtype=dtype))
+            for mod in bns:
+                mod.momentum = 0.1
                 mod.eval()
     return m
 
@@ -73,9 +85,14 @@ def test_vgg16_odd_max_strips(vgg16_odd):
                              strips=g["features_30"].height)])
 
 
-def test_vgg16_bn_eval_float32():
-    m = _model("vgg16_bn", torch.float32, num_classes=10)
-    ref = Reference(m, *_data(3, 96, 72, torch.float32, 10), steps=3)
+@pytest.mark.parametrize("dtype,steps", [(torch.float64, 3), (torch.float32, 1)])
+def test_vgg16_bn_eval(dtype, steps):
+    # float32 over several steps is not a meaningful comparison for this net: plain PyTorch itself
+    # (oneDNN vs native convolution, or float32 vs float64) differs by ~0.1 relative in the
+    # gradients after two SGD steps, because max-pool/ReLU decisions flip.  One step is compared
+    # in float32; the optimizer trajectory is compared in float64.
+    m = _model("vgg16_bn", dtype, num_classes=10)
+    ref = Reference(m, *_data(3, 96, 72, dtype, 10), steps=steps)
     ref.check([seg_rows("features", "features", "2ps", 3)])
     ref.check([seg_rows("features", "features", "overl", 2)])
 
@@ -120,8 +137,11 @@ def test_resnet50_store_recompute_and_checkpoint(resnet50_small):
 
 
 def test_resnet50_float32_batch1():
+    # One step: after one SGD step plain float32 itself differs from float64 (and oneDNN from
+    # native convolution) by >100% in the gradients of this batch-1 net, so a float32 trajectory
+    # comparison would test the conditioning, not the executor.  float64 covers 3 steps above.
     m = _model("resnet50", torch.float32, num_classes=10)
-    ref = Reference(m, *_data(1, 160, 208, torch.float32, 10), steps=3)
+    ref = Reference(m, *_data(1, 160, 208, torch.float32, 10), steps=1)
     ref.check([seg_rows("conv1", "layer4", "2ps", 3)])
     ref.check([seg_rows("conv1", "layer2", "overl", 7), seg_rows("layer3", "layer4", "2ps", 2)])
 

@@ -36,7 +36,7 @@ def test_build_resolves_module_paths(plan, r18):
     assert plan.model == "resnet18" and plan.schema == SCHEMA == "lrcnn.plan/1"
     assert plan.fingerprint == r18.fingerprint()
     assert plan.input_shape == [2, 3, 224, 224] and plan.dtype == "float32"
-    assert plan.training == {"optimizer": "sgd", "bn": "train"}
+    assert plan.training == {"optimizer": "sgd", "bn": "train", "num_classes": 1000}
     assert plan.budget_bytes == 8 * 10**9
 
 
@@ -46,7 +46,7 @@ def test_json_round_trip(plan, r18, tmp_path):
     doc = json.loads(path.read_text())
     assert doc == {
         "schema": "lrcnn.plan/1", "model": "resnet18", "fingerprint": r18.fingerprint(),
-        "input_shape": [2, 3, 224, 224], "dtype": "float32", "training": {"optimizer": "sgd", "bn": "train"},
+        "input_shape": [2, 3, 224, 224], "dtype": "float32", "training": {"optimizer": "sgd", "bn": "train", "num_classes": 1000},
         "budget_bytes": 8000000000,
         "segments": [
             {"first": "conv1", "last": "layer1_1_relu_1", "mode": "rows", "policy": "2ps", "strips": 4},

@@ -77,3 +77,26 @@ def test_full_size_memory_vgg16_b32():
     pm = apply_plan(model, Plan.build(graph, vgg16_plan()), graph)
     planned = step_memory(pm, shape, fake=True)
     assert planned.peak_bytes <= 0.75 * GiB
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_store_recompute_set_drops_saved_outputs(bn):
+    """A store segment's recompute set (BN, ReLU, add outputs) really is not kept for backward."""
+    model = get_model("resnet18", device="meta")
+    model.train() if bn == "train" else _eval_bn(model)
+    shape = (4, 3, 112, 112)
+    graph = capture(model, shape)
+    first, last = graph.resolve("layer1", "first"), graph.resolve("layer4", "last")
+    cheap = [n.name for n in graph.span(first, last) if n.op in ("batchnorm2d", "relu", "add")]
+    plain = step_memory(apply_plan(model, Plan.build(graph, [Segment(first, last, "store")]), graph),
+                        shape, fake=True)
+    dropped = step_memory(apply_plan(model, Plan.build(graph, [Segment(first, last, "store", recompute=cheap)]),
+                                     graph), shape, fake=True)
+    # the plain store segment is plain PyTorch
+    assert plain.peak_bytes == step_memory(model, shape, fake=True).peak_bytes
+    # After forward, plain autograd holds every ReLU output (saved by the ReLU and by the conv or
+    # add after it; ReLU runs in place on the BN/add output).  With the recompute set, none of
+    # them is held: exactly their bytes are gone (BN inputs, the conv outputs, stay: BN needs them).
+    live = lambda rep: dict((label, b) for label, b, _ in rep.timeline)["forward"]  # noqa: E731
+    relu_out = sum(graph[n].out_bytes for n in cheap if graph[n].op == "relu")
+    assert live(plain) - live(dropped) == relu_out
