@@ -46,7 +46,7 @@ class _NodeRunner:
     """Runs single fx nodes against the planned module (plain semantics, or side-effect free)."""
 
     def __init__(self, root: nn.Module):
-        self.root = root
+        self._root = weakref.ref(root)  # no reference cycle: a dropped model is freed at once
         self._cache: Dict[tuple, Any] = {}
 
     def run(self, n: fx.Node, env: Dict[str, Any], mode: str = "plain") -> Any:
@@ -58,7 +58,7 @@ class _NodeRunner:
         args = fx.node.map_arg(n.args, lambda a: env[a.name])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
         if n.op == "call_module":
-            mod = self.root.get_submodule(n.target)
+            mod = self._root().get_submodule(n.target)
             if mode != "plain":
                 mod = self._variant(n, mod, mode)
             return mod(*args, **kwargs)
@@ -75,7 +75,7 @@ class _NodeRunner:
         if n.op == "call_method":
             return getattr(args[0], n.target)(*args[1:], **kwargs)
         if n.op == "get_attr":
-            obj = self.root
+            obj = self._root()
             for part in str(n.target).split("."):
                 obj = getattr(obj, part)
             return obj

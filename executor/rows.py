@@ -28,7 +28,7 @@ from models.geometry import (RowGraph, StripSchedule, default_bounds, max_strips
                              strip_schedule)
 from . import memory
 from .state import StateSlots
-from .strips import Band, RowSegmentError, StripOp, build_strip_op
+from .strips import Band, RowSegmentError, StripOp, bn_refusal, build_strip_op
 
 
 class RowSegment:
@@ -67,7 +67,7 @@ class RowSegment:
         for i, n in enumerate(names):
             for u in self.ops[n].inputs:
                 self.last_use[u] = i
-        self._sched: Dict[int, StripSchedule] = {}
+        self._sched: Dict[int, Tuple[StripSchedule, Dict[str, int]]] = {}  # by input height
         self.rows_computed: Dict[str, int] = {}  # rows computed per node by the last forward sweep
 
     # ------------------------------------------------------------------------------------------
@@ -77,8 +77,6 @@ class RowSegment:
 
     def check_modes(self) -> None:
         """Refuse train-mode BatchNorm (exact strip-wise BN statistics are a separate feature)."""
-        from .strips import bn_refusal
-
         for n, op in self.ops.items():
             m = op.module
             if isinstance(m, nn.BatchNorm2d) and (m.training or not m.track_running_stats):
@@ -101,7 +99,7 @@ class RowSegment:
                 count = min(count, max_strips(self.rowgraph, self.source, self.out, self.policy))
                 bounds = default_bounds(self.rowgraph, self.source, self.out, self.policy, count)
             hit = (strip_schedule(self.rowgraph, self.source, self.nodes, bounds, self.policy), heights)
-            self._sched = {in_h: hit}
+            self._sched[in_h] = hit
         sched, heights = hit
         for op in self.ops.values():
             op.in_heights = [heights[u] for u in op.inputs]
@@ -127,7 +125,8 @@ class RowSegment:
             op = self.ops[n]
             if r.hi > r.start:
                 new = op([bands[u] for u in op.inputs], r.start, r.hi)
-                self.rows_computed[n] = self.rows_computed.get(n, 0) + (r.hi - r.start)
+                if forward:
+                    self.rows_computed[n] = self.rows_computed.get(n, 0) + (r.hi - r.start)
             else:
                 ref = bands[op.inputs[0]].t
                 new = ref.new_empty((ref.shape[0], 0, 0, 0))

@@ -46,43 +46,32 @@ def _model(name, dtype, bn="eval", seed=0, **kw):
 
 # -- VGG-16 ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def vgg16_224():
+# VGG-16 in float64 is 1.1 GB of parameters per copy: each test builds its reference and frees it
+# (module-scoped fixtures would keep several alive at once on a 24 GB machine).
+
+def test_vgg16_224_whole_trunk():
     m = _model("vgg16", torch.float64, num_classes=10)
-    return Reference(m, *_data(1, 224, 224, torch.float64, 10))
+    ref = Reference(m, *_data(1, 224, 224, torch.float64, 10))
+    ref.check([seg_rows("features", "features", "2ps", 7)])
+    ref.check([seg_rows("features", "features", "overl", 3)])
 
 
-@pytest.mark.parametrize("policy,strips", [("2ps", 7), ("overl", 3)])
-def test_vgg16_224_whole_trunk(vgg16_224, policy, strips):
-    vgg16_224.check([seg_rows("features", "features", policy, strips)])
-
-
-@pytest.fixture(scope="module")
-def vgg16_odd():
+def test_vgg16_odd_size_mixed_plans_and_max_strips():
     m = _model("vgg16", torch.float64, num_classes=10)
-    return Reference(m, *_data(3, 200, 232, torch.float64, 10), steps=1)
-
-
-def test_vgg16_odd_mixed_plan(vgg16_odd):
-    # rows through the first two stages with many strips, rows (other policy) through stage 3-4,
-    # checkpoint for the last stage: the paper's -H hybrid.
-    g = vgg16_odd.graph
-    stage2_end = [n.name for n in g.nodes if n.op == "maxpool2d"][1]
-    stage4_end = [n.name for n in g.nodes if n.op == "maxpool2d"][3]
-    vgg16_odd.check([
-        Segment("features_0", stage2_end, "rows", policy="2ps", strips=16),
-        Segment(g.nodes[g.index(stage2_end) + 1].name, stage4_end, "rows", policy="overl", strips=3),
-        Segment(g.nodes[g.index(stage4_end) + 1].name, "features_30", "checkpoint"),
+    ref = Reference(m, *_data(3, 200, 232, torch.float64, 10))
+    g = ref.graph
+    pools = [n.name for n in g.nodes if n.op == "maxpool2d"]
+    after = lambda name: g.nodes[g.index(name) + 1].name  # noqa: E731
+    # rows through the first two stages with many strips, rows (other policy) through stages 3-4,
+    # checkpoint for the last stage: the paper's -H hybrid
+    ref.check([
+        Segment("features_0", pools[1], "rows", policy="2ps", strips=16),
+        Segment(after(pools[1]), pools[3], "rows", policy="overl", strips=3),
+        Segment(after(pools[3]), "features_30", "checkpoint"),
     ])
-
-
-def test_vgg16_odd_max_strips(vgg16_odd):
-    g = vgg16_odd.graph
-    stage2_end = [n.name for n in g.nodes if n.op == "maxpool2d"][1]
-    rows = g[stage2_end].height  # one output row per strip
-    vgg16_odd.check([Segment("features_0", stage2_end, "rows", policy="overl", strips=rows),
-                     Segment(g.nodes[g.index(stage2_end) + 1].name, "features_30", "rows", policy="2ps",
-                             strips=g["features_30"].height)])
+    # the maximum strip counts: one output row per OverL strip, one input row per 2PS strip
+    ref.check([Segment("features_0", pools[1], "rows", policy="overl", strips=g[pools[1]].height),
+               Segment(after(pools[1]), "features_30", "rows", policy="2ps", strips=g[pools[1]].height)])
 
 
 @pytest.mark.parametrize("dtype,steps", [(torch.float64, 3), (torch.float32, 1)])
