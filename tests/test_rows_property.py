@@ -90,15 +90,6 @@ def case(draw):
     return layers, (n, 3, h, w), policy, frac, seed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: OpenMP start-up costs more than the arithmetic on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case())
 def test_random_trunks_exact(c):
@@ -111,6 +102,8 @@ def test_random_trunks_exact(c):
     except RuntimeError:
         assume(False)  # geometry too small for this input
     assume(out.numel() > 0 and out.shape[2] >= 1)
+    # a dilated max-pool window may hold only padding (torch then outputs -inf): nothing to compare
+    assume(bool(torch.isfinite(model(torch.randn(shape, dtype=torch.float64))).all()))
     graph = capture(model, shape, torch.float64)
     note(str([(n.name, n.shape, n.geom) for n in graph.nodes]))
     names = [n.name for n in graph.nodes if n.kind not in ("input", "output")]
