@@ -92,3 +92,30 @@ class Reference:
 
 def seg_rows(first: str, last: str, policy: str, strips: int) -> Segment:
     return Segment(first, last, "rows", policy=policy, strips=strips)
+
+
+def check_float32_vs_truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           segments: Sequence[Segment], factor: float = 2.0) -> Dict[str, float]:
+    """float32 exactness where plain float32 itself is not exact to 1e-5.
+
+    Some gradients are sums with heavy cancellation (BN biases of a batch-1 ResNet): plain float32
+    PyTorch differs from float64 there by ~1e-2, and oneDNN from native convolution by as much, so
+    no reordering can match it to 1e-5.  Then the honest test is against the float64 truth: every
+    quantity of the planned float32 step is within ``factor`` x plain float32's own error (or 1e-5).
+    """
+    truth, _ = train_steps(copy.deepcopy(model).double(), x.double(), y, 1)
+    plain, _ = train_steps(copy.deepcopy(model), x, y, 1)
+    graph = capture(model, tuple(x.shape), x.dtype)
+    pm = apply_plan(copy.deepcopy(model), Plan.build(graph, segments), graph)
+    ours, _ = train_steps(pm, x, y, 1)
+    t, p, o = truth[0], plain[0], ours[0]
+    pairs = [("out", o["out"], p["out"], t["out"]), ("loss", o["loss"], p["loss"], t["loss"]),
+             ("xgrad", o["xgrad"], p["xgrad"], t["xgrad"])]
+    pairs += [(f"grad:{k}", o["grads"][k], p["grads"][k], t["grads"][k]) for k in t["grads"]]
+    report = {}
+    for name, a, b, ref in pairs:
+        e_ours, e_plain = rel(a, ref), rel(b, ref)
+        report[name] = e_ours
+        assert e_ours <= max(TOL[torch.float32], factor * e_plain), \
+            f"{name}: float32 error vs float64 {e_ours:.3e}, plain float32's {e_plain:.3e}"
+    return report

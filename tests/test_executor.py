@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exactness import Reference, seg_rows
+from exactness import Reference, check_float32_vs_truth, seg_rows
 from models import get_model
 from planner import Segment, PlanError
 from executor import apply_plan, RowSegmentError
@@ -126,13 +126,14 @@ def test_resnet50_store_recompute_and_checkpoint(resnet50_small):
 
 
 def test_resnet50_float32_batch1():
-    # One step: after one SGD step plain float32 itself differs from float64 (and oneDNN from
-    # native convolution) by >100% in the gradients of this batch-1 net, so a float32 trajectory
-    # comparison would test the conditioning, not the executor.  float64 covers 3 steps above.
+    # Plain float32 is itself ~2e-2 away from float64 on the BN biases of this batch-1 net (sums
+    # with heavy cancellation; oneDNN vs native convolution differ as much), so float32 is judged
+    # against the float64 truth: no worse than 2x plain float32's own error, else <= 1e-5.  The
+    # 3-step trajectory is compared in float64 above.
     m = _model("resnet50", torch.float32, num_classes=10)
-    ref = Reference(m, *_data(1, 160, 208, torch.float32, 10), steps=1)
-    ref.check([seg_rows("conv1", "layer4", "2ps", 3)])
-    ref.check([seg_rows("conv1", "layer2", "overl", 7), seg_rows("layer3", "layer4", "2ps", 2)])
+    x, y = _data(1, 160, 208, torch.float32, 10)
+    check_float32_vs_truth(m, x, y, [seg_rows("conv1", "layer4", "2ps", 3)])
+    check_float32_vs_truth(m, x, y, [seg_rows("conv1", "layer2", "overl", 7), seg_rows("layer3", "layer4", "2ps", 2)])
 
 
 # -- MobileNetV2 (eval BN, depthwise, ReLU6) ---------------------------------------------------
