@@ -186,17 +186,10 @@ class LayerGraph:
 
 # ------------------------------------------------------------------------------------------------
 
-class _LeafTracer(fx.Tracer):
-    """Treat torchvision's building blocks transparently but keep stock nn layers as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname)
-
-
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` (stock nn layers stay leaf modules)."""
     try:
-        tracer = _LeafTracer()
+        tracer = fx.Tracer()  # stock nn layers stay leaf modules
         graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many types
         raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
