@@ -12,10 +12,8 @@ Its forward walks the model's fx graph; plan segments replace runs of nodes:
 """
 from __future__ import annotations
 
-import copy
-import operator
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.fx as fx
@@ -24,22 +22,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 
 from models import ops as _ops
+from models.ops import out_of_place_call, out_of_place_module
 from models.capture import capture, trace
 from planner.plan import Plan, PlanError
 from .rows import RowSegment, run_rows
 from .state import StateSlots
-from .strips import RowSegmentError
 
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
-
-
-def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
 
 
 class _NodeRunner:
@@ -65,12 +56,7 @@ class _NodeRunner:
         if n.op == "call_function":
             target = n.target
             if mode != "plain":
-                if target is operator.iadd:
-                    target = operator.add
-                elif target in (F.relu_, torch.relu_):
-                    target = torch.relu
-                if "inplace" in kwargs:
-                    kwargs = dict(kwargs, inplace=False)
+                target, kwargs = out_of_place_call(target, kwargs)
             return target(*args, **kwargs)
         if n.op == "call_method":
             return getattr(args[0], n.target)(*args[1:], **kwargs)
@@ -95,11 +81,8 @@ class _NodeRunner:
                         rv = None if m.running_var is None else m.running_var.clone()
                         return F.batch_norm(x, rm, rv, m.weight, m.bias, True, 0.0, m.eps)
                     return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-            elif getattr(mod, "inplace", False):
-                f = copy.copy(mod)
-                f.inplace = False
             else:
-                f = mod
+                f = out_of_place_module(mod)
             self._cache[key] = f
         return f
 

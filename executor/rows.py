@@ -18,7 +18,7 @@ so one ``loss.backward()`` drives everything, parameter gradients arrive through
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx

@@ -7,10 +7,8 @@ pad with the op's own pad value only at the true top/bottom of the map, and run 
 """
 from __future__ import annotations
 
-import copy
-import operator
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -18,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ops as _ops
+from models.ops import out_of_place_call, out_of_place_module, pair
 from models.geometry import HGeom, input_rows
 
 
@@ -42,10 +41,6 @@ class Band:
         return self.t[:, :, lo - self.start: hi - self.start]
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _pad_rows(x: torch.Tensor, top: int, bottom: int, value: float) -> torch.Tensor:
     if top == 0 and bottom == 0:
         return x
@@ -54,7 +49,7 @@ def _pad_rows(x: torch.Tensor, top: int, bottom: int, value: float) -> torch.Ten
 
 def _avgpool_row_scale(m: nn.AvgPool2d, lo: int, hi: int, in_h: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     """Per-output-row factor turning a strip average (divisor k_h) into PyTorch's full-map average."""
-    k, s, p = _pair(m.kernel_size)[0], _pair(m.stride or m.kernel_size)[0], _pair(m.padding)[0]
+    k, s, p = pair(m.kernel_size)[0], pair(m.stride or m.kernel_size)[0], pair(m.padding)[0]
     factors = []
     for r in range(lo, hi):
         h0 = r * s - p
@@ -89,20 +84,10 @@ class StripOp:
         if self.node.op == "call_module":
             if isinstance(m, nn.Identity):
                 return lambda bands, lo, hi: bands[0].rows(lo, hi)
-            mod = m
-            if getattr(m, "inplace", False):
-                mod = copy.copy(m)
-                mod.inplace = False
+            mod = out_of_place_module(m)
             return lambda bands, lo, hi: mod(bands[0].rows(lo, hi))
         # call_function: pointwise or join; substitute row slices for node arguments
-        target = self.node.target
-        if target is operator.iadd:
-            target = operator.add
-        elif target in (F.relu_, torch.relu_):
-            target = torch.relu
-        kwargs = dict(self.node.kwargs)
-        if "inplace" in kwargs:
-            kwargs["inplace"] = False
+        target, kwargs = out_of_place_call(self.node.target, dict(self.node.kwargs))
         index = {name: i for i, name in enumerate(self.inputs)}
 
         def call(bands, lo, hi):
@@ -118,23 +103,21 @@ class StripOp:
         ir = input_rows(g, lo, hi, self.in_heights[0])
         x = _pad_rows(bands[0].rows(ir.lo, ir.hi), ir.pad_top, ir.pad_bottom, g.pad_value)
         if isinstance(m, nn.Conv2d):
-            return F.conv2d(x, m.weight, m.bias, _pair(m.stride), (0, _pair(m.padding)[1]),
-                            _pair(m.dilation), m.groups)
+            return F.conv2d(x, m.weight, m.bias, pair(m.stride), (0, pair(m.padding)[1]),
+                            pair(m.dilation), m.groups)
         if isinstance(m, nn.MaxPool2d):
-            return F.max_pool2d(x, _pair(m.kernel_size), _pair(m.stride or m.kernel_size),
-                                (0, _pair(m.padding)[1]), _pair(m.dilation), ceil_mode=m.ceil_mode)
+            return F.max_pool2d(x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
+                                (0, pair(m.padding)[1]), pair(m.dilation), ceil_mode=m.ceil_mode)
         if isinstance(m, nn.AvgPool2d):
-            y = F.avg_pool2d(x, _pair(m.kernel_size), _pair(m.stride or m.kernel_size),
-                             (0, _pair(m.padding)[1]), ceil_mode=m.ceil_mode,
+            y = F.avg_pool2d(x, pair(m.kernel_size), pair(m.stride or m.kernel_size),
+                             (0, pair(m.padding)[1]), ceil_mode=m.ceil_mode,
                              count_include_pad=m.count_include_pad)
             scale = _avgpool_row_scale(m, lo, hi, self.in_heights[0], y)
             return y if scale is None else y * scale
         raise RowSegmentError(f"node {self.name}: spatial op {type(m).__name__} has no strip implementation")
 
     def _norm(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
-        m = self.module
-        if m.training or not m.track_running_stats:
-            raise RowSegmentError(bn_refusal(self.name, m))
+        m = self.module  # eval mode with running statistics: RowSegment.check_modes ensured it
         return F.batch_norm(bands[0].rows(lo, hi), m.running_mean, m.running_var, m.weight, m.bias,
                             False, 0.0, m.eps)
 

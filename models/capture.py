@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -111,7 +110,6 @@ class LayerGraph:
 
     def cut_points(self) -> List[str]:
         """Nodes after which exactly one tensor (that node's output) is live: legal segment ends."""
-        cons = self.consumers()
         last_use = {}
         for i, n in enumerate(self.nodes):
             for u in n.inputs:
@@ -315,11 +313,12 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         fake_log.setLevel(level)
 
     nodes: List[Node] = []
+    nodes_by: Dict[str, Node] = {}
     for n in gm.graph.nodes:
         rec = records.get(n.name, {})
         shape = tuple(rec.get("shape", ()))
         ins = _tensor_args(n)
-        in_shapes = [nodes_by[u].shape for u in ins if u in nodes_by] if nodes else []
+        in_shapes = [nodes_by[u].shape for u in ins if u in nodes_by]
         mod = None
         if n.op == "placeholder":
             info = _ops.OpInfo("input", _ops.INPUT, IDENTITY, True)
@@ -357,7 +356,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes),
         )
         nodes.append(node)
-        nodes_by = {x.name: x for x in nodes}
+        nodes_by[node.name] = node
 
     graph = LayerGraph(nodes, input_shape, _dtype_name(dtype), model_name or type(model).__name__,
                        training=model.training)

@@ -17,9 +17,8 @@ Conventions
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, asdict
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 Range = Tuple[int, int]
 
@@ -59,19 +58,6 @@ class HGeom:
     def window(self, a: int, b: int) -> Range:
         """Unclipped input rows read by output rows [a, b) (may extend past the map: padding)."""
         return a * self.stride - self.padding, (b - 1) * self.stride - self.padding + self.span
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if math.isinf(d["pad_value"]):
-            d["pad_value"] = "-inf" if d["pad_value"] < 0 else "inf"
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "HGeom":
-        d = dict(d)
-        if isinstance(d.get("pad_value"), str):
-            d["pad_value"] = float(d["pad_value"])
-        return cls(**d)
 
 
 IDENTITY = HGeom()

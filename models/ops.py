@@ -5,6 +5,7 @@ may contain and how each is evaluated on a band of rows).
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -51,29 +52,49 @@ class OpInfo:
     reason: str = ""     # why not rowwise, for error messages
 
 
-def _pair(v) -> tuple:
+def pair(v) -> tuple:
+    """(h, w) from an int or a pair (nn layers accept both)."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def out_of_place_module(m: nn.Module) -> nn.Module:
+    """``m``, or a shallow copy that does not overwrite its input (``inplace=False``)."""
+    if getattr(m, "inplace", False):
+        m = copy.copy(m)
+        m.inplace = False
+    return m
+
+
+def out_of_place_call(target: Any, kwargs: dict) -> tuple:
+    """(target, kwargs) of a call_function node, rewritten not to overwrite its inputs."""
+    if target is operator.iadd:
+        target = operator.add
+    elif target in (F.relu_, torch.relu_):
+        target = torch.relu
+    if kwargs.get("inplace"):
+        kwargs = dict(kwargs, inplace=False)
+    return target, kwargs
 
 
 def _conv_info(m: nn.Conv2d) -> OpInfo:
     if isinstance(m.padding, str) or m.padding_mode != "zeros":
         return OpInfo("conv2d", SPATIAL, None, False,
                       f"padding={m.padding!r}, padding_mode={m.padding_mode!r} (row strips need numeric zero padding)")
-    k, s, p, d = _pair(m.kernel_size)[0], _pair(m.stride)[0], _pair(m.padding)[0], _pair(m.dilation)[0]
+    k, s, p, d = pair(m.kernel_size)[0], pair(m.stride)[0], pair(m.padding)[0], pair(m.dilation)[0]
     return OpInfo("conv2d", SPATIAL, HGeom(k, s, p, d, False, 0.0), True)
 
 
 def _maxpool_info(m: nn.MaxPool2d) -> OpInfo:
     if m.return_indices:
         return OpInfo("maxpool2d", SPATIAL, None, False, "return_indices=True")
-    k, s, p, d = _pair(m.kernel_size)[0], _pair(m.stride or m.kernel_size)[0], _pair(m.padding)[0], _pair(m.dilation)[0]
+    k, s, p, d = pair(m.kernel_size)[0], pair(m.stride or m.kernel_size)[0], pair(m.padding)[0], pair(m.dilation)[0]
     return OpInfo("maxpool2d", SPATIAL, HGeom(k, s, p, d, bool(m.ceil_mode), -math.inf), True)
 
 
 def _avgpool_info(m: nn.AvgPool2d) -> OpInfo:
     if m.divisor_override is not None:
         return OpInfo("avgpool2d", SPATIAL, None, False, "divisor_override is set")
-    k, s, p = _pair(m.kernel_size)[0], _pair(m.stride or m.kernel_size)[0], _pair(m.padding)[0]
+    k, s, p = pair(m.kernel_size)[0], pair(m.stride or m.kernel_size)[0], pair(m.padding)[0]
     return OpInfo("avgpool2d", SPATIAL, HGeom(k, s, p, 1, bool(m.ceil_mode), 0.0), True)
 
 
@@ -138,7 +159,7 @@ def flops(op: str, module: Optional[nn.Module], in_shapes: list, out_shape: tupl
     """(forward, backward) floating point operations of one op (multiply-add = 2)."""
     out_numel = math.prod(out_shape) if out_shape else 0
     if op == "conv2d" and module is not None:
-        kh, kw = _pair(module.kernel_size)
+        kh, kw = pair(module.kernel_size)
         cin = module.in_channels // module.groups
         fwd = 2 * out_numel * cin * kh * kw + (out_numel if module.bias is not None else 0)
         return fwd, 2 * fwd
@@ -146,7 +167,7 @@ def flops(op: str, module: Optional[nn.Module], in_shapes: list, out_shape: tupl
         fwd = 2 * out_numel * module.in_features + (out_numel if module.bias is not None else 0)
         return fwd, 2 * fwd
     if op in ("maxpool2d", "avgpool2d") and module is not None:
-        kh, kw = _pair(module.kernel_size)
+        kh, kw = pair(module.kernel_size)
         return out_numel * kh * kw, out_numel * kh * kw
     if op == "batchnorm2d":
         return 4 * out_numel, 8 * out_numel
