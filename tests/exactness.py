@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import gc
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn

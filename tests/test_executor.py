@@ -11,7 +11,7 @@ import torch
 from exactness import Reference, check_float32_vs_truth, seg_rows
 from models import get_model
 from planner import Segment, PlanError
-from executor import apply_plan, RowSegmentError
+from executor import RowSegmentError
 
 POLICIES = ["2ps", "overl"]
 

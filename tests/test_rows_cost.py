@@ -3,7 +3,6 @@ full-size peak memory from the fake-tensor simulator (same executor code, no rea
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn as nn
 
 from bench.memory_rows import conv_flops, resnet50_plan, vgg16_plan
