@@ -38,7 +38,7 @@ import gc
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -88,9 +88,21 @@ class MemoryReport:
         """Peak of all counted bytes, the pre-existing ones (``baseline_bytes``) included."""
         return self.baseline_bytes + self.peak_bytes
 
-    def absolute_phase_peaks(self) -> Dict[str, int]:
-        """:meth:`phase_peaks` plus ``baseline_bytes``: what was live in all, per phase."""
-        return {k: v + self.baseline_bytes for k, v in self.phase_peaks().items()}
+    def absolute_phase_peaks(self, phases: Sequence[str] = ("forward", "backward", "optimizer")) -> Dict[str, int]:
+        """Absolute peak (``baseline_bytes`` included) per phase of a step.
+
+        Every timeline interval belongs to the first of ``phases`` marked at or after it (marks
+        made inside a phase, e.g. per strip, refine it without splitting it); intervals after the
+        last phase mark are ``'end'``.
+        """
+        out: Dict[str, int] = {}
+        pending = 0
+        for label, _, peak in self.timeline:
+            pending = max(pending, peak)
+            if label in phases or label == "end":
+                out[label] = max(out.get(label, 0), pending + self.baseline_bytes)
+                pending = 0
+        return out
 
 
 class _Meter:
