@@ -36,7 +36,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from models import ops as _ops
 from models.geometry import default_bounds, max_strips, strip_schedule
@@ -179,9 +179,11 @@ class CostModel:
         for n in nodes:
             self._owner[n.name] = self._owner.get(n.inputs[0], n.inputs[0]) if (n.alias and n.inputs) else n.name
         self._saved_owner: set = set()
+        self._saved_oop: set = set()  # saved values when every op runs out of place (strips)
         for n in nodes:
             for p in n.saves:
                 self._saved_owner.add(self._owner.get(p, p))
+                self._saved_oop.add(n.name if (n.alias and self._owner[n.name] == p) else p)
 
     # -- fixed memory ---------------------------------------------------------------------------
     def _round(self, b: float) -> int:
@@ -243,17 +245,20 @@ class CostModel:
     def _grads(self, nodes) -> int:
         return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
 
-    def _walk(self, nodes, scale: Dict[str, float], store: bool) -> Tuple[int, int]:
+    def _walk(self, nodes, scale: Dict[str, float], store: bool,
+              sizes: Optional[Dict[str, Tuple[int, int]]] = None) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
         that autograd saves stay live; otherwise everything but the segment output is freed after
-        its last use.  ``scale``: fraction of each node's rows computed.
+        its last use.  ``scale``: fraction of each node's rows computed.  ``sizes``: per node
+        (output bytes, bytes of a helper copy made at that node and kept with it), for strips,
+        where pointwise ops run out of place, border strips pad a copy of a spatial op's input
+        and 2PS concatenates carried rows with new ones.
         """
         names = [n.name for n in nodes]
-        inside = set(names)
         last = names[-1]
-        owner = self._owner
+        owner = self._owner if sizes is None else {n: n for n in names}
         last_use: Dict[str, int] = {}
         for i, n in enumerate(nodes):
             for u in n.inputs:
@@ -261,23 +266,23 @@ class CostModel:
             last_use[owner[n.name]] = max(last_use.get(owner[n.name], -1), i)
         live, peak = 0, 0
         size: Dict[str, int] = {}
-        kept_extra = 0
         for i, n in enumerate(nodes):
             f = scale.get(n.name, 1.0)
             o = owner[n.name]
-            new = self._out(n, f)
-            peak = max(peak, live + new + self._round(n.fwd_work * f))
-            if new:
-                size[o] = size.get(o, 0) + new
-                live += new
+            if sizes is None:
+                new, extra = self._out(n, f), 0
+            else:
+                new, extra = sizes[n.name]
+            peak = max(peak, live + new + extra + self._round(n.fwd_work * f))
+            if new or extra:
+                size[o] = size.get(o, 0) + new + extra
+                live += new + extra
             if store and n.extra_saved:
-                e = self._round(n.extra_saved * f)
-                kept_extra += e
-                live += e
+                live += self._round(n.extra_saved * f)
             for key in {owner.get(u, u) for u in n.inputs} | {o}:
                 if key not in size or last_use.get(key) != i or key == owner[last]:
                     continue
-                if store and key in self._saved_owner:
+                if store and key in (self._saved_owner if sizes is None else self._saved_oop):
                     continue
                 live -= size.pop(key)
         return peak, live
@@ -377,8 +382,9 @@ class CostModel:
         for i, strip in enumerate(sched.rows):
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
+            sizes = self._strip_sizes(g, by, strip, source)
             # forward (no grad): bands live until their last use; output rows copied into the map
-            pk, _ = self._walk(nodes, band, store=False)
+            pk, _ = self._walk(nodes, band, store=False, sizes=sizes)
             carry = 0
             if seg.policy == "2ps" and i + 1 < sched.strips:
                 nxt = sched.rows[i + 1]
@@ -387,7 +393,7 @@ class CostModel:
             fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
             carries_total += carry
             # backward: the strip's store-mode recompute, then its backward
-            rpk, rkeep = self._walk(nodes, band, store=True)
+            rpk, rkeep = self._walk(nodes, band, store=True, sizes=sizes)
             bpk, _ = self._store_backward(nodes, band)
             strip_bwd = max(strip_bwd, rpk, rkeep + bpk)
             fwd_s += sum(self._time(by[n], comp[n]) for n in names)
@@ -403,6 +409,27 @@ class CostModel:
         return SegmentCost(keep=keep, fwd_peak=fwd_peak, bwd_peak=bwd_peak, grad_bytes=grads,
                            fwd_s=fwd_s + p.launch_s * sched.strips, bwd_s=bwd_s + p.launch_s * sched.strips,
                            detail={"strips": sched.strips, "carries": carries_total})
+
+    def _strip_sizes(self, g, by, strip, source) -> Dict[str, Tuple[int, int]]:
+        """Per node of a strip: (bytes of the rows it computes, bytes of its helper copy)."""
+        from models.geometry import input_rows
+
+        out: Dict[str, Tuple[int, int]] = {}
+        for name, n in by.items():
+            r = strip[name]
+            row = n.out_bytes / max(1, n.height)
+            new = self._round(row * r.computed) if r.computed else 0
+            extra = 0
+            c0, c1 = r.carried
+            if c1 > c0 and r.computed:  # 2PS: carried rows concatenated with the new ones
+                extra += self._round(row * (r.hi - c0))
+            if n.kind == _ops.SPATIAL and n.geom is not None and r.computed:
+                u = g[n.inputs[0]]
+                ir = input_rows(n.geom, r.start, r.hi, u.height)
+                if ir.pad_top or ir.pad_bottom:  # border strip: the op reads a padded copy
+                    extra += self._round(u.out_bytes / max(1, u.height) * (ir.hi - ir.lo + ir.pad_top + ir.pad_bottom))
+            out[name] = (new, extra)
+        return out
 
     # -- composition ------------------------------------------------------------------------------
     def compose(self, costs: Sequence[SegmentCost]) -> Dict[str, float]:
