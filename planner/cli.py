@@ -340,6 +340,75 @@ def cmd_check_plan(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# planner calibrate / planner simulate
+# ------------------------------------------------------------------------------------------------
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="measure this machine and write a device profile for the cost model",
+        description="Time convolutions (FLOP/s), large element-wise ops (bandwidth) and tiny ops "
+                    "(per-call cost) on the device and save a profile JSON that '--device-profile FILE' uses.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to measure (default cpu)")
+    p.add_argument("--dtype", action="append", choices=DTYPES, default=None,
+                   help="data type(s) to time convolutions in (repeatable; default float32)")
+    p.add_argument("--quick", action="store_true", help="smaller, fewer measurements (seconds)")
+    p.add_argument("-o", "--output", default="profile.json", metavar="FILE",
+                   help="where to write the profile (default profile.json)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from planner.calibrate import calibrate, save_profile
+
+    _check_writable(args.output)
+    prof = calibrate(args.device, tuple(args.dtype or ("float32",)), args.quick,
+                     progress=lambda s: print(f"calibrate: {s} ...", file=sys.stderr))
+    save_profile(prof, args.output)
+    rates = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in prof.flops.items())
+    print(f"wrote {args.output}: {prof.name}: {rates}, bandwidth {prof.bandwidth / 1e9:.1f} GB/s, "
+          f"{prof.launch_s * 1e6:.1f} us per op")
+    return EXIT_OK
+
+
+def _check_writable(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise ValueError(f"cannot write {path!r}: directory {d!r} does not exist or is not writable; "
+                         f"choose another output path")
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="predicted vs simulated peak memory of a plan (fake tensors, any size)",
+        description="Run one training step of the plan's model with the plan applied under "
+                    "FakeTensorMode (no real memory, full size in seconds) and print the cost model's "
+                    "predicted peak per phase next to the simulated one.")
+    p.add_argument("plan", metavar="PLAN.json", help="plan file")
+    p.add_argument("--device-profile", default="cpu", metavar="NAME|FILE",
+                   help="device profile for the prediction (default cpu; see 'planner calibrate')")
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default=None,
+                   help="optimizer (default: the plan's training.optimizer)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args) -> int:
+    from planner.simulate import simulate_plan
+
+    if args.csv:
+        _check_writable(args.csv)
+    df, info = simulate_plan(args.plan, args.device_profile, args.optimizer)
+    rows = [[r.phase, _mib(r.predicted_bytes), _mib(r.simulated_bytes), f"{r.error_pct:+.2f}%"]
+            for r in df.itertuples()]
+    print(f"{info['model']} {info['shape']} {info['dtype']}, optimizer {info['optimizer']}, "
+          f"profile {info['profile']}: simulated in {info['sim_s']:.1f} s")
+    print(format_table(["phase", "predicted MiB", "simulated MiB", "error"], rows, "lrrr"))
+    if args.csv:
+        write_csv_atomic(df, args.csv)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
 # Parser and entry point
 # ------------------------------------------------------------------------------------------------
 
@@ -352,7 +421,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Functions that add one subcommand each; later issues append theirs.
-SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan]
+SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_calibrate, _add_simulate]
 
 
 def build_parser() -> argparse.ArgumentParser:
