@@ -387,6 +387,11 @@ def _check_out(path: Optional[str]) -> None:
         raise RunError(f"--out {path!r}: folder {folder!r} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK):
         raise RunError(f"--out {path!r}: folder {folder!r} is not writable; choose another path")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise RunError(f"--out {path!r}: writing Parquet needs pyarrow; install it or use a .csv name") from None
 
 
 def write_records(df, path: str) -> None:

@@ -175,7 +175,9 @@ def test_optimizers(tiny_plan):
 
 def test_predicted_for_prefers_the_plan(tiny_plan):
     plan = Plan.load(str(tiny_plan))
-    assert runmod.predicted_for(plan, None) in ({},) or isinstance(runmod.predicted_for(plan, None), dict)
+    import importlib.util
+    if importlib.util.find_spec("planner.cost") is None:  # no cost model yet: nothing, not a guess
+        assert runmod.predicted_for(plan, None) == {}
     plan.predicted = {"peak_bytes": 5}
     assert runmod.predicted_for(plan, None) == {"peak_bytes": 5}
 
