@@ -29,10 +29,9 @@ def make_plan(path, name="tiny_resnet", shape=(2, 3, 32, 32), dtype="float32", b
     m = get_model(name, device="meta")
     m.train()
     g = capture(m, shape, getattr(torch, dtype), model_name=name)
-    last = "layer1" if name.startswith("resnet") else "layer1"
-    segs = [Segment("conv1", last, "rows", policy="2ps", strips=4),
-            Segment("layer3" if name.startswith("resnet") else "layer2",
-                    "layer4" if name.startswith("resnet") else "layer2", "checkpoint")]
+    resnet = name.startswith("resnet")  # resnet18: layer1..layer4; tiny_resnet: layer1, layer2
+    segs = [Segment("conv1", "layer1", "rows", policy="2ps", strips=4),
+            Segment("layer3" if resnet else "layer2", "layer4" if resnet else "layer2", "checkpoint")]
     plan = Plan.build(g, segs, training=dict(training), budget_bytes=budget)
     if predicted is not None:
         plan.predicted = predicted
