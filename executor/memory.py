@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryReport", "StorageTracker", "measure_step", "mark", "fake_mode", "fake_state"]
+__all__ = ["MemoryReport", "StorageTracker", "measure_step", "mark", "measuring", "fake_mode", "fake_state"]
 
 Entry = Tuple[str, int, int]  # (label, live bytes, peak bytes since the previous mark)
 
@@ -272,6 +272,11 @@ class _CudaMeter(_Meter):
 
     def __exit__(self, *exc) -> None:
         self._stop()
+
+
+def measuring() -> bool:
+    """Whether a measurement is active (instrumented code may skip its bookkeeping otherwise)."""
+    return bool(_ACTIVE)
 
 
 def mark(label: str) -> None:

@@ -1,7 +1,9 @@
 """The ``planner`` command line: ``planner <verb> [options]``.
 
-Verbs so far: ``models`` (the model zoo), ``inspect`` (per-layer table of a captured model) and
-``check-plan`` (validate a plan JSON against its model).  Later verbs (solve, simulate, run,
+Verbs so far: ``models`` (the model zoo), ``inspect`` (per-layer table of a captured model),
+``check-plan`` (validate a plan JSON against its model), ``run`` (train with a plan, record
+predicted vs actual; :mod:`executor.run`) and ``report`` (tables and plots of run records;
+:mod:`analysis`).  Later verbs (solve, simulate, run,
 report, bench, calibrate) plug into the same pattern:
 
 * write ``_add_<verb>(subparsers)`` that creates the subparser (``--help`` comes free) and sets
@@ -407,6 +409,81 @@ def cmd_simulate(args) -> int:
         write_csv_atomic(df, args.csv)
     return EXIT_OK
 
+# planner run / planner report (the work is in executor.run and analysis.report)
+# ------------------------------------------------------------------------------------------------
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number; give 0 or more") from None
+    if v < 0:
+        raise ValueError(f"{text!r} must be 0 or more")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; give a positive learning rate such as 0.01") from None
+    if not v > 0:
+        raise ValueError(f"{text!r} must be a positive number")
+    return v
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="train with a plan for real; record predicted vs actual memory and time",
+        description="Build the plan's model (random weights), apply the plan and run real training "
+                    "steps (cross-entropy, the plan's optimizer).  Records per step, phase and segment "
+                    "predicted and actual peak bytes and time.  Memory is measured on the first "
+                    "recorded step (absolute live bytes: parameters, optimizer state, batch, "
+                    "gradients, activations), time on the others.  Exit 1 when the measured peak "
+                    "exceeds the plan's budget or --check-grads finds a mismatch.")
+    p.add_argument("plan", metavar="PLAN.json", help="plan file (lrcnn.plan/1)")
+    p.add_argument("--steps", type=positive_int, default=20, metavar="N", help="recorded steps (default 20)")
+    p.add_argument("--warmup", type=_argtype(_nonneg_int), default=2, metavar="N",
+                   help="unrecorded steps first (default 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda, cpu or auto (cuda when available; default)")
+    p.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
+                   help="'synthetic' (random tensors, default) or an ImageFolder root (one folder per class)")
+    p.add_argument("--lr", type=_argtype(_positive_float), default=None, metavar="LR",
+                   help="learning rate (default: the plan's training.lr, else 0.01 for sgd/momentum, "
+                        "1e-3 for adam/adamw)")
+    p.add_argument("--check-grads", action="store_true",
+                   help="first compare one step's loss and gradients with the plain model (exit 1 on mismatch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    p.add_argument("--out", default=None, metavar="RECORDS.parquet",
+                   help="write the records (.parquet, or .csv by the name's extension)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from executor.run import run_command
+
+    return run_command(args)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="tables and plots of predicted vs actual from 'planner run' records",
+        description="Load records of one or more runs and print per-run, per-phase and per-segment "
+                    "predicted vs actual peak memory and time with absolute and relative errors.")
+    p.add_argument("records", nargs="+", metavar="RECORDS", help="records files (.parquet or .csv)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write the comparison table as CSV")
+    p.add_argument("--png", default=None, metavar="FILE",
+                   help="draw the memory timeline and per-segment peaks (matplotlib PNG)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from analysis.report import report_command
+
+    return report_command(args)
+
 
 # ------------------------------------------------------------------------------------------------
 # Parser and entry point
@@ -421,7 +498,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Functions that add one subcommand each; later issues append theirs.
-SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_calibrate, _add_simulate]
+SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_calibrate, _add_simulate,
+                                _add_run, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
