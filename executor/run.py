@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import memory
+from .measure import make_optimizer as _make_optimizer
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
@@ -136,7 +137,7 @@ def build_model(plan, seed: int = 0):
     """The plan's model with random weights (``seed``), BN mode from ``plan.training['bn']``
     (``eval``: BatchNorm layers in eval mode, the rest training), and its capture at the plan's
     input shape and dtype, checked against the plan (fingerprint, segments)."""
-    from models import capture, get_model
+    from models import capture, get_model, set_bn_mode
     from planner.cli import quiet_torch_logs
     from planner.plan import PlanError
 
@@ -148,11 +149,7 @@ def build_model(plan, seed: int = 0):
     dtype = getattr(torch, plan.dtype)
     torch.manual_seed(seed)
     model = get_model(plan.model, num_classes=plan.training.get("num_classes")).to(dtype)
-    model.train()
-    if bn == "eval":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    set_bn_mode(model, bn)
     with quiet_torch_logs():
         graph = capture(model, tuple(plan.input_shape), dtype, model_name=plan.model)
     plan.validate(graph)
@@ -168,14 +165,7 @@ def make_optimizer(plan, params, lr: Optional[float] = None):
                        f"edit the plan or re-create it")
     lr = float(lr if lr is not None else t.get("lr", DEFAULT_LR[name]))
     wd = float(t.get("weight_decay", 0.01 if name == "adamw" else 0.0))
-    params = list(params)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd), name, lr
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=float(t.get("momentum", 0.9)), weight_decay=wd), name, lr
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd), name, lr
-    return torch.optim.AdamW(params, lr=lr, weight_decay=wd), name, lr
+    return _make_optimizer(params, name, lr, float(t.get("momentum", 0.9)), wd), name, lr
 
 
 def _synthetic(plan, num_classes: int, seed: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

@@ -172,16 +172,17 @@ def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int
     """Build a zoo model and capture it.  Returns ``(model, graph)``.
 
     The model lives on the meta device unless ``weights`` is given (then on the CPU, with the
-    state dict loaded and checked).  ``bn`` puts the model in ``train()`` or ``eval()`` mode first.
+    state dict loaded and checked).  The model is in training mode with BatchNorm in ``bn`` mode
+    (:func:`models.set_bn_mode`).
     """
-    from models import capture, default_resolution, get_model
+    from models import capture, default_resolution, get_model, set_bn_mode
 
     if bn not in BN_MODES:
         raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
     tdtype = parse_dtype(dtype)
     model = get_model(name, num_classes=num_classes, weights=weights,
                       device=None if weights is not None else "meta")
-    model.train(bn == "train")
+    set_bn_mode(model, bn)
     if resolution is None:
         r = default_resolution(name)
         resolution = (r, r)
