@@ -243,7 +243,10 @@ class PlannedModule(nn.Module):
             for a in n.all_input_nodes:
                 last[a.name] = k
         for k, n in enumerate(nodes):
-            env[n.name] = self._runner.run(n, env, mode)
+            # never overwrite the segment input: a checkpoint saved it (e.g. a segment that
+            # starts with an in-place ReLU)
+            m = "noinplace" if mode == "plain" and any(a.name == src for a in n.all_input_nodes) else mode
+            env[n.name] = self._runner.run(n, env, m)
             for a in n.all_input_nodes:
                 if last.get(a.name) == k:
                     env.pop(a.name, None)

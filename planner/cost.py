@@ -216,7 +216,9 @@ class CostModel:
         """Transient bytes of ``optimizer.step()`` beyond the gradients and the state."""
         if self.optimizer in ("adam", "adamw"):
             biggest = max((n.param_bytes for n in self.graph.nodes), default=0)
-            return self.param_bytes if self.profile.kind == "cuda" else biggest
+            # foreach (CUDA): one params-sized list for the denominators; single-tensor loop
+            # (CPU): sqrt() and its division alive together for the largest parameter
+            return self.param_bytes if self.profile.kind == "cuda" else 2 * biggest
         return 0
 
     def _last_model_node(self):
