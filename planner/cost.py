@@ -77,6 +77,9 @@ class DeviceProfile:
     workspace: int = 0
     kind: str = "cuda"
     measured: bool = False
+    # measured per op class ('conv', 'map') and direction ('fwd', 'bwd'): [s per call, s per
+    # FLOP, s per byte] (``planner calibrate``); when present they replace the roofline
+    op_costs: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
 
     def flops_for(self, dtype: str) -> float:
         return self.flops.get(dtype) or self.flops.get("float32") or next(iter(self.flops.values()))
@@ -302,11 +305,19 @@ class CostModel:
         return peak, run
 
     def _time(self, n, f: float = 1.0, backward: bool = False) -> float:
+        """Seconds for ``f`` of node ``n``'s rows, forward or backward."""
         p = self.profile
-        flops = (n.flops_bwd if backward else n.flops_fwd) * f
-        moved = (n.out_bytes * (3 if backward else 2)) * f + n.param_bytes * (2 if backward else 1)
-        if n.kind in (_ops.INPUT, _ops.OUTPUT):
+        if n.kind in (_ops.INPUT, _ops.OUTPUT) or (n.alias and not n.flops_fwd):
             return 0.0
+        flops = (n.flops_bwd if backward else n.flops_fwd) * f
+        ins = sum(self.graph[u].out_bytes for u in n.inputs)
+        moved = (n.out_bytes + ins) * f * (2 if backward else 1) + n.param_bytes * (2 if backward else 1)
+        cls = "conv" if n.op in ("conv2d", "linear") else "map"
+        fit = p.op_costs.get(cls, {}).get("bwd" if backward else "fwd")
+        if fit:
+            if cls == "map":  # map ops were fitted on elements, not FLOPs
+                flops = n.out_bytes / max(1, self._esize) * f * (2 if backward else 1)
+            return fit[0] + fit[1] * flops + fit[2] * moved
         t = max(flops / (p.flops_for(self.graph.dtype) * p.efficiency), moved / p.bandwidth)
         return t + p.launch_s * (2 if backward else 1)
 
