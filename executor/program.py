@@ -159,9 +159,6 @@ class PlannedModule(nn.Module):
                 last[name] = k
         object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_last", last)
-        for st in steps:
-            if st[0] == "rows" and self.training:
-                st[1].check_modes()
 
     @staticmethod
     def _step_inputs(st) -> List[str]:
