@@ -22,6 +22,15 @@ from models.geometry import RowGraph, HGeom, strip_schedule
 from planner import Plan, PlanError, Segment
 
 POLICIES = ["2ps", "overl"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny float64 convolutions: threads only add contention on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 STRATEGIES = ["sweeps", "layerwise"]
 
 
@@ -68,17 +77,17 @@ def _check(ref: Reference, segments, zero_grads=()):
 @pytest.fixture(scope="module")
 def resnet_ref():
     m = _train_model("tiny_resnet", torch.float64)
-    return Reference(m, *_data(2, 45, 21, torch.float64), steps=3)
+    return Reference(m, *_data(2, 45, 13, torch.float64), steps=3)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_tiny_resnet_train_bn(resnet_ref, policy):
     g = resnet_ref.graph
-    most = g[g.resolve("layer2", "last")].height if policy == "overl" else 11
+    most = g[g.resolve("layer2", "last")].height if policy == "overl" else 45  # the maxima
     errs = None
-    for strips in (1, 3, most):
+    for strips in (3, most):
         errs = _check(resnet_ref, [rows("conv1", "layer2", policy, strips)])
-    _check(resnet_ref, [rows("conv1", "layer2", policy, 4, "layerwise")])
+    _check(resnet_ref, [rows("conv1", "layer2", policy, 2, "layerwise")])
     # the comparison covers what the issue lists
     assert any(k.startswith("buffer:") and "running_var" in k for k in errs)
     assert any(k.startswith("grad:layer2.0.bn2.weight") for k in errs)
@@ -106,25 +115,24 @@ VGG_BIASES = ("features.0.bias", "features.3.bias", "features.7.bias", "features
 @pytest.mark.parametrize("policy", POLICIES)
 def test_tiny_vgg_bn_train(policy):
     m = _train_model("tiny_vgg_bn", torch.float64)
-    ref = Reference(m, *_data(3, 37, 29, torch.float64, seed=1), steps=3)
+    ref = Reference(m, *_data(2, 37, 17, torch.float64, seed=1), steps=3)
     rows_max = ref.graph["features_14"].height if policy == "overl" else 37
-    for strips in (2, 5, rows_max):
-        for strategy in STRATEGIES:
-            _check(ref, [rows("features", "features", policy, strips, strategy)], zero_grads=VGG_BIASES)
+    for strips in (3, rows_max):
+        _check(ref, [rows("features", "features", policy, strips)], zero_grads=VGG_BIASES)
+    _check(ref, [rows("features", "features", policy, 2, "layerwise")], zero_grads=VGG_BIASES)
 
 
 # -- momentum=None, track_running_stats=False -----------------------------------------------------
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_cumulative_average_momentum_none(policy):
+def test_cumulative_average_momentum_none():
     m = _train_model("tiny_resnet", torch.float64, momentum=None)
-    ref = Reference(m, *_data(2, 45, 33, torch.float64, seed=2), steps=3)
-    errs = _check(ref, [rows("conv1", "layer2", policy, 3)])
+    ref = Reference(m, *_data(2, 37, 15, torch.float64, seed=2), steps=3)
+    errs = _check(ref, [rows("conv1", "layer2", "2ps", 3)])
     assert errs["buffer:bn1.running_mean"] <= 1e-10
     nbt = ref.final["buffers"]["bn1.num_batches_tracked"]
     assert int(nbt) == 3  # and the planned run's equals it (Reference compares integer buffers exactly)
     # checkpoint segments too (plain torch.utils.checkpoint would update twice: pytorch #96136)
-    _check(ref, [Segment("conv1", "layer1", "checkpoint"), rows("layer2", "layer2", policy, 2)])
+    _check(ref, [Segment("conv1", "layer1", "checkpoint"), rows("layer2", "layer2", "overl", 2)])
 
 
 @pytest.mark.parametrize("train_bn", [True, False])
@@ -136,7 +144,7 @@ def test_no_running_stats_uses_batch_statistics(train_bn):
             mod.track_running_stats = False
             mod.running_mean = mod.running_var = mod.num_batches_tracked = None
             mod.train(train_bn)  # eval mode without running statistics: still batch statistics
-    ref = Reference(m, *_data(2, 41, 31, torch.float64, seed=3), steps=3)
+    ref = Reference(m, *_data(2, 41, 13, torch.float64, seed=3), steps=2)
     for policy in POLICIES:
         _check(ref, [rows("conv1", "layer2", policy, 4)])
 
@@ -156,7 +164,7 @@ def test_float32_one_step(policy):
 def test_resnet18_small():
     torch.manual_seed(0)
     m = get_model("resnet18", num_classes=10).double().train()
-    ref = Reference(m, *_data(2, 48, 40, torch.float64, seed=5), steps=2)
+    ref = Reference(m, *_data(2, 40, 32, torch.float64, seed=5), steps=1)
     _check(ref, [rows("conv1", "layer2", "2ps", 3), rows("layer3", "layer4", "overl", 2)])
 
 
