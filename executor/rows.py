@@ -12,6 +12,11 @@ with autograd and back-propagates the matching rows of the output gradient.
   backward (bottom to top) the gradient that lands on carried rows is handed to the strip above,
   which adds it to the rows it computed (the "gradient carry").
 
+Training-mode BatchNorm (batch statistics over N, H, W of the whole map) stays exact: the statistics
+are found before the strips run (strip sweeps, one per BN level, or one layer-wise pass:
+``options.bn``), and backward first runs one gradient sweep per BN level to find the two global
+per-channel sums BN's input gradient needs (see :class:`_BNStrip`, :meth:`RowSegment.bn_cost`).
+
 The segment is a ``torch.autograd.Function`` taking the segment input and the segment's parameters,
 so one ``loss.backward()`` drives everything, parameter gradients arrive through ordinary autograd
 (once per parameter: DDP-safe), and the user's optimizer keeps working.

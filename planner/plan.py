@@ -10,7 +10,10 @@ of nodes between two cut points (places where one tensor alone crosses) with a m
                  ``strips`` (a count, split evenly) or explicit ``bounds``.  OverL strips split the
                  segment's *output* rows (each strip recomputes its halo); 2PS strips split the
                  segment's *input* rows (each strip reads that band and every layer advances as
-                 far as it can, carrying the few rows the next strip shares).
+                 far as it can, carrying the few rows the next strip shares).  ``options.bn``:
+                 how training-mode BatchNorm statistics are found: ``"sweeps"`` (default; one
+                 strip pass per BN level) or ``"layerwise"`` (one full-map pass); see
+                 ``executor.rows.RowSegment.bn_cost`` for what each costs.
 
 Nodes not covered by any segment run as ``store``.  Hand-written plans are made with
 :meth:`Plan.build`::
