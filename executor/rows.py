@@ -349,10 +349,9 @@ class RowSegment:
                 known = {b for b, st in bn.items() if st.c1 is not None}
                 carry_nodes = {n for n in self.nodes if all(b in known for b in self._desc[n] if b in bn)}
                 sums = self._sweep(x, gy, carries, sched, False, [], bn, targets, carry_nodes, rows)[2]
-                for t in targets:
-                    s1, s2 = sums.get(t, (None, None))
-                    if s1 is None:
-                        raise RuntimeError(f"internal: no gradient rows of {t!r} seen by its sweep")
+                for t in targets:  # no gradient reached the BN's output at all: dy = 0
+                    zero = torch.zeros_like(bn[t].mean)
+                    s1, s2 = sums.get(t, (zero, zero))
                     bn[t].c1, bn[t].c2 = s1 / bn[t].count, s2 / bn[t].count
             self.bn_sweeps["backward"] = len(levels)
         gx, gparams, _ = self._sweep(x, gy, carries, sched, need_gx, params, bn, [], set(self.nodes), None)
@@ -385,7 +384,8 @@ class RowSegment:
 
             bn_io: Dict[str, tuple] = {}
             with torch.enable_grad():
-                xs = x[:, :, srow.lo:srow.hi].detach().requires_grad_(need_gx)
+                # (a constants sweep tracks the input too, so every BN output it needs requires grad)
+                xs = x[:, :, srow.lo:srow.hi].detach().requires_grad_(need_gx or bool(targets))
                 leaves: Dict[str, torch.Tensor] = {}
                 carried = None
                 if carries[i] is not None:

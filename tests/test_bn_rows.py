@@ -285,3 +285,20 @@ def test_bn_option_validated():
         Plan.build(graph, [Segment("conv1", "layer2", "checkpoint", options={"bn": "sweeps"})])
     p = Plan.build(graph, [rows("conv1", "layer2", "2ps", 2, "layerwise")])
     assert Plan.from_dict(p.to_dict()).segments[0].options == {"bn": "layerwise"}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_segments_starting_or_ending_at_bn_and_affine_false(policy):
+    m = _train_model("tiny_resnet", torch.float64)
+    ref = Reference(m, *_data(2, 37, 13, torch.float64, seed=8), steps=2)
+    _check(ref, [rows("conv1", "bn1", policy, 4), rows("relu", "layer2", policy, 2)])
+    torch.manual_seed(0)
+    m = get_model("tiny_resnet").double().train()
+    for mod in list(m.modules()):
+        for name, c in list(mod.named_children()):
+            if isinstance(c, nn.BatchNorm2d):
+                setattr(mod, name, nn.BatchNorm2d(c.num_features, affine=False).double())
+    ref = Reference(m, *_data(2, 37, 13, torch.float64, seed=8), steps=2)
+    # the first BN reads the segment input directly and has no parameters: its gradient constants
+    # are still needed for the input gradient
+    _check(ref, [Segment("conv1", "conv1", "store"), rows("bn1", "layer2", policy, 3)])
