@@ -264,9 +264,9 @@ def test_without_input_gradient():
         assert rel(a.float(), b.float()) <= 1e-10, k
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_fake_tensor_simulation(momentum):
-    m = _train_model("tiny_resnet", torch.float32, momentum=momentum)
+def test_fake_tensor_simulation():
+    # momentum=None: the cumulative-average factor comes from num_batches_tracked with no .item()
+    m = _train_model("tiny_resnet", torch.float32, momentum=None)
     graph = capture(m, (2, 3, 40, 24))
     pm = apply_plan(m, Plan.build(graph, [rows("conv1", "layer2", "2ps", 3)]), graph)
     before = {k: b.clone() for k, b in pm.named_buffers()}
