@@ -447,13 +447,18 @@ def _is_path(path: Sequence[Candidate], U: int) -> bool:
 
 
 def _cbc_bound(text: str) -> Optional[float]:
-    """Best lower bound from a CBC log ("Lower bound: ..." / "best possible ...")."""
+    """CBC's final lower bound on its objective, from its log (None when the log does not say)."""
     m = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", text)
     if m:
         return float(m[-1])
-    m = re.findall(r"best possible\s*([-+0-9.eE]+)", text)
+    obj = re.findall(r"Objective value:\s*([-+0-9.eE]+)", text)
+    if not obj:
+        return None
+    m = re.findall(r"Exiting as integer gap of\s*([-+0-9.eE]+)", text)
     if m:
-        return float(m[-1])
+        return float(obj[-1]) - float(m[-1])
+    if "Optimal solution found" in text:
+        return float(obj[-1])
     return None
 
 

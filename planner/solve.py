@@ -113,6 +113,7 @@ class Solver:
         self.problem = Problem(self.cm, graph, policy=policy, strips=strips, **problem_kw)
         self.setup_s = time.perf_counter() - t0
         self._min_peak: Optional[int] = None
+        self.last_path: List = []
 
     # ------------------------------------------------------------------------------------------
     def min_peak(self) -> int:
@@ -150,6 +151,7 @@ class Solver:
             if res.status == "infeasible":
                 raise InfeasibleError(budget, self.min_peak())
         res.solve_s = time.perf_counter() - t0
+        self.last_path = list(res.path)
         return self._plan(res, budget, merge_store)
 
     def _plan(self, res: Result, budget: int, merge_store: bool) -> Plan:
