@@ -65,3 +65,80 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
         return memory.measure_step(step, device=device)
     finally:
         model.zero_grad(set_to_none=True)
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+def make_optimizer(params, name: str, lr: float = 1e-3) -> torch.optim.Optimizer:
+    """The optimizer a plan's ``training.optimizer`` names (single-tensor loops on CPU)."""
+    params = list(params)
+    foreach = None if any(p.is_cuda for p in params) else False
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=foreach)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, foreach=foreach)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, foreach=foreach)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def _opt_state(opt: torch.optim.Optimizer) -> list:
+    return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: str = "sgd",
+                      fake: bool = True, dtype: torch.dtype = torch.float32,
+                      device: Optional[str] = None, warmup: int = 1) -> memory.MemoryReport:
+    """Absolute peak device bytes of one whole training step, as the cost model predicts it.
+
+    Counts everything live: parameters, buffers, optimizer state, input batch and labels,
+    activations, gradients and transients, through ``zero_grad`` (set to None), forward, loss,
+    backward and ``optimizer.step()``.  ``warmup`` steps run first (optimizer state then exists).
+    Phases in the report: ``forward`` (model + loss), ``backward``, ``optimizer``.
+    ``fake=True`` runs the same code under ``FakeTensorMode`` (any size, no memory).
+    """
+    n_cls = _classes(model)
+    ctx = memory.fake_mode() if fake else None
+    if ctx is not None:
+        ctx.__enter__()
+    try:
+        if fake:
+            if device is None:
+                first = next(iter(model.parameters()), None)
+                device = "meta" if first is not None and first.is_meta else None
+            state = memory.fake_state(model)
+            params = [v for v in state.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+            def run(x):
+                return torch.func.functional_call(model, state, (x,))
+            existing = list(state.values())
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            run = model
+            existing = [model]
+        opt = make_optimizer(params, optimizer)
+        x = torch.randn(*input_shape, dtype=dtype, device=device)
+        y = torch.randint(0, n_cls, (input_shape[0],), device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(run(x), y)
+            memory.mark("forward")
+            loss.backward()
+            memory.mark("backward")
+            del loss
+            opt.step()
+            memory.mark("optimizer")
+
+        for _ in range(warmup):
+            step()
+        opt.zero_grad(set_to_none=True)  # gradients are made by the step, not pre-existing
+        report = memory.measure_step(step, device=device, track_existing=existing + [x, y] + _opt_state(opt))
+        opt.zero_grad(set_to_none=True)
+        return report
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)

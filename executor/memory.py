@@ -83,6 +83,15 @@ class MemoryReport:
             out[label] = max(out.get(label, peak), peak)
         return out
 
+    @property
+    def absolute_peak(self) -> int:
+        """Peak of all counted bytes, the pre-existing ones (``baseline_bytes``) included."""
+        return self.baseline_bytes + self.peak_bytes
+
+    def absolute_phase_peaks(self) -> Dict[str, int]:
+        """:meth:`phase_peaks` plus ``baseline_bytes``: what was live in all, per phase."""
+        return {k: v + self.baseline_bytes for k, v in self.phase_peaks().items()}
+
 
 class _Meter:
     """Common state of a measurement: absolute ``live``/``peak``/``baseline`` bytes and marks."""

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from . import ops as _ops
 from .geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
@@ -46,6 +47,20 @@ class Node:
     param_bytes: int = 0
     receptive_field: int = 1  # input rows one interior output row depends on
     cum_stride: int = 1       # product of strides from the input
+    # Memory profile of one plain training step (fake tensors, storage accounting), used by the
+    # cost model.  Forward: ``alias`` (the output reuses an input's storage: in-place or view),
+    # ``saves`` (producers whose outputs this node keeps for backward), ``extra_saved`` (bytes it
+    # keeps that are no node's output: BN statistics, pooling indices), ``fwd_work`` (bytes
+    # allocated and freed inside the call).  Backward, measured from the moment this node's
+    # gradient function starts until the next node's starts: ``bwd_peak`` (peak above the live
+    # bytes at its start) and ``bwd_net`` (change of live bytes: gradients made minus tensors freed).
+    batch_stats: bool = False  # a norm layer that normalises with batch statistics (train-mode BN)
+    alias: bool = False
+    saves: List[str] = field(default_factory=list)
+    extra_saved: int = 0
+    fwd_work: int = 0
+    bwd_peak: int = 0
+    bwd_net: int = 0
 
     @property
     def height(self) -> int:
@@ -224,6 +239,105 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor], input_shape, dtype,
+                    param_keys: set) -> Dict[str, dict]:
+    """Per-node memory events of one plain training step (forward, loss, backward), simulated.
+
+    Runs the traced graph under ``fake_mode`` with storage accounting (the same tracker the
+    executor's measurements use): marks before and after every node in forward, and a pre-hook
+    on each node's gradient function in backward, so each node's allocations are attributed to it.
+    The input batch does not require grad (as in training).  Returns the Node profile fields.
+    """
+    from torch.func import functional_call
+
+    from executor.memory import StorageTracker
+
+    prof: Dict[str, dict] = {}
+    producer: Dict[int, str] = {}   # storage key -> node whose output it is
+    seen: set = set()
+    current = {"node": None}
+    hooked: set = set()
+    tracker = StorageTracker()
+
+    def rec(name):
+        return prof.setdefault(name, {"alias": False, "saves": [], "extra_saved": 0, "fwd_work": 0,
+                                      "bwd_peak": 0, "bwd_net": 0})
+
+    def pack(t):
+        key = _storage_key(t)
+        if key in param_keys or key in seen:
+            return t
+        seen.add(key)
+        r = rec(current["node"])
+        prod = producer.get(key)
+        if prod is None:
+            r["extra_saved"] += t.untyped_storage().nbytes()
+        elif prod != "__input__" and prod not in r["saves"]:
+            r["saves"].append(prod)
+        return t
+
+    def hook_for(name):
+        def pre(grad_outputs):
+            tracker.mark(("bwd", name))
+        return pre
+
+    class _Interp(fx.Interpreter):
+        def run_node(self, n):
+            current["node"] = n.name
+            ins = {_storage_key(a) for a in tree_flatten([self.env.get(u) for u in n.all_input_nodes])[0]
+                   if isinstance(a, torch.Tensor)}
+            tracker.mark(("pre", n.name))
+            out = super().run_node(n)
+            tracker.mark(("post", n.name))
+            if isinstance(out, torch.Tensor):
+                key = _storage_key(out)
+                r = rec(n.name)
+                r["alias"] = key in ins
+                if not r["alias"]:  # (storage keys are reused once a storage is freed)
+                    producer[key] = n.name
+                fn = out.grad_fn
+                if fn is not None and fn not in hooked and n.op != "placeholder":
+                    hooked.add(fn)
+                    fn.register_prehook(hook_for(n.name))
+            return out
+
+    class _Runner(nn.Module):
+        def __init__(self, g):
+            super().__init__()
+            self.g = g
+
+        def forward(self, x):
+            return _Interp(self.g).run(x)
+
+    runner = _Runner(gm)
+    with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
+        x = torch.empty(input_shape, dtype=dtype, device="meta")
+        producer[_storage_key(x)] = "__input__"
+        out = functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            current["node"] = "output"
+            if out.dim() == 2:
+                y = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
+                loss = nn.functional.cross_entropy(out, y)
+            else:
+                loss = out.sum()
+            tracker.mark(("bwd", "output"))
+            loss.backward()
+            tracker.mark(("end", ""))
+            del loss
+        del out
+    tl = tracker.timeline
+    for i, ((kind, name), live, _) in enumerate(tl):
+        if kind == "post":
+            r = rec(name)
+            r["fwd_work"] = max(0, tl[i][2] - live)
+        elif kind == "bwd" and i + 1 < len(tl):
+            r = rec(name)
+            r["bwd_peak"] += max(0, tl[i + 1][2] - live)
+            r["bwd_net"] += tl[i + 1][1] - live
+    return prof
+
+
 def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
             model_name: str = "", gm: Optional[fx.GraphModule] = None) -> LayerGraph:
     """Capture ``model`` at ``input_shape`` (N, C, H, W) into a :class:`LayerGraph`.
@@ -312,6 +426,8 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     finally:
         fake_log.setLevel(level)
 
+    profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys)
+
     nodes: List[Node] = []
     nodes_by: Dict[str, Node] = {}
     for n in gm.graph.nodes:
@@ -354,6 +470,9 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             shape=shape, out_bytes=int(rec.get("bytes", 0)) if n.op != "output" else 0,
             saved_bytes=int(rec.get("saved", 0)), flops_fwd=int(fl[0]), flops_bwd=int(fl[1]),
             geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes),
+            batch_stats=bool(isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                             and (mod.training or not mod.track_running_stats)),
+            **profile.get(n.name, {}),
         )
         nodes.append(node)
         nodes_by[node.name] = node
@@ -372,5 +491,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         else:
             node.cum_stride = cs.get(node.name, 1)
             node.receptive_field = min(rf.get(node.name, 1), input_shape[2] + 2 * 10**6)
+    graph.buffer_bytes = sum(b.numel() * (esize if b.is_floating_point() else b.element_size())
+                             for b in gm.buffers())
     graph.saved_input_bytes = sum(r.get("saved_input", 0) for r in records.values())
     return graph

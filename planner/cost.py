@@ -1,0 +1,474 @@
+"""The cost model: predicted memory and time of a plan, per segment and per phase.
+
+Everything is computed from the captured :class:`~models.capture.LayerGraph` (shapes, bytes,
+FLOPs, row geometry and the per-node memory profile capture records) and a
+:class:`DeviceProfile`; nothing runs on a device.  The planner's ILP consumes the per-segment
+numbers (:meth:`CostModel.segment`) and composes them exactly as :meth:`CostModel.compose` does:
+
+* ``fixed``: always live: parameters, buffers, optimizer state, the input batch and labels, the
+  loss and logits;
+* forward of segment *k*:  ``fixed + sum(keep[j] for j < k) + fwd_peak[k]``;
+* backward of segment *k*: ``fixed + sum(keep[j] for j < k) + sum(grad[j] for j > k) + bwd_peak[k]``;
+* optimizer step: ``fixed + sum(grad) + optimizer transient``.
+
+``keep`` is what a segment leaves live from its forward until its backward (stored activations,
+its output, 2PS boundary rows), ``fwd_peak``/``bwd_peak`` its peaks above that baseline, ``grad``
+its parameter-gradient bytes (live from its backward until the optimizer step).
+
+How each mode is modelled (mirrors :mod:`executor`):
+
+* ``store``: the capture's own per-node profile of a plain step (what each node saves, its
+  in-call work, and, in backward, its peak and net change of live bytes);
+* ``checkpoint``: a no-grad forward (values freed after their last use; only the output is
+  kept); in backward a store-mode recompute followed by the store backward;
+* ``rows``: per strip, the rows every node computes (the executor's own
+  :func:`models.geometry.strip_schedule`), bytes scaled by rows; forward keeps the output map
+  (and, for 2PS, the carried boundary rows); backward holds the input gradient map, the output
+  gradient, the parameter-gradient accumulators, and one strip's recompute + backward.
+
+Time is a roofline per node: ``max(FLOPs / (peak FLOP/s * efficiency), bytes / bandwidth)`` plus
+a per-op launch cost, times the rows each mode computes (halo redundancy of OverL, recompute of
+checkpoint and rows).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from models import ops as _ops
+from models.geometry import default_bounds, max_strips, strip_schedule
+from .plan import Plan, PlanError, Segment
+
+__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
+           "CostError"]
+
+ROWS_BATCH_STATS = False  # the executor runs batch-statistics BN inside row segments
+
+OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
+
+
+class CostError(ValueError):
+    """Bad input to the cost model (unknown profile, optimizer, unreadable profile file)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# device profiles
+
+@dataclass
+class DeviceProfile:
+    """What the time and memory model needs to know about a device.
+
+    ``flops``: peak FLOP/s per dtype name; ``efficiency``: the fraction of peak dense convolutions
+    reach; ``bandwidth``: memory bytes/s; ``launch_s``: fixed cost per op call; ``memory``: device
+    bytes; ``alloc_round``: allocation granularity (the CUDA caching allocator rounds to 512 B);
+    ``workspace``: bytes reserved for library workspaces (cuDNN/cuBLAS) during a step.
+    """
+
+    name: str
+    flops: Dict[str, float]
+    bandwidth: float
+    memory: int
+    efficiency: float = 0.6
+    launch_s: float = 5e-6
+    alloc_round: int = 1
+    workspace: int = 0
+    kind: str = "cuda"
+    measured: bool = False
+
+    def flops_for(self, dtype: str) -> float:
+        return self.flops.get(dtype) or self.flops.get("float32") or next(iter(self.flops.values()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeviceProfile":
+        need = {"name", "flops", "bandwidth", "memory"}
+        if not isinstance(d, dict) or not need <= set(d):
+            raise CostError(f"a device profile needs the fields {sorted(need)}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+GB = 10**9
+# Datasheet peaks (dense, no sparsity).  Tensor-core rates are used for float32 as TF32 on
+# A100/H100/H200 (PyTorch's cuDNN convolutions allow TF32 by default).
+PROFILES: Dict[str, DeviceProfile] = {
+    "cpu": DeviceProfile("cpu", {"float32": 1.0e11, "float64": 5.0e10, "bfloat16": 5.0e10,
+                                 "float16": 2.5e10}, 1.5e10, 24 * 2**30, efficiency=0.5,
+                         launch_s=2e-5, kind="cpu"),
+    "v100": DeviceProfile("v100", {"float32": 15.7e12, "float16": 125e12, "bfloat16": 15.7e12,
+                                   "float64": 7.8e12}, 900 * GB, 32 * 2**30, alloc_round=512,
+                          workspace=256 * 2**20),
+    "a100": DeviceProfile("a100", {"float32": 156e12, "float16": 312e12, "bfloat16": 312e12,
+                                   "float64": 19.5e12}, 2039 * GB, 80 * 2**30, efficiency=0.45,
+                          alloc_round=512, workspace=256 * 2**20),
+    "h100": DeviceProfile("h100", {"float32": 495e12, "float16": 989e12, "bfloat16": 989e12,
+                                   "float64": 67e12}, 3350 * GB, 80 * 2**30, efficiency=0.4,
+                          alloc_round=512, workspace=256 * 2**20),
+    "h200": DeviceProfile("h200", {"float32": 495e12, "float16": 989e12, "bfloat16": 989e12,
+                                   "float64": 67e12}, 4800 * GB, 141 * GB, efficiency=0.4,
+                          alloc_round=512, workspace=256 * 2**20),
+    "rtx4090": DeviceProfile("rtx4090", {"float32": 82.6e12, "float16": 165e12, "bfloat16": 165e12,
+                                         "float64": 1.3e12}, 1008 * GB, 24 * 2**30,
+                             alloc_round=512, workspace=256 * 2**20),
+}
+
+
+def load_profile(profile: Union[str, DeviceProfile, None]) -> DeviceProfile:
+    """A built-in profile by name, or a JSON file written by ``planner calibrate``."""
+    if profile is None:
+        return PROFILES["cpu"]
+    if isinstance(profile, DeviceProfile):
+        return profile
+    if profile in PROFILES:
+        return PROFILES[profile]
+    if os.path.exists(profile):
+        try:
+            with open(profile) as f:
+                return DeviceProfile.from_dict(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CostError(f"cannot read device profile {profile!r} ({e}); re-run 'planner calibrate'") from None
+        except TypeError as e:
+            raise CostError(f"device profile {profile!r} is malformed ({e}); re-run 'planner calibrate'") from None
+    raise CostError(f"unknown device profile {profile!r}: use one of {', '.join(PROFILES)} "
+                    f"or a file written by 'planner calibrate'")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-segment costs
+
+@dataclass
+class SegmentCost:
+    """Cost of one segment (see the module docstring for how the fields compose)."""
+
+    keep: int = 0
+    fwd_peak: int = 0
+    bwd_peak: int = 0
+    grad_bytes: int = 0
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    supported: bool = True
+    why: str = ""
+    detail: Dict[str, float] = field(default_factory=dict)
+
+
+class CostModel:
+    """Predicts memory and time of plans for one captured graph.
+
+    ``optimizer``: sgd | momentum | adam | adamw (its state is part of the fixed bytes);
+    ``profile``: a :class:`DeviceProfile` or its name / file.
+    """
+
+    def __init__(self, graph, optimizer: str = "sgd", profile: Union[str, DeviceProfile, None] = "cpu"):
+        if optimizer not in OPTIMIZERS:
+            raise CostError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        self.graph = graph
+        self.optimizer = optimizer
+        self.profile = load_profile(profile)
+        self.rg = graph.row_graph()
+        self._cache: Dict[tuple, SegmentCost] = {}
+        self._consumers = graph.consumers()
+        nodes = graph.nodes
+        self._esize = max(1, nodes[0].out_bytes // max(1, math.prod(nodes[0].shape)))
+        # storage owner of every node (in-place/view results share their input's storage)
+        self._owner: Dict[str, str] = {}
+        for n in nodes:
+            self._owner[n.name] = self._owner.get(n.inputs[0], n.inputs[0]) if (n.alias and n.inputs) else n.name
+        self._saved_owner: set = set()
+        for n in nodes:
+            for p in n.saves:
+                self._saved_owner.add(self._owner.get(p, p))
+
+    # -- fixed memory ---------------------------------------------------------------------------
+    def _round(self, b: float) -> int:
+        r = self.profile.alloc_round
+        b = int(math.ceil(b))
+        return b if r <= 1 else -(-b // r) * r
+
+    @property
+    def param_bytes(self) -> int:
+        return self.graph.param_bytes
+
+    def fixed_breakdown(self) -> Dict[str, int]:
+        g = self.graph
+        out = g.output_node
+        batch = g.input_shape[0]
+        return {
+            "params": self.param_bytes,
+            "buffers": getattr(g, "buffer_bytes", 0),
+            "optimizer": OPTIMIZERS[self.optimizer] * self.param_bytes,
+            "input": g.input_node.out_bytes + 8 * batch,
+            "loss": out.extra_saved + self._last_model_node().out_bytes,
+            "workspace": self.profile.workspace,
+        }
+
+    def fixed_bytes(self) -> int:
+        """Bytes live during the whole step, whatever the plan."""
+        return sum(self.fixed_breakdown().values())
+
+    def optimizer_peak(self) -> int:
+        """Transient bytes of ``optimizer.step()`` beyond the gradients and the state."""
+        if self.optimizer in ("adam", "adamw"):
+            biggest = max((n.param_bytes for n in self.graph.nodes), default=0)
+            return self.param_bytes if self.profile.kind == "cuda" else biggest
+        return 0
+
+    def _last_model_node(self):
+        return self.graph.nodes[-2]
+
+    # -- units ------------------------------------------------------------------------------------
+    def units(self) -> List[Tuple[str, str]]:
+        """(first, last) node of every unit: the runs between consecutive cut points."""
+        g = self.graph
+        cuts = set(g.cut_points())
+        units, start = [], None
+        for n in g.nodes[1:-1]:
+            if start is None:
+                start = n.name
+            if n.name in cuts:
+                units.append((start, n.name))
+                start = None
+        if start is not None:
+            units.append((start, g.nodes[-2].name))
+        return units
+
+    # -- node-level pieces ------------------------------------------------------------------------
+    def _out(self, n, f: float = 1.0) -> int:
+        return 0 if n.alias else self._round(n.out_bytes * f)
+
+    def _grads(self, nodes) -> int:
+        return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
+
+    def _walk(self, nodes, scale: Dict[str, float], store: bool) -> Tuple[int, int]:
+        """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
+
+        The segment input is not counted (it belongs to the segment before).  ``store``: values
+        that autograd saves stay live; otherwise everything but the segment output is freed after
+        its last use.  ``scale``: fraction of each node's rows computed.
+        """
+        names = [n.name for n in nodes]
+        inside = set(names)
+        last = names[-1]
+        owner = self._owner
+        last_use: Dict[str, int] = {}
+        for i, n in enumerate(nodes):
+            for u in n.inputs:
+                last_use[owner.get(u, u)] = i
+            last_use[owner[n.name]] = max(last_use.get(owner[n.name], -1), i)
+        live, peak = 0, 0
+        size: Dict[str, int] = {}
+        kept_extra = 0
+        for i, n in enumerate(nodes):
+            f = scale.get(n.name, 1.0)
+            o = owner[n.name]
+            new = self._out(n, f)
+            peak = max(peak, live + new + self._round(n.fwd_work * f))
+            if new:
+                size[o] = size.get(o, 0) + new
+                live += new
+            if store and n.extra_saved:
+                e = self._round(n.extra_saved * f)
+                kept_extra += e
+                live += e
+            for key in {owner.get(u, u) for u in n.inputs} | {o}:
+                if key not in size or last_use.get(key) != i or key == owner[last]:
+                    continue
+                if store and key in self._saved_owner:
+                    continue
+                live -= size.pop(key)
+        return peak, live
+
+    def _store_backward(self, nodes, scale: Dict[str, float]) -> Tuple[int, int]:
+        """Backward of a store run, last node first: (peak, net), relative to its start."""
+        run, peak = 0, 0
+        for n in reversed(nodes):
+            f = scale.get(n.name, 1.0)
+            pg = self._round(n.param_bytes) if n.param_bytes else 0
+            act_peak = (n.bwd_peak - pg) * f + pg if n.bwd_peak > pg else n.bwd_peak
+            act_net = (n.bwd_net - pg) * f + pg
+            peak = max(peak, run + int(act_peak))
+            run += int(act_net)
+        return peak, run
+
+    def _time(self, n, f: float = 1.0, backward: bool = False) -> float:
+        p = self.profile
+        flops = (n.flops_bwd if backward else n.flops_fwd) * f
+        moved = (n.out_bytes * (3 if backward else 2)) * f + n.param_bytes * (2 if backward else 1)
+        if n.kind in (_ops.INPUT, _ops.OUTPUT):
+            return 0.0
+        t = max(flops / (p.flops_for(self.graph.dtype) * p.efficiency), moved / p.bandwidth)
+        return t + p.launch_s * (2 if backward else 1)
+
+    # -- segments ---------------------------------------------------------------------------------
+    def segment(self, seg: Segment) -> SegmentCost:
+        """Cost of one segment (cached by its fields)."""
+        key = (seg.first, seg.last, seg.mode, seg.policy, seg.strips,
+               tuple(seg.bounds or ()), tuple(sorted(seg.recompute)))
+        hit = self._cache.get(key)
+        if hit is None:
+            nodes = self.graph.span(seg.first, seg.last)
+            if seg.mode == "rows":
+                hit = self._rows(seg, nodes)
+            elif seg.mode == "checkpoint":
+                hit = self._checkpoint(nodes)
+            else:
+                hit = self._store(nodes, set(seg.recompute))
+            self._cache[key] = hit
+        return hit
+
+    def _store(self, nodes, recompute: set) -> SegmentCost:
+        fpk, keep = self._walk(nodes, {}, store=True)
+        bpk, _ = self._store_backward(nodes, {})
+        gout = self._out(nodes[-1]) if not nodes[-1].alias else self._round(nodes[-1].out_bytes)
+        fwd_s = sum(self._time(n) for n in nodes)
+        bwd_s = sum(self._time(n, backward=True) for n in nodes)
+        if recompute:  # dropped outputs: saved by nobody else, recomputed once in backward
+            drop = sum(self._out(n) for n in nodes if n.name in recompute and self._owner[n.name] in self._saved_owner)
+            keep -= drop
+            bwd_s += sum(self._time(n) for n in nodes if n.name in recompute)
+        return SegmentCost(keep=keep, fwd_peak=fpk, bwd_peak=keep + gout + bpk,
+                           grad_bytes=self._grads(nodes), fwd_s=fwd_s, bwd_s=bwd_s,
+                           detail={"saved": keep})
+
+    def _checkpoint(self, nodes) -> SegmentCost:
+        fpk, out_keep = self._walk(nodes, {}, store=False)
+        rec_pk, rec_keep = self._walk(nodes, {}, store=True)
+        bpk, _ = self._store_backward(nodes, {})
+        gout = self._round(nodes[-1].out_bytes)
+        fwd_s = sum(self._time(n) for n in nodes)
+        bwd_s = fwd_s + sum(self._time(n, backward=True) for n in nodes)
+        bwd = out_keep + gout + max(rec_pk, rec_keep + bpk)
+        return SegmentCost(keep=out_keep, fwd_peak=fpk, bwd_peak=bwd, grad_bytes=self._grads(nodes),
+                           fwd_s=fwd_s, bwd_s=bwd_s, detail={"recompute_saved": rec_keep})
+
+    def _rows(self, seg: Segment, nodes) -> SegmentCost:
+        g = self.graph
+        why = ""
+        for n in nodes:
+            if not n.rowwise:
+                why = f"node {n.name} ({n.op}) cannot run in rows: {n.reason}"
+                break
+            if n.batch_stats and not ROWS_BATCH_STATS:
+                why = f"node {n.name}: train-mode BatchNorm in row segments is not supported yet"
+                break
+        if why:
+            return SegmentCost(supported=False, why=why, keep=1 << 62, fwd_peak=1 << 62, bwd_peak=1 << 62)
+        source = g.nodes[g.index(seg.first) - 1].name
+        names = [n.name for n in nodes]
+        out = names[-1]
+        if seg.bounds:
+            bounds = list(seg.bounds)
+        else:
+            count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
+            bounds = default_bounds(self.rg, source, out, seg.policy, count)
+        sched = strip_schedule(self.rg, source, names, bounds, seg.policy)
+        by = {n.name: n for n in nodes}
+        src = g[source]
+        out_full = self._round(by[out].out_bytes)
+        carries_total = 0
+        fwd_peak = 0
+        strip_bwd = 0
+        fwd_s = bwd_s = 0.0
+        p = self.profile
+        for i, strip in enumerate(sched.rows):
+            comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
+            band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
+            # forward (no grad): bands live until their last use; output rows copied into the map
+            pk, _ = self._walk(nodes, band, store=False)
+            carry = 0
+            if seg.policy == "2ps" and i + 1 < sched.strips:
+                nxt = sched.rows[i + 1]
+                carry = sum(self._round(by[n].out_bytes * (nxt[n].carried[1] - nxt[n].carried[0])
+                                        / max(1, by[n].height)) for n in names)
+            fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
+            carries_total += carry
+            # backward: the strip's store-mode recompute, then its backward
+            rpk, rkeep = self._walk(nodes, band, store=True)
+            bpk, _ = self._store_backward(nodes, band)
+            strip_bwd = max(strip_bwd, rpk, rkeep + bpk)
+            fwd_s += sum(self._time(by[n], comp[n]) for n in names)
+            bwd_s += sum(self._time(by[n], band[n]) + self._time(by[n], band[n], backward=True) for n in names)
+        grads = self._grads(nodes)
+        biggest = max((self._round(n.param_bytes) for n in nodes), default=0)
+        accum = (grads + biggest) if sched.strips > 1 else 0  # running sums of the strips' grads
+        need_gx = g.index(seg.first) > 1
+        gx = self._round(src.out_bytes) if need_gx else 0
+        gy = out_full
+        keep = out_full + carries_total
+        bwd_peak = carries_total + gy + gx + accum + strip_bwd
+        return SegmentCost(keep=keep, fwd_peak=fwd_peak, bwd_peak=bwd_peak, grad_bytes=grads,
+                           fwd_s=fwd_s + p.launch_s * sched.strips, bwd_s=bwd_s + p.launch_s * sched.strips,
+                           detail={"strips": sched.strips, "carries": carries_total})
+
+    # -- composition ------------------------------------------------------------------------------
+    def compose(self, costs: Sequence[SegmentCost]) -> Dict[str, float]:
+        """Phase peaks (absolute bytes) and step time of segments covering the whole graph."""
+        fixed = self.fixed_bytes()
+        grads = [c.grad_bytes for c in costs]
+        total_grad = sum(grads)
+        fwd = bwd = 0
+        kept = 0
+        later = total_grad
+        for c in costs:
+            later -= c.grad_bytes
+            fwd = max(fwd, kept + c.fwd_peak)
+            bwd = max(bwd, kept + later + c.bwd_peak)
+            kept += c.keep
+        out = self.graph.output_node
+        bwd = max(bwd, kept + out.bwd_peak)  # the loss's own backward, before the model's
+        phases = {"forward": fixed + fwd, "backward": fixed + bwd,
+                  "optimizer": fixed + total_grad + self.optimizer_peak()}
+        opt_s = (OPTIMIZERS[self.optimizer] + 2) * 2 * self.param_bytes / self.profile.bandwidth
+        phases["peak"] = max(phases["forward"], phases["backward"], phases["optimizer"])
+        phases["time_s"] = sum(c.fwd_s + c.bwd_s for c in costs) + opt_s
+        return phases
+
+    def cover(self, segments: Sequence[Segment]) -> List[Segment]:
+        """The plan's segments plus store segments for every node no segment covers."""
+        g = self.graph
+        out: List[Segment] = []
+        pos = 1
+        for s in sorted(segments, key=lambda s: g.index(s.first)):
+            a = g.index(s.first)
+            if a > pos:
+                out.append(Segment(g.nodes[pos].name, g.nodes[a - 1].name, "store"))
+            out.append(s)
+            pos = g.index(s.last) + 1
+        if pos < len(g.nodes) - 1:
+            out.append(Segment(g.nodes[pos].name, g.nodes[-2].name, "store"))
+        return out
+
+    def predict(self, plan: Union[Plan, Sequence[Segment]]) -> dict:
+        """The ``predicted`` block of a plan: peak, phases, per-segment costs, breakdown, time."""
+        segs = plan.segments if isinstance(plan, Plan) else list(plan)
+        full = self.cover(segs)
+        costs = [self.segment(s) for s in full]
+        bad = [(s, c) for s, c in zip(full, costs) if not c.supported]
+        if bad:
+            s, c = bad[0]
+            raise PlanError(f"segment {s.first}..{s.last}: {c.why}")
+        ph = self.compose(costs)
+        fb = self.fixed_breakdown()
+        plan_idx = {(s.first, s.last): i for i, s in enumerate(segs)}
+        seg_rows = []
+        for s, c in zip(full, costs):
+            if (s.first, s.last) not in plan_idx:
+                continue
+            seg_rows.append({"index": plan_idx[(s.first, s.last)], "first": s.first, "last": s.last,
+                             "mode": s.mode, "keep": int(c.keep), "forward_peak": int(c.fwd_peak),
+                             "backward_peak": int(c.bwd_peak), "grad_bytes": int(c.grad_bytes),
+                             "forward_s": c.fwd_s, "backward_s": c.bwd_s})
+        acts = int(max(ph["forward"], ph["backward"]) - sum(fb.values()))
+        return {
+            "peak_bytes": int(ph["peak"]), "time_s": float(ph["time_s"]),
+            "device_profile": self.profile.name,
+            "phases": {k: int(ph[k]) for k in ("forward", "backward", "optimizer")},
+            "segments": seg_rows,
+            "breakdown": {"params": fb["params"] + fb["buffers"], "grads": sum(c.grad_bytes for c in costs),
+                          "optimizer": fb["optimizer"], "input": fb["input"] + fb["loss"],
+                          "activations": acts, "workspace": fb["workspace"]},
+        }
