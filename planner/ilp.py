@@ -23,6 +23,7 @@ segments that start after ``b``.  For every boundary ``b`` (``cap`` = budget - f
 
     M_b + sum_{c starts at b} fwd_peak_c x_c        <= cap      (forward phase)
     M_b + G_b + sum_{c starts at b} bwd_peak_c x_c  <= cap      (backward phase)
+    M_U + loss backward                             <= cap      (compose()'s loss term)
     sum_c grad_c x_c + optimizer_peak               <= cap      (optimizer step)
 
 When the path passes ``b`` exactly one term of each sum is on and the rows are compose()'s
@@ -58,6 +59,7 @@ MODES_BY_POLICY = {
 ROW_POLICIES = {"auto": ("2ps", "overl"), "2ps": ("2ps",), "overl": ("overl",), "checkpoint": ()}
 CHEAP_OPS = ("relu", "relu6", "batchnorm2d", "add", "hardswish", "silu", "sigmoid", "hardsigmoid")
 MAX_AUTO_STRIPS = 64
+LIGHT_KINDS = ("pointwise", "norm", "join")  # ReLU, BN, add: units of only these are not "major"
 
 
 class InfeasibleError(ValueError):
@@ -104,8 +106,9 @@ class Problem:
     """Candidates of one captured graph under one cost model (built once, solved per budget)."""
 
     def __init__(self, cm, graph, policy: str = "auto", strips: Optional[int] = None,
-                 max_row_units: int = 12, max_ckpt_units: int = 16, recompute: bool = True,
-                 quantum: Optional[int] = None):
+                 max_row_units: int = 6, max_ckpt_units: int = 8, recompute: bool = True,
+                 quantum: Optional[int] = None, min_row_height: int = 16,
+                 max_strips: int = MAX_AUTO_STRIPS, strip_gain: float = 0.03):
         if policy not in MODES_BY_POLICY:
             raise ValueError(f"policy {policy!r} is not one of {', '.join(MODES_BY_POLICY)}")
         if strips is not None and (not isinstance(strips, int) or strips < 1):
@@ -116,7 +119,12 @@ class Problem:
         self.U = len(self.units)
         self.fixed = int(cm.fixed_bytes())
         self.opt_peak = int(cm.optimizer_peak())
+        # compose()'s terms that belong to no segment: with no segments it is just them (the loss's
+        # own backward on top of everything kept, the optimizer step's time)
+        empty = cm.compose([])
+        self.tail = max(0, int(empty["backward"]) - self.fixed)
         self.max_row_units, self.max_ckpt_units, self.recompute = max_row_units, max_ckpt_units, recompute
+        self.min_row_height, self.max_strips, self.strip_gain = min_row_height, max_strips, strip_gain
         self.unit_nodes = [graph.span(a, b) for a, b in self.units]
         self.cands: List[Candidate] = []
         self.priced = 0
@@ -128,6 +136,7 @@ class Problem:
             quantum = max(1, 2 ** max(0, int(math.log2(max(top, 1))) - 22))
         self.quantum = int(quantum)
         self._quantise()
+        self.tail_q = _ceil_div(self.tail, self.quantum)
         base = self.store_path()
         costs = [c.cost for c in base]
         comp = cm.compose(costs)
@@ -162,13 +171,17 @@ class Problem:
         modes = MODES_BY_POLICY[self.policy]
         rg = g.row_graph() if "rows" in modes else None
         rowwise_unit = [all(n.rowwise and n.is_map for n in nodes) for nodes in self.unit_nodes]
-        spatial_unit = [any(n.kind == "spatial" for n in nodes) for nodes in self.unit_nodes]
+        # major boundaries: before a unit that does real work (not only ReLU / BN / add); checkpoint
+        # and row segments start and end on them (a lone ReLU gains nothing from either mode)
+        major = [any(n.kind not in LIGHT_KINDS for n in nodes) for nodes in self.unit_nodes] + [True]
+        major[0] = True
         for i in range(U):
             first, last = self.units[i]
             group: List[Candidate] = []
             c = self._price(i, i, Segment(first, last, "store"))
             if c is None:
-                raise ValueError(f"the cost model refuses a plain store segment {first}..{last}: {self.cm.segment(Segment(first, last, 'store')).why}")
+                raise ValueError(f"the cost model refuses a plain store segment {first}..{last}: "
+                                 f"{self.cm.segment(Segment(first, last, 'store')).why}")
             group.append(c)
             if self.recompute:
                 cheap = [n.name for n in self.unit_nodes[i][:-1] if n.op in CHEAP_OPS]
@@ -177,34 +190,52 @@ class Problem:
                     if c is not None:
                         group.append(c)
             self.cands.extend(_pareto(group))
-            nspatial, chain = 0, "rows" in modes
+            if not major[i]:
+                continue
+            source = g.nodes[g.index(first) - 1]
+            span, chain = 0, ("rows" in modes and source.is_map and source.height >= self.min_row_height)
             for j in range(i, U):
-                last = self.units[j][1]
-                ckpt = "checkpoint" in modes and j - i + 1 <= self.max_ckpt_units
-                chain = chain and rowwise_unit[j]
-                if chain:
-                    nspatial += spatial_unit[j]
-                    chain = nspatial <= self.max_row_units
+                span += major[j]
+                ckpt = "checkpoint" in modes and span <= self.max_ckpt_units
+                chain = chain and rowwise_unit[j] and span <= self.max_row_units
                 if not ckpt and not chain:
                     break
+                if not major[j + 1]:
+                    continue
+                last = self.units[j][1]
                 group = []
                 if ckpt:
                     c = self._price(i, j, Segment(first, last, "checkpoint"))
                     if c is not None:
                         group.append(c)
                 if chain:
-                    source = g.nodes[g.index(first) - 1].name
                     for pol in ROW_POLICIES[self.policy]:
-                        top = max_strips(rg, source, last, pol)
-                        if self.strips is not None:
-                            counts = [self.strips] if self.strips <= top else []
-                        else:
-                            counts = [k for k in (2 ** e for e in range(1, 12)) if k <= min(top, MAX_AUTO_STRIPS)]
-                        for k in counts:
-                            c = self._price(i, j, Segment(first, last, "rows", policy=pol, strips=k))
-                            if c is not None:
-                                group.append(c)
+                        group.extend(self._row_candidates(i, j, first, last, source.name, pol, rg))
                 self.cands.extend(_pareto(group))
+
+    def _row_candidates(self, i, j, first, last, source, pol, rg) -> List[Candidate]:
+        """Row candidates of one range and policy: the forced strip count, or 2, 4, 8, ... while
+        doubling the strips still lowers the segment's peak by ``strip_gain`` (and rows allow)."""
+        top = max_strips(rg, source, last, pol)
+        if self.strips is not None:
+            if self.strips > top:
+                return []
+            c = self._price(i, j, Segment(first, last, "rows", policy=pol, strips=self.strips))
+            return [c] if c is not None else []
+        out: List[Candidate] = []
+        prev = None
+        k = 2
+        while k <= min(top, self.max_strips):
+            c = self._price(i, j, Segment(first, last, "rows", policy=pol, strips=k))
+            if c is None:
+                break
+            out.append(c)
+            pk = max(c.cost.fwd_peak, c.cost.bwd_peak)
+            if prev is not None and pk > (1 - self.strip_gain) * prev:
+                break
+            prev = pk
+            k *= 2
+        return out
 
     def _quantise(self) -> None:
         q = self.quantum
@@ -244,7 +275,7 @@ class Problem:
             if M + c.q[1] > cap or M + after + c.q[2] > cap:
                 return False
             M += c.q[0]
-        return sum(grads) + _ceil_div(self.opt_peak, self.quantum) <= cap
+        return M + self.tail_q <= cap and sum(grads) + _ceil_div(self.opt_peak, self.quantum) <= cap
 
     # -- dynamic programmes ----------------------------------------------------------------------
     def _min_keep_feasible(self, cap: int) -> bool:
@@ -259,7 +290,7 @@ class Problem:
                 e = c.j + 1
                 if M + c.q[1] <= cap and M + self.grad_suffix[e] + c.q[2] <= cap and M + c.q[0] < best[e]:
                     best[e] = M + c.q[0]
-        return best[self.U] < INF and self.grad_suffix[0] + _ceil_div(self.opt_peak, self.quantum) <= cap
+        return best[self.U] + self.tail_q <= cap and self.grad_suffix[0] + _ceil_div(self.opt_peak, self.quantum) <= cap
 
     def min_cap(self) -> int:
         """Smallest quantised cap that admits a plan (bisection on the min-keep DP)."""
@@ -299,7 +330,7 @@ class Problem:
                     e = c.j + 1
                     if M + c.q[1] <= cap and M + self.grad_suffix[e] + c.q[2] <= cap:
                         labels[e].append((M + c.q[0], t + c.time_s, (lab, c)))
-        end = labels[self.U]
+        end = [l for l in labels[self.U] if l[0] + self.tail_q <= cap]
         if not end:
             return None
         best = min(end, key=lambda l: (l[1], l[0]))
@@ -348,6 +379,7 @@ class Problem:
         for b in range(U):
             prob += C(A([(M[b], 1)] + [(x[k], cands[k].q[1]) for k in starts[b]]), LE, f"fwd{b}", cap)
             prob += C(A([(M[b], 1), (G[b], 1)] + [(x[k], cands[k].q[2]) for k in starts[b]]), LE, f"bwd{b}", cap)
+        prob += C(A([(M[U], 1)]), LE, "loss_backward", cap - self.tail_q)
         prob += C(A([(x[k], c.q[3]) for k, c in enumerate(cands)]), LE, "optimizer",
                   cap - _ceil_div(self.opt_peak, self.quantum))
         if warm:
@@ -399,7 +431,7 @@ class Problem:
             lb, g = (obj if opt_flag else None), (0.0 if opt_flag else float("nan"))
         stopped = "time limit" in text.lower() or "stopped on time" in text.lower()
         st = "optimal" if (opt_flag and not stopped and g <= gap + 1e-12) else "feasible"
-        if st == "optimal" and g > 1e-9:
+        if st == "optimal" and g > 1e-6:
             st = "optimal (within gap)"
         return Result(path, st, obj, lb, g, solve_s, solver,
                       {"cap_quanta": cap, "stopped_on_time": stopped})
