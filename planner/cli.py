@@ -455,34 +455,29 @@ def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: in
     ok1, p1 = fits_at(1)
     if not ok1:
         return 0
-    lo, plo = 1, p1
-    hi, phi = None, None
     ok2, p2 = fits_at(2)
     if not ok2:
         return 1
-    lo, plo = 2, p2
-    slope = max(1, p2 - p1)
-    guess = lo + max(1, int((budget - p2) / slope))
-    while hi is None:  # find a batch that does not fit
-        guess = min(guess, limit)
-        ok, pk = fits_at(guess)
+    lo, plo, hi, phi = 2, p2, None, None
+    slope = max(1.0, float(p2 - p1))
+    turn = 0
+    while hi is None or hi - lo > 1:
+        step = max(1, int((budget - plo) / slope))
+        if hi is None:
+            c = min(lo + step, limit)
+        else:  # secant and bisection alternate: fast on near-linear peaks, never slow
+            c = lo + step if turn % 2 == 0 else (lo + hi) // 2
+            c = min(max(c, lo + 1), hi - 1)
+            turn += 1
+        ok, pk = fits_at(c)
         if ok:
-            lo, plo = guess, pk
-            if guess >= limit:
+            slope = max(1.0, (pk - plo) / (c - lo))
+            lo, plo = c, pk
+            if c >= limit:
                 return limit
-            guess = max(guess + 1, int(guess * 1.25))
         else:
-            hi, phi = guess, pk
-    while hi - lo > 1:
-        t = lo + int((budget - plo) / max(1, phi - plo) * (hi - lo))
-        mid = min(max(t, lo + 1), hi - 1)
-        if hi - lo > 4 and mid in (lo + 1, hi - 1):
-            mid = (lo + hi) // 2
-        ok, pk = fits_at(mid)
-        if ok:
-            lo, plo = mid, pk
-        else:
-            hi, phi = mid, pk
+            hi, phi = c, pk
+            slope = max(1.0, (phi - plo) / (hi - lo))
     return lo
 
 

@@ -44,10 +44,10 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from models.geometry import max_strips
 from .plan import Segment
 
 MODES_BY_POLICY = {
@@ -216,6 +216,8 @@ class Problem:
     def _row_candidates(self, i, j, first, last, source, pol, rg) -> List[Candidate]:
         """Row candidates of one range and policy: the forced strip count, or 2, 4, 8, ... while
         doubling the strips still lowers the segment's peak by ``strip_gain`` (and rows allow)."""
+        from models.geometry import max_strips
+
         top = max_strips(rg, source, last, pol)
         if self.strips is not None:
             if self.strips > top:
@@ -353,9 +355,11 @@ class Problem:
         cap = self.cap(budget)
         U = self.U
         prob = pulp.LpProblem("lrcnn_plan", pulp.LpMinimize)
-        x = [pulp.LpVariable(f"x{k}", cat="Binary") for k in range(len(self.cands))]
-        M = [pulp.LpVariable(f"M{b}", lowBound=0) for b in range(U + 1)]
-        G = [pulp.LpVariable(f"G{b}", lowBound=0) for b in range(U + 1)]
+        with warnings.catch_warnings():  # PuLP 3.x deprecates LpVariable(...) for prob.add_variable
+            warnings.simplefilter("ignore", DeprecationWarning)
+            x = [pulp.LpVariable(f"x{k}", cat="Binary") for k in range(len(self.cands))]
+            M = [pulp.LpVariable(f"M{b}", lowBound=0) for b in range(U + 1)]
+            G = [pulp.LpVariable(f"G{b}", lowBound=0) for b in range(U + 1)]
         starts: List[List[int]] = [[] for _ in range(U + 1)]
         ends: List[List[int]] = [[] for _ in range(U + 1)]
         for k, c in enumerate(self.cands):
@@ -390,6 +394,7 @@ class Problem:
         log = os.path.join(logdir, "cbc.log")
         try:
             if solver == "cbc":
+                warnings.filterwarnings("ignore", "PULP_CBC_CMD is deprecated", DeprecationWarning)
                 s = pulp.PULP_CBC_CMD(msg=msg, timeLimit=max(1, time_limit), gapRel=gap, threads=threads,
                                       warmStart=bool(warm), logPath=log)
             elif solver == "highs":
@@ -486,7 +491,11 @@ def _cbc_bound(text: str) -> Optional[float]:
     obj = re.findall(r"Objective value:\s*([-+0-9.eE]+)", text)
     if not obj:
         return None
-    m = re.findall(r"Exiting as integer gap of\s*([-+0-9.eE]+)", text)
+    # CBC runs sub-searches ("Reduced search") that print their own gap lines: only a gap line
+    # between the last two "Search completed" messages belongs to the main search
+    parts = text.split("Cbc0001I")
+    main = parts[-2] if len(parts) >= 2 else text
+    m = re.findall(r"Exiting as integer gap of\s*([-+0-9.eE]+)", main)
     if m:
         return float(obj[-1]) - float(m[-1])
     if "Optimal solution found" in text:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch.nn as nn
-
-from .ilp import InfeasibleError, Problem, Result
 from .plan import BN_MODES, DTYPES, Plan, Segment
 from .units import parse_bytes
 
@@ -48,12 +45,14 @@ def _check_options(policy, bn, strips, dtype, optimizer, solver) -> None:
         raise ValueError("--strips applies to row segments; policy 'checkpoint' has none")
 
 
-def capture_model(model: Union[str, nn.Module], input_shape: Optional[Sequence[int]], dtype: str = "float32",
+def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "float32",
                   bn: str = "train", num_classes: Optional[int] = None, batch: int = 32):
     """``(name, graph)`` for a zoo name (built on the meta device) or an ``nn.Module``.
 
     A module's BatchNorm layers are put in ``bn`` mode for the capture and restored afterwards.
     """
+    import torch.nn as nn
+
     from models import capture, default_resolution
     from .cli import build_and_capture, quiet_torch_logs
 
@@ -103,6 +102,7 @@ class Solver:
                  strips: Optional[int] = None, optimizer: str = "momentum",
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "cbc", **problem_kw):
         from .cost import CostModel
+        from .ilp import Problem
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
         self.graph, self.name = graph, name or graph.model_name
@@ -131,6 +131,8 @@ class Solver:
     def solve(self, budget, time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP,
               warm: Optional[List] = None, merge_store: bool = True) -> Plan:
         """The fastest plan whose predicted peak fits ``budget`` (bytes or a size string)."""
+        from .ilp import InfeasibleError, Result
+
         budget = parse_bytes(budget)
         p = self.problem
         cap = p.cap(budget)
@@ -154,7 +156,7 @@ class Solver:
         self.last_path = list(res.path)
         return self._plan(res, budget, merge_store)
 
-    def _plan(self, res: Result, budget: int, merge_store: bool) -> Plan:
+    def _plan(self, res, budget: int, merge_store: bool) -> Plan:
         p, cm = self.problem, self.cm
         exact = p.evaluate(res.path)
         segs = [c.seg for c in res.path]
@@ -192,7 +194,7 @@ def _merge_store(segs: List[Segment]) -> List[Segment]:
     return out
 
 
-def solve(model: Union[str, nn.Module], input_shape: Optional[Sequence[int]] = None, budget=None, *,
+def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
           policy: str = "auto", bn: str = "train", strips: Optional[int] = None, dtype: str = "float32",
           optimizer: str = "momentum", device_profile: Any = DEFAULT_PROFILE,
           time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "cbc",
