@@ -405,7 +405,10 @@ def _add_solve(sub) -> None:
                    help=f"solver time limit in seconds; the best plan found so far is returned with its gap (default {DEFAULT_TIME_LIMIT:g})")
     p.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="G",
                    help=f"relative optimality gap at which the solver stops (default {DEFAULT_GAP:g})")
-    p.add_argument("--solver", choices=SOLVERS, default="cbc", help="MILP solver: cbc (bundled) or highs (needs highspy)")
+    p.add_argument("--solver", choices=SOLVERS, default="auto",
+                   help="auto: the exact label-setting DP where it applies (mode-independent gradient "
+                        "bytes, bounded labels), else the ILP with CBC; cbc / highs (needs highspy): "
+                        "always the ILP (warm-started from the DP) (default auto)")
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan here")
     p.add_argument("--pareto", default=None, metavar="FILE.csv",
                    help="also write budget vs predicted step time over a sweep of budgets (CSV)")

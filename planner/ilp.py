@@ -152,6 +152,7 @@ class Problem:
         for b in range(self.U - 1, -1, -1):
             self.grad_suffix[b] = self.grad_suffix[b + 1] + ug[b]
         self.grads_additive = all(c.q[3] == sum(ug[c.i:c.j + 1]) for c in self.cands)
+        self.dp_exact = False
         self.by_start: List[List[Candidate]] = [[] for _ in range(self.U)]
         for c in self.cands:
             self.by_start[c.i].append(c)
@@ -316,15 +317,21 @@ class Problem:
     def pareto_dp(self, cap: int, max_labels: Optional[int] = 12) -> Optional[List[Candidate]]:
         """Fastest path under ``cap`` by label setting on (keep so far, time).
 
-        Exact with ``max_labels=None`` when gradients are mode-independent; with a cap on the labels
-        kept per boundary it is a (good) heuristic -- the ILP's warm start.
+        Every constraint ahead of a boundary depends on the path behind it only through the keep
+        so far, so Pareto labels (keep, time) per boundary make this exact when each range's
+        gradient bytes do not depend on its mode (``grads_additive``) and no frontier was cut to
+        ``max_labels``; ``self.dp_exact`` says whether both held.  Otherwise it is a heuristic.
         """
+        self.dp_exact = False
+        truncated = False
         if self.grad_suffix[0] + _ceil_div(self.opt_peak, self.quantum) > cap:
             return None
         labels: List[List[tuple]] = [[] for _ in range(self.U + 1)]
         labels[0] = [(0, 0.0, None)]
         for b in range(self.U):
-            front = _frontier(labels[b], max_labels)
+            front = _frontier(labels[b], None)
+            if max_labels is not None and len(front) > max_labels:
+                front, truncated = _frontier(front, max_labels), True
             labels[b] = front
             for lab in front:
                 M, t, _ = lab
@@ -343,7 +350,10 @@ class Problem:
             path.append(c)
             node = prev
         path.reverse()
-        return path if self.path_fits(path, cap) else None
+        if not self.path_fits(path, cap):
+            return None
+        self.dp_exact = self.grads_additive and not truncated
+        return path
 
     # -- the ILP ---------------------------------------------------------------------------------
     def solve_ilp(self, budget: int, time_limit: float = 30.0, gap: float = 0.005,
@@ -422,8 +432,11 @@ class Problem:
             else:
                 raise RuntimeError(f"solver returned an inconsistent solution (status {status})")
         obj = sum(c.time_s for c in path) + self.time_const
-        bound = _cbc_bound(text) if solver == "cbc" else None
-        if solver == "highs":
+        bound = None
+        if solver == "cbc":
+            absgap = _cbc_gap(text)
+            bound = None if absgap is None else obj - self.time_const - absgap
+        else:
             try:
                 bound = float(s.solverModel.getInfo().mip_dual_bound)
             except Exception:
@@ -483,23 +496,26 @@ def _is_path(path: Sequence[Candidate], U: int) -> bool:
     return b == U
 
 
-def _cbc_bound(text: str) -> Optional[float]:
-    """CBC's final lower bound on its objective, from its log (None when the log does not say)."""
-    m = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", text)
-    if m:
-        return float(m[-1])
+def _cbc_gap(text: str) -> Optional[float]:
+    """CBC's final absolute gap (objective - lower bound) from its log; None if it does not say.
+
+    Both numbers come from the log (printed to ~8 digits), so an optimal run gives exactly 0.
+    """
     obj = re.findall(r"Objective value:\s*([-+0-9.eE]+)", text)
     if not obj:
         return None
+    m = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", text)
+    if m:
+        return max(0.0, float(obj[-1]) - float(m[-1]))
     # CBC runs sub-searches ("Reduced search") that print their own gap lines: only a gap line
     # between the last two "Search completed" messages belongs to the main search
     parts = text.split("Cbc0001I")
     main = parts[-2] if len(parts) >= 2 else text
     m = re.findall(r"Exiting as integer gap of\s*([-+0-9.eE]+)", main)
     if m:
-        return float(obj[-1]) - float(m[-1])
+        return float(m[-1])
     if "Optimal solution found" in text:
-        return float(obj[-1])
+        return 0.0
     return None
 
 

@@ -21,7 +21,9 @@ from .units import parse_bytes
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 POLICIES = ("auto", "2ps", "overl", "checkpoint")
-SOLVERS = ("cbc", "highs")
+SOLVERS = ("auto", "cbc", "highs")
+#: Labels per boundary the exact DP may keep before it counts as a heuristic (then the ILP decides).
+DP_LABELS = 4000
 #: Budgets are device (GPU) bytes, so plans are priced for a GPU unless told otherwise.
 DEFAULT_PROFILE = "h100"
 DEFAULT_TIME_LIMIT = 30.0
@@ -100,7 +102,7 @@ class Solver:
 
     def __init__(self, graph, name: Optional[str] = None, policy: str = "auto", bn: str = "train",
                  strips: Optional[int] = None, optimizer: str = "momentum",
-                 device_profile: Any = DEFAULT_PROFILE, solver: str = "cbc", **problem_kw):
+                 device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", **problem_kw):
         from .cost import CostModel
         from .ilp import Problem
 
@@ -145,13 +147,25 @@ class Solver:
                          0.0, "none")
             res.bound = res.objective
         else:
-            greedy = p.pareto_dp(cap)
+            greedy = p.pareto_dp(cap, max_labels=DP_LABELS)
+            exact = p.dp_exact and greedy is not None
             if warm and p.path_fits(warm, cap) and (greedy is None or
                                                     sum(c.time_s for c in warm) < sum(c.time_s for c in greedy)):
                 greedy = list(warm)
-            res = p.solve_ilp(budget, time_limit=time_limit, gap=gap, warm=greedy, solver=self.solver_name)
-            if res.status == "infeasible":
-                raise InfeasibleError(budget, self.min_peak())
+            dp_obj = sum(c.time_s for c in greedy) + p.time_const if greedy else None
+            if self.solver_name == "auto" and exact:
+                # the label-setting DP solved this exact problem: nothing for the ILP to add
+                res = Result(greedy, "optimal", dp_obj, dp_obj, 0.0, 0.0, "dp")
+            else:
+                ilp = "cbc" if self.solver_name == "auto" else self.solver_name
+                res = p.solve_ilp(budget, time_limit=time_limit, gap=gap, warm=greedy, solver=ilp)
+                if res.status == "infeasible":
+                    raise InfeasibleError(budget, self.min_peak())
+                if exact and res.status != "optimal" and res.objective <= dp_obj * (1 + 1e-12):
+                    # the solver stopped early on the DP's plan, which the exact DP proves optimal
+                    res.extra["ilp_gap"] = res.gap
+                    res.status, res.gap, res.bound = "optimal", 0.0, dp_obj
+                    res.solver += "+dp"
         res.solve_s = time.perf_counter() - t0
         self.last_path = list(res.path)
         return self._plan(res, budget, merge_store)
@@ -179,7 +193,9 @@ class Solver:
             "min_peak_bytes": self.min_peak(), "baseline_time_s": base["time_s"],
             "baseline_peak_bytes": base["peak"], "ilp_peak_bytes": exact["peak"],
             "unit_path": [[c.i, c.j] for c in res.path],
+            "dp_exact": bool(p.dp_exact),
         }
+        plan.solver.update({k: v for k, v in res.extra.items() if k != "cap_quanta"})
         return plan
 
 
@@ -197,7 +213,7 @@ def _merge_store(segs: List[Segment]) -> List[Segment]:
 def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
           policy: str = "auto", bn: str = "train", strips: Optional[int] = None, dtype: str = "float32",
           optimizer: str = "momentum", device_profile: Any = DEFAULT_PROFILE,
-          time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "cbc",
+          time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "auto",
           num_classes: Optional[int] = None, **problem_kw) -> Plan:
     """Plan one training step of ``model`` at ``input_shape`` within ``budget`` device bytes.
 
