@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--profile", default="h100")
     ap.add_argument("--time-limit", type=float, default=30.0)
+    ap.add_argument("--solver", default="auto", help="auto (exact DP where it applies) | cbc | highs")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         _, graph = capture_model(name, None, bn=bn, batch=args.batch)
         t1 = time.perf_counter()
-        s = Solver(graph, name, bn=bn, device_profile=args.profile)
+        s = Solver(graph, name, bn=bn, device_profile=args.profile, solver=args.solver)
         t2 = time.perf_counter()
         plan = s.solve(budget, time_limit=args.time_limit)
         t3 = time.perf_counter()
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
             "units": info["units"], "candidates": info["candidates"],
             "capture_s": round(t1 - t0, 2), "pricing_s": round(t2 - t1, 2), "solve_s": round(t3 - t2, 2),
             "total_s": round(t3 - t0, 2), "target_s": TARGETS.get(name, float("nan")),
-            "status": info["status"], "gap_%": round(100 * info["gap"], 3), "row_segs": nrows,
+            "solver": info["solver"], "status": info["status"], "gap_%": round(100 * info["gap"], 3), "row_segs": nrows,
             "peak_GB": round(pred["peak_bytes"] / 1e9, 3),
             "overhead_%": round(100 * (pred["time_s"] / info["baseline_time_s"] - 1), 2),
         })

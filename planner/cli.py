@@ -602,7 +602,7 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
             lines.append("  breakdown      " + ", ".join(parts))
     base_t, base_p = info.get("baseline_time_s"), info.get("baseline_peak_bytes")
     t = pred.get("time_s", 0.0)
-    over = f"{100 * (t / base_t - 1):+.1f}%" if base_t else "n/a"
+    over = f"{100 * (t / base_t - 1) + 0.0:+.1f}%".replace("-0.0%", "+0.0%") if base_t else "n/a"
     lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})")
     lines.append(f"smallest plan    {fmt_both(info.get('min_peak_bytes', 0))}")
     gap = info.get("gap")
