@@ -9,7 +9,9 @@ solver must use rows.  Working out that budget is not timed; the timed part is w
 solve`` does after start-up: capture, cost-model pricing of every candidate, min-peak check, warm
 start and the ILP.  The torch/torchvision import and the first-capture warm-up (fx, fake tensors)
 are paid once before the first model and are not in the numbers (``planner solve`` pays them too:
-about 3-5 s on a loaded 2-core machine).  ResNets run with BatchNorm in eval mode: row segments
+about 3-5 s on a loaded 2-core machine).  ``--solver cbc`` forces the ILP (warm-started from the
+DP); ``cbc+dp`` in the table means CBC stopped at its time limit on the plan the exact DP proves
+optimal (``ilp_gap_%``: CBC's own gap then).  ResNets run with BatchNorm in eval mode: row segments
 over train-mode BatchNorm are not supported by cost model v0.
 """
 from __future__ import annotations
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
             "units": info["units"], "candidates": info["candidates"],
             "capture_s": round(t1 - t0, 2), "pricing_s": round(t2 - t1, 2), "solve_s": round(t3 - t2, 2),
             "total_s": round(t3 - t0, 2), "target_s": TARGETS.get(name, float("nan")),
-            "solver": info["solver"], "status": info["status"], "gap_%": round(100 * info["gap"], 3), "row_segs": nrows,
+            "solver": info["solver"], "status": info["status"], "gap_%": round(100 * info["gap"], 3),
+            "ilp_gap_%": round(100 * info["ilp_gap"], 2) if "ilp_gap" in info else "", "row_segs": nrows,
             "peak_GB": round(pred["peak_bytes"] / 1e9, 3),
             "overhead_%": round(100 * (pred["time_s"] / info["baseline_time_s"] - 1), 2),
         })
