@@ -316,3 +316,12 @@ def test_cli_solve_unwritable_output(capfd, tmp_path):
         assert os.listdir(ro) == []
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_cli_main_job(capfd):
+    """`make run`: planner solve --model resnet50 --budget 8GB on default inputs (time: bench)."""
+    rc, so, se = run(capfd, "solve", "--model", "resnet50", "--budget", "8GB")
+    assert rc == 0, se
+    assert so.startswith("resnet50: input 32x3x224x224 float32, optimizer momentum, BatchNorm train, "
+                         "device profile h100")
+    assert "budget 8.00 GB (7.45 GiB)" in so and "predicted peak" in so and "solver" in so
