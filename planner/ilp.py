@@ -410,7 +410,11 @@ class Problem:
             elif solver == "highs":
                 if not pulp.HiGHS().available():
                     raise ValueError("solver 'highs' is not available (pip install highspy); use --solver cbc")
-                s = pulp.HiGHS(msg=msg, timeLimit=max(1, time_limit), gapRel=gap, warmStart=bool(warm), threads=threads)
+                try:
+                    s = pulp.HiGHS(msg=msg, timeLimit=max(1, time_limit), gapRel=gap, warmStart=bool(warm),
+                                   threads=threads)
+                except TypeError:  # a PuLP whose HiGHS interface takes no warm start / threads
+                    s = pulp.HiGHS(msg=msg, timeLimit=max(1, time_limit), gapRel=gap)
             else:
                 raise ValueError(f"solver {solver!r} is not one of cbc, highs")
             prob.solve(s)
