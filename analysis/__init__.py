@@ -1,1 +1,24 @@
-"""Reports of predicted vs actual (pandas tables, matplotlib plots); filled in by the run/report issue."""
+"""Reports of predicted vs actual: records of ``planner run`` as pandas tables and matplotlib plots.
+
+* :func:`load_records` -- one DataFrame from records files (.parquet / .csv);
+* :func:`compare`, :func:`segment_table`, :func:`phase_table`, :func:`runs_summary`,
+  :func:`timeline` -- predicted vs actual with absolute and relative errors;
+* :func:`draw_report` -- the PNG (memory timeline, per-segment peaks);
+* :func:`report` -- what ``planner report`` prints.
+"""
+from .compare import compare, phase_table, runs_summary, segment_table, timeline
+from .records import RecordsError, load_records
+
+
+def draw_report(df, path):
+    from .plot import draw_report as _draw  # matplotlib only when drawing
+    return _draw(df, path)
+
+
+def report(paths, csv=None, png=None):
+    from .report import report as _report
+    return _report(paths, csv=csv, png=png)
+
+
+__all__ = ["load_records", "RecordsError", "compare", "segment_table", "phase_table", "runs_summary",
+           "timeline", "draw_report", "report"]

@@ -70,18 +70,22 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 
-def make_optimizer(params, name: str, lr: float = 1e-3) -> torch.optim.Optimizer:
-    """The optimizer a plan's ``training.optimizer`` names (single-tensor loops on CPU)."""
+def make_optimizer(params, name: str, lr: float = 1e-3, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimizer a plan's ``training.optimizer`` names (``momentum``: SGD with momentum).
+
+    PyTorch's default implementation choice (single-tensor loops on CPU, ``foreach`` on CUDA),
+    which is what the cost model's optimizer transient assumes.
+    """
     params = list(params)
-    foreach = None if any(p.is_cuda for p in params) else False
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, foreach=foreach)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, foreach=foreach)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, foreach=foreach)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 

@@ -38,7 +38,7 @@ import gc
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryReport", "StorageTracker", "measure_step", "mark", "fake_mode", "fake_state"]
+__all__ = ["MemoryReport", "StorageTracker", "measure_step", "mark", "measuring", "fake_mode", "fake_state"]
 
 Entry = Tuple[str, int, int]  # (label, live bytes, peak bytes since the previous mark)
 
@@ -88,9 +88,21 @@ class MemoryReport:
         """Peak of all counted bytes, the pre-existing ones (``baseline_bytes``) included."""
         return self.baseline_bytes + self.peak_bytes
 
-    def absolute_phase_peaks(self) -> Dict[str, int]:
-        """:meth:`phase_peaks` plus ``baseline_bytes``: what was live in all, per phase."""
-        return {k: v + self.baseline_bytes for k, v in self.phase_peaks().items()}
+    def absolute_phase_peaks(self, phases: Sequence[str] = ("forward", "backward", "optimizer")) -> Dict[str, int]:
+        """Absolute peak (``baseline_bytes`` included) per phase of a step.
+
+        Every timeline interval belongs to the first of ``phases`` marked at or after it (marks
+        made inside a phase, e.g. per strip, refine it without splitting it); intervals after the
+        last phase mark are ``'end'``.
+        """
+        out: Dict[str, int] = {}
+        pending = 0
+        for label, _, peak in self.timeline:
+            pending = max(pending, peak)
+            if label in phases or label == "end":
+                out[label] = max(out.get(label, 0), pending + self.baseline_bytes)
+                pending = 0
+        return out
 
 
 class _Meter:
@@ -260,6 +272,11 @@ class _CudaMeter(_Meter):
 
     def __exit__(self, *exc) -> None:
         self._stop()
+
+
+def measuring() -> bool:
+    """Whether a measurement is active (instrumented code may skip its bookkeeping otherwise)."""
+    return bool(_ACTIVE)
 
 
 def mark(label: str) -> None:

@@ -25,6 +25,7 @@ from models import ops as _ops
 from models.ops import out_of_place_call, out_of_place_module
 from models.capture import capture, trace
 from planner.plan import Plan, PlanError
+from .memory import mark as _mark, measuring as _measuring
 from .rows import RowSegment, run_rows
 from .state import StateSlots
 
@@ -123,6 +124,7 @@ class PlannedModule(nn.Module):
         for s in plan.segments:
             seg_at[s.first] = s
         steps: List[tuple] = []
+        seg_index: Dict[int, int] = {}  # step position -> index of its plan segment
         order = list(self._fx.nodes)
         i = 0
         while i < len(order):
@@ -134,6 +136,7 @@ class PlannedModule(nn.Module):
                 continue
             j = graph.index(s.last)
             nodes = order[i: j + 1]
+            seg_index[len(steps)] = plan.segments.index(s)
             src = order[i - 1].name
             if s.mode == "rows":
                 seg = RowSegment(self, graph, fxnodes, s)
@@ -159,9 +162,7 @@ class PlannedModule(nn.Module):
                 last[name] = k
         object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_last", last)
-        for st in steps:
-            if st[0] == "rows" and self.training:
-                st[1].check_modes()
+        object.__setattr__(self, "_seg_index", seg_index)
 
     @staticmethod
     def _step_inputs(st) -> List[str]:
@@ -178,8 +179,16 @@ class PlannedModule(nn.Module):
         env: Dict[str, Any] = {}
         runner = self._runner
         result = None
+        # Segment boundaries for memory/time measurement (executor.memory.mark): only while a
+        # measurement is active, so normal runs register nothing.  Backward marks come from
+        # gradient hooks that return None (the gradient is untouched).
+        marks: Dict[str, List[str]] = {} if _measuring() else None
         for k, st in enumerate(self._steps):
             kind = st[0]
+            seg = self._seg_index.get(k) if marks is not None else None
+            if seg is not None:
+                _mark(f"segment {seg} forward begin")
+                self._grad_mark(env[st[2]], st[2], f"segment {seg} backward", marks)
             if kind == "node":
                 n = st[1]
                 if n.op == "placeholder":
@@ -194,10 +203,35 @@ class PlannedModule(nn.Module):
                 env[st[3]] = self._run_checkpoint(st[1], env[st[2]], st[2], st[4])
             else:
                 env[st[3]] = self._run_store(st[1], env[st[2]], st[2], st[4], st[5])
+            if seg is not None:
+                _mark(f"segment {seg} forward")
+                self._grad_mark(env[st[3]], st[3], f"segment {seg} backward begin", marks)
             for name in self._step_inputs(st):
                 if self._last.get(name) == k:
                     env.pop(name, None)
         return result
+
+    @staticmethod
+    def _grad_mark(t, name: str, label: str, marks: Dict[str, List[str]]) -> None:
+        """Have ``mark(label)`` fire when the gradient w.r.t. ``t`` is computed.  One hook per
+        tensor; labels fire in the order added (a segment's input is the previous segment's
+        output: "segment i backward" is added first and must fire before "segment i-1 backward
+        begin").  The hook holds the label list, never the tensor."""
+        if not (isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()):
+            return
+        labels = marks.get(name)
+        if labels is None:
+            labels = marks[name] = []
+
+            def hook(grad, labels=labels):
+                for lab in labels:
+                    _mark(lab)
+
+            t.register_hook(hook)
+        if label.endswith("begin"):
+            labels.append(label)
+        else:
+            labels.insert(0, label)
 
     def _run_nodes(self, nodes: List[fx.Node], x, src: str, mode: str = "plain"):
         env = {src: x}
@@ -206,7 +240,10 @@ class PlannedModule(nn.Module):
             for a in n.all_input_nodes:
                 last[a.name] = k
         for k, n in enumerate(nodes):
-            env[n.name] = self._runner.run(n, env, mode)
+            # never overwrite the segment input: a checkpoint saved it (e.g. a segment that
+            # starts with an in-place ReLU)
+            m = "noinplace" if mode == "plain" and any(a.name == src for a in n.all_input_nodes) else mode
+            env[n.name] = self._runner.run(n, env, m)
             for a in n.all_input_nodes:
                 if last.get(a.name) == k:
                     env.pop(a.name, None)

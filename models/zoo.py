@@ -180,3 +180,19 @@ def load_weights(model: nn.Module, path: str) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ModelError(f"weights file {path!r} does not match the model: {first[:200]}") from None
+
+
+def set_bn_mode(model: nn.Module, bn: str) -> nn.Module:
+    """Put ``model`` in training mode with its BatchNorm layers in ``bn`` mode.
+
+    ``train``: batch statistics (what people train with); ``eval``: frozen BN (running
+    statistics), everything else (dropout) still training.  Returns the model.
+    """
+    if bn not in ("train", "eval"):
+        raise ModelError(f"BatchNorm mode {bn!r} is not 'train' or 'eval'")
+    model.train()
+    if bn == "eval":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model

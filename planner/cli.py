@@ -1,7 +1,9 @@
 """The ``planner`` command line: ``planner <verb> [options]``.
 
 Verbs so far: ``models`` (the model zoo), ``inspect`` (per-layer table of a captured model),
-``check-plan`` (validate a plan JSON against its model) and ``solve`` (the ILP planner).  Later verbs (solve, simulate, run,
+``check-plan`` (validate a plan JSON against its model), ``solve`` (the ILP planner), ``run`` (train with a plan, record
+predicted vs actual; :mod:`executor.run`) and ``report`` (tables and plots of run records;
+:mod:`analysis`).  Later verbs (solve, simulate, run,
 report, bench, calibrate) plug into the same pattern:
 
 * write ``_add_<verb>(subparsers)`` that creates the subparser (``--help`` comes free) and sets
@@ -170,16 +172,17 @@ def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int
     """Build a zoo model and capture it.  Returns ``(model, graph)``.
 
     The model lives on the meta device unless ``weights`` is given (then on the CPU, with the
-    state dict loaded and checked).  ``bn`` puts the model in ``train()`` or ``eval()`` mode first.
+    state dict loaded and checked).  The model is in training mode with BatchNorm in ``bn`` mode
+    (:func:`models.set_bn_mode`).
     """
-    from models import capture, default_resolution, get_model
+    from models import capture, default_resolution, get_model, set_bn_mode
 
     if bn not in BN_MODES:
         raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
     tdtype = parse_dtype(dtype)
     model = get_model(name, num_classes=num_classes, weights=weights,
                       device=None if weights is not None else "meta")
-    model.train(bn == "train")
+    set_bn_mode(model, bn)
     if resolution is None:
         r = default_resolution(name)
         resolution = (r, r)
@@ -340,6 +343,150 @@ def cmd_check_plan(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# planner calibrate / planner simulate
+# ------------------------------------------------------------------------------------------------
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="measure this machine and write a device profile for the cost model",
+        description="Time convolutions (FLOP/s), large element-wise ops (bandwidth) and tiny ops "
+                    "(per-call cost) on the device and save a profile JSON that '--device-profile FILE' uses.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to measure (default cpu)")
+    p.add_argument("--dtype", action="append", choices=DTYPES, default=None,
+                   help="data type(s) to time convolutions in (repeatable; default float32)")
+    p.add_argument("--quick", action="store_true", help="smaller, fewer measurements (seconds)")
+    p.add_argument("-o", "--output", default="profile.json", metavar="FILE",
+                   help="where to write the profile (default profile.json)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from planner.calibrate import calibrate, save_profile
+
+    _check_writable(args.output)
+    prof = calibrate(args.device, tuple(args.dtype or ("float32",)), args.quick,
+                     progress=lambda s: print(f"calibrate: {s} ...", file=sys.stderr))
+    save_profile(prof, args.output)
+    rates = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in prof.flops.items())
+    print(f"wrote {args.output}: {prof.name}: {rates}, bandwidth {prof.bandwidth / 1e9:.1f} GB/s, "
+          f"{prof.launch_s * 1e6:.1f} us per op")
+    return EXIT_OK
+
+
+def _check_writable(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise ValueError(f"cannot write {path!r}: directory {d!r} does not exist or is not writable; "
+                         f"choose another output path")
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="predicted vs simulated peak memory of a plan (fake tensors, any size)",
+        description="Run one training step of the plan's model with the plan applied under "
+                    "FakeTensorMode (no real memory, full size in seconds) and print the cost model's "
+                    "predicted peak per phase next to the simulated one.")
+    p.add_argument("plan", metavar="PLAN.json", help="plan file")
+    p.add_argument("--device-profile", default="cpu", metavar="NAME|FILE",
+                   help="device profile for the prediction (default cpu; see 'planner calibrate')")
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default=None,
+                   help="optimizer (default: the plan's training.optimizer)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args) -> int:
+    from planner.simulate import simulate_plan
+
+    if args.csv:
+        _check_writable(args.csv)
+    df, info = simulate_plan(args.plan, args.device_profile, args.optimizer)
+    rows = [[r.phase, _mib(r.predicted_bytes), _mib(r.simulated_bytes), f"{r.error_pct:+.2f}%"]
+            for r in df.itertuples()]
+    print(f"{info['model']} {info['shape']} {info['dtype']}, optimizer {info['optimizer']}, "
+          f"profile {info['profile']}: simulated in {info['sim_s']:.1f} s")
+    print(format_table(["phase", "predicted MiB", "simulated MiB", "error"], rows, "lrrr"))
+    if args.csv:
+        write_csv_atomic(df, args.csv)
+    return EXIT_OK
+
+# planner run / planner report (the work is in executor.run and analysis.report)
+# ------------------------------------------------------------------------------------------------
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number; give 0 or more") from None
+    if v < 0:
+        raise ValueError(f"{text!r} must be 0 or more")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; give a positive learning rate such as 0.01") from None
+    if not v > 0:
+        raise ValueError(f"{text!r} must be a positive number")
+    return v
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="train with a plan for real; record predicted vs actual memory and time",
+        description="Build the plan's model (random weights), apply the plan and run real training "
+                    "steps (cross-entropy, the plan's optimizer).  Records per step, phase and segment "
+                    "predicted and actual peak bytes and time.  Memory is measured on the first "
+                    "recorded step (absolute live bytes: parameters, optimizer state, batch, "
+                    "gradients, activations), time on the others.  Exit 1 when the measured peak "
+                    "exceeds the plan's budget or --check-grads finds a mismatch.")
+    p.add_argument("plan", metavar="PLAN.json", help="plan file (lrcnn.plan/1)")
+    p.add_argument("--steps", type=positive_int, default=20, metavar="N", help="recorded steps (default 20)")
+    p.add_argument("--warmup", type=_argtype(_nonneg_int), default=2, metavar="N",
+                   help="unrecorded steps first (default 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="cuda, cpu or auto (cuda when available; default)")
+    p.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
+                   help="'synthetic' (random tensors, default) or an ImageFolder root (one folder per class)")
+    p.add_argument("--lr", type=_argtype(_positive_float), default=None, metavar="LR",
+                   help="learning rate (default: the plan's training.lr, else 0.01 for sgd/momentum, "
+                        "1e-3 for adam/adamw)")
+    p.add_argument("--check-grads", action="store_true",
+                   help="first compare one step's loss and gradients with the plain model (exit 1 on mismatch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    p.add_argument("--out", default=None, metavar="RECORDS.parquet",
+                   help="write the records (.parquet, or .csv by the name's extension)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from executor.run import run_command
+
+    return run_command(args)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="tables and plots of predicted vs actual from 'planner run' records",
+        description="Load records of one or more runs and print per-run, per-phase and per-segment "
+                    "predicted vs actual peak memory and time with absolute and relative errors.")
+    p.add_argument("records", nargs="+", metavar="RECORDS", help="records files (.parquet or .csv)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write the comparison table as CSV")
+    p.add_argument("--png", default=None, metavar="FILE",
+                   help="draw the memory timeline and per-segment peaks (matplotlib PNG)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from analysis.report import report_command
+
+    return report_command(args)
+
+
+# ------------------------------------------------------------------------------------------------
 # planner solve
 # ------------------------------------------------------------------------------------------------
 
@@ -361,7 +508,7 @@ def _budget_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"budget: {e}") from None
 
 
-def _positive_float(text: str) -> float:
+def _seconds_arg(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -401,7 +548,7 @@ def _add_solve(sub) -> None:
                         "checkpoint (no row segments) (default auto)")
     p.add_argument("--strips", type=positive_int, default=None, metavar="N",
                    help="force this strip count for row segments")
-    p.add_argument("--time-limit", type=_positive_float, default=DEFAULT_TIME_LIMIT, metavar="S",
+    p.add_argument("--time-limit", type=_seconds_arg, default=DEFAULT_TIME_LIMIT, metavar="S",
                    help=f"solver time limit in seconds; the best plan found so far is returned with its gap (default {DEFAULT_TIME_LIMIT:g})")
     p.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="G",
                    help=f"relative optimality gap at which the solver stops (default {DEFAULT_GAP:g})")
@@ -417,7 +564,7 @@ def _add_solve(sub) -> None:
     p.set_defaults(func=cmd_solve)
 
 
-def _check_writable(path: Optional[str], what: str) -> None:
+def _check_output_path(path: Optional[str], what: str) -> None:
     """Refuse an output path that cannot be written, before any work is done."""
     if path is None:
         return
@@ -492,8 +639,8 @@ def cmd_solve(args) -> int:
     from planner.units import fmt_both
 
     t0 = time.perf_counter()
-    _check_writable(args.output, "plan")
-    _check_writable(args.pareto, "CSV")
+    _check_output_path(args.output, "plan")
+    _check_output_path(args.pareto, "CSV")
     if args.pareto and not args.pareto.lower().endswith(".csv"):
         raise ValueError(f"--pareto file {args.pareto!r} must end in .csv")
     if args.strips is not None and args.policy == "checkpoint":
@@ -625,7 +772,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Functions that add one subcommand each; later issues append theirs.
-SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_solve]
+SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_solve, _add_calibrate,
+                                _add_simulate, _add_run, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

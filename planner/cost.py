@@ -36,7 +36,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from models import ops as _ops
 from models.geometry import default_bounds, max_strips, strip_schedule
@@ -45,7 +45,7 @@ from .plan import Plan, PlanError, Segment
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
            "CostError"]
 
-ROWS_BATCH_STATS = False  # the executor runs batch-statistics BN inside row segments
+ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
@@ -77,6 +77,9 @@ class DeviceProfile:
     workspace: int = 0
     kind: str = "cuda"
     measured: bool = False
+    # measured per op class ('conv', 'map') and direction ('fwd', 'bwd'): [s per call, s per
+    # FLOP, s per byte] (``planner calibrate``); when present they replace the roofline
+    op_costs: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
 
     def flops_for(self, dtype: str) -> float:
         return self.flops.get(dtype) or self.flops.get("float32") or next(iter(self.flops.values()))
@@ -214,7 +217,9 @@ class CostModel:
         """Transient bytes of ``optimizer.step()`` beyond the gradients and the state."""
         if self.optimizer in ("adam", "adamw"):
             biggest = max((n.param_bytes for n in self.graph.nodes), default=0)
-            return self.param_bytes if self.profile.kind == "cuda" else biggest
+            # foreach (CUDA): one params-sized list for the denominators; single-tensor loop
+            # (CPU): sqrt() and its division alive together for the largest parameter
+            return self.param_bytes if self.profile.kind == "cuda" else 2 * biggest
         return 0
 
     def _last_model_node(self):
@@ -243,41 +248,55 @@ class CostModel:
     def _grads(self, nodes) -> int:
         return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
 
-    def _walk(self, nodes, scale: Dict[str, float], store: bool) -> Tuple[int, int]:
+    def _walk(self, nodes, scale: Dict[str, float], store: bool,
+              sizes: Optional[Dict[str, Tuple[int, int]]] = None, keep_output: bool = True) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
         that autograd saves stay live; otherwise everything but the segment output is freed after
-        its last use.  ``scale``: fraction of each node's rows computed.
+        its last use.  ``keep_output``: the segment output stays live even if nobody saves it
+        (it is the next segment's input).  ``scale``: fraction of each node's rows computed.  ``sizes``: per node
+        (output bytes, bytes of a helper copy made at that node and kept with it), for strips,
+        where pointwise ops run out of place, border strips pad a copy of a spatial op's input
+        and 2PS concatenates carried rows with new ones.
         """
         names = [n.name for n in nodes]
-        inside = set(names)
         last = names[-1]
-        owner = self._owner
+        owner = self._owner if sizes is None else {n: n for n in names}
         last_use: Dict[str, int] = {}
         for i, n in enumerate(nodes):
             for u in n.inputs:
                 last_use[owner.get(u, u)] = i
             last_use[owner[n.name]] = max(last_use.get(owner[n.name], -1), i)
+        # values saved by the segment's own ops (its output may also be saved by the next one)
+        saved = set()
+        for n in nodes:
+            for p in n.saves:
+                if sizes is None:
+                    saved.add(self._owner.get(p, p))
+                else:
+                    saved.add(n.name if (n.alias and self._owner[n.name] == p) else p)
         live, peak = 0, 0
         size: Dict[str, int] = {}
-        kept_extra = 0
         for i, n in enumerate(nodes):
             f = scale.get(n.name, 1.0)
             o = owner[n.name]
-            new = self._out(n, f)
-            peak = max(peak, live + new + self._round(n.fwd_work * f))
-            if new:
-                size[o] = size.get(o, 0) + new
-                live += new
+            if sizes is None:
+                new, extra = self._out(n, f), 0
+            else:
+                new, extra = sizes[n.name]
+            peak = max(peak, live + new + extra + self._round(n.fwd_work * f))
+            if new or extra:
+                size[o] = size.get(o, 0) + new + extra
+                live += new + extra
             if store and n.extra_saved:
-                e = self._round(n.extra_saved * f)
-                kept_extra += e
-                live += e
+                live += self._round(n.extra_saved * f)
+            if not keep_output and i == len(nodes) - 1:
+                last_use[owner[last]] = i  # freed at once unless saved
             for key in {owner.get(u, u) for u in n.inputs} | {o}:
-                if key not in size or last_use.get(key) != i or key == owner[last]:
+                if key not in size or last_use.get(key) != i or (keep_output and key == owner[last]):
                     continue
-                if store and key in self._saved_owner:
+                if store and key in saved:
                     continue
                 live -= size.pop(key)
         return peak, live
@@ -295,11 +314,19 @@ class CostModel:
         return peak, run
 
     def _time(self, n, f: float = 1.0, backward: bool = False) -> float:
+        """Seconds for ``f`` of node ``n``'s rows, forward or backward."""
         p = self.profile
-        flops = (n.flops_bwd if backward else n.flops_fwd) * f
-        moved = (n.out_bytes * (3 if backward else 2)) * f + n.param_bytes * (2 if backward else 1)
-        if n.kind in (_ops.INPUT, _ops.OUTPUT):
+        if n.kind in (_ops.INPUT, _ops.OUTPUT) or (n.alias and not n.flops_fwd):
             return 0.0
+        flops = (n.flops_bwd if backward else n.flops_fwd) * f
+        ins = sum(self.graph[u].out_bytes for u in n.inputs)
+        moved = (n.out_bytes + ins) * f * (2 if backward else 1) + n.param_bytes * (2 if backward else 1)
+        cls = "conv" if n.op in ("conv2d", "linear") else "map"
+        fit = p.op_costs.get(cls, {}).get("bwd" if backward else "fwd")
+        if fit:
+            if cls == "map":  # map ops were fitted on elements, not FLOPs
+                flops = n.out_bytes / max(1, self._esize) * f * (2 if backward else 1)
+            return fit[0] + fit[1] * flops + fit[2] * moved
         t = max(flops / (p.flops_for(self.graph.dtype) * p.efficiency), moved / p.bandwidth)
         return t + p.launch_s * (2 if backward else 1)
 
@@ -336,14 +363,29 @@ class CostModel:
 
     def _checkpoint(self, nodes) -> SegmentCost:
         fpk, out_keep = self._walk(nodes, {}, store=False)
-        rec_pk, rec_keep = self._walk(nodes, {}, store=True)
+        # the recompute (in backward) keeps only what the segment's ops save; the forward's
+        # output is no longer live by then (the next segment's backward released it)
+        rec_nodes, trimmed = self._recomputed(nodes)
+        rec_pk, rec_keep = self._walk(rec_nodes, {}, store=True, keep_output=trimmed)
         bpk, _ = self._store_backward(nodes, {})
         gout = self._round(nodes[-1].out_bytes)
         fwd_s = sum(self._time(n) for n in nodes)
         bwd_s = fwd_s + sum(self._time(n, backward=True) for n in nodes)
-        bwd = out_keep + gout + max(rec_pk, rec_keep + bpk)
+        bwd = gout + max(rec_pk, rec_keep + bpk)
         return SegmentCost(keep=out_keep, fwd_peak=fpk, bwd_peak=bwd, grad_bytes=self._grads(nodes),
                            fwd_s=fwd_s, bwd_s=bwd_s, detail={"recompute_saved": rec_keep})
+
+    @staticmethod
+    def _recomputed(nodes):
+        """The nodes a non-reentrant checkpoint recomputes: it stops as soon as the last saved
+        tensor is packed, and autograd packs an op's inputs before running the op.  Returns the
+        nodes and whether the last one's output stays live (saved by the op after it)."""
+        j = max((i for i, n in enumerate(nodes) if n.saves or n.extra_saved), default=0)
+        n = nodes[j]
+        only_inputs = not n.extra_saved and all(p in n.inputs for p in n.saves)
+        if only_inputs and j > 0:  # node j's inputs are packed, its output never made
+            return nodes[:j], True
+        return nodes[:j + 1], False
 
     def _rows(self, seg: Segment, nodes) -> SegmentCost:
         g = self.graph
@@ -365,8 +407,24 @@ class CostModel:
         else:
             count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
             bounds = default_bounds(self.rg, source, out, seg.policy, count)
-        sched = strip_schedule(self.rg, source, names, bounds, seg.policy)
         by = {n.name: n for n in nodes}
+        # training-mode BN: every row of a BN input (and upstream) is computed; statistics and
+        # gradient constants take one extra strip sweep per BN level (executor.rows)
+        anc: Dict[str, set] = {}
+        for n in nodes:
+            a: set = set()
+            for u in n.inputs:
+                if u in by:
+                    a |= anc[u] | {u}
+            anc[n.name] = a
+        bns = [n.name for n in nodes if n.batch_stats]
+        level: Dict[str, int] = {}
+        for b in bns:
+            level[b] = 1 + max((level[a] for a in bns if a in anc[b]), default=-1)
+        levels = 1 + max(level.values(), default=-1)
+        cover = [n for n in names if n in set(bns).union(*(anc[b] for b in bns))] if bns else []
+        sched = strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
+        strategy = (seg.options or {}).get("bn", "sweeps")
         src = g[source]
         out_full = self._round(by[out].out_bytes)
         carries_total = 0
@@ -377,8 +435,9 @@ class CostModel:
         for i, strip in enumerate(sched.rows):
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
+            sizes = self._strip_sizes(g, by, strip, source)
             # forward (no grad): bands live until their last use; output rows copied into the map
-            pk, _ = self._walk(nodes, band, store=False)
+            pk, _ = self._walk(nodes, band, store=False, sizes=sizes)
             carry = 0
             if seg.policy == "2ps" and i + 1 < sched.strips:
                 nxt = sched.rows[i + 1]
@@ -387,22 +446,57 @@ class CostModel:
             fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
             carries_total += carry
             # backward: the strip's store-mode recompute, then its backward
-            rpk, rkeep = self._walk(nodes, band, store=True)
+            rpk, rkeep = self._walk(nodes, band, store=True, sizes=sizes)
             bpk, _ = self._store_backward(nodes, band)
             strip_bwd = max(strip_bwd, rpk, rkeep + bpk)
             fwd_s += sum(self._time(by[n], comp[n]) for n in names)
             bwd_s += sum(self._time(by[n], band[n]) + self._time(by[n], band[n], backward=True) for n in names)
+        bn_s, bn_state = 0.0, 0
+        if levels:
+            one = strategy == "layerwise" or sched.strips == 1
+            for lv in range(1 if one else levels):
+                active = set().union(*(anc[b] | ({b} if one else set()) for b in bns if one or level[b] == lv))
+                bn_s += sum(self._time(by[n], sched.computed_rows(n) / max(1, by[n].height))
+                            for n in names if n in active)
+            bn_s += levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
+            bn_state = sum(4 * self._round(by[b].shape[1] * self._esize) for b in bns)
+            if one and strategy == "layerwise":  # full maps of the statistics pass
+                pk, _ = self._walk([by[n] for n in cover], {}, store=False)
+                fwd_peak = max(fwd_peak, out_full + pk)
         grads = self._grads(nodes)
         biggest = max((self._round(n.param_bytes) for n in nodes), default=0)
         accum = (grads + biggest) if sched.strips > 1 else 0  # running sums of the strips' grads
         need_gx = g.index(seg.first) > 1
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
-        keep = out_full + carries_total
-        bwd_peak = carries_total + gy + gx + accum + strip_bwd
-        return SegmentCost(keep=keep, fwd_peak=fwd_peak, bwd_peak=bwd_peak, grad_bytes=grads,
-                           fwd_s=fwd_s + p.launch_s * sched.strips, bwd_s=bwd_s + p.launch_s * sched.strips,
-                           detail={"strips": sched.strips, "carries": carries_total})
+        keep = out_full + carries_total + bn_state
+        bwd_peak = carries_total + bn_state + gy + gx + accum + strip_bwd
+        return SegmentCost(keep=keep, fwd_peak=fwd_peak + bn_state, bwd_peak=bwd_peak, grad_bytes=grads,
+                           fwd_s=fwd_s + p.launch_s * sched.strips,
+                           bwd_s=bwd_s + bn_s + p.launch_s * sched.strips * (1 + levels),
+                           detail={"strips": sched.strips, "carries": carries_total, "bn_levels": levels,
+                                   "bn_extra_s": bn_s})
+
+    def _strip_sizes(self, g, by, strip, source) -> Dict[str, Tuple[int, int]]:
+        """Per node of a strip: (bytes of the rows it computes, bytes of its helper copy)."""
+        from models.geometry import input_rows
+
+        out: Dict[str, Tuple[int, int]] = {}
+        for name, n in by.items():
+            r = strip[name]
+            row = n.out_bytes / max(1, n.height)
+            new = self._round(row * r.computed) if r.computed else 0
+            extra = 0
+            c0, c1 = r.carried
+            if c1 > c0 and r.computed:  # 2PS: carried rows concatenated with the new ones
+                extra += self._round(row * (r.hi - c0))
+            if n.kind == _ops.SPATIAL and n.geom is not None and r.computed:
+                u = g[n.inputs[0]]
+                ir = input_rows(n.geom, r.start, r.hi, u.height)
+                if ir.pad_top or ir.pad_bottom:  # border strip: the op reads a padded copy
+                    extra += self._round(u.out_bytes / max(1, u.height) * (ir.hi - ir.lo + ir.pad_top + ir.pad_bottom))
+            out[name] = (new, extra)
+        return out
 
     # -- composition ------------------------------------------------------------------------------
     def compose(self, costs: Sequence[SegmentCost]) -> Dict[str, float]:

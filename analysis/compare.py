@@ -1,0 +1,93 @@
+"""Predicted vs actual: per step / phase / segment, with absolute and relative errors.
+
+Errors are signed, ``predicted - actual`` (positive: the cost model over-estimates), relative
+to the actual value.  Memory: the peak of the tracked step(s) (the maximum if several).  Time:
+the median over untracked steps (the tracked step runs under the memory tracker, which slows it),
+or over all steps when every step was tracked.  Missing predictions stay NaN.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KEYS = ["run_id", "scope", "name", "phase", "segment"]
+_SCOPE_ORDER = {"step": 0, "phase": 1, "segment": 2}
+_PHASE_ORDER = {"step": 0, "forward": 1, "backward": 2, "optimizer": 3}
+
+
+def _errors(out):
+    out["peak_abs_err_bytes"] = out["predicted_peak_bytes"] - out["actual_peak_bytes"]
+    out["peak_rel_err"] = out["peak_abs_err_bytes"] / out["actual_peak_bytes"].replace(0, np.nan)
+    out["time_abs_err_s"] = out["predicted_s"] - out["actual_s"]
+    out["time_rel_err"] = out["time_abs_err_s"] / out["actual_s"].replace(0, np.nan)
+    return out
+
+
+def compare(df):
+    """One row per (run, scope, name, phase): predicted/actual peak and time, their errors."""
+    import pandas as pd
+
+    d = df[df["scope"].isin(list(_SCOPE_ORDER))]
+    rows = []
+    for key, g in d.groupby(KEYS, sort=False, dropna=False):
+        tracked = g[g["tracked"]]
+        untracked = g[~g["tracked"]]
+        times = untracked["actual_s"] if untracked["actual_s"].notna().any() else g["actual_s"]
+        first = g.iloc[0]
+        rows.append(dict(zip(KEYS, key), mode=first.get("mode"), model=first["model"], device=first["device"],
+                         predicted_peak_bytes=g["predicted_peak_bytes"].iloc[0],
+                         actual_peak_bytes=tracked["actual_peak_bytes"].max() if len(tracked) else np.nan,
+                         predicted_s=g["predicted_s"].iloc[0], actual_s=times.median(),
+                         steps=int(g["step"].nunique())))
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out = _errors(out)
+    out["_s"] = out["scope"].map(_SCOPE_ORDER)
+    out["_p"] = out["phase"].map(_PHASE_ORDER).fillna(9)
+    order = {r: i for i, r in enumerate(dict.fromkeys(df["run_id"]))}
+    out["_r"] = out["run_id"].map(order)
+    out = out.sort_values(["_r", "_s", "segment", "_p"], kind="stable").drop(columns=["_s", "_p", "_r"])
+    return out.reset_index(drop=True)
+
+
+def segment_table(df):
+    """:func:`compare` restricted to segments (forward and backward of each)."""
+    c = compare(df)
+    return c[c["scope"] == "segment"].reset_index(drop=True) if len(c) else c
+
+
+def phase_table(df):
+    """:func:`compare` restricted to the whole step and its phases."""
+    c = compare(df)
+    return c[c["scope"].isin(["step", "phase"])].reset_index(drop=True) if len(c) else c
+
+
+def runs_summary(df):
+    """One row per run: setting, whole-step peak and time predicted vs actual, budget, losses."""
+    import pandas as pd
+
+    c = compare(df)
+    rows = []
+    for run_id, g in df.groupby("run_id", sort=False):
+        steps = g[g["scope"] == "step"].sort_values("step")
+        first = g.iloc[0]
+        st = c[(c["run_id"] == run_id) & (c["scope"] == "step")].iloc[0]
+        budget = first.get("budget_bytes", np.nan)
+        budget = np.nan if budget is None else float(budget)
+        rows.append(dict(run_id=run_id, model=first["model"], device=first["device"],
+                         batch=first.get("batch"), resolution=first.get("resolution"), dtype=first.get("dtype"),
+                         steps=int(steps["step"].nunique()),
+                         predicted_peak_bytes=st["predicted_peak_bytes"], actual_peak_bytes=st["actual_peak_bytes"],
+                         predicted_s=st["predicted_s"], actual_s=st["actual_s"], budget_bytes=budget,
+                         within_budget=bool(np.isnan(budget) or st["actual_peak_bytes"] <= budget),
+                         first_loss=steps["loss"].iloc[0], last_loss=steps["loss"].iloc[-1]))
+    return _errors(pd.DataFrame(rows))
+
+
+def timeline(df, run_id=None):
+    """The memory timeline of a run's tracked step: one row per mark, in order."""
+    t = df[df["scope"] == "timeline"]
+    if run_id is None and len(t):
+        run_id = t["run_id"].iloc[0]
+    t = t[t["run_id"] == run_id]
+    return t.sort_values(["step", "order"]).reset_index(drop=True)

@@ -1,0 +1,47 @@
+"""Load run records (``planner run --out``) into pandas DataFrames."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Union
+
+#: columns a records file must have for the report (``executor.run.COLUMNS`` has more)
+REQUIRED = ["run_id", "step", "tracked", "scope", "name", "phase", "segment", "predicted_peak_bytes",
+            "actual_peak_bytes", "predicted_s", "actual_s", "loss", "model", "device"]
+
+
+class RecordsError(ValueError):
+    """A records file that cannot be read (one line: the problem and the fix)."""
+
+
+def load_records(paths: Union[str, Iterable[str]]):
+    """One DataFrame from one or more records files (.parquet, or .csv by extension)."""
+    import pandas as pd
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    frames = []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.isfile(p):
+            raise RecordsError(f"records file {p!r} does not exist; give files written by 'planner run --out'")
+        try:
+            df = pd.read_csv(p) if p.endswith(".csv") else pd.read_parquet(p)
+        except Exception as e:  # pyarrow/pandas raise many types for a corrupt file
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise RecordsError(f"cannot read records {p!r} ({msg}); give a .parquet or .csv file "
+                               f"written by 'planner run --out'") from None
+        missing = [c for c in REQUIRED if c not in df.columns]
+        if missing:
+            raise RecordsError(f"{p!r} is not a records file of 'planner run' (missing column(s) "
+                               f"{', '.join(missing)}); give a file written by 'planner run --out'")
+        if df.empty:
+            raise RecordsError(f"records file {p!r} has no rows; re-run 'planner run --out'")
+        df["source"] = p
+        frames.append(df)
+    if not frames:
+        raise RecordsError("no records files given; pass files written by 'planner run --out'")
+    df = pd.concat(frames, ignore_index=True)
+    df["tracked"] = df["tracked"].astype(str).str.lower().isin(["true", "1"])
+    for c in ("predicted_peak_bytes", "actual_peak_bytes", "predicted_s", "actual_s", "loss"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df

@@ -1,0 +1,73 @@
+"""``planner report RECORDS...``: predicted vs actual tables, optional CSV and PNG."""
+from __future__ import annotations
+
+import math
+import os
+
+from .compare import compare, runs_summary
+from .records import RecordsError, load_records
+
+
+def _mib(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v / 2**20:.2f}"
+
+
+def _ms(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1e3:.1f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.1%}"
+
+
+def _check_target(path, ext):
+    if path is None:
+        return
+    if not path.endswith(ext):
+        raise RecordsError(f"{path!r}: the name must end in {ext}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RecordsError(f"{path!r}: folder {folder!r} does not exist; create it or choose another path")
+
+
+def report(paths, csv=None, png=None) -> str:
+    """Tables as text; writes the comparison CSV / PNG when asked (atomically)."""
+    from planner.cli import format_table, write_csv_atomic
+
+    _check_target(csv, ".csv")
+    _check_target(png, ".png")
+    df = load_records(paths)
+    runs = runs_summary(df)
+    cmp = compare(df)
+    out = ["Runs"]
+    out.append(format_table(
+        ["run", "model", "device", "batch", "res", "dtype", "steps", "pred_MiB", "actual_MiB", "peak_err",
+         "pred_ms", "actual_ms", "time_err", "budget_MiB", "ok", "loss"],
+        [[str(r.run_id)[:12], r.model, r.device, r.batch, r.resolution, r.dtype, r.steps,
+          _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes), _pct(r.peak_rel_err), _ms(r.predicted_s),
+          _ms(r.actual_s), _pct(r.time_rel_err), _mib(r.budget_bytes), "yes" if r.within_budget else "OVER",
+          f"{r.first_loss:.4g}->{r.last_loss:.4g}"] for r in runs.itertuples()],
+        "lllrllrrrrrrrrll"))
+    out.append("")
+    out.append("Per phase and segment (peak: tracked step; time: median of the other steps)")
+    out.append(format_table(
+        ["run", "scope", "name", "phase", "pred_MiB", "actual_MiB", "abs_err_MiB", "rel_err",
+         "pred_ms", "actual_ms", "abs_err_ms", "rel_err"],
+        [[str(r.run_id)[:6], r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
+          _mib(r.peak_abs_err_bytes), _pct(r.peak_rel_err), _ms(r.predicted_s), _ms(r.actual_s),
+          _ms(r.time_abs_err_s), _pct(r.time_rel_err)] for r in cmp.itertuples()],
+        "llllrrrrrrrr"))
+    if csv:
+        write_csv_atomic(cmp, csv)
+        out.append(f"\nwrote {csv} ({len(cmp)} rows)")
+    if png:
+        from .plot import draw_report
+        draw_report(df, png)
+        out.append(f"wrote {png}")
+    return "\n".join(out)
+
+
+def report_command(args) -> int:
+    """``planner report``: what the CLI calls."""
+    print(report(args.records, csv=args.csv, png=args.png))
+    return 0

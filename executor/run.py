@@ -1,0 +1,590 @@
+"""``planner run``: real training steps with a plan applied, recording predicted vs actual.
+
+One run = load and check the plan, build the plan's model (random weights, ``--seed``) at the
+plan's dtype on the chosen device, apply the plan, then ``warmup`` unrecorded steps and ``steps``
+recorded ones.  A step is forward, cross-entropy loss, backward, ``optimizer.step()`` and
+``zero_grad(set_to_none=True)``.
+
+What is measured, and how (kept honest):
+
+* **Memory** is measured on the *first* recorded step only (``tracked=True`` in the records):
+  every later step of a fixed plan at a fixed shape allocates the same tensors, and the CPU
+  measurement (:class:`executor.memory.StorageTracker`, a dispatch mode) slows the step down by
+  half or more, so its time is not used for timing.  Peaks are *absolute* live device bytes, the
+  cost model's definition: parameters, buffers, optimizer state, input batch and labels are
+  counted from the start of the step (``track_existing``), gradients, activations and transients
+  as they appear.  CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+  (everything allocated on the device, so the same definition).
+* **Time** is measured on every untracked step (and reported for the tracked one, flagged):
+  ``time.perf_counter`` on the CPU, CUDA events on the GPU, taken at the same marks as memory
+  (phases and segment boundaries; :func:`executor.memory.mark`).  Segment time = time between
+  the segment's begin and end marks (backward: from the gradient of its output to the gradient
+  of its input, the recomputation of checkpoint/rows segments included).
+
+Records: one row per (step, scope, name); see :data:`COLUMNS`.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import memory
+from .measure import make_optimizer as _make_optimizer
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
+PHASES = ("forward", "backward", "optimizer")
+#: norm-wise relative tolerance of --check-grads per dtype.  float32: 1e-4, not 1e-5: plain float32
+#: is itself ~1e-5..1e-4 away from float64 on BN-heavy nets at tiny batches (sums with heavy
+#: cancellation), and a planned run sums in another order.
+GRAD_TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+COLUMNS = [
+    "run_id", "step", "tracked", "scope", "name", "phase", "segment", "mode", "order",
+    "predicted_peak_bytes", "actual_peak_bytes", "actual_live_bytes", "predicted_s", "actual_s", "loss",
+    "device", "device_name", "torch_version", "cudnn_version", "cudnn_benchmark", "cudnn_deterministic",
+    "mem_method", "plan_path", "plan_fingerprint", "model", "batch", "resolution", "dtype", "optimizer",
+    "lr", "budget_bytes", "data", "started",
+]
+
+
+class RunError(ValueError):
+    """Bad input for a run (one line: the problem and the fix); the CLI exits 2."""
+
+
+@dataclass
+class RunResult:
+    records: Any                     # pandas DataFrame, columns COLUMNS
+    failures: List[str] = field(default_factory=list)  # budget exceeded, ... (exit 1)
+    summary: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions
+# ------------------------------------------------------------------------------------------------
+
+def predicted_for(plan, graph) -> Dict[str, Any]:
+    """The plan's own predictions, else the cost model's (``planner.cost.predict``) when it
+    exists, else ``{}`` (predicted values are then recorded as NaN)."""
+    if plan.predicted:
+        return dict(plan.predicted)
+    try:
+        from planner.cost import predict  # noqa: WPS433 (arrives with the cost-model issue)
+    except ImportError:
+        return {}
+    try:
+        return dict(predict(graph, plan) or {})
+    except Exception as e:  # a cost-model bug must not stop the measurement; say so, once
+        print(f"planner: warning: cost model failed ({' '.join(str(e).split()) or type(e).__name__}); "
+              f"predicted values are recorded as NaN", file=sys.stderr)
+        return {}
+
+
+def _num(v) -> float:
+    try:
+        return float(v) if v is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# ------------------------------------------------------------------------------------------------
+# Device, model, data, optimizer
+# ------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a RunError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RunError("--device cuda: no CUDA GPU is available to this torch "
+                           f"({torch.__version__}); use --device cpu or --device auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise RunError(f"--device {name!r} is not one of cuda, cpu, auto")
+
+
+def device_info(device: torch.device) -> Dict[str, Any]:
+    """Device name, torch version and cuDNN settings, for the records."""
+    import platform
+
+    info = {"device": str(device), "torch_version": torch.__version__,
+            "cudnn_version": None, "cudnn_benchmark": None, "cudnn_deterministic": None}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cudnn_version"] = str(torch.backends.cudnn.version())
+        info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+        info["cudnn_deterministic"] = bool(torch.backends.cudnn.deterministic)
+    else:
+        info["device_name"] = platform.processor() or platform.machine() or "cpu"
+    return info
+
+
+def build_model(plan, seed: int = 0):
+    """The plan's model with random weights (``seed``), BN mode from ``plan.training['bn']``
+    (``eval``: BatchNorm layers in eval mode, the rest training), and its capture at the plan's
+    input shape and dtype, checked against the plan (fingerprint, segments)."""
+    from models import capture, get_model, set_bn_mode
+    from planner.cli import quiet_torch_logs
+    from planner.plan import PlanError
+
+    n, c, h, w = plan.input_shape
+    if c != 3:
+        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
+                        f"re-create the plan for this model")
+    bn = plan.training.get("bn", "train")
+    dtype = getattr(torch, plan.dtype)
+    torch.manual_seed(seed)
+    model = get_model(plan.model, num_classes=plan.training.get("num_classes")).to(dtype)
+    set_bn_mode(model, bn)
+    with quiet_torch_logs():
+        graph = capture(model, tuple(plan.input_shape), dtype, model_name=plan.model)
+    plan.validate(graph)
+    return model, graph
+
+
+def make_optimizer(plan, params, lr: Optional[float] = None):
+    """The optimizer named by ``plan.training['optimizer']`` (sgd | momentum | adam | adamw)."""
+    t = plan.training
+    name = str(t.get("optimizer", "sgd")).lower()
+    if name not in OPTIMIZERS:
+        raise RunError(f"plan training.optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}; "
+                       f"edit the plan or re-create it")
+    lr = float(lr if lr is not None else t.get("lr", DEFAULT_LR[name]))
+    wd = float(t.get("weight_decay", 0.01 if name == "adamw" else 0.0))
+    return _make_optimizer(params, name, lr, float(t.get("momentum", 0.9)), wd), name, lr
+
+
+def _synthetic(plan, num_classes: int, seed: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed + 1)
+    shape, dtype = tuple(plan.input_shape), getattr(torch, plan.dtype)
+    while True:
+        yield (torch.randn(*shape, generator=g).to(dtype),
+               torch.randint(0, num_classes, (shape[0],), generator=g))
+
+
+def image_folder(path: str, plan, num_classes: int, seed: int = 0):
+    """A shuffling ``DataLoader`` over a torchvision ``ImageFolder`` at the plan's resolution
+    (resize the short side, centre crop to HxW, ImageNet normalisation), full batches only."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    n, _, h, w = plan.input_shape
+    if not os.path.isdir(path):
+        raise RunError(f"--data {path!r} is not a folder; give an ImageFolder root (one sub-folder "
+                       f"per class) or 'synthetic'")
+    tf = T.Compose([T.Resize(max(h, w)), T.CenterCrop((h, w)), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                    T.ConvertImageDtype(getattr(torch, plan.dtype))])
+    try:
+        ds = ImageFolder(path, transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise RunError(f"--data {path!r} holds no usable images ({' '.join(str(e).split())}); "
+                       f"put images in one sub-folder per class") from None
+    if len(ds.classes) > num_classes:
+        raise RunError(f"--data {path!r} has {len(ds.classes)} classes but the plan's model has "
+                       f"{num_classes} outputs; re-create the plan with training.num_classes >= {len(ds.classes)}")
+    if len(ds) < n:
+        raise RunError(f"--data {path!r} has {len(ds)} image(s), fewer than the plan's batch of {n}; "
+                       f"add images or plan a smaller batch")
+    try:  # decode one image now: a broken file is bad input, not a crash mid-run
+        ds[0]
+    except Exception as e:
+        raise RunError(f"--data {path!r}: cannot read {ds.samples[0][0]!r} "
+                       f"({' '.join(str(e).split())}); remove or replace it") from None
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.utils.data.DataLoader(ds, batch_size=n, shuffle=True, drop_last=True, generator=g,
+                                       num_workers=0)
+
+
+def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        for x, y in loader:
+            yield x, y
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement of one step
+# ------------------------------------------------------------------------------------------------
+
+class _Clock(memory._Meter):
+    """Time stamps at every :func:`memory.mark` (no memory): perf_counter, or CUDA events."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.cuda = device.type == "cuda"
+        self.stamps: list = []
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def mark(self, label: str) -> None:
+        self.timeline.append((label, 0, 0))
+        self.stamps.append(self._now())
+
+    def __enter__(self) -> "_Clock":
+        self._start(0)
+        self.t0 = self._now()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+    def seconds(self) -> List[float]:
+        """Seconds since entry at each mark."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.t0.elapsed_time(e) / 1e3 for e in self.stamps]
+        return [s - self.t0 for s in self.stamps]
+
+
+@dataclass
+class StepMeasure:
+    """Timeline of one step: ``(label, live_bytes, peak_bytes_since_previous, t_seconds)``."""
+
+    entries: List[Tuple[str, float, float, float]]
+    start_live: float = math.nan   # absolute live bytes at the step start (memory steps)
+
+    def _index(self, label: str) -> Optional[int]:
+        for i, e in enumerate(self.entries):
+            if e[0] == label:
+                return i
+        return None
+
+    def span(self, begin: Optional[str], end: str, fallback_end: Optional[str] = None):
+        """``(peak, seconds)`` between the mark ``begin`` (exclusive; None = step start) and
+        ``end`` (inclusive; ``fallback_end`` when ``end`` never fired); NaN when absent."""
+        i = -1 if begin is None else self._index(begin)
+        j = self._index(end)
+        if j is None and fallback_end is not None:
+            j = self._index(fallback_end)
+        if i is None or j is None or j <= i:
+            return math.nan, math.nan
+        peak = max(e[2] for e in self.entries[i + 1: j + 1])
+        t0 = 0.0 if i < 0 else self.entries[i][3]
+        return peak, self.entries[j][3] - t0
+
+
+def _run_step(model, opt, x, y):
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    del out
+    memory.mark("forward")
+    loss.backward()
+    memory.mark("backward")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    memory.mark("optimizer")
+    return loss.detach()
+
+
+def measure_memory_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float, str]:
+    """One step under the memory meter (absolute bytes).  Returns (timeline, loss, method)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        meter: memory._Meter = memory._CudaMeter(device)
+        method = "cuda"
+    else:
+        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        meter, method = memory.StorageTracker([model, state, x, y]), "storage"
+    t0 = time.perf_counter()
+    with meter:
+        loss = _run_step(model, opt, x, y)
+    wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
+    n = len(meter.timeline)
+    entries = [(lab, float(live), float(peak), math.nan) for lab, live, peak in meter.timeline]
+    if n:
+        lab, live, peak, _ = entries[-1]
+        entries[-1] = (lab, live, peak, wall)
+    return StepMeasure(entries, float(meter.baseline)), float(loss), method
+
+
+def measure_time_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float]:
+    clock = _Clock(device)
+    with clock:
+        loss = _run_step(model, opt, x, y)
+    secs = clock.seconds()
+    entries = [(lab, math.nan, math.nan, t) for (lab, _, _), t in zip(clock.timeline, secs)]
+    return StepMeasure(entries), float(loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# --check-grads
+# ------------------------------------------------------------------------------------------------
+
+def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str) -> Tuple[bool, str]:
+    """One forward+backward of the plain model and the planned one on the same input: loss and
+    every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype."""
+    tol = GRAD_TOL[dtype]
+    results = []
+    for m in (plain, planned):
+        m.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+
+    def rel(a, b):
+        return float((a - b).norm() / max(float(b.norm()), torch.finfo(b.dtype).tiny))
+
+    worst = ("loss", rel(l1.reshape(1).double(), l0.reshape(1).double()))
+    for name, ref in g0.items():
+        got = g1.get(name)
+        if (ref is None) != (got is None):
+            return False, f"parameter {name!r} has a gradient in one model only"
+        if ref is None:
+            continue
+        r = rel(got.double(), ref.double())
+        if not r <= worst[1]:  # NaN counts as worst
+            worst = (name, r)
+    ok = worst[1] <= tol
+    return ok, (f"worst norm-wise relative difference {worst[1]:.3g} at {worst[0]!r} "
+                f"(tolerance {tol:g} for {dtype})")
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def _check_out(path: Optional[str]) -> None:
+    if path is None:
+        return
+    if not path.endswith((".parquet", ".csv")):
+        raise RunError(f"--out {path!r}: records are written as .parquet or .csv; end the name with one of those")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RunError(f"--out {path!r}: folder {folder!r} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise RunError(f"--out {path!r}: folder {folder!r} is not writable; choose another path")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise RunError(f"--out {path!r}: writing Parquet needs pyarrow; install it or use a .csv name") from None
+
+
+def write_records(df, path: str) -> None:
+    """Parquet (or CSV when ``path`` ends in .csv), written atomically (tmp + os.replace)."""
+    from planner.cli import write_csv_atomic
+
+    if path.endswith(".csv"):
+        write_csv_atomic(df, path)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=folder)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        tmp = None
+    except ImportError:
+        raise RunError(f"--out {path!r}: writing Parquet needs pyarrow; install it or use a .csv name") from None
+    except OSError as e:
+        raise RunError(f"cannot write records {path!r}: {e.strerror or e}; choose a writable file path") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _rows_for_step(step: int, tracked: bool, meas: StepMeasure, loss: float, plan, pred: Dict[str, Any],
+                   base: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+
+    def add(scope, name, phase, peak, secs, p_peak, p_s, segment=-1, mode=None, order=-1, live=math.nan):
+        rows.append(dict(base, step=step, tracked=tracked, scope=scope, name=name, phase=phase,
+                         segment=segment, mode=mode, order=order,
+                         predicted_peak_bytes=_num(p_peak), actual_peak_bytes=peak if tracked else math.nan,
+                         actual_live_bytes=live if tracked else math.nan,
+                         predicted_s=_num(p_s), actual_s=secs, loss=loss))
+
+    e = meas.entries
+    step_peak = max([meas.start_live] + [x[2] for x in e]) if tracked else math.nan
+    add("step", "step", "step", step_peak, e[-1][3] if e else math.nan, pred.get("peak_bytes"), pred.get("time_s"))
+    prev = None
+    pphases = pred.get("phases") or {}
+    for ph in PHASES:
+        peak, secs = meas.span(prev, ph)
+        add("phase", ph, ph, peak, secs, pphases.get(ph), None)
+        prev = ph
+    psegs = {}
+    for k, s in enumerate(pred.get("segments") or []):
+        if isinstance(s, dict):
+            psegs[int(s.get("index", k))] = s
+    for i, s in enumerate(plan.segments):
+        ps = psegs.get(i, {})
+        name = f"{i} {s.first}..{s.last}"
+        f_peak, f_s = meas.span(f"segment {i} forward begin", f"segment {i} forward")
+        b_peak, b_s = meas.span(f"segment {i} backward begin", f"segment {i} backward", fallback_end="backward")
+        add("segment", name, "forward", f_peak, f_s, ps.get("forward_peak"), ps.get("forward_s"), i, s.mode)
+        add("segment", name, "backward", b_peak, b_s, ps.get("backward_peak"), ps.get("backward_s"), i, s.mode)
+    if tracked:  # the memory timeline of the step, mark by mark
+        for k, (lab, live, peak, _) in enumerate(e):
+            p_peak = None
+            if lab in pphases:
+                p_peak = pphases[lab]
+            elif lab.startswith("segment ") and not lab.endswith("begin"):
+                parts = lab.split()
+                if len(parts) == 3 and parts[1].isdigit():
+                    p_peak = psegs.get(int(parts[1]), {}).get(f"{parts[2]}_peak")
+            add("timeline", lab, "timeline", peak, math.nan, p_peak, None, order=k, live=live)
+    return rows
+
+
+def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "auto",
+             data: str = "synthetic", lr: Optional[float] = None, check: bool = False,
+             out: Optional[str] = None, seed: int = 0, progress: bool = True) -> RunResult:
+    """Run a plan for real and return its records (see the module docstring).
+
+    Raises :class:`RunError` / ``PlanError`` / ``ModelError`` (ValueErrors, one line) on bad
+    input, before any output file is touched.  Failures of the run itself (measured peak over the
+    plan's budget, ``check`` mismatch) are in :attr:`RunResult.failures`.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    from planner.plan import Plan
+    from .program import apply_plan
+
+    if steps < 1 or warmup < 0:
+        raise RunError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+    _check_out(out)
+    dev = resolve_device(device)
+    plan = Plan.load(plan_path)
+    model, graph = build_model(plan, seed)
+    num_classes = graph.output_node.shape[-1]
+    if data == "synthetic":
+        batches = _synthetic(plan, num_classes, seed)
+        data_label = "synthetic"
+    else:
+        batches = _cycle(image_folder(data, plan, num_classes, seed))
+        data_label = os.path.abspath(data)
+    pred = predicted_for(plan, graph)
+
+    model.to(dev)
+    plain = copy.deepcopy(model) if check else None
+    planned = apply_plan(model, plan, graph)
+    opt, opt_name, lr = make_optimizer(plan, planned.parameters(), lr)
+    failures: List[str] = []
+
+    if check:
+        x, y = next(batches)
+        x, y = x.to(dev), y.to(dev)
+        saved = copy.deepcopy(planned.state_dict())  # the check must not move BN running stats
+        ok, msg = check_grads(plain, planned, x, y, plan.dtype)
+        planned.load_state_dict(saved)
+        del plain, saved
+        if not ok:
+            return RunResult(None, [f"--check-grads: planned gradients differ from the plain model's: {msg}"])
+        print(f"check-grads OK: {msg}")
+
+    n, _, h, w = plan.input_shape
+    base = dict(run_id=uuid.uuid4().hex[:12], plan_path=os.path.abspath(plan_path),
+                plan_fingerprint=plan.fingerprint, model=plan.model, batch=n, resolution=f"{h}x{w}",
+                dtype=plan.dtype, optimizer=opt_name, lr=lr, budget_bytes=_num(plan.budget_bytes),
+                data=data_label, started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                mem_method="cuda" if dev.type == "cuda" else "storage", **device_info(dev))
+    rows: List[Dict[str, Any]] = []
+    bar = tqdm(total=warmup + steps, desc=f"run {plan.model}", unit="step", disable=not progress,
+               file=sys.stderr, leave=False)
+    try:
+        for _ in range(warmup):
+            x, y = next(batches)
+            _run_step(planned, opt, x.to(dev), y.to(dev))
+            bar.update(1)
+        for s in range(1, steps + 1):
+            x, y = next(batches)
+            x, y = x.to(dev), y.to(dev)
+            if s == 1:
+                meas, loss, _ = measure_memory_step(planned, opt, x, y, dev)
+            else:
+                meas, loss = measure_time_step(planned, opt, x, y, dev)
+            rows += _rows_for_step(s, s == 1, meas, loss, plan, pred, base)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+    finally:
+        bar.close()
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if out is not None:
+        write_records(df, out)
+
+    peak = df.loc[df.scope == "step", "actual_peak_bytes"].max()
+    if plan.budget_bytes is not None and peak > plan.budget_bytes:
+        failures.append(f"measured peak {int(peak):,} bytes exceeds the plan's budget of "
+                        f"{int(plan.budget_bytes):,} bytes by {int(peak - plan.budget_bytes):,}")
+    losses = df.loc[df.scope == "step", "loss"]
+    if not losses.map(math.isfinite).all():
+        failures.append("the loss is not finite (NaN/inf) in at least one step")
+    return RunResult(df, failures, summarize(df))
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary + CLI glue
+# ------------------------------------------------------------------------------------------------
+
+def _mib(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v / 2**20:.2f}"
+
+
+def _ms(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1e3:.1f}"
+
+
+def _rel(p, a) -> str:
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (p, a)) or a == 0:
+        return "-"
+    return f"{(p - a) / a:+.1%}"
+
+
+def summarize(df) -> str:
+    """Short table: step, phases and segments, predicted vs actual peak MiB and median ms."""
+    from analysis.compare import compare
+    from planner.cli import format_table
+
+    cmp = compare(df)
+    rows = []
+    for r in cmp.itertuples():
+        rows.append([r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
+                     _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
+                     _rel(r.predicted_s, r.actual_s)])
+    head = ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err", "pred_ms", "actual_ms", "time_err"]
+    first = df.iloc[0]
+    losses = df.loc[df.scope == "step", "loss"]
+    info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']} on {first['device']} "
+            f"({first['device_name']}, torch {first['torch_version']}), {first['optimizer']} lr {first['lr']:g}, "
+            f"{losses.size} step(s), loss {losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}")
+    return info + "\n" + format_table(head, rows, "lllrrrrrr")
+
+
+def run_command(args) -> int:
+    """``planner run``: what the CLI calls (prints the summary; exit 1 on a failed run)."""
+    res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
+                   lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,
+                   progress=not args.quiet)
+    if res.records is not None:
+        print(res.summary)
+        if args.out:
+            print(f"wrote {args.out} ({len(res.records)} records)")
+    for f in res.failures:
+        print(f"planner: FAILED: {f}", file=sys.stderr)
+    return 1 if res.failures else 0

@@ -1,0 +1,64 @@
+"""``planner simulate``: the cost model's predicted peak next to a simulated training step.
+
+The simulation is the executor itself: the plan's model (built on the meta device) with the plan
+applied runs one whole training step (zero_grad, forward, loss, backward, optimizer step) under
+``FakeTensorMode`` with storage accounting (:func:`executor.measure.train_step_memory`), so a
+full-size plan is checked in seconds without the memory.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["simulate_plan", "plan_model"]
+
+
+def plan_model(plan, device: Optional[str] = "meta"):
+    """The plan's model (random weights, BN mode from the plan) and its capture, plan-checked."""
+    from models import capture, get_model, set_bn_mode
+    from planner.cli import quiet_torch_logs
+    from planner.plan import PlanError
+
+    n, c, h, w = plan.input_shape
+    if c != 3:
+        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
+                        f"re-create the plan for this model")
+    dtype = getattr(torch, plan.dtype)
+    model = get_model(plan.model, num_classes=plan.training.get("num_classes"), device=device).to(dtype)
+    set_bn_mode(model, plan.training.get("bn", "train"))
+    with quiet_torch_logs():
+        graph = capture(model, tuple(plan.input_shape), dtype, model_name=plan.model)
+    plan.validate(graph)
+    return model, graph
+
+
+def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -> Tuple["object", dict]:
+    """Predicted vs simulated absolute peak per phase.  Returns (DataFrame, info)."""
+    import pandas as pd
+
+    from executor import apply_plan
+    from executor.measure import train_step_memory
+    from planner.cost import CostModel
+    from planner.plan import Plan
+
+    plan = Plan.load(path) if isinstance(path, str) else path
+    optimizer = optimizer or plan.training.get("optimizer", "sgd")
+    model, graph = plan_model(plan)
+    cm = CostModel(graph, optimizer=optimizer, profile=profile)
+    pred = cm.predict(plan)
+    planned = apply_plan(model, plan, graph)
+    t0 = time.perf_counter()
+    rep = train_step_memory(planned, plan.input_shape, optimizer, fake=True, dtype=getattr(torch, plan.dtype))
+    sim_s = time.perf_counter() - t0
+    sim = rep.absolute_phase_peaks()
+    rows = []
+    for ph in ("forward", "backward", "optimizer"):
+        rows.append((ph, pred["phases"][ph], sim.get(ph, 0)))
+    rows.append(("peak", pred["peak_bytes"], rep.absolute_peak))
+    df = pd.DataFrame(rows, columns=["phase", "predicted_bytes", "simulated_bytes"])
+    df["error_pct"] = (df.predicted_bytes - df.simulated_bytes) / df.simulated_bytes * 100
+    info = {"model": plan.model, "shape": "x".join(map(str, plan.input_shape)), "dtype": plan.dtype,
+            "optimizer": optimizer, "profile": cm.profile.name, "sim_s": sim_s}
+    return df, info

@@ -1,0 +1,114 @@
+"""``analysis``: records -> predicted vs actual tables, plots, and ``planner report`` errors."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import compare, load_records, phase_table, runs_summary, segment_table, timeline
+from analysis.records import RecordsError
+from executor.run import COLUMNS
+from planner.cli import main
+
+from test_cli import assert_one_line_error
+
+
+def records(run_id="r1", pred=True, steps=3, budget=np.nan):
+    """Hand-made records of a run with one segment: peak 100 (tracked step 1), times 1.0/2.0/3.0."""
+    rows = []
+    base = {c: None for c in COLUMNS}
+    base.update(run_id=run_id, model="m", device="cpu", batch=2, resolution="8x8", dtype="float32",
+                budget_bytes=budget)
+    for s in range(1, steps + 1):
+        t = s == 1
+
+        def add(scope, name, phase, peak, secs, p_peak, p_s, seg=-1, order=-1):
+            rows.append(dict(base, step=s, tracked=t, scope=scope, name=name, phase=phase, segment=seg,
+                             order=order, actual_peak_bytes=peak if t else np.nan, actual_s=float(secs),
+                             predicted_peak_bytes=p_peak if pred else np.nan,
+                             predicted_s=p_s if pred else np.nan, loss=3.0 - s))
+        add("step", "step", "step", 100, s, 110, 2.5)
+        for ph, pk in (("forward", 60), ("backward", 100), ("optimizer", 80)):
+            add("phase", ph, ph, pk, s / 3, 50 if ph == "forward" else np.nan, np.nan)
+        add("segment", "0 a..b", "forward", 40, s / 10, 50, 0.1, seg=0)
+        add("segment", "0 a..b", "backward", 90, s / 5, 90, 0.4, seg=0)
+        if t:
+            for k, (lab, pk) in enumerate([("segment 0 forward begin", 30), ("segment 0 forward", 40),
+                                           ("forward", 60), ("backward", 100), ("optimizer", 80)]):
+                add("timeline", lab, "timeline", pk, np.nan, np.nan, np.nan, order=k)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["actual_live_bytes"] = df["actual_peak_bytes"]
+    return df
+
+
+def test_compare_errors_and_time_median():
+    c = compare(records())
+    assert list(c.scope) == ["step", "phase", "phase", "phase", "segment", "segment"]
+    st = c.iloc[0]
+    assert st.actual_peak_bytes == 100 and st.predicted_peak_bytes == 110
+    assert st.peak_abs_err_bytes == 10 and st.peak_rel_err == pytest.approx(0.1)
+    assert st.actual_s == 2.5  # median of the untracked steps 2 and 3, not the tracked step 1
+    assert st.time_abs_err_s == 0 and st.time_rel_err == 0
+    seg = segment_table(records())
+    assert list(seg.phase) == ["forward", "backward"]
+    assert seg.peak_rel_err.tolist() == pytest.approx([0.25, 0.0])
+    ph = phase_table(records()).set_index("name")
+    assert ph.loc["forward", "peak_rel_err"] == pytest.approx((50 - 60) / 60)
+    assert math.isnan(ph.loc["backward", "peak_rel_err"])  # no prediction: NaN, never 0
+
+
+def test_no_predictions_and_summary_across_runs():
+    df = pd.concat([records("r1"), records("r2", pred=False, budget=50)], ignore_index=True)
+    c = compare(df)
+    assert c[c.run_id == "r2"].predicted_peak_bytes.isna().all()
+    assert c[c.run_id == "r2"].peak_rel_err.isna().all()
+    s = runs_summary(df).set_index("run_id")
+    assert s.loc["r1", "within_budget"] and not s.loc["r2", "within_budget"]
+    assert s.loc["r1", "first_loss"] == 2.0 and s.loc["r1", "last_loss"] == 0.0
+    assert s.loc["r1", "steps"] == 3
+    t = timeline(df, "r1")
+    assert list(t.name) == ["segment 0 forward begin", "segment 0 forward", "forward", "backward", "optimizer"]
+
+
+def test_load_report_csv_png(tmp_path, capfd):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.csv"
+    records("r1").to_parquet(a)
+    records("r2", pred=False).to_csv(b, index=False)
+    df = load_records([a, b])
+    assert set(df.run_id) == {"r1", "r2"} and df.tracked.dtype == bool
+    png, csv = tmp_path / "p.png", tmp_path / "s.csv"
+    rc = main(["report", str(a), str(b), "--png", str(png), "--csv", str(csv)])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "Runs" in out and "+10.0%" in out
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(png))
+    assert img.ndim == 3 and img.std() > 0
+    assert len(pd.read_csv(csv)) == 12
+
+
+def test_report_bad_input(tmp_path, capfd):
+    png, csv = tmp_path / "p.png", tmp_path / "s.csv"
+
+    def bad(*files, needles=()):
+        rc = main(["report", *map(str, files), "--png", str(png), "--csv", str(csv)])
+        out, err = capfd.readouterr()
+        assert_one_line_error(rc, out, err, *needles)
+        assert not png.exists() and not csv.exists()
+        assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+    bad(tmp_path / "missing.parquet", needles=["does not exist"])
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    bad(corrupt, needles=["cannot read records", "corrupt.parquet"])
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"x": [1]}).to_csv(other, index=False)
+    bad(other, needles=["not a records file", "missing column"])
+    empty = tmp_path / "empty.csv"
+    records().iloc[:0].to_csv(empty, index=False)
+    bad(empty, needles=["no rows"])
+    with pytest.raises(RecordsError):
+        load_records([])

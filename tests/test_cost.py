@@ -1,0 +1,194 @@
+"""The cost model against real and simulated training steps, device profiles, and the
+``simulate`` / ``calibrate`` commands (one-line errors, exit 2)."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from bench.cost_grid import KINDS, grid_plan, run_case
+from models import capture, get_model, set_bn_mode
+from planner import Plan, Segment
+from planner.cost import PROFILES, CostError, CostModel, DeviceProfile, load_profile
+from tests.exactness import Reference
+from tests.test_cli import assert_one_line_error, run
+
+
+# ------------------------------------------------------------------------------------------------
+# predicted vs measured (real CPU step, storage accounting) vs simulated (fake tensors)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_grid_predicted_vs_measured(name):
+    """Every plan kind, whole-step absolute peak: median |error| <= 2 %, worst <= 5 %; the
+    simulator equals the real step within 1 %."""
+    rows = [run_case(name, kind, "small", "cpu", real=True, timing=False) for kind in KINDS]
+    errs = [abs(r["err_meas_%"]) for r in rows]
+    assert statistics.median(errs) <= 2.0, rows
+    assert max(errs) <= 5.0, rows
+    for r in rows:
+        assert abs(r["sim_vs_meas_%"]) <= 1.0, r
+        assert r["segments"] != "-" or r["plan"] == "plain"
+
+
+def test_full_size_predicted_vs_simulated():
+    """A full-size plan (ResNet-50, batch 8, 224x224, rows + checkpoint) is simulated on a
+    meta-device model in seconds and predicted within 5 %."""
+    r = run_case("resnet50", "mixed", "large", "cpu", real=False)
+    assert abs(r["err_sim_%"]) <= 5.0, r
+
+
+def test_store_and_checkpoint_bytes_compose_exactly():
+    """Plain and checkpoint plans on resnet18: the per-node profile composes to the simulated
+    phases within 0.5 %."""
+    m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "eval")
+    g = capture(m, (4, 3, 96, 96))
+    cm = CostModel(g, optimizer="adam")
+    from executor import apply_plan
+    from executor.measure import train_step_memory
+
+    for segs in ([], [Segment("layer1", "layer2", "checkpoint"), Segment("layer3", "layer4", "checkpoint")]):
+        plan = Plan.build(g, segs, training={"optimizer": "adam", "bn": "eval"})
+        pred = cm.predict(plan)
+        sim = train_step_memory(apply_plan(m, plan, g), g.input_shape, "adam", fake=True).absolute_phase_peaks()
+        for ph in ("forward", "backward", "optimizer"):
+            assert abs(pred["phases"][ph] - sim[ph]) <= 0.005 * sim[ph], (segs, ph, pred["phases"][ph], sim[ph])
+
+
+def test_rows_cost_prices_redundancy_and_memory():
+    """More OverL strips: less memory per strip, more recomputed rows (time); 2PS carries grow
+    with strips; an unsupported segment is flagged, not priced."""
+    m = set_bn_mode(get_model("vgg11", num_classes=10, device="meta"), "eval")
+    g = capture(m, (8, 3, 128, 128))
+    cm = CostModel(g)
+    a = cm.segment(Segment("features_0", "features_9", "rows", policy="overl", strips=2))
+    b = cm.segment(Segment("features_0", "features_9", "rows", policy="overl", strips=16))
+    assert b.bwd_peak < a.bwd_peak and b.fwd_s > a.fwd_s
+    c2 = cm.segment(Segment("features_0", "features_9", "rows", policy="2ps", strips=2))
+    c8 = cm.segment(Segment("features_0", "features_9", "rows", policy="2ps", strips=8))
+    assert c8.detail["carries"] > c2.detail["carries"] > 0
+    bad = cm.segment(Segment("features_0", "classifier_0", "rows", policy="overl", strips=2))
+    assert not bad.supported and "cannot run in rows" in bad.why
+
+
+def test_train_bn_rows_flagged_until_supported():
+    m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "train")
+    g = capture(m, (2, 3, 64, 64))
+    cm = CostModel(g)
+    a, b = g.resolve("layer1", "first"), g.resolve("layer1", "last")
+    c = cm.segment(Segment(a, b, "rows", policy="overl", strips=2))
+    from planner import cost
+    if not cost.ROWS_BATCH_STATS:
+        assert not c.supported and "BatchNorm" in c.why
+    assert cm.segment(Segment(a, b, "checkpoint")).supported
+
+
+def test_grid_plan_kinds_are_valid_everywhere():
+    for name in ("vgg16", "resnet50", "mobilenet_v2"):
+        m = set_bn_mode(get_model(name, num_classes=10, device="meta"), "eval")
+        g = capture(m, (2, 3, 96, 96))
+        cm = CostModel(g)
+        for kind in KINDS:
+            Plan.build(g, grid_plan(cm, kind))  # validates cut points and strip counts
+
+
+def test_checkpoint_segment_starting_with_inplace_relu_is_exact():
+    """A checkpoint segment whose first node is an in-place ReLU must not overwrite the input
+    the checkpoint saved (float64, every gradient and buffer)."""
+    torch.manual_seed(0)
+    m = set_bn_mode(get_model("resnet18", num_classes=10), "eval").double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,))
+    ref = Reference(m, x, y, steps=2)
+    ref.check([Segment("relu", "layer1", "checkpoint")])
+    ref.check([Segment("relu", "relu", "checkpoint"), Segment("maxpool", "layer2", "checkpoint")])
+
+
+# ------------------------------------------------------------------------------------------------
+# profiles
+# ------------------------------------------------------------------------------------------------
+
+def test_builtin_profiles_and_files(tmp_path):
+    for name in ("cpu", "v100", "a100", "h100", "h200", "rtx4090"):
+        p = load_profile(name)
+        assert p.flops_for("float32") > 0 and p.bandwidth > 0 and p.memory > 0
+    assert PROFILES["h100"].alloc_round == 512
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(PROFILES["a100"].to_dict()))
+    assert load_profile(str(f)) == PROFILES["a100"]
+    with pytest.raises(CostError, match="unknown device profile"):
+        load_profile("tpu9")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CostError, match="cannot read device profile"):
+        load_profile(str(tmp_path / "bad.json"))
+    with pytest.raises(CostError, match="needs the fields"):
+        DeviceProfile.from_dict({"name": "x"})
+
+
+def test_cuda_rounding_changes_prediction():
+    m = set_bn_mode(get_model("tiny_resnet", device="meta"), "eval")
+    g = capture(m, (2, 3, 33, 33))
+    cpu = CostModel(g, profile="cpu").predict([])["peak_bytes"]
+    h100 = CostModel(g, profile="h100").predict([])["peak_bytes"]
+    assert h100 >= cpu + PROFILES["h100"].workspace
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "eval")
+    g = capture(m, (2, 3, 64, 64), model_name="resnet18")
+    plan = Plan.build(g, [Segment("conv1", "layer1", "rows", policy="overl", strips=4),
+                          Segment("layer2", "layer3", "checkpoint")],
+                      training={"optimizer": "momentum", "bn": "eval"})
+    path = tmp_path_factory.mktemp("plans") / "r18.json"
+    plan.save(str(path))
+    return path
+
+
+def test_simulate_prints_phases_and_csv(capfd, plan_file, tmp_path):
+    import pandas as pd
+
+    rc, out, err = run(capfd, "simulate", plan_file, "--csv", tmp_path / "s.csv")
+    assert rc == 0, err
+    assert "predicted MiB" in out and "simulated MiB" in out
+    df = pd.read_csv(tmp_path / "s.csv")
+    assert list(df.phase) == ["forward", "backward", "optimizer", "peak"]
+    assert (df.error_pct.abs() <= 5).all(), df
+
+
+def test_simulate_bad_input(capfd, plan_file, tmp_path):
+    assert_one_line_error(*run(capfd, "simulate", tmp_path / "missing.json"), "cannot read plan")
+    (tmp_path / "corrupt.json").write_text("{oops")
+    assert_one_line_error(*run(capfd, "simulate", tmp_path / "corrupt.json"), "not valid JSON")
+    d = json.loads(plan_file.read_text())
+    d["model"] = "vgg11"
+    (tmp_path / "other.json").write_text(json.dumps(d))
+    assert_one_line_error(*run(capfd, "simulate", tmp_path / "other.json"), "fingerprint")
+    assert_one_line_error(*run(capfd, "simulate", plan_file, "--device-profile", "tpu9"),
+                          "unknown device profile")
+    assert_one_line_error(*run(capfd, "simulate", plan_file, "--csv", tmp_path / "no" / "x.csv"), "cannot write")
+    assert not (tmp_path / "no").exists()
+
+
+def test_calibrate_writes_a_usable_profile(capfd, tmp_path):
+    out = tmp_path / "prof.json"
+    rc, o, err = run(capfd, "calibrate", "--quick", "-o", out)
+    assert rc == 0, err
+    p = load_profile(str(out))
+    assert p.measured and p.kind == "cpu" and p.flops["float32"] > 1e8 and p.bandwidth > 1e8
+    m = set_bn_mode(get_model("tiny_resnet", device="meta"), "eval")
+    g = capture(m, (2, 3, 32, 32))
+    assert CostModel(g, profile=str(out)).predict([])["time_s"] > 0
+
+
+def test_calibrate_bad_input(capfd, tmp_path):
+    if not torch.cuda.is_available():
+        assert_one_line_error(*run(capfd, "calibrate", "--device", "cuda", "-o", tmp_path / "p.json"), "no CUDA")
+    assert_one_line_error(*run(capfd, "calibrate", "-o", tmp_path / "nodir" / "p.json"), "cannot write")
+    assert not list(tmp_path.iterdir())
