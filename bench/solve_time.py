@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--profile", default="h100")
     ap.add_argument("--time-limit", type=float, default=30.0)
+    ap.add_argument("--bn", default="train", choices=["train", "eval"])
     ap.add_argument("--solver", default="auto", help="auto (exact DP where it applies) | cbc | highs")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     capture_model("tiny_resnet", (2, 3, 32, 32))  # one-time warm-up (imports, fx, fake tensors)
     rows = []
     for name in args.models:
-        bn = "train" if name.startswith("vgg") else "eval"
+        bn = args.bn
         _, g = capture_model(name, None, bn=bn, batch=args.batch)
         lo_any = Solver(g, name, bn=bn, device_profile=args.profile).min_peak()
         lo_ckpt = Solver(g, name, bn=bn, device_profile=args.profile, policy="checkpoint").min_peak()
