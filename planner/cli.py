@@ -751,7 +751,9 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     t = pred.get("time_s", 0.0)
     over = f"{100 * (t / base_t - 1) + 0.0:+.1f}%".replace("-0.0%", "+0.0%") if base_t else "n/a"
     lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})")
-    lines.append(f"smallest plan    {fmt_both(info.get('min_peak_bytes', 0))}")
+    mp = info.get("min_peak_bytes")
+    lines.append(f"smallest plan    {fmt_both(mp)}" if mp is not None
+                 else "smallest plan    not searched: the plain step fits the budget")
     gap = info.get("gap")
     gap_s = "n/a" if gap is None or gap != gap else f"{100 * gap:.2f}%"
     lines.append(f"solver           {info.get('solver')}: {info.get('status')}, gap {gap_s}, solve {info.get('solve_s', 0):.2f} s, "

@@ -104,7 +104,6 @@ class Solver:
                  strips: Optional[int] = None, optimizer: str = "momentum",
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", **problem_kw):
         from .cost import CostModel
-        from .ilp import Problem
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
         self.graph, self.name = graph, name or graph.model_name
@@ -112,10 +111,24 @@ class Solver:
         self.device_profile = device_profile
         t0 = time.perf_counter()
         self.cm = CostModel(graph, optimizer=optimizer, profile=device_profile)
-        self.problem = Problem(self.cm, graph, policy=policy, strips=strips, **problem_kw)
+        self.strips, self._problem_kw = strips, dict(problem_kw)
+        self._problem = None
+        self._baseline: Optional[Dict[str, Any]] = None
         self.setup_s = time.perf_counter() - t0
         self._min_peak: Optional[int] = None
         self.last_path: List = []
+
+    @property
+    def problem(self):
+        """The priced candidates (built on first use: a budget the plain step fits needs none)."""
+        if self._problem is None:
+            from .ilp import Problem
+
+            t0 = time.perf_counter()
+            self._problem = Problem(self.cm, self.graph, policy=self.policy, strips=self.strips,
+                                    **self._problem_kw)
+            self.setup_s += time.perf_counter() - t0
+        return self._problem
 
     # ------------------------------------------------------------------------------------------
     def min_peak(self) -> int:
@@ -127,8 +140,11 @@ class Solver:
         return parse_bytes(budget) >= self.min_peak()
 
     def baseline(self) -> Dict[str, Any]:
-        """compose() of the plan-less step (everything stored)."""
-        return dict(self.problem.baseline)
+        """compose() of the plan-less step (every unit stored, nothing recomputed)."""
+        if self._baseline is None:
+            costs = [self.cm.segment(Segment(a, b, "store")) for a, b in self.cm.units()]
+            self._baseline = dict(self.cm.compose(costs))
+        return dict(self._baseline)
 
     def solve(self, budget, time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP,
               warm: Optional[List] = None, merge_store: bool = True) -> Plan:
@@ -136,6 +152,8 @@ class Solver:
         from .ilp import InfeasibleError, Result
 
         budget = parse_bytes(budget)
+        if self._problem is None and self.baseline()["peak"] <= budget:
+            return self._plain_plan(budget)  # nothing to trade: no candidates to price
         p = self.problem
         cap = p.cap(budget)
         if cap < 0 or not p._min_keep_feasible(cap):
@@ -170,6 +188,28 @@ class Solver:
         self.last_path = list(res.path)
         return self._plan(res, budget, merge_store)
 
+    def _plain_plan(self, budget: int) -> Plan:
+        t0 = time.perf_counter()
+        units = self.cm.units()
+        plan = Plan.build(self.graph, [Segment(units[0][0], units[-1][1], "store")], model=self.name,
+                          training={"optimizer": self.optimizer, "bn": self.bn}, budget_bytes=budget)
+        plan.predicted = self.cm.predict(plan)
+        base = self.baseline()
+        self.last_path = []
+        plan.solver = {
+            "solver": "none", "status": "optimal", "objective_s": base["time_s"], "bound_s": base["time_s"],
+            "gap": 0.0, "solve_s": round(time.perf_counter() - t0, 4), "setup_s": round(self.setup_s, 4),
+            "candidates": 0, "units": len(units), "policy": self.policy,
+            "device_profile": self._profile_name(), "min_peak_bytes": None,
+            "baseline_time_s": base["time_s"], "baseline_peak_bytes": base["peak"],
+            "note": "the plain step fits the budget: nothing to search",
+        }
+        return plan
+
+    def _profile_name(self) -> str:
+        d = self.device_profile
+        return d if isinstance(d, str) else getattr(d, "name", str(d))
+
     def _plan(self, res, budget: int, merge_store: bool) -> Plan:
         p, cm = self.problem, self.cm
         exact = p.evaluate(res.path)
@@ -189,7 +229,7 @@ class Solver:
             "bound_s": res.bound, "gap": res.gap, "solve_s": round(res.solve_s, 4),
             "setup_s": round(self.setup_s, 4), "candidates": len(p.cands), "priced": p.priced,
             "units": p.U, "quantum_bytes": p.quantum, "policy": self.policy,
-            "device_profile": self.device_profile if isinstance(self.device_profile, str) else getattr(self.device_profile, "name", str(self.device_profile)),
+            "device_profile": self._profile_name(),
             "min_peak_bytes": self.min_peak(), "baseline_time_s": base["time_s"],
             "baseline_peak_bytes": base["peak"], "ilp_peak_bytes": exact["peak"],
             "unit_path": [[c.i, c.j] for c in res.path],
