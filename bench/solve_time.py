@@ -54,6 +54,7 @@ def main(argv=None) -> int:
         _, graph = capture_model(name, None, bn=bn, batch=args.batch)
         t1 = time.perf_counter()
         s = Solver(graph, name, bn=bn, device_profile=args.profile, solver=args.solver)
+        s.problem  # price the candidates now (lazy otherwise), so pricing_s is its own column
         t2 = time.perf_counter()
         plan = s.solve(budget, time_limit=args.time_limit)
         t3 = time.perf_counter()
