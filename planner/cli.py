@@ -655,12 +655,11 @@ def cmd_solve(args) -> int:
         def fits_at(n):
             s = _solver_for(args, n)
             cache[n] = s
-            mp = s.min_peak()
-            return mp <= budget, mp
+            return s.fits(budget), s.min_peak()
 
         batch = max_batch(fits_at, budget)
         if batch == 0:
-            raise InfeasibleError(budget, cache[1].min_peak())
+            raise InfeasibleError(budget, cache[1].smallest_budget())
         solver = cache[batch]
         note = f"largest batch that fits: {batch} ({len(cache)} captures)"
     else:
@@ -690,7 +689,7 @@ def pareto_frame(solver, points: int = 10, lo: Optional[int] = None, hi: Optiona
     """
     import pandas as pd
 
-    lo = lo if lo is not None else solver.min_peak()
+    lo = lo if lo is not None else solver.smallest_budget()
     hi = hi if hi is not None else max(lo, solver.baseline()["peak"])
     budgets = sorted({int(lo + (hi - lo) * k / max(1, points - 1)) for k in range(points)})
     rows, warm = [], None

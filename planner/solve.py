@@ -14,7 +14,7 @@ plan reaches under the same cost model.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .plan import BN_MODES, DTYPES, Plan, Segment
 from .units import parse_bytes
@@ -28,6 +28,9 @@ DP_LABELS = 4000
 DEFAULT_PROFILE = "h100"
 DEFAULT_TIME_LIMIT = 30.0
 DEFAULT_GAP = 0.005
+# Share of the budget a plan keeps free: the cost model's worst under-prediction on row segments
+# (bench.cost_grid, tests/test_solve.py) stays well inside it, so a plan keeps its promise.
+HEADROOM = 0.01
 
 
 def _check_options(policy, bn, strips, dtype, optimizer, solver) -> None:
@@ -102,13 +105,15 @@ class Solver:
 
     def __init__(self, graph, name: Optional[str] = None, policy: str = "auto", bn: str = "train",
                  strips: Optional[int] = None, optimizer: str = "momentum",
-                 device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", **problem_kw):
+                 device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", headroom: float = HEADROOM,
+                 **problem_kw):
         from .cost import CostModel
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
         self.graph, self.name = graph, name or graph.model_name
         self.policy, self.bn, self.optimizer, self.solver_name = policy, bn, optimizer, solver
         self.device_profile = device_profile
+        self.headroom = float(headroom)  # share of the budget kept free (see HEADROOM)
         t0 = time.perf_counter()
         self.cm = CostModel(graph, optimizer=optimizer, profile=device_profile)
         self.strips, self._problem_kw = strips, dict(problem_kw)
@@ -137,7 +142,12 @@ class Solver:
         return self._min_peak
 
     def fits(self, budget) -> bool:
-        return parse_bytes(budget) >= self.min_peak()
+        return parse_bytes(budget) >= self.smallest_budget()
+
+    def smallest_budget(self) -> int:
+        """The smallest budget a plan fits: the smallest predicted peak plus the headroom."""
+        mp = self.min_peak()
+        return mp if self.headroom <= 0 else int(mp / (1 - self.headroom)) + 1
 
     def baseline(self) -> Dict[str, Any]:
         """compose() of the plan-less step (every unit stored, nothing recomputed)."""
@@ -152,12 +162,16 @@ class Solver:
         from .ilp import InfeasibleError, Result
 
         budget = parse_bytes(budget)
+        user_budget = budget
+        # the plan must fit with HEADROOM to spare: the cost model's error on row segments
+        budget = budget - int(budget * self.headroom)
         if self._problem is None and self.baseline()["peak"] <= budget:
-            return self._plain_plan(budget)  # nothing to trade: no candidates to price
+            return self._plain_plan(user_budget)  # nothing to trade: no candidates to price
         p = self.problem
+        smallest = self.smallest_budget()
         cap = p.cap(budget)
         if cap < 0 or not p._min_keep_feasible(cap):
-            raise InfeasibleError(budget, self.min_peak())
+            raise InfeasibleError(user_budget, smallest)
         t0 = time.perf_counter()
         if p.path_fits(p.store_path(), cap):
             greedy = p.store_path()  # nothing to trade: the plain step fits and nothing is faster
@@ -178,7 +192,7 @@ class Solver:
                 ilp = "cbc" if self.solver_name == "auto" else self.solver_name
                 res = p.solve_ilp(budget, time_limit=time_limit, gap=gap, warm=greedy, solver=ilp)
                 if res.status == "infeasible":
-                    raise InfeasibleError(budget, self.min_peak())
+                    raise InfeasibleError(user_budget, smallest)
                 if exact and res.status != "optimal" and res.objective <= dp_obj * (1 + 1e-12):
                     # the solver stopped early on the DP's plan, which the exact DP proves optimal
                     res.extra["ilp_gap"] = res.gap
@@ -186,7 +200,7 @@ class Solver:
                     res.solver += "+dp"
         res.solve_s = time.perf_counter() - t0
         self.last_path = list(res.path)
-        return self._plan(res, budget, merge_store)
+        return self._plan(res, user_budget, merge_store)
 
     def _plain_plan(self, budget: int) -> Plan:
         t0 = time.perf_counter()
