@@ -441,7 +441,14 @@ def _add_run(sub) -> None:
                     "predicted and actual peak bytes and time.  Memory is measured on the first "
                     "recorded step (absolute live bytes: parameters, optimizer state, batch, "
                     "gradients, activations), time on the others.  Exit 1 when the measured peak "
-                    "exceeds the plan's budget or --check-grads finds a mismatch.")
+                    "exceeds the plan's budget or --check-grads finds a mismatch.  Under torchrun "
+                    "every process is one DDP rank (see 'python -m executor.run').")
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``planner run``, shared with ``python -m executor.run`` (torchrun's target)."""
     p.add_argument("plan", metavar="PLAN.json", help="plan file (lrcnn.plan/1)")
     p.add_argument("--steps", type=positive_int, default=20, metavar="N", help="recorded steps (default 20)")
     p.add_argument("--warmup", type=_argtype(_nonneg_int), default=2, metavar="N",
@@ -459,7 +466,6 @@ def _add_run(sub) -> None:
     p.add_argument("--out", default=None, metavar="RECORDS.parquet",
                    help="write the records (.parquet, or .csv by the name's extension)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args) -> int:
@@ -525,7 +531,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Bad input of any kind (unknown model, bad resolution, unreadable file, mismatched plan, usage
     errors) gives one line on stderr and exit code 2, never a traceback.
     """
-    parser = build_parser()
+    return run_parser(build_parser(), argv)
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` with ``parser`` and call ``args.func(args)`` with :func:`main`'s error
+    handling (one line on stderr, exit 2, for bad input)."""
     try:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
