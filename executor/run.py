@@ -608,18 +608,28 @@ def summarize(df) -> str:
     from planner.cli import format_table
 
     cmp = compare(df)
+    ranks = dict(zip(df["run_id"], df["rank"])) if "rank" in df else {}
+    multi = len(set(ranks.values())) > 1  # a distributed run: one block per rank
     rows = []
     for r in cmp.itertuples():
-        rows.append([r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
-                     _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
-                     _rel(r.predicted_s, r.actual_s)])
-    head = ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err", "pred_ms", "actual_ms", "time_err"]
+        rows.append(([ranks.get(r.run_id, 0)] if multi else [])
+                    + [r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
+                       _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
+                       _rel(r.predicted_s, r.actual_s)])
+    head = (["rank"] if multi else []) + ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err",
+                                          "pred_ms", "actual_ms", "time_err"]
     first = df.iloc[0]
-    losses = df.loc[df.scope == "step", "loss"]
+    steps = df.loc[df.scope == "step"]
+    if multi:
+        steps = steps[steps["rank"] == first["rank"]]
+    losses = steps["loss"]
     info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']} on {first['device']} "
             f"({first['device_name']}, torch {first['torch_version']}), {first['optimizer']} lr {first['lr']:g}, "
             f"{losses.size} step(s), loss {losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}")
-    return info + "\n" + format_table(head, rows, "lllrrrrrr")
+    if multi:
+        info += (f" on rank {first['rank']}; {len(set(ranks.values()))} ranks (DDP), "
+                 f"global batch {int(first['batch']) * len(set(ranks.values()))}")
+    return info + "\n" + format_table(head, rows, ("r" if multi else "") + "lllrrrrrr")
 
 
 def run_command(args) -> int:
