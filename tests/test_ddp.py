@@ -198,3 +198,22 @@ def test_torchrun_records_of_both_ranks(tmp_path):
     for r in range(WORLD):
         assert (tmp_path / f"rec.rank{r}.csv").exists()
     assert p.stdout.count("wrote") == 1  # only rank 0 reports
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan records the world size
+# ------------------------------------------------------------------------------------------------
+
+def _plan_dict(**training):
+    return {"schema": "lrcnn.plan/1", "model": "tiny_resnet", "fingerprint": "x", "input_shape": [2, 3, 32, 32],
+            "dtype": "float32", "training": dict({"optimizer": "sgd", "bn": "eval"}, **training), "segments": []}
+
+
+def test_plan_world_size_round_trip_and_validation():
+    from planner.plan import PlanError
+
+    assert Plan.from_dict(_plan_dict(world_size=8)).training["world_size"] == 8
+    assert Plan.from_dict(_plan_dict(world_size=8)).to_dict()["training"]["world_size"] == 8
+    for bad in (0, -2, 1.5, "4", True):
+        with pytest.raises(PlanError, match="training.world_size"):
+            Plan.from_dict(_plan_dict(world_size=bad))
