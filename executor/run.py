@@ -639,6 +639,8 @@ def run_command(args) -> int:
     is one rank of a distributed run; only rank 0 prints."""
     from . import distributed as D
 
+    if getattr(args, "nproc", 1) > 1:
+        return launch(args)
     info = D.init(resolve_device(args.device))
     try:
         res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
@@ -655,6 +657,42 @@ def run_command(args) -> int:
         where = f"rank {info.rank}: " if info.enabled and not info.is_main else ""
         print(f"planner: FAILED: {where}{f}", file=sys.stderr)
     return 1 if res.failures else 0
+
+
+def launch_argv(args) -> List[str]:
+    """The torchrun command line ``planner run --nproc N`` starts: N processes on this machine,
+    each running ``python -m executor.run`` with the same arguments (without ``--nproc``)."""
+    argv = [args.plan, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+            "--data", args.data, "--seed", str(args.seed)]
+    if args.lr is not None:
+        argv += ["--lr", repr(args.lr)]
+    if args.out is not None:
+        argv += ["--out", args.out]
+    argv += ["--check-grads"] * bool(args.check_grads) + ["--quiet"] * bool(args.quiet)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+            "-m", "executor.run", *argv]
+
+
+def launch(args) -> int:
+    """``--nproc N``: check the input here (bad input: exit 2, one line), then run torchrun."""
+    import subprocess
+
+    from planner.plan import Plan
+
+    from . import distributed as D
+
+    if D.env_info() is not None:
+        raise RunError("--nproc: this process is already one rank of a torchrun launch; drop --nproc")
+    dev = resolve_device(args.device)
+    if dev.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise RunError(f"--nproc {args.nproc}: only {torch.cuda.device_count()} CUDA GPU(s); one process per GPU")
+    _check_out(args.out)
+    Plan.load(args.plan)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(launch_argv(args), env=env)
 
 
 def main(argv=None) -> int:

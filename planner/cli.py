@@ -466,6 +466,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="RECORDS.parquet",
                    help="write the records (.parquet, or .csv by the name's extension)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="run as N DistributedDataParallel processes on this machine (launches torchrun "
+                        "--standalone; one GPU each on CUDA); the plan's batch is each process's (default 1)")
 
 
 def cmd_run(args) -> int:

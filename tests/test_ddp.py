@@ -217,3 +217,32 @@ def test_plan_world_size_round_trip_and_validation():
     for bad in (0, -2, 1.5, "4", True):
         with pytest.raises(PlanError, match="training.world_size"):
             Plan.from_dict(_plan_dict(world_size=bad))
+
+
+# ------------------------------------------------------------------------------------------------
+# planner run --nproc N (torchrun --standalone underneath)
+# ------------------------------------------------------------------------------------------------
+
+def test_nproc_command_line_and_bad_input(tmp_path, capfd, monkeypatch):
+    from executor import run as runmod
+    from planner.cli import build_parser, main
+
+    args = build_parser().parse_args(["run", "p.json", "--nproc", "3", "--steps", "4", "--lr", "0.5",
+                                      "--out", "r.csv", "--quiet"])
+    cmd = runmod.launch_argv(args)
+    i = cmd.index("torch.distributed.run")
+    assert cmd[i + 1: i + 4] == ["--standalone", "--nproc-per-node", "3"]
+    tail = cmd[cmd.index("executor.run") + 1:]
+    assert tail[0] == "p.json" and "--nproc" not in tail
+    assert tail[tail.index("--steps") + 1] == "4" and tail[tail.index("--lr") + 1] == "0.5"
+    assert tail[tail.index("--out") + 1] == "r.csv" and "--quiet" in tail and "--check-grads" not in tail
+    # bad input is refused before anything is launched: one line, exit 2
+    monkeypatch.setattr("subprocess.call", lambda *a, **k: pytest.fail("launched"))
+    assert main(["run", str(tmp_path / "missing.json"), "--nproc", "2", "--device", "cpu"]) == 2
+    assert main(["run", str(tmp_path / "missing.json"), "--nproc", "2", "--out", "r.txt"]) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["run", str(tmp_path / "missing.json"), "--nproc", "2"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("planner: error:") for e in err)
+    assert "already one rank" in err[2]
