@@ -129,21 +129,22 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--profile", default=None,
                     help="device profile name or file (default: calibrate this CPU quickly first)")
+    ap.add_argument("--no-time", action="store_true", help="skip the step-time measurements")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     import pandas as pd
     from tqdm import tqdm
 
-    if args.profile is None:
+    if args.profile is None and not args.no_time:
         from planner.calibrate import calibrate
         profile = calibrate("cpu", quick=True)
     else:
-        profile = load_profile(args.profile)
+        profile = load_profile(args.profile or "cpu")
     torch.manual_seed(0)
     rows = []
     cases = [(m, k, s) for s in args.sizes for m in args.models for k in args.plans]
     for m, k, s in tqdm(cases, desc="grid", file=sys.stderr):
-        rows.append(run_case(m, k, s, profile))
+        rows.append(run_case(m, k, s, profile, timing=not args.no_time))
     df = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
         print(df.to_string(index=False))

@@ -182,11 +182,9 @@ class CostModel:
         for n in nodes:
             self._owner[n.name] = self._owner.get(n.inputs[0], n.inputs[0]) if (n.alias and n.inputs) else n.name
         self._saved_owner: set = set()
-        self._saved_oop: set = set()  # saved values when every op runs out of place (strips)
         for n in nodes:
             for p in n.saves:
                 self._saved_owner.add(self._owner.get(p, p))
-                self._saved_oop.add(n.name if (n.alias and self._owner[n.name] == p) else p)
 
     # -- fixed memory ---------------------------------------------------------------------------
     def _round(self, b: float) -> int:
@@ -251,12 +249,13 @@ class CostModel:
         return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
 
     def _walk(self, nodes, scale: Dict[str, float], store: bool,
-              sizes: Optional[Dict[str, Tuple[int, int]]] = None) -> Tuple[int, int]:
+              sizes: Optional[Dict[str, Tuple[int, int]]] = None, keep_output: bool = True) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
         that autograd saves stay live; otherwise everything but the segment output is freed after
-        its last use.  ``scale``: fraction of each node's rows computed.  ``sizes``: per node
+        its last use.  ``keep_output``: the segment output stays live even if nobody saves it
+        (it is the next segment's input).  ``scale``: fraction of each node's rows computed.  ``sizes``: per node
         (output bytes, bytes of a helper copy made at that node and kept with it), for strips,
         where pointwise ops run out of place, border strips pad a copy of a spatial op's input
         and 2PS concatenates carried rows with new ones.
@@ -269,6 +268,14 @@ class CostModel:
             for u in n.inputs:
                 last_use[owner.get(u, u)] = i
             last_use[owner[n.name]] = max(last_use.get(owner[n.name], -1), i)
+        # values saved by the segment's own ops (its output may also be saved by the next one)
+        saved = set()
+        for n in nodes:
+            for p in n.saves:
+                if sizes is None:
+                    saved.add(self._owner.get(p, p))
+                else:
+                    saved.add(n.name if (n.alias and self._owner[n.name] == p) else p)
         live, peak = 0, 0
         size: Dict[str, int] = {}
         for i, n in enumerate(nodes):
@@ -284,10 +291,12 @@ class CostModel:
                 live += new + extra
             if store and n.extra_saved:
                 live += self._round(n.extra_saved * f)
+            if not keep_output and i == len(nodes) - 1:
+                last_use[owner[last]] = i  # freed at once unless saved
             for key in {owner.get(u, u) for u in n.inputs} | {o}:
-                if key not in size or last_use.get(key) != i or key == owner[last]:
+                if key not in size or last_use.get(key) != i or (keep_output and key == owner[last]):
                     continue
-                if store and key in (self._saved_owner if sizes is None else self._saved_oop):
+                if store and key in saved:
                     continue
                 live -= size.pop(key)
         return peak, live
@@ -354,14 +363,29 @@ class CostModel:
 
     def _checkpoint(self, nodes) -> SegmentCost:
         fpk, out_keep = self._walk(nodes, {}, store=False)
-        rec_pk, rec_keep = self._walk(nodes, {}, store=True)
+        # the recompute (in backward) keeps only what the segment's ops save; the forward's
+        # output is no longer live by then (the next segment's backward released it)
+        rec_nodes, trimmed = self._recomputed(nodes)
+        rec_pk, rec_keep = self._walk(rec_nodes, {}, store=True, keep_output=trimmed)
         bpk, _ = self._store_backward(nodes, {})
         gout = self._round(nodes[-1].out_bytes)
         fwd_s = sum(self._time(n) for n in nodes)
         bwd_s = fwd_s + sum(self._time(n, backward=True) for n in nodes)
-        bwd = out_keep + gout + max(rec_pk, rec_keep + bpk)
+        bwd = gout + max(rec_pk, rec_keep + bpk)
         return SegmentCost(keep=out_keep, fwd_peak=fpk, bwd_peak=bwd, grad_bytes=self._grads(nodes),
                            fwd_s=fwd_s, bwd_s=bwd_s, detail={"recompute_saved": rec_keep})
+
+    @staticmethod
+    def _recomputed(nodes):
+        """The nodes a non-reentrant checkpoint recomputes: it stops as soon as the last saved
+        tensor is packed, and autograd packs an op's inputs before running the op.  Returns the
+        nodes and whether the last one's output stays live (saved by the op after it)."""
+        j = max((i for i, n in enumerate(nodes) if n.saves or n.extra_saved), default=0)
+        n = nodes[j]
+        only_inputs = not n.extra_saved and all(p in n.inputs for p in n.saves)
+        if only_inputs and j > 0:  # node j's inputs are packed, its output never made
+            return nodes[:j], True
+        return nodes[:j + 1], False
 
     def _rows(self, seg: Segment, nodes) -> SegmentCost:
         g = self.graph

@@ -12,7 +12,6 @@ from bench.cost_grid import KINDS, grid_plan, run_case
 from models import capture, get_model, set_bn_mode
 from planner import Plan, Segment
 from planner.cost import PROFILES, CostError, CostModel, DeviceProfile, load_profile
-from planner.cli import main
 from tests.exactness import Reference
 from tests.test_cli import assert_one_line_error, run
 
