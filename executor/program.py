@@ -163,9 +163,6 @@ class PlannedModule(nn.Module):
         object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_last", last)
         object.__setattr__(self, "_seg_index", seg_index)
-        for st in steps:
-            if st[0] == "rows" and self.training:
-                st[1].check_modes()
 
     @staticmethod
     def _step_inputs(st) -> List[str]:

@@ -12,12 +12,18 @@ with autograd and back-propagates the matching rows of the output gradient.
   backward (bottom to top) the gradient that lands on carried rows is handed to the strip above,
   which adds it to the rows it computed (the "gradient carry").
 
+Training-mode BatchNorm (batch statistics over N, H, W of the whole map) stays exact: the statistics
+are found before the strips run (strip sweeps, one per BN level, or one layer-wise pass:
+``options.bn``), and backward first runs one gradient sweep per BN level to find the two global
+per-channel sums BN's input gradient needs (see :class:`_BNStrip`, :meth:`RowSegment.bn_cost`).
+
 The segment is a ``torch.autograd.Function`` taking the segment input and the segment's parameters,
 so one ``loss.backward()`` drives everything, parameter gradients arrive through ordinary autograd
 (once per parameter: DDP-safe), and the user's optimizer keeps working.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,7 +34,9 @@ from models.geometry import (RowGraph, StripSchedule, default_bounds, max_strips
                              strip_schedule)
 from . import memory
 from .state import StateSlots
-from .strips import Band, RowSegmentError, StripOp, bn_refusal, build_strip_op
+from .strips import Band, RowSegmentError, StripOp, build_strip_op
+
+BN_STRATEGIES = ("sweeps", "layerwise")
 
 
 class RowSegment:
@@ -67,20 +75,64 @@ class RowSegment:
         for i, n in enumerate(names):
             for u in self.ops[n].inputs:
                 self.last_use[u] = i
-        self._sched: Dict[int, Tuple[StripSchedule, Dict[str, int]]] = {}  # by input height
+        self._sched: Dict[tuple, Tuple[StripSchedule, Dict[str, int]]] = {}  # by input height, cover
         self.rows_computed: Dict[str, int] = {}  # rows computed per node by the last forward sweep
+        # ancestors / descendants of every node inside the segment (the source excluded)
+        self._anc: Dict[str, set] = {}
+        for n in names:
+            a = set()
+            for u in self.ops[n].inputs:
+                if u in self.ops:
+                    a |= self._anc[u] | {u}
+            self._anc[n] = a
+        self._desc: Dict[str, set] = {n: {m for m in names if n in self._anc[m]} for n in names}
+        self.bn_strategy = (seg.options or {}).get("bn", "sweeps")
+        if self.bn_strategy not in BN_STRATEGIES:
+            raise RowSegmentError(f"row segment {self.name}: options.bn {self.bn_strategy!r} is not one of "
+                                  f"{', '.join(BN_STRATEGIES)}")
+        self.row_bytes = {n: graph[n].out_bytes // max(1, graph[n].height) for n in names}  # at the plan's shape
+        first = graph[names[0]]
+        self.itemsize = first.out_bytes // max(1, math.prod(first.shape))
+        # what the last step's training-mode BN handling did (see bn_cost for the prediction)
+        self.bn_sweeps: Dict[str, int] = {"forward": 0, "backward": 0}
+        self.bn_rows: Dict[str, Dict[str, int]] = {"forward": {}, "backward": {}}
 
     # ------------------------------------------------------------------------------------------
     @property
     def params(self) -> List[torch.Tensor]:
         return self.state.current_params()
 
-    def check_modes(self) -> None:
-        """Refuse train-mode BatchNorm (exact strip-wise BN statistics are a separate feature)."""
+    def batch_bns(self) -> List[str]:
+        """BatchNorm nodes that normalise with batch statistics now (training mode, or no running
+        statistics to use), in topological order."""
+        out = []
         for n, op in self.ops.items():
             m = op.module
-            if isinstance(m, nn.BatchNorm2d) and (m.training or not m.track_running_stats):
-                raise RowSegmentError(bn_refusal(n, m))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+                out.append(n)
+        return out
+
+    def bn_levels(self, bns: List[str]) -> Tuple[List[List[str]], List[List[str]]]:
+        """Training-mode BNs grouped into forward levels (a BN's statistics need those of every BN
+        upstream of it: level = 1 + deepest upstream BN) and backward levels (its gradient
+        constants need those of every BN downstream).  One statistics sweep / one gradient sweep
+        per level: the length of the longest chain of BNs on a path through the segment."""
+        fl: Dict[str, int] = {}
+        for b in bns:
+            fl[b] = 1 + max((fl[a] for a in bns if a in self._anc[b]), default=-1)
+        bl: Dict[str, int] = {}
+        for b in reversed(bns):
+            bl[b] = 1 + max((bl[d] for d in bns if d in self._desc[b]), default=-1)
+        fwd = [[b for b in bns if fl[b] == k] for k in range(1 + max(fl.values(), default=-1))]
+        bwd = [[b for b in bns if bl[b] == k] for k in range(1 + max(bl.values(), default=-1))]
+        return fwd, bwd
+
+    def _cover(self, bns: List[str]) -> List[str]:
+        """Nodes every row of which must be computed: training-mode BNs and their ancestors."""
+        c = set(bns)
+        for b in bns:
+            c |= self._anc[b]
+        return [n for n in self.nodes if n in c]
 
     def schedule(self, in_h: int) -> StripSchedule:
         """Strip schedule for a segment input of ``in_h`` rows (cached per height).
@@ -88,18 +140,35 @@ class RowSegment:
         The plan's explicit bounds apply at the plan's height; at another height the strip count
         is kept (capped at the rows available).
         """
-        hit = self._sched.get(in_h)
+        return self._schedule(in_h, False)
+
+    def _schedule(self, in_h: int, one_strip: bool) -> StripSchedule:
+        cover = self._cover(self.batch_bns())
+        key = (in_h, one_strip, tuple(cover))
+        hit = self._sched.get(key)
         if hit is None:
             heights = propagate_heights(self.rowgraph, {self.source: in_h})
             self.rowgraph.height = heights
-            if self.bounds and in_h == self.plan_height:
+            policy = "overl" if one_strip else self.policy
+            if one_strip:
+                bounds = [0, heights[self.out]]
+            elif self.bounds and in_h == self.plan_height:
                 bounds = self.bounds
             else:
                 count = self.strips or len(self.bounds) - 1
                 count = min(count, max_strips(self.rowgraph, self.source, self.out, self.policy))
                 bounds = default_bounds(self.rowgraph, self.source, self.out, self.policy, count)
-            hit = (strip_schedule(self.rowgraph, self.source, self.nodes, bounds, self.policy), heights)
-            self._sched[in_h] = hit
+            sched = strip_schedule(self.rowgraph, self.source, self.nodes, bounds, policy, cover)
+            for n in cover:
+                gap = sched.uncovered(n, heights[n])
+                if gap is not None:
+                    raise RowSegmentError(
+                        f"row segment {self.name}: rows {gap[0]}..{gap[1]} of node {n!r} are computed by no "
+                        f"strip, but training-mode BatchNorm needs every row of its input and upstream; "
+                        f"cover this part with a checkpoint/store segment")
+            sched.own = {n: sched.owned(n) for n in self.nodes}
+            hit = (sched, heights)
+            self._sched[key] = hit
         sched, heights = hit
         for op in self.ops.values():
             op.in_heights = [heights[u] for u in op.inputs]
@@ -108,13 +177,21 @@ class RowSegment:
     # ------------------------------------------------------------------------------------------
     def _run_strip(self, sched: StripSchedule, i: int, x_band: Band,
                    carried: Optional[Dict[str, torch.Tensor]],
-                   forward: bool, on_new=None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
+                   forward: bool, on_new=None, count: Optional[Dict[str, int]] = None,
+                   bn: Optional[Dict[str, "_BNStat"]] = None, active: Optional[set] = None,
+                   on_stats=None, bn_io: Optional[dict] = None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
         """Compute strip ``i``.  Returns the bands still held and the carries for strip i+1.
 
         ``carried``: rows each node receives from earlier strips (2PS).  ``forward``: the no-grad
         sweep (extract the carries for the next strip).  Bands are dropped after their last use
         (in backward, autograd keeps what it needs).  ``on_new(node, tensor, start)`` sees each
-        node's newly computed rows.
+        node's newly computed rows; ``count`` adds up the rows computed per node.
+
+        Training-mode BN (``bn``: node -> statistics): a BN whose statistics are known is applied
+        with them (:class:`_BNStrip`; ``bn_io[node] = (input rows, output rows)``); for one whose
+        statistics are not known yet, ``on_stats(node, rows)`` sees the input rows this strip owns
+        and, if the statistics are still unknown, the node and everything below it is skipped.
+        ``active``: evaluate only these nodes.
         """
         strip = sched.rows[i]
         nxt = sched.rows[i + 1] if i + 1 < sched.strips else None
@@ -123,34 +200,117 @@ class RowSegment:
         for k, n in enumerate(self.nodes):
             r = strip[n]
             op = self.ops[n]
-            if r.hi > r.start:
-                new = op([bands[u] for u in op.inputs], r.start, r.hi)
-                if forward:
-                    self.rows_computed[n] = self.rows_computed.get(n, 0) + (r.hi - r.start)
-            else:
-                ref = bands[op.inputs[0]].t
-                new = ref.new_empty((ref.shape[0], 0, 0, 0))
-            if on_new is not None and r.hi > r.start:
-                on_new(n, new, r.start)
-            c0, c1 = r.carried
-            if carried is not None and c1 > c0:
-                band = Band(c0, torch.cat([carried[n], new], dim=2) if r.hi > r.start else carried[n])
-            else:
-                band = Band(r.start, new)
-            bands[n] = band
-            if forward and sched.policy == "2ps" and nxt is not None:
-                n0, n1 = nxt[n].carried
-                if n1 > n0:
-                    carry_out[n] = band.rows(n0, n1).clone()
+            st = bn.get(n) if bn else None
+            run = (active is None or n in active) and all(u in bands for u in op.inputs)
+            if run and st is not None and st.mean is None:
+                o0, o1 = sched.own[n][i]
+                if on_stats is not None and o1 > o0:
+                    on_stats(n, bands[op.inputs[0]].rows(o0, o1))
+                run = st.mean is not None
+            if run:
+                if r.hi > r.start:
+                    if st is not None:
+                        xr = bands[op.inputs[0]].rows(r.start, r.hi)
+                        m = op.module
+                        new = _BNStrip.apply(xr, m.weight, m.bias, st, sched.own[n][i][0] - r.start)
+                        if bn_io is not None:
+                            bn_io[n] = (xr, new)
+                    else:
+                        new = op([bands[u] for u in op.inputs], r.start, r.hi)
+                    if count is not None:
+                        count[n] = count.get(n, 0) + (r.hi - r.start)
+                else:
+                    ref = bands[op.inputs[0]].t
+                    new = ref.new_empty((ref.shape[0], 0, 0, 0))
+                if on_new is not None and r.hi > r.start:
+                    on_new(n, new, r.start)
+                c0, c1 = r.carried
+                if carried is not None and c1 > c0:
+                    band = Band(c0, torch.cat([carried[n], new], dim=2) if r.hi > r.start else carried[n])
+                else:
+                    band = Band(r.start, new)
+                bands[n] = band
+                if forward and sched.policy == "2ps" and nxt is not None:
+                    n0, n1 = nxt[n].carried
+                    if n1 > n0:
+                        carry_out[n] = band.rows(n0, n1).clone()
             for u in op.inputs:
                 if self.last_use.get(u) == k and u != self.source:
-                    del bands[u]
+                    bands.pop(u, None)
         return bands, carry_out
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
-        """No-grad strip-wise forward. Returns the output map and the per-strip carried rows."""
-        self.check_modes()
+    # -- training-mode BatchNorm: statistics -----------------------------------------------------
+    def _statistics(self, x: torch.Tensor, sched: StripSchedule, bns: List[str]) -> Dict[str, "_BNStat"]:
+        """Batch mean / variance of every training-mode BN's input over (N, H, W) of the whole map.
+
+        ``sweeps``: one no-grad strip pass per forward level (the BNs of a level need the
+        statistics of the BNs upstream of them), through the ancestors of that level's BNs only;
+        each strip adds the rows it owns (Chan's parallel combination of per-strip mean / M2).
+        ``layerwise`` (and any one-strip segment): one no-grad pass over the whole map, all levels
+        at once (the full maps of the pass are transient memory).
+        """
+        bn = {n: _BNStat() for n in bns}
+        fwd_levels, _ = self.bn_levels(bns)
+        one = self.bn_strategy == "layerwise" or sched.strips == 1
+        passes = [(self._schedule(x.shape[2], True) if one and sched.strips > 1 else sched, bns)] if one \
+            else [(sched, lv) for lv in fwd_levels]
+        rows = self.bn_rows["forward"] = {}
+        for sc, targets in passes:
+            inline = sc.strips == 1
+            acc: Dict[str, tuple] = {}
+
+            def on_stats(n, xr, acc=acc, inline=inline):
+                acc[n] = _chan(acc.get(n), xr)
+                if inline:
+                    bn[n].finish(acc[n], self.ops[n].module.eps)
+
+            active = set(targets)
+            for t in targets:
+                active |= self._anc[t]
+            carried = {} if sc.policy == "2ps" else None
+            for i in range(sc.strips):
+                lo, hi = sc.rows[i][self.source].lo, sc.rows[i][self.source].hi
+                _, carry_out = self._run_strip(sc, i, Band(lo, x[:, :, lo:hi]), carried, forward=True,
+                                               count=rows, bn=bn, active=active, on_stats=on_stats)
+                carried = carry_out if sc.policy == "2ps" else None
+            for t in targets:
+                if bn[t].mean is None:
+                    if t not in acc:
+                        raise RuntimeError(f"internal: no rows of {t!r} seen by the statistics sweep")
+                    bn[t].finish(acc[t], self.ops[t].module.eps)
+        self.bn_sweeps["forward"] = len(passes)
+        return bn
+
+    def _update_running(self, bn: Dict[str, "_BNStat"]) -> None:
+        """Running statistics, once per step, exactly as ``nn.BatchNorm2d.forward`` updates them."""
+        with torch.no_grad():
+            for n, st in bn.items():
+                m = self.ops[n].module
+                if not (m.training and m.track_running_stats):
+                    continue
+                eaf = 0.0 if m.momentum is None else m.momentum
+                if m.num_batches_tracked is not None:
+                    m.num_batches_tracked.add_(1)
+                    if m.momentum is None:  # cumulative average: 1/num_batches_tracked (no .item())
+                        eaf = 1.0 / m.num_batches_tracked.to(st.mean.dtype)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(eaf * st.mean + (1 - eaf) * m.running_mean)
+                if m.running_var is not None:
+                    unbiased = st.var * (st.count / max(st.count - 1, 1))
+                    m.running_var.copy_(eaf * unbiased + (1 - eaf) * m.running_var)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, list, Optional[Dict[str, "_BNStat"]]]:
+        """No-grad strip-wise forward.  Returns the output map, the per-strip carried rows and the
+        training-mode BN statistics (None without such BNs); updates BN running statistics."""
         sched = self.schedule(x.shape[2])
+        bns = self.batch_bns()
+        bn = None
+        self.bn_sweeps = {"forward": 0, "backward": 0}
+        self.bn_rows = {"forward": {}, "backward": {}}
+        if bns:
+            bn = self._statistics(x, sched, bns)
+            self._update_running(bn)
         self.rows_computed = {}
         out: Optional[torch.Tensor] = None
         carries: List[Optional[Dict[str, torch.Tensor]]] = []
@@ -158,7 +318,8 @@ class RowSegment:
         for i in range(sched.strips):
             lo, hi = sched.rows[i][self.source].lo, sched.rows[i][self.source].hi
             carries.append(carried)
-            bands, carry_out = self._run_strip(sched, i, Band(lo, x[:, :, lo:hi]), carried, forward=True)
+            bands, carry_out = self._run_strip(sched, i, Band(lo, x[:, :, lo:hi]), carried, forward=True,
+                                               count=self.rows_computed, bn=bn)
             y = bands[self.out]
             a, b = sched.out[i]
             if b > a:  # 2PS: early strips may not reach the output yet
@@ -170,15 +331,40 @@ class RowSegment:
             del bands, y
             carried = carry_out if sched.policy == "2ps" else None
         memory.mark(f"rows {self.name} forward")
-        return out, carries
+        return out, carries, bn
 
     def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: list, need_gx: bool,
-                 params: List[torch.Tensor]):
-        """Strip-wise recompute + backward, last strip first. Returns (grad_x, grads of params)."""
+                 params: List[torch.Tensor], bn: Optional[Dict[str, "_BNStat"]] = None):
+        """Strip-wise recompute + backward, last strip first. Returns (grad_x, grads of params).
+
+        With training-mode BNs, first one gradient sweep per backward level finds the global
+        constants mean(dy), mean(dy * xhat) of that level's BNs (those of the BNs downstream are
+        known by then), then the real sweep runs with all of them known.
+        """
         sched = self.schedule(x.shape[2])
+        if bn:
+            _, levels = self.bn_levels(list(bn))
+            rows = self.bn_rows["backward"] = {}
+            for targets in levels:
+                known = {b for b, st in bn.items() if st.c1 is not None}
+                carry_nodes = {n for n in self.nodes if all(b in known for b in self._desc[n] if b in bn)}
+                sums = self._sweep(x, gy, carries, sched, False, [], bn, targets, carry_nodes, rows)[2]
+                for t in targets:  # no gradient reached the BN's output at all: dy = 0
+                    zero = torch.zeros_like(bn[t].mean)
+                    s1, s2 = sums.get(t, (zero, zero))
+                    bn[t].c1, bn[t].c2 = s1 / bn[t].count, s2 / bn[t].count
+            self.bn_sweeps["backward"] = len(levels)
+        gx, gparams, _ = self._sweep(x, gy, carries, sched, need_gx, params, bn, [], set(self.nodes), None)
+        return gx, gparams
+
+    def _sweep(self, x, gy, carries, sched: StripSchedule, need_gx: bool, params: List[torch.Tensor],
+               bn, targets: List[str], carry_nodes: set, count):
+        """One bottom-up recompute + backward sweep.  Returns (grad_x, param grads, per target BN
+        the sums over all rows of dy and dy * xhat at its output)."""
         gx = torch.zeros_like(x) if need_gx else None
         gparams: List[Optional[torch.Tensor]] = [None] * len(params)
         owned = [False] * len(params)
+        sums: Dict[str, list] = {}
         pending: Dict[str, Tuple[int, torch.Tensor]] = {}  # node -> (first row, grad of carried rows)
         for i in reversed(range(sched.strips)):
             srow = sched.rows[i][self.source]
@@ -196,20 +382,33 @@ class RowSegment:
                     roots.append(new[:, :, lo - start: hi - start])
                     grads.append(pg[:, :, lo - p0: hi - p0])
 
+            bn_io: Dict[str, tuple] = {}
             with torch.enable_grad():
-                xs = x[:, :, srow.lo:srow.hi].detach().requires_grad_(need_gx)
+                # (a constants sweep tracks the input too, so every BN output it needs requires grad)
+                xs = x[:, :, srow.lo:srow.hi].detach().requires_grad_(need_gx or bool(targets))
                 leaves: Dict[str, torch.Tensor] = {}
                 carried = None
                 if carries[i] is not None:
-                    carried = {n: c.detach().requires_grad_(True) for n, c in carries[i].items()}
-                    leaves = carried
-                bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, forward=False, on_new=on_new)
+                    carried = {n: c.detach().requires_grad_(n in carry_nodes) for n, c in carries[i].items()}
+                    leaves = {n: c for n, c in carried.items() if n in carry_nodes}
+                bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, forward=False, on_new=on_new,
+                                           count=count, bn=bn, bn_io=bn_io)
                 a, b = sched.out[i]
                 if b > a:
                     roots.append(bands[self.out].rows(a, b))
                     grads.append(gy[:, :, a:b])
-                inputs = ([xs] if need_gx else []) + list(leaves.values()) + params
-                if roots:
+                # every BN with known constants is a root (zero gradient): its input gradient has a
+                # term on every row it owns even where the segment output never reads it
+                for n, (_, y) in bn_io.items():
+                    if bn[n].c1 is not None:
+                        roots.append(y)
+                        grads.append(torch.zeros_like(y))
+                tg = [n for n in targets if n in bn_io and bn_io[n][1].requires_grad]
+                inputs = ([xs] if need_gx else []) + list(leaves.values()) + params + [bn_io[n][1] for n in tg]
+                keep = [k for k, r in enumerate(roots) if r.requires_grad]
+                roots = [roots[k] for k in keep]
+                grads = [grads[k] for k in keep]
+                if roots and inputs:
                     got = torch.autograd.grad(roots, inputs, grads, allow_unused=True)
                 else:
                     got = (None,) * len(inputs)
@@ -235,7 +434,8 @@ class RowSegment:
                         g[:, :, lo - c0: hi - c0] += pg[:, :, lo - p0: hi - p0]
                 new_pending[n] = (c0, g)
             pending = new_pending
-            for j, g in enumerate(got[k:]):
+            for j in range(len(params)):
+                g = got[k + j]
                 if g is None:
                     continue
                 if gparams[j] is None:
@@ -245,17 +445,156 @@ class RowSegment:
                 else:
                     gparams[j] = gparams[j] + g
                     owned[j] = True
-            del got
+            k += len(params)
+            for n, g in zip(tg, got[k:]):
+                if g is None:
+                    continue
+                xr = bn_io[n][0].detach()
+                xhat = (xr - bn[n].mean.view(1, -1, 1, 1)) * bn[n].invstd.view(1, -1, 1, 1)
+                s1, s2 = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+                if n in sums:
+                    sums[n][0] = sums[n][0] + s1
+                    sums[n][1] = sums[n][1] + s2
+                else:
+                    sums[n] = [s1, s2]
+            del got, bn_io
             memory.mark(f"rows {self.name} backward strip {i}")
-        return gx, gparams
+        return gx, gparams, sums
+
+    # -- cost ------------------------------------------------------------------------------------
+    def bn_cost(self, in_h: Optional[int] = None) -> Dict[str, object]:
+        """Predicted extra work and memory of the training-mode BN handling for one step.
+
+        * ``stat_sweeps``: ``sweeps``: the number of forward levels L (longest chain of training-mode
+          BNs on a path through the segment); ``layerwise`` or one strip: 1.
+        * ``stat_rows``: rows computed per node by those passes (``sweeps``: level l computes the
+          ancestors of its BNs, strip-wise: sum over levels of their ``computed_rows``;
+          ``layerwise``: every ancestor of a BN and the BNs themselves, each row once).
+        * ``grad_sweeps``: L again (backward levels); each recomputes every node of the segment
+          strip-wise with autograd: ``grad_rows[n] = L * computed_rows(n)``, plus the backward.
+        * ``transient_bytes``: ``layerwise``: the largest set of full maps live at once during
+          its pass; ``sweeps``: 0 beyond a forward strip's own bands.
+        * ``state_bytes``: 4 per-channel vectors per BN (mean, invstd, the two gradient constants)
+          kept from forward to backward.
+        """
+        h = self.plan_height if in_h is None else in_h
+        bns = self.batch_bns()
+        zero = {"strategy": self.bn_strategy, "stat_sweeps": 0, "grad_sweeps": 0, "stat_rows": {},
+                "grad_rows": {}, "transient_bytes": 0, "state_bytes": 0}
+        if not bns:
+            return zero
+        sched = self.schedule(h)
+        fwd, bwd = self.bn_levels(bns)
+        one = self.bn_strategy == "layerwise" or sched.strips == 1
+        stat_rows: Dict[str, int] = {}
+        transient = 0
+        if one:
+            sc = self._schedule(h, True) if sched.strips > 1 else sched
+            active = set(bns).union(*(self._anc[b] for b in bns))
+            for n in self.nodes:
+                if n in active and sc.computed_rows(n):
+                    stat_rows[n] = sc.computed_rows(n)
+            if sc is not sched or self.bn_strategy == "layerwise":  # full maps, dropped after last use
+                last = {u: k for k, n in enumerate(self.nodes) if n in active for u in self.ops[n].inputs}
+                live: Dict[str, int] = {}
+                for k, n in enumerate(self.nodes):
+                    if n in active:
+                        live[n] = self.row_bytes[n] * sc.computed_rows(n)
+                        transient = max(transient, sum(live.values()))
+                        for u in self.ops[n].inputs:
+                            if last.get(u) == k:
+                                live.pop(u, None)
+        else:
+            for lv in fwd:
+                active = set().union(*(self._anc[b] for b in lv))
+                for n in self.nodes:
+                    if n in active and sched.computed_rows(n):
+                        stat_rows[n] = stat_rows.get(n, 0) + sched.computed_rows(n)
+        grad_rows = {n: len(bwd) * sched.computed_rows(n) for n in self.nodes if sched.computed_rows(n)}
+        state = sum(4 * self.ops[b].module.num_features for b in bns)
+        return {"strategy": self.bn_strategy, "stat_sweeps": 1 if one else len(fwd), "grad_sweeps": len(bwd),
+                "stat_rows": stat_rows, "grad_rows": grad_rows, "transient_bytes": int(transient),
+                "state_bytes": int(state * self.itemsize)}
+
+
+class _BNStat:
+    """Batch statistics of one training-mode BN for one step, and its two backward constants."""
+
+    __slots__ = ("mean", "var", "invstd", "count", "c1", "c2")
+
+    def __init__(self):
+        self.mean = self.var = self.invstd = self.c1 = self.c2 = None
+        self.count = 0
+
+    def finish(self, acc: tuple, eps: float) -> None:
+        cnt, mean, m2 = acc
+        self.count, self.mean, self.var = cnt, mean, m2 / cnt
+        self.invstd = 1.0 / torch.sqrt(self.var + eps)
+
+
+def _chan(prev: Optional[tuple], xr: torch.Tensor) -> tuple:
+    """(count, mean, M2) per channel of ``prev`` combined with the rows ``xr`` (Chan et al.)."""
+    xr = xr.detach()
+    cnt = xr.shape[0] * xr.shape[2] * xr.shape[3]
+    var, mean = torch.var_mean(xr, dim=(0, 2, 3), unbiased=False)
+    m2 = var * cnt
+    if prev is None:
+        return cnt, mean, m2
+    n_a, mean_a, m2_a = prev
+    n = n_a + cnt
+    delta = mean - mean_a
+    return n, mean_a + delta * (cnt / n), m2_a + m2 + delta * delta * (n_a * cnt / n)
+
+
+class _BNStrip(torch.autograd.Function):
+    """Training-mode BN on a band of rows, with the step's recorded batch statistics.
+
+    Forward: ``(x - mean) * invstd * w + b``.  Backward: the full-map input gradient
+    ``w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` split into a part linear in this
+    strip's ``dy`` (every row) and the constant part ``-w * invstd * (c1 + xhat * c2)``, added only
+    on the rows this strip owns (rows from ``own0`` on), so each row gets it once over all strips;
+    ``c1, c2`` (global means over N, H, W) are found by the gradient sweeps before they are used.
+    Weight and bias gradients are this strip's sums (autograd adds the strips up).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, st: _BNStat, own0: int):
+        shp = (1, -1, 1, 1)
+        y = (x - st.mean.view(shp)) * st.invstd.view(shp)
+        if weight is not None:
+            y = y * weight.view(shp)
+        if bias is not None:
+            y = y + bias.view(shp)
+        ctx.save_for_backward(x, weight)
+        ctx.st, ctx.own0 = st, own0
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        st, o = ctx.st, ctx.own0
+        shp = (1, -1, 1, 1)
+        xhat = (x - st.mean.view(shp)) * st.invstd.view(shp)
+        gw = (dy * xhat).sum((0, 2, 3)) if ctx.needs_input_grad[1] else None
+        gb = dy.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if st.c1 is None:
+                raise RuntimeError("internal: BN input gradient needed before its constants are known")
+            k = st.invstd.view(shp) if weight is None else st.invstd.view(shp) * weight.view(shp)
+            gx = dy * k
+            if o < x.shape[2]:
+                gx[:, :, o:] -= k * (st.c1.view(shp) + xhat[:, :, o:] * st.c2.view(shp))
+        return gx, gw, gb, None, None
 
 
 class _RowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seg: RowSegment, x: torch.Tensor, *params):
-        y, carries = seg.forward(x)
+        y, carries, bn = seg.forward(x)
         ctx.seg = seg
         ctx.carries = carries
+        ctx.bn = bn
         ctx.params = params
         ctx.buffers = seg.state.current_buffers()
         ctx.save_for_backward(x)
@@ -266,8 +605,9 @@ class _RowFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         seg: RowSegment = ctx.seg
         with seg.state.bound(ctx.params, ctx.buffers):
-            gx, gparams = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1], list(ctx.params))
-        ctx.carries = ctx.params = ctx.buffers = None
+            gx, gparams = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1], list(ctx.params),
+                                       ctx.bn)
+        ctx.carries = ctx.params = ctx.buffers = ctx.bn = None
         return (None, gx, *gparams)
 
 

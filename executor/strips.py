@@ -117,19 +117,12 @@ class StripOp:
         raise RowSegmentError(f"node {self.name}: spatial op {type(m).__name__} has no strip implementation")
 
     def _norm(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
-        m = self.module  # eval mode with running statistics: RowSegment.check_modes ensured it
+        m = self.module  # eval mode with running statistics (training-mode BN: executor.rows._BNStrip)
         return F.batch_norm(bands[0].rows(lo, hi), m.running_mean, m.running_var, m.weight, m.bias,
                             False, 0.0, m.eps)
 
     def __call__(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
         return self.fn(bands, lo, hi)
-
-
-def bn_refusal(name: str, m: nn.Module) -> str:
-    why = "in training mode" if m.training else "without running statistics"
-    return (f"row segment contains BatchNorm2d {name!r} {why}: row strips are exact only for BN in "
-            f"eval mode so far; put BN in eval mode (model.apply(lambda m: m.eval() if "
-            f"isinstance(m, torch.nn.BatchNorm2d) else None)) or cover it with a checkpoint/store segment")
 
 
 def build_strip_op(fxnode: fx.Node, graph_node, module: Optional[nn.Module], in_heights: List[int]) -> StripOp:

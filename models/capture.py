@@ -411,6 +411,11 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # a too-small input is reported below, in one line
+    # BN with momentum=None reads float(num_batches_tracked), which fake tensors cannot answer;
+    # the momentum changes no shape and the fake running statistics are thrown away
+    cumulative = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+    for m in cumulative:
+        m.momentum = 0.0
     try:
         with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = torch.empty(input_shape, dtype=dtype, device="meta").requires_grad_(True)
@@ -425,6 +430,8 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
                            f"{model_name or type(model).__name__} (at node {where}: {msg}); {hint}") from None
     finally:
         fake_log.setLevel(level)
+        for m in cumulative:
+            m.momentum = None
 
     profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys)
 

@@ -302,9 +302,55 @@ class StripSchedule:
         """Rows of ``node`` carried between strips over a sweep (2PS boundary state)."""
         return sum(s[node].carried[1] - s[node].carried[0] for s in self.rows if node in s)
 
+    def owned(self, node: str) -> List[Range]:
+        """Per strip, the rows of ``node`` it *owns*: the rows it computes that no earlier strip
+        computed (OverL strips overlap in their halos; 2PS strips own what they compute).  Owned
+        ranges are disjoint; they cover every row the sweep computes once."""
+        out: List[Range] = []
+        done = 0
+        for s in self.rows:
+            r = s.get(node)
+            if r is None or r.hi <= r.start:
+                out.append((done, done))
+                continue
+            lo = max(r.start, done)
+            out.append((lo, max(lo, r.hi)))
+            done = max(done, r.hi)
+        return out
+
+    def uncovered(self, node: str, height: int) -> Optional[Range]:
+        """First run of rows of ``node`` (of ``height``) that no strip computes, or None."""
+        covered = 0
+        for lo, hi in self.owned(node):
+            if hi > lo:
+                if lo > covered:
+                    return (covered, lo)
+                covered = hi
+        return (covered, height) if covered < height else None
+
+
+def _cover(ranges: List[Optional[Range]], height: int) -> List[Optional[Range]]:
+    """Widen per-strip row ranges (in strip order) so together they cover ``[0, height)``:
+    a gap before a strip's range goes to that strip, the tail to the last strip with rows."""
+    out = list(ranges)
+    done, last = 0, None
+    for i, r in enumerate(out):
+        if r is None or r[0] >= r[1]:
+            continue
+        if r[0] > done:
+            r = (done, r[1])
+        out[i] = r
+        done, last = max(done, r[1]), i
+    if last is None:
+        if height > 0:
+            out[-1] = (0, height)
+    elif done < height:
+        out[last] = (out[last][0], height)
+    return out
+
 
 def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Sequence[int],
-                   policy: str) -> StripSchedule:
+                   policy: str, cover: Sequence[str] = ()) -> StripSchedule:
     """Build the strip schedule of a row segment.
 
     ``nodes``: the segment's nodes in topological order (not including ``source``); the last one is
@@ -318,6 +364,12 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
     bottom), so a node carries into the next strip only the few rows its consumers' next windows
     still need (about kernel - stride rows per layer), whatever the depth of the segment.  Output
     rows come out with a lag of about half the receptive field; ``out[i]`` says which.
+
+    ``cover``: nodes whose every row must be computed by some strip even if the segment output
+    never reads it (inputs of training-mode BatchNorm, whose statistics and input gradient span
+    the whole map, and everything upstream of them).  2PS computes every row anyway; OverL widens
+    the strips at those nodes (gaps go to the strip below them, the tail to the last strip) and
+    propagates the widened ranges upstream.
     """
     if policy not in ("overl", "2ps"):
         raise ValueError(f"unknown row policy {policy!r}: use '2ps' or 'overl'")
@@ -328,7 +380,10 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
     rows: List[Dict[str, StripRows]] = []
     outs: List[Range] = []
     if policy == "overl":
-        needs = [propagate_rows(g, sub, out, (a, b)) for a, b in zip(bounds, bounds[1:])]
+        if cover:
+            needs = _overl_covered(g, sub, out, bounds, set(cover))
+        else:
+            needs = [propagate_rows(g, sub, out, (a, b)) for a, b in zip(bounds, bounds[1:])]
         for need, a, b in zip(needs, bounds, bounds[1:]):
             # a node may need no rows at all (an output row made only of padding)
             rows.append({n: StripRows(*need.get(n, (0, 0)), need.get(n, (0, 0))[0]) for n in sub})
@@ -369,3 +424,24 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
     if done[out] != g.height[out]:
         raise RuntimeError(f"internal: 2PS schedule ends at row {done[out]} of {g.height[out]}")
     return StripSchedule(source, nodes, bounds, policy, rows, outs)
+
+
+def _overl_covered(g: RowGraph, sub: List[str], out: str, bounds: List[int], cover: set) -> List[Dict[str, Range]]:
+    """OverL needs per strip (as ``propagate_rows``), widened so nodes in ``cover`` are computed whole."""
+    k = len(bounds) - 1
+    needs: List[Dict[str, Optional[Range]]] = [{out: (a, b)} for a, b in zip(bounds, bounds[1:])]
+    members = set(sub)
+    for n in reversed(sub):
+        if n in cover:
+            for i, r in enumerate(_cover([needs[i].get(n) for i in range(k)], g.height[n])):
+                needs[i][n] = r
+        geom = g.geom.get(n, IDENTITY)
+        for i in range(k):
+            r = needs[i].get(n)
+            if r is None or r[0] >= r[1]:
+                continue
+            for u in g.inputs.get(n, ()):
+                if u in members:
+                    ir = input_rows(geom, r[0], r[1], g.height[u])
+                    needs[i][u] = union(needs[i].get(u), (ir.lo, ir.hi))
+    return [{n: r for n, r in need.items() if r is not None} for need in needs]

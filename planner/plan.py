@@ -10,7 +10,10 @@ of nodes between two cut points (places where one tensor alone crosses) with a m
                  ``strips`` (a count, split evenly) or explicit ``bounds``.  OverL strips split the
                  segment's *output* rows (each strip recomputes its halo); 2PS strips split the
                  segment's *input* rows (each strip reads that band and every layer advances as
-                 far as it can, carrying the few rows the next strip shares).
+                 far as it can, carrying the few rows the next strip shares).  ``options.bn``:
+                 how training-mode BatchNorm statistics are found: ``"sweeps"`` (default; one
+                 strip pass per BN level) or ``"layerwise"`` (one full-map pass); see
+                 ``executor.rows.RowSegment.bn_cost`` for what each costs.
 
 Nodes not covered by any segment run as ``store``.  Hand-written plans are made with
 :meth:`Plan.build`::
@@ -32,6 +35,7 @@ MODES = ("store", "checkpoint", "rows")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BN_MODES = ("train", "eval")
 POLICIES = ("2ps", "overl")
+BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
 
 
 class PlanError(ValueError):
@@ -64,6 +68,14 @@ class Segment:
                 raise PlanError(f"{w}strips must be a positive integer, got {self.strips!r}")
         elif self.policy is not None or self.strips is not None or self.bounds:
             raise PlanError(f"{w}policy/strips/bounds are only meaningful for rows segments")
+        if not isinstance(self.options, dict):
+            raise PlanError(f"{w}options must be an object, got {type(self.options).__name__}")
+        if "bn" in self.options:
+            if self.mode != "rows":
+                raise PlanError(f"{w}options.bn (training-mode BatchNorm strategy) is only meaningful for rows segments")
+            if self.options["bn"] not in BN_STRATEGIES:
+                raise PlanError(f"{w}options.bn {self.options['bn']!r} is not one of {', '.join(BN_STRATEGIES)} "
+                                f"(training-mode BatchNorm statistics: strip sweeps, or one layer-wise pass)")
 
     def to_dict(self) -> dict:
         d = {"first": self.first, "last": self.last, "mode": self.mode}
