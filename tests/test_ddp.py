@@ -5,7 +5,7 @@ Exactness: 2 processes with half the batch each, 3 SGD+momentum steps, default D
 cross-entropy, DDP's average of the two half-batch gradients *is* the full-batch gradient, so
 the planned DDP run must match one plain process on the full batch.  With train BN each rank
 normalises with its own half-batch statistics (no SyncBatchNorm), so the reference is plain DDP
-of the unplanned model on the same shards.
+of the unplanned model on the same shards (train BN inside row segments included).
 
 Small on purpose (CI has 2 CPU cores): tiny_resnet, float64, 4x3x32x32 split in two; all plans
 run in one spawn of two processes.
@@ -40,6 +40,8 @@ CASES = {
     "rows_overl": ("eval", [Segment("conv1", "layer2", "rows", policy="overl", strips=3)]),
     "checkpoint_store": ("eval", [Segment("conv1", "layer1", "checkpoint"), STORE]),
     "train_bn_checkpoint_store": ("train", [Segment("conv1", "layer1", "checkpoint"), STORE]),
+    "train_bn_rows": ("train", [Segment("conv1", "layer1", "rows", policy="2ps", strips=3),
+                                Segment("layer2", "layer2", "rows", policy="overl", strips=2)]),
 }
 
 
