@@ -7,8 +7,9 @@ the planned DDP run must match one plain process on the full batch.  With train 
 normalises with its own half-batch statistics (no SyncBatchNorm), so the reference is plain DDP
 of the unplanned model on the same shards (train BN inside row segments included).
 
-Small on purpose (CI has 2 CPU cores): tiny_resnet, float64, 4x3x32x32 split in two; all plans
-run in one spawn of two processes.
+Tolerances (norm-wise relative, on final parameters and on the parameter updates): float64 1e-10,
+float32 1e-5.  Small on purpose (CI has 2 CPU cores): tiny_resnet, 4x3x32x32 split in two; all
+plans run in one spawn of two processes.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ WORLD = 2
 FULL = (4, 3, 32, 32)
 STEPS = 3
 LR = 0.05
-TOL = 1e-10  # float64, norm-wise relative
 
 STORE = Segment("layer2", "layer2", "store", recompute=["layer2_0_bn1", "layer2_0_relu"])
 CASES = {
@@ -42,7 +42,11 @@ CASES = {
     "train_bn_checkpoint_store": ("train", [Segment("conv1", "layer1", "checkpoint"), STORE]),
     "train_bn_rows": ("train", [Segment("conv1", "layer1", "rows", policy="2ps", strips=3),
                                 Segment("layer2", "layer2", "rows", policy="overl", strips=2)]),
+    "float32_rows": ("eval", [Segment("conv1", "layer1", "rows", policy="2ps", strips=4),
+                              Segment("layer2", "layer2", "rows", policy="overl", strips=2)]),
 }
+DTYPE = {c: (torch.float32 if c.startswith("float32") else torch.float64) for c in CASES}
+TOLS = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def free_port() -> int:
@@ -51,9 +55,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model(bn: str):
-    """tiny_resnet in float64, weights from seed 0; eval BN with calibrated running statistics
-    (one cumulative pass over a random batch keeps activations O(1))."""
+def _model(bn: str, dtype=torch.float64):
+    """tiny_resnet, weights from seed 0; eval BN with calibrated running statistics (one
+    cumulative pass over a random batch keeps activations O(1))."""
     from models import get_model, set_bn_mode
 
     torch.manual_seed(0)
@@ -66,12 +70,13 @@ def _model(bn: str):
             m(torch.randn(8, 3, 32, 32, dtype=torch.float64))
         for b in bns:
             b.momentum = 0.1
-    return set_bn_mode(m, bn)
+    return set_bn_mode(m.to(dtype), bn)
 
 
-def _data():
+def _data(dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(*FULL, generator=g, dtype=torch.float64), torch.randint(0, 10, (FULL[0],), generator=g)
+    x, y = torch.randn(*FULL, generator=g, dtype=torch.float64), torch.randint(0, 10, (FULL[0],), generator=g)
+    return x.to(dtype), y
 
 
 def _train(model, x, y):
@@ -97,20 +102,21 @@ def _worker(rank, world, port, outdir, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        x, y = _data()
         n = FULL[0] // world
-        xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
         graphs = {}
         res = {}
         for name in cases:
-            bn, segs = CASES[name]
-            m = _model(bn)
-            if bn not in graphs:
-                graphs[bn] = capture(m, (n,) + FULL[1:], torch.float64, model_name="tiny_resnet")
-            plan = Plan.build(graphs[bn], segs, training={"optimizer": "momentum", "bn": bn})
-            res[name] = _train(DDP(apply_plan(m, plan, graphs[bn])), xs, ys)  # default DDP settings
+            (bn, segs), dt = CASES[name], DTYPE[name]
+            x, y = _data(dt)
+            xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+            m = _model(bn, dt)
+            if (bn, dt) not in graphs:
+                graphs[bn, dt] = capture(m, (n,) + FULL[1:], dt, model_name="tiny_resnet")
+            g = graphs[bn, dt]
+            plan = Plan.build(g, segs, training={"optimizer": "momentum", "bn": bn})
+            res[name] = _train(DDP(apply_plan(m, plan, g)), xs, ys)  # default DDP settings
             if bn == "train":
-                res[name + "/plain_ddp"] = _train(DDP(_model(bn)), xs, ys)
+                res[name + "/plain_ddp"] = _train(DDP(_model(bn, dt)), xs, ys)
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -130,36 +136,36 @@ def ddp_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.fixture(scope="module")
-def initial():
-    return {bn: {k: v.detach().clone() for k, v in _model(bn).named_parameters()} for bn in ("eval", "train")}
+def _initial(bn, dtype):
+    return {k: v.detach().clone() for k, v in _model(bn, dtype).named_parameters()}
 
 
-def _compare(got, ref, p0, what):
+def _compare(got, ref, p0, what, tol):
     """Final parameters and the parameter *updates* (final - initial: far more sensitive)."""
     (gp, gb), (rp, rb) = got, ref
     assert set(gp) == set(rp)
     for k in rp:
-        assert _rel(gp[k], rp[k]) <= TOL, f"{what}: parameter {k} differs"
-        assert _rel(gp[k] - p0[k], rp[k] - p0[k]) <= TOL, f"{what}: update of {k} differs"
+        assert _rel(gp[k], rp[k]) <= tol, f"{what}: parameter {k} differs"
+        assert _rel(gp[k] - p0[k], rp[k] - p0[k]) <= tol, f"{what}: update of {k} differs"
     for k in rb:
         if rb[k].is_floating_point():
-            assert _rel(gb[k], rb[k]) <= TOL, f"{what}: buffer {k} differs"
+            assert _rel(gb[k], rb[k]) <= tol, f"{what}: buffer {k} differs"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] == "eval"])
-def test_ddp_eval_bn_matches_single_process_full_batch(case, ddp_results, initial):
-    x, y = _data()
-    ref = _train(_model("eval"), x, y)
+def test_ddp_eval_bn_matches_single_process_full_batch(case, ddp_results):
+    dt = DTYPE[case]
+    ref = _train(_model("eval", dt), *_data(dt))
     for r in range(WORLD):
-        _compare(ddp_results[r][case], ref, initial["eval"], f"{case} rank {r}")
+        _compare(ddp_results[r][case], ref, _initial("eval", dt), f"{case} rank {r}", TOLS[dt])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] == "train"])
-def test_ddp_train_bn_matches_plain_ddp(case, ddp_results, initial):
+def test_ddp_train_bn_matches_plain_ddp(case, ddp_results):
+    dt = DTYPE[case]
     for r in range(WORLD):
         ref = ddp_results[r][case + "/plain_ddp"]
-        _compare(ddp_results[r][case], ref, initial["train"], f"{case} rank {r}")
+        _compare(ddp_results[r][case], ref, _initial("train", dt), f"{case} rank {r}", TOLS[dt])
     # the ranks really saw different statistics: rank 1's running stats are its own
     rm = "bn1.running_mean"
     assert _rel(ddp_results[0][case + "/plain_ddp"][1][rm], ddp_results[1][case + "/plain_ddp"][1][rm]) > 1e-6
