@@ -412,7 +412,9 @@ class RowSegment:
                     got = torch.autograd.grad(roots, inputs, grads, allow_unused=True)
                 else:
                     got = (None,) * len(inputs)
-            del bands, roots
+            # drop the strip's graph now: on_new's default arguments hold the first root/grad
+            # lists, which would keep this strip's activations alive through the next strip
+            del bands, roots, grads, inputs, on_new, xs, carried
             k = 0
             if need_gx:
                 if got[0] is not None:

@@ -45,7 +45,7 @@ from .plan import Plan, PlanError, Segment
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
            "CostError"]
 
-ROWS_BATCH_STATS = False  # the executor runs batch-statistics BN inside row segments
+ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
@@ -407,8 +407,24 @@ class CostModel:
         else:
             count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
             bounds = default_bounds(self.rg, source, out, seg.policy, count)
-        sched = strip_schedule(self.rg, source, names, bounds, seg.policy)
         by = {n.name: n for n in nodes}
+        # training-mode BN: every row of a BN input (and upstream) is computed; statistics and
+        # gradient constants take one extra strip sweep per BN level (executor.rows)
+        anc: Dict[str, set] = {}
+        for n in nodes:
+            a: set = set()
+            for u in n.inputs:
+                if u in by:
+                    a |= anc[u] | {u}
+            anc[n.name] = a
+        bns = [n.name for n in nodes if n.batch_stats]
+        level: Dict[str, int] = {}
+        for b in bns:
+            level[b] = 1 + max((level[a] for a in bns if a in anc[b]), default=-1)
+        levels = 1 + max(level.values(), default=-1)
+        cover = [n for n in names if n in set(bns).union(*(anc[b] for b in bns))] if bns else []
+        sched = strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
+        strategy = (seg.options or {}).get("bn", "sweeps")
         src = g[source]
         out_full = self._round(by[out].out_bytes)
         carries_total = 0
@@ -435,17 +451,31 @@ class CostModel:
             strip_bwd = max(strip_bwd, rpk, rkeep + bpk)
             fwd_s += sum(self._time(by[n], comp[n]) for n in names)
             bwd_s += sum(self._time(by[n], band[n]) + self._time(by[n], band[n], backward=True) for n in names)
+        bn_s, bn_state = 0.0, 0
+        if levels:
+            one = strategy == "layerwise" or sched.strips == 1
+            for lv in range(1 if one else levels):
+                active = set().union(*(anc[b] | ({b} if one else set()) for b in bns if one or level[b] == lv))
+                bn_s += sum(self._time(by[n], sched.computed_rows(n) / max(1, by[n].height))
+                            for n in names if n in active)
+            bn_s += levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
+            bn_state = sum(4 * self._round(by[b].shape[1] * self._esize) for b in bns)
+            if one and strategy == "layerwise":  # full maps of the statistics pass
+                pk, _ = self._walk([by[n] for n in cover], {}, store=False)
+                fwd_peak = max(fwd_peak, out_full + pk)
         grads = self._grads(nodes)
         biggest = max((self._round(n.param_bytes) for n in nodes), default=0)
         accum = (grads + biggest) if sched.strips > 1 else 0  # running sums of the strips' grads
         need_gx = g.index(seg.first) > 1
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
-        keep = out_full + carries_total
-        bwd_peak = carries_total + gy + gx + accum + strip_bwd
-        return SegmentCost(keep=keep, fwd_peak=fwd_peak, bwd_peak=bwd_peak, grad_bytes=grads,
-                           fwd_s=fwd_s + p.launch_s * sched.strips, bwd_s=bwd_s + p.launch_s * sched.strips,
-                           detail={"strips": sched.strips, "carries": carries_total})
+        keep = out_full + carries_total + bn_state
+        bwd_peak = carries_total + bn_state + gy + gx + accum + strip_bwd
+        return SegmentCost(keep=keep, fwd_peak=fwd_peak + bn_state, bwd_peak=bwd_peak, grad_bytes=grads,
+                           fwd_s=fwd_s + p.launch_s * sched.strips,
+                           bwd_s=bwd_s + bn_s + p.launch_s * sched.strips * (1 + levels),
+                           detail={"strips": sched.strips, "carries": carries_total, "bn_levels": levels,
+                                   "bn_extra_s": bn_s})
 
     def _strip_sizes(self, g, by, strip, source) -> Dict[str, Tuple[int, int]]:
         """Per node of a strip: (bytes of the rows it computes, bytes of its helper copy)."""
