@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test setup clean
 
 run: $(STAMP)
-	$(BIN)/planner inspect --model resnet50
+	$(BIN)/planner solve --model resnet50 --budget 8GB
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

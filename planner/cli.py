@@ -1,7 +1,7 @@
 """The ``planner`` command line: ``planner <verb> [options]``.
 
 Verbs so far: ``models`` (the model zoo), ``inspect`` (per-layer table of a captured model),
-``check-plan`` (validate a plan JSON against its model), ``run`` (train with a plan, record
+``check-plan`` (validate a plan JSON against its model), ``solve`` (the ILP planner), ``run`` (train with a plan, record
 predicted vs actual; :mod:`executor.run`) and ``report`` (tables and plots of run records;
 :mod:`analysis`).  Later verbs (solve, simulate, run,
 report, bench, calibrate) plug into the same pattern:
@@ -496,6 +496,281 @@ def cmd_report(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# planner solve
+# ------------------------------------------------------------------------------------------------
+
+def _batch_arg(text: str):
+    if str(text).strip().lower() == "max":
+        return "max"
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch {text!r} must be a positive integer or 'max'") from None
+
+
+def _budget_arg(text: str) -> int:
+    from planner.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"budget: {e}") from None
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _add_solve(sub) -> None:
+    from planner.solve import DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, OPTIMIZERS, POLICIES, SOLVERS
+
+    p = sub.add_parser(
+        "solve", help="find the fastest plan that fits a memory budget (ILP)",
+        description="Capture the model, price every candidate segment (store / checkpoint / rows, "
+                    "per policy and strip count) with the cost model and pick, by an ILP, the plan "
+                    "with the smallest predicted step time whose predicted peak of every phase "
+                    "(forward, each backward step, optimizer step) fits the budget.  Budgets are "
+                    "device bytes: 8GB = 8*10^9, 8GiB = 8*2^30.")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'planner models')")
+    p.add_argument("--budget", required=True, type=_budget_arg, metavar="SIZE",
+                   help="memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes")
+    p.add_argument("--batch", type=_batch_arg, default=DEFAULT_BATCH, metavar="N|max",
+                   help=f"batch size, or 'max': the largest batch a plan fits (default {DEFAULT_BATCH})")
+    p.add_argument("--resolution", type=resolution_arg, default=None, metavar="H[xW]",
+                   help="input size: 224 or HxW (default: the model's own)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="data type (default float32)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
+                   help="optimizer whose state is budgeted (default momentum)")
+    p.add_argument("--bn", choices=BN_MODES, default="train", help="BatchNorm mode (default train)")
+    p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                   help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
+    p.add_argument("--device-profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
+                   help=f"device the times are predicted for: a profile name or JSON file (default {DEFAULT_PROFILE})")
+    p.add_argument("--policy", choices=POLICIES, default="auto",
+                   help="restrict the search: auto (all), 2ps or overl (only that row policy), "
+                        "checkpoint (no row segments) (default auto)")
+    p.add_argument("--strips", type=positive_int, default=None, metavar="N",
+                   help="force this strip count for row segments")
+    p.add_argument("--time-limit", type=_seconds_arg, default=DEFAULT_TIME_LIMIT, metavar="S",
+                   help=f"solver time limit in seconds; the best plan found so far is returned with its gap (default {DEFAULT_TIME_LIMIT:g})")
+    p.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="G",
+                   help=f"relative optimality gap at which the solver stops (default {DEFAULT_GAP:g})")
+    p.add_argument("--solver", choices=SOLVERS, default="auto",
+                   help="auto: the exact label-setting DP where it applies (mode-independent gradient "
+                        "bytes, bounded labels), else the ILP with CBC; cbc / highs (needs highspy): "
+                        "always the ILP (warm-started from the DP) (default auto)")
+    p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan here")
+    p.add_argument("--pareto", default=None, metavar="FILE.csv",
+                   help="also write budget vs predicted step time over a sweep of budgets (CSV)")
+    p.add_argument("--pareto-points", type=positive_int, default=10, metavar="N",
+                   help="budgets in the --pareto sweep (default 10)")
+    p.set_defaults(func=cmd_solve)
+
+
+def _check_output_path(path: Optional[str], what: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {what} {path!r}: it is a folder; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {what} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {what} {path!r}: permission denied; choose a writable path")
+
+
+def _check_profile(profile: str) -> None:
+    from planner.cost import load_profile
+
+    try:
+        load_profile(profile)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # KeyError and friends: one line
+        raise ValueError(f"unknown device profile {profile!r} ({_one_line(e)}); give a profile name or a JSON file") from None
+
+
+def _solver_for(args, batch: int):
+    from planner.solve import Solver
+
+    _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes)
+    return Solver(graph, args.model, policy=args.policy, bn=args.bn, strips=args.strips,
+                  optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver)
+
+
+def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16) -> int:
+    """Largest batch ``n`` with ``fits_at(n)[0]`` (``fits_at`` returns (fits, min peak bytes)).
+
+    Interpolation search: the smallest plan's peak grows about linearly with the batch, so a secant
+    guess brackets the answer in a few captures; bisection finishes it.  0 if batch 1 does not fit.
+    """
+    ok1, p1 = fits_at(1)
+    if not ok1:
+        return 0
+    ok2, p2 = fits_at(2)
+    if not ok2:
+        return 1
+    lo, plo, hi, phi = 2, p2, None, None
+    slope = max(1.0, float(p2 - p1))
+    turn = 0
+    while hi is None or hi - lo > 1:
+        step = max(1, int((budget - plo) / slope))
+        if hi is None:
+            c = min(lo + step, limit)
+        else:  # secant and bisection alternate: fast on near-linear peaks, never slow
+            c = lo + step if turn % 2 == 0 else (lo + hi) // 2
+            c = min(max(c, lo + 1), hi - 1)
+            turn += 1
+        ok, pk = fits_at(c)
+        if ok:
+            slope = max(1.0, (pk - plo) / (c - lo))
+            lo, plo = c, pk
+            if c >= limit:
+                return limit
+        else:
+            hi, phi = c, pk
+            slope = max(1.0, (phi - plo) / (hi - lo))
+    return lo
+
+
+def cmd_solve(args) -> int:
+    """``planner solve``: solve, print the summary, write the plan (and the Pareto CSV)."""
+    import time
+
+    from planner.ilp import InfeasibleError
+    from planner.units import fmt_both
+
+    t0 = time.perf_counter()
+    _check_output_path(args.output, "plan")
+    _check_output_path(args.pareto, "CSV")
+    if args.pareto and not args.pareto.lower().endswith(".csv"):
+        raise ValueError(f"--pareto file {args.pareto!r} must end in .csv")
+    if args.strips is not None and args.policy == "checkpoint":
+        raise ValueError("--strips applies to row segments; --policy checkpoint has none")
+    _check_profile(args.device_profile)
+    budget = args.budget
+    batch = args.batch
+    note = ""
+    if batch == "max":
+        cache = {}
+
+        def fits_at(n):
+            s = _solver_for(args, n)
+            cache[n] = s
+            mp = s.min_peak()
+            return mp <= budget, mp
+
+        batch = max_batch(fits_at, budget)
+        if batch == 0:
+            raise InfeasibleError(budget, cache[1].min_peak())
+        solver = cache[batch]
+        note = f"largest batch that fits: {batch} ({len(cache)} captures)"
+    else:
+        solver = _solver_for(args, batch)
+    plan = solver.solve(budget, time_limit=args.time_limit, gap=args.gap)
+    plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
+    frame = None
+    if args.pareto:
+        frame = pareto_frame(solver, args.pareto_points, time_limit=args.time_limit, gap=args.gap)
+    print(format_solve_summary(plan, solver, note))
+    if args.output:
+        plan.save(args.output)
+        print(f"\nwrote {args.output}")
+    if frame is not None:
+        write_csv_atomic(frame, args.pareto)
+        print(f"wrote {args.pareto} ({len(frame)} budgets, {fmt_both(frame['budget_bytes'].min())} .. "
+              f"{fmt_both(frame['budget_bytes'].max())})")
+    return EXIT_OK
+
+
+def pareto_frame(solver, points: int = 10, lo: Optional[int] = None, hi: Optional[int] = None,
+                 time_limit: float = 30.0, gap: float = 0.005):
+    """Budget vs predicted step time: ``points`` budgets from the smallest plan to the plain step.
+
+    Budgets are solved in increasing order, each warm-started from the previous plan (which still
+    fits), so the predicted time never rises as the budget grows.
+    """
+    import pandas as pd
+
+    lo = lo if lo is not None else solver.min_peak()
+    hi = hi if hi is not None else max(lo, solver.baseline()["peak"])
+    budgets = sorted({int(lo + (hi - lo) * k / max(1, points - 1)) for k in range(points)})
+    rows, warm = [], None
+    base_t = solver.baseline()["time_s"]
+    for b in budgets:
+        plan = solver.solve(b, time_limit=time_limit, gap=gap, warm=warm)
+        warm = list(solver.last_path)
+        pred = plan.predicted
+        modes = {}
+        for s in plan.segments:
+            modes[s.mode] = modes.get(s.mode, 0) + 1
+        rows.append({
+            "budget_bytes": b, "budget_GB": b / 1e9, "budget_GiB": b / 2**30,
+            "time_s": pred["time_s"], "overhead": pred["time_s"] / base_t - 1 if base_t else 0.0,
+            "peak_bytes": pred["peak_bytes"], "status": plan.solver["status"], "gap": plan.solver["gap"],
+            "segments": " ".join(f"{k}:{v}" for k, v in sorted(modes.items())),
+        })
+    return pd.DataFrame(rows)
+
+
+def format_solve_summary(plan, solver, note: str = "") -> str:
+    """The readable summary of a solved plan: segments, predicted peak vs budget, time, solver."""
+    from planner.units import fmt_both, fmt_bytes
+
+    cm, prob = solver.cm, solver.problem
+    unit_first = {a: i for i, (a, _) in enumerate(prob.units)}
+    unit_last = {b: i for i, (_, b) in enumerate(prob.units)}
+    pred, info = plan.predicted, plan.solver
+    budget = plan.budget_bytes
+    lines = [f"{plan.model}: input {_shape(plan.input_shape)} {plan.dtype}, optimizer {plan.training.get('optimizer')}, "
+             f"BatchNorm {plan.training.get('bn')}, device profile {info.get('device_profile')}, policy {info.get('policy')}"]
+    if note:
+        lines.append(note)
+    lines.append(f"budget {fmt_both(budget)}")
+    lines.append("")
+    rows = []
+    for k, s in enumerate(plan.segments):
+        c = cm.segment(s)
+        i, j = unit_first.get(s.first, "?"), unit_last.get(s.last, "?")
+        rows.append([k, f"{s.first}..{s.last}", f"{i}-{j}" if i != j else f"{i}", s.mode, s.policy or "",
+                     s.strips or "", len(s.recompute) or "", f"{c.keep / 2**20:.1f}",
+                     f"{max(c.fwd_peak, c.bwd_peak) / 2**20:.1f}", f"{(c.fwd_s + c.bwd_s) * 1e3:.3f}"])
+    lines.append(format_table(["#", "segment", "units", "mode", "policy", "strips", "recompute",
+                               "keep_MiB", "peak_MiB", "time_ms"], rows, "rllllrrrrr"))
+    lines.append("")
+    peak = pred.get("peak_bytes", 0)
+    lines.append(f"predicted peak   {fmt_both(peak)} of {fmt_both(budget)} ({100 * peak / budget:.1f}% of the budget)")
+    phases = pred.get("phases") or {}
+    for name, v in phases.items():
+        if isinstance(v, (int, float)):
+            lines.append(f"  {name:<15}{fmt_both(v)}")
+    breakdown = pred.get("breakdown") or {}
+    if isinstance(breakdown, dict) and breakdown:
+        parts = [f"{k} {fmt_bytes(v)}" for k, v in breakdown.items() if isinstance(v, (int, float))]
+        if parts:
+            lines.append("  breakdown      " + ", ".join(parts))
+    base_t, base_p = info.get("baseline_time_s"), info.get("baseline_peak_bytes")
+    t = pred.get("time_s", 0.0)
+    over = f"{100 * (t / base_t - 1) + 0.0:+.1f}%".replace("-0.0%", "+0.0%") if base_t else "n/a"
+    lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})")
+    mp = info.get("min_peak_bytes")
+    lines.append(f"smallest plan    {fmt_both(mp)}" if mp is not None
+                 else "smallest plan    not searched: the plain step fits the budget")
+    gap = info.get("gap")
+    gap_s = "n/a" if gap is None or gap != gap else f"{100 * gap:.2f}%"
+    lines.append(f"solver           {info.get('solver')}: {info.get('status')}, gap {gap_s}, solve {info.get('solve_s', 0):.2f} s, "
+                 f"total {info.get('total_s', 0):.2f} s, {info.get('candidates')} candidates over {info.get('units')} units")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # Parser and entry point
 # ------------------------------------------------------------------------------------------------
 
@@ -508,8 +783,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Functions that add one subcommand each; later issues append theirs.
-SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_calibrate, _add_simulate,
-                                _add_run, _add_report]
+SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_solve, _add_calibrate,
+                                _add_simulate, _add_run, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

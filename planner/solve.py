@@ -1,0 +1,275 @@
+"""``planner.solve``: capture a model, price candidate segments, solve the ILP, return a Plan.
+
+::
+
+    from planner import solve
+    plan = solve("resnet50", (32, 3, 224, 224), "8GB")              # a zoo name
+    plan = solve(my_module, (8, 3, 512, 512), 6 * 2**30, bn="eval", policy="2ps", time_limit=5)
+    plan.save("plan.json"); plan.predicted["peak_bytes"], plan.solver["gap"]
+
+The budget is device bytes (``"8GB"`` = 8e9, ``"8GiB"`` = 8 * 2^30).  A budget no plan meets raises
+:class:`planner.ilp.InfeasibleError` (a ``ValueError``) whose message names the smallest peak any
+plan reaches under the same cost model.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from .plan import BN_MODES, DTYPES, Plan, Segment
+from .units import parse_bytes
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+POLICIES = ("auto", "2ps", "overl", "checkpoint")
+SOLVERS = ("auto", "cbc", "highs")
+#: Labels per boundary the exact DP may keep before it counts as a heuristic (then the ILP decides).
+DP_LABELS = 4000
+#: Budgets are device (GPU) bytes, so plans are priced for a GPU unless told otherwise.
+DEFAULT_PROFILE = "h100"
+DEFAULT_TIME_LIMIT = 30.0
+DEFAULT_GAP = 0.005
+
+
+def _check_options(policy, bn, strips, dtype, optimizer, solver) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if bn not in BN_MODES:
+        raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    if strips is not None and (isinstance(strips, bool) or not isinstance(strips, int) or strips < 1):
+        raise ValueError(f"strips must be a positive integer, got {strips!r}")
+    if strips is not None and policy == "checkpoint":
+        raise ValueError("--strips applies to row segments; policy 'checkpoint' has none")
+
+
+def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "float32",
+                  bn: str = "train", num_classes: Optional[int] = None, batch: int = 32):
+    """``(name, graph)`` for a zoo name (built on the meta device) or an ``nn.Module``.
+
+    A module's BatchNorm layers are put in ``bn`` mode for the capture and restored afterwards.
+    """
+    import torch.nn as nn
+
+    from models import capture, default_resolution
+    from .cli import build_and_capture, quiet_torch_logs
+
+    if isinstance(model, str):
+        if input_shape is None:
+            r = default_resolution(model)
+            input_shape = (batch, 3, r, r)
+        n, c, h, w = _shape4(input_shape)
+        if c != 3:
+            raise ValueError(f"input shape {tuple(input_shape)}: zoo models take 3 channels")
+        _, graph = build_and_capture(model, n, (h, w), dtype, bn, None, num_classes)
+        return model, graph
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a zoo name or a torch.nn.Module, got {type(model).__name__}")
+    if input_shape is None:
+        raise ValueError("input_shape (N, C, H, W) is needed for a module")
+    import torch
+
+    shape = _shape4(input_shape)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.training for m in bns]
+    try:
+        for m in bns:
+            m.train(bn == "train")
+        with quiet_torch_logs():
+            graph = capture(model, shape, getattr(torch, dtype), model_name=type(model).__name__)
+    finally:
+        for m, t in zip(bns, saved):
+            m.train(t)
+    return type(model).__name__, graph
+
+
+def _shape4(s) -> Tuple[int, int, int, int]:
+    try:
+        t = tuple(int(v) for v in s)
+    except (TypeError, ValueError):
+        raise ValueError(f"input shape {s!r} must be four positive integers (N, C, H, W)") from None
+    if len(t) != 4 or min(t) < 1:
+        raise ValueError(f"input shape {s!r} must be four positive integers (N, C, H, W)")
+    return t
+
+
+class Solver:
+    """One captured graph under one cost model: candidates built once, then solved per budget."""
+
+    def __init__(self, graph, name: Optional[str] = None, policy: str = "auto", bn: str = "train",
+                 strips: Optional[int] = None, optimizer: str = "momentum",
+                 device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", **problem_kw):
+        from .cost import CostModel
+
+        _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
+        self.graph, self.name = graph, name or graph.model_name
+        self.policy, self.bn, self.optimizer, self.solver_name = policy, bn, optimizer, solver
+        self.device_profile = device_profile
+        t0 = time.perf_counter()
+        self.cm = CostModel(graph, optimizer=optimizer, profile=device_profile)
+        self.strips, self._problem_kw = strips, dict(problem_kw)
+        self._problem = None
+        self._baseline: Optional[Dict[str, Any]] = None
+        self.setup_s = time.perf_counter() - t0
+        self._min_peak: Optional[int] = None
+        self.last_path: List = []
+
+    @property
+    def problem(self):
+        """The priced candidates (built on first use: a budget the plain step fits needs none)."""
+        if self._problem is None:
+            from .ilp import Problem
+
+            t0 = time.perf_counter()
+            self._problem = Problem(self.cm, self.graph, policy=self.policy, strips=self.strips,
+                                    **self._problem_kw)
+            self.setup_s += time.perf_counter() - t0
+        return self._problem
+
+    # ------------------------------------------------------------------------------------------
+    def min_peak(self) -> int:
+        if self._min_peak is None:
+            self._min_peak = self.problem.min_peak()
+        return self._min_peak
+
+    def fits(self, budget) -> bool:
+        return parse_bytes(budget) >= self.min_peak()
+
+    def baseline(self) -> Dict[str, Any]:
+        """compose() of the plan-less step (every unit stored, nothing recomputed)."""
+        if self._baseline is None:
+            costs = [self.cm.segment(Segment(a, b, "store")) for a, b in self.cm.units()]
+            self._baseline = dict(self.cm.compose(costs))
+        return dict(self._baseline)
+
+    def solve(self, budget, time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP,
+              warm: Optional[List] = None, merge_store: bool = True) -> Plan:
+        """The fastest plan whose predicted peak fits ``budget`` (bytes or a size string)."""
+        from .ilp import InfeasibleError, Result
+
+        budget = parse_bytes(budget)
+        if self._problem is None and self.baseline()["peak"] <= budget:
+            return self._plain_plan(budget)  # nothing to trade: no candidates to price
+        p = self.problem
+        cap = p.cap(budget)
+        if cap < 0 or not p._min_keep_feasible(cap):
+            raise InfeasibleError(budget, self.min_peak())
+        t0 = time.perf_counter()
+        if p.path_fits(p.store_path(), cap):
+            greedy = p.store_path()  # nothing to trade: the plain step fits and nothing is faster
+            res = Result(greedy, "optimal", sum(c.time_s for c in greedy) + p.time_const, None, 0.0,
+                         0.0, "none")
+            res.bound = res.objective
+        else:
+            greedy = p.pareto_dp(cap, max_labels=DP_LABELS)
+            exact = p.dp_exact and greedy is not None
+            if warm and p.path_fits(warm, cap) and (greedy is None or
+                                                    sum(c.time_s for c in warm) < sum(c.time_s for c in greedy)):
+                greedy = list(warm)
+            dp_obj = sum(c.time_s for c in greedy) + p.time_const if greedy else None
+            if self.solver_name == "auto" and exact:
+                # the label-setting DP solved this exact problem: nothing for the ILP to add
+                res = Result(greedy, "optimal", dp_obj, dp_obj, 0.0, 0.0, "dp")
+            else:
+                ilp = "cbc" if self.solver_name == "auto" else self.solver_name
+                res = p.solve_ilp(budget, time_limit=time_limit, gap=gap, warm=greedy, solver=ilp)
+                if res.status == "infeasible":
+                    raise InfeasibleError(budget, self.min_peak())
+                if exact and res.status != "optimal" and res.objective <= dp_obj * (1 + 1e-12):
+                    # the solver stopped early on the DP's plan, which the exact DP proves optimal
+                    res.extra["ilp_gap"] = res.gap
+                    res.status, res.gap, res.bound = "optimal", 0.0, dp_obj
+                    res.solver += "+dp"
+        res.solve_s = time.perf_counter() - t0
+        self.last_path = list(res.path)
+        return self._plan(res, budget, merge_store)
+
+    def _plain_plan(self, budget: int) -> Plan:
+        t0 = time.perf_counter()
+        units = self.cm.units()
+        plan = Plan.build(self.graph, [Segment(units[0][0], units[-1][1], "store")], model=self.name,
+                          training={"optimizer": self.optimizer, "bn": self.bn}, budget_bytes=budget)
+        plan.predicted = self.cm.predict(plan)
+        base = self.baseline()
+        self.last_path = []
+        plan.solver = {
+            "solver": "none", "status": "optimal", "objective_s": base["time_s"], "bound_s": base["time_s"],
+            "gap": 0.0, "solve_s": round(time.perf_counter() - t0, 4), "setup_s": round(self.setup_s, 4),
+            "candidates": 0, "units": len(units), "policy": self.policy,
+            "device_profile": self._profile_name(), "min_peak_bytes": None,
+            "baseline_time_s": base["time_s"], "baseline_peak_bytes": base["peak"],
+            "note": "the plain step fits the budget: nothing to search",
+        }
+        return plan
+
+    def _profile_name(self) -> str:
+        d = self.device_profile
+        return d if isinstance(d, str) else getattr(d, "name", str(d))
+
+    def _plan(self, res, budget: int, merge_store: bool) -> Plan:
+        p, cm = self.problem, self.cm
+        exact = p.evaluate(res.path)
+        segs = [c.seg for c in res.path]
+        if merge_store:
+            merged = _merge_store(segs)
+            costs = [cm.segment(s) for s in merged]
+            comp = cm.compose(costs)
+            if comp["peak"] <= max(exact["peak"], budget) and abs(comp["time_s"] - exact["time_s"]) <= 1e-9 * max(1.0, exact["time_s"]):
+                segs = merged
+        training = {"optimizer": self.optimizer, "bn": self.bn}
+        plan = Plan.build(self.graph, segs, model=self.name, training=training, budget_bytes=budget)
+        plan.predicted = cm.predict(plan)
+        base = self.baseline()
+        plan.solver = {
+            "solver": res.solver, "status": res.status, "objective_s": res.objective,
+            "bound_s": res.bound, "gap": res.gap, "solve_s": round(res.solve_s, 4),
+            "setup_s": round(self.setup_s, 4), "candidates": len(p.cands), "priced": p.priced,
+            "units": p.U, "quantum_bytes": p.quantum, "policy": self.policy,
+            "device_profile": self._profile_name(),
+            "min_peak_bytes": self.min_peak(), "baseline_time_s": base["time_s"],
+            "baseline_peak_bytes": base["peak"], "ilp_peak_bytes": exact["peak"],
+            "unit_path": [[c.i, c.j] for c in res.path],
+            "dp_exact": bool(p.dp_exact),
+        }
+        plan.solver.update({k: v for k, v in res.extra.items() if k != "cap_quanta"})
+        return plan
+
+
+def _merge_store(segs: List[Segment]) -> List[Segment]:
+    out: List[Segment] = []
+    for s in segs:
+        if out and s.mode == "store" and out[-1].mode == "store":
+            prev = out[-1]
+            out[-1] = Segment(prev.first, s.last, "store", recompute=list(prev.recompute) + list(s.recompute))
+        else:
+            out.append(Segment(s.first, s.last, s.mode, s.policy, s.strips, s.bounds, list(s.recompute), dict(s.options)))
+    return out
+
+
+def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
+          policy: str = "auto", bn: str = "train", strips: Optional[int] = None, dtype: str = "float32",
+          optimizer: str = "momentum", device_profile: Any = DEFAULT_PROFILE,
+          time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "auto",
+          num_classes: Optional[int] = None, **problem_kw) -> Plan:
+    """Plan one training step of ``model`` at ``input_shape`` within ``budget`` device bytes.
+
+    ``model``: a zoo name (``planner models``), a torchvision model or any ``nn.Module`` the capture
+    supports.  ``input_shape``: (N, C, H, W); for a zoo name it defaults to batch 32 at the model's
+    resolution.  Returns a validated :class:`Plan` with ``plan.predicted`` (the cost model's
+    prediction) and ``plan.solver`` (status, gap, objective, solve time, candidate count).
+    """
+    if budget is None:
+        raise ValueError("a budget is needed, e.g. budget='8GB'")
+    budget = parse_bytes(budget)
+    _check_options(policy, bn, strips, dtype, optimizer, solver)
+    t0 = time.perf_counter()
+    name, graph = capture_model(model, input_shape, dtype, bn, num_classes)
+    s = Solver(graph, name, policy=policy, bn=bn, strips=strips, optimizer=optimizer,
+               device_profile=device_profile, solver=solver, **problem_kw)
+    plan = s.solve(budget, time_limit=time_limit, gap=gap)
+    plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
+    return plan
