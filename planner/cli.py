@@ -542,6 +542,11 @@ def _add_solve(sub) -> None:
                    help="memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes")
     p.add_argument("--batch", type=_batch_arg, default=DEFAULT_BATCH, metavar="N|max",
                    help=f"batch size, or 'max': the largest batch a plan fits (default {DEFAULT_BATCH})")
+    p.add_argument("--world-size", type=positive_int, default=None, metavar="W",
+                   help="plan for W DistributedDataParallel processes: --batch is the global batch, split "
+                        "evenly (the plan's batch is each process's; 'max': the largest per-process batch) "
+                        "and the budget is per process, DDP's gradient buckets (one copy of the "
+                        "parameters' bytes) reserved from it when W > 1; recorded as training.world_size")
     p.add_argument("--resolution", type=resolution_arg, default=None, metavar="H[xW]",
                    help="input size: 224 or HxW (default: the model's own)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="data type (default float32)")
@@ -645,7 +650,7 @@ def cmd_solve(args) -> int:
     import time
 
     from planner.ilp import InfeasibleError
-    from planner.units import fmt_both
+    from planner.units import fmt_both, fmt_bytes
 
     t0 = time.perf_counter()
     _check_output_path(args.output, "plan")
@@ -657,6 +662,16 @@ def cmd_solve(args) -> int:
     _check_profile(args.device_profile)
     budget = args.budget
     batch = args.batch
+    world = getattr(args, "world_size", None)
+    if world is not None and batch != "max":
+        if batch % world:
+            raise ValueError(f"--batch {batch} does not split evenly over --world-size {world}; "
+                             f"give a multiple of {world}")
+        batch //= world
+
+    def reserve(s) -> int:  # per process: DDP's gradient buckets, one copy of the parameter bytes
+        return s.graph.param_bytes if (world or 1) > 1 else 0
+
     note = ""
     if batch == "max":
         cache = {}
@@ -664,17 +679,27 @@ def cmd_solve(args) -> int:
         def fits_at(n):
             s = _solver_for(args, n)
             cache[n] = s
-            mp = s.min_peak()
+            mp = s.min_peak() + reserve(s)
             return mp <= budget, mp
 
         batch = max_batch(fits_at, budget)
         if batch == 0:
-            raise InfeasibleError(budget, cache[1].min_peak())
+            raise InfeasibleError(budget, cache[1].min_peak() + reserve(cache[1]))
         solver = cache[batch]
-        note = f"largest batch that fits: {batch} ({len(cache)} captures)"
+        note = f"largest {'per-process ' if world else ''}batch that fits: {batch} ({len(cache)} captures)"
     else:
         solver = _solver_for(args, batch)
-    plan = solver.solve(budget, time_limit=args.time_limit, gap=args.gap)
+    held = reserve(solver)
+    if held and budget - held < solver.min_peak():
+        raise InfeasibleError(budget, solver.min_peak() + held)
+    plan = solver.solve(budget - held, time_limit=args.time_limit, gap=args.gap)
+    if world is not None:
+        plan.budget_bytes = budget
+        plan.training["world_size"] = world
+        plan.solver["ddp_bucket_bytes"] = held
+        note = "\n".join(filter(None, [note, f"world size {world}: batch {batch} per process, global batch "
+                                              f"{batch * world}; budget per process, DDP gradient buckets "
+                                              f"{fmt_bytes(held)} reserved from it"]))
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
     frame = None
     if args.pareto:

@@ -254,3 +254,26 @@ def test_nproc_command_line_and_bad_input(tmp_path, capfd, monkeypatch):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("planner: error:") for e in err)
     assert "already one rank" in err[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# planner solve --world-size
+# ------------------------------------------------------------------------------------------------
+
+def test_solve_world_size_plans_per_process(tmp_path, capfd):
+    from planner.cli import main
+
+    out = tmp_path / "p.json"
+    rc = main(["solve", "--model", "tiny_resnet", "--budget", "300MB", "--batch", "4", "--resolution", "32",
+               "--bn", "eval", "--world-size", "2", "--device-profile", "cpu", "-o", str(out)])
+    so, se = capfd.readouterr()
+    assert rc == 0, se
+    assert "world size 2: batch 2 per process, global batch 4" in so
+    plan = Plan.load(str(out))
+    assert plan.input_shape[0] == 2 and plan.training["world_size"] == 2
+    assert plan.budget_bytes == 300 * 10**6
+    assert plan.solver["ddp_bucket_bytes"] > 0  # DDP's gradient buckets, reserved from the budget
+    rc = main(["solve", "--model", "tiny_resnet", "--budget", "300MB", "--batch", "3", "--world-size", "2"])
+    so, se = capfd.readouterr()
+    assert rc == 2 and se.strip().splitlines() == [
+        "planner: error: --batch 3 does not split evenly over --world-size 2; give a multiple of 2"]
