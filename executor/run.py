@@ -22,6 +22,15 @@ What is measured, and how (kept honest):
   of its input, the recomputation of checkpoint/rows segments included).
 
 Records: one row per (step, scope, name); see :data:`COLUMNS`.
+
+Distributed (``torchrun --nproc-per-node N -m executor.run PLAN.json ...``): every rank runs the
+plan on its own batch of the plan's ``input_shape[0]`` (per-rank) under DistributedDataParallel
+with default settings; synthetic data is seeded ``seed + rank``, an ImageFolder is sharded with a
+``DistributedSampler``.  Each rank measures itself and writes ``OUT.rank{r}.EXT``; rank 0 gathers
+all ranks' records (through the process group) into ``--out`` and prints the summary.  Records
+carry ``rank`` and ``world_size``; each rank is its own run (``run_id`` = shared id + ``-r{rank}``).
+Memory per rank on the CPU: the storage count does not see DDP's gradient buckets (one more copy
+of the gradients, allocated when DDP wraps the model, outside the step); CUDA's allocator does.
 """
 from __future__ import annotations
 
@@ -52,7 +61,7 @@ PHASES = ("forward", "backward", "optimizer")
 GRAD_TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 COLUMNS = [
-    "run_id", "step", "tracked", "scope", "name", "phase", "segment", "mode", "order",
+    "run_id", "rank", "world_size", "step", "tracked", "scope", "name", "phase", "segment", "mode", "order",
     "predicted_peak_bytes", "actual_peak_bytes", "actual_live_bytes", "predicted_s", "actual_s", "loss",
     "device", "device_name", "torch_version", "cudnn_version", "cudnn_benchmark", "cudnn_deterministic",
     "mem_method", "plan_path", "plan_fingerprint", "model", "batch", "resolution", "dtype", "optimizer",
@@ -176,9 +185,10 @@ def _synthetic(plan, num_classes: int, seed: int) -> Iterator[Tuple[torch.Tensor
                torch.randint(0, num_classes, (shape[0],), generator=g))
 
 
-def image_folder(path: str, plan, num_classes: int, seed: int = 0):
+def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0, world_size: int = 1):
     """A shuffling ``DataLoader`` over a torchvision ``ImageFolder`` at the plan's resolution
-    (resize the short side, centre crop to HxW, ImageNet normalisation), full batches only."""
+    (resize the short side, centre crop to HxW, ImageNet normalisation), full batches only.
+    ``world_size > 1``: this rank's shard (``DistributedSampler``, same seed on every rank)."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -197,23 +207,32 @@ def image_folder(path: str, plan, num_classes: int, seed: int = 0):
     if len(ds.classes) > num_classes:
         raise RunError(f"--data {path!r} has {len(ds.classes)} classes but the plan's model has "
                        f"{num_classes} outputs; re-create the plan with training.num_classes >= {len(ds.classes)}")
-    if len(ds) < n:
-        raise RunError(f"--data {path!r} has {len(ds)} image(s), fewer than the plan's batch of {n}; "
+    if len(ds) < n * world_size:
+        each = f" per rank x {world_size} ranks" if world_size > 1 else ""
+        raise RunError(f"--data {path!r} has {len(ds)} image(s), fewer than the plan's batch of {n}{each}; "
                        f"add images or plan a smaller batch")
     try:  # decode one image now: a broken file is bad input, not a crash mid-run
         ds[0]
     except Exception as e:
         raise RunError(f"--data {path!r}: cannot read {ds.samples[0][0]!r} "
                        f"({' '.join(str(e).split())}); remove or replace it") from None
+    if world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
+                                                      seed=seed, drop_last=True)
+        return torch.utils.data.DataLoader(ds, batch_size=n, sampler=sampler, drop_last=True, num_workers=0)
     g = torch.Generator().manual_seed(seed + 1)
     return torch.utils.data.DataLoader(ds, batch_size=n, shuffle=True, drop_last=True, generator=g,
                                        num_workers=0)
 
 
 def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new order per epoch
+            loader.sampler.set_epoch(epoch)
         for x, y in loader:
             yield x, y
+        epoch += 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,8 +472,14 @@ def _rows_for_step(step: int, tracked: bool, meas: StepMeasure, loss: float, pla
 
 def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "auto",
              data: str = "synthetic", lr: Optional[float] = None, check: bool = False,
-             out: Optional[str] = None, seed: int = 0, progress: bool = True) -> RunResult:
+             out: Optional[str] = None, seed: int = 0, progress: bool = True,
+             dist_info=None) -> RunResult:
     """Run a plan for real and return its records (see the module docstring).
+
+    ``dist_info``: this process's :class:`executor.distributed.DistInfo` when it is one rank of a
+    distributed run (the process group already initialised, see :func:`run_command`): the planned
+    model is wrapped in DistributedDataParallel, data differs per rank, and on rank 0 the result's
+    records are every rank's (the others return their own).
 
     Raises :class:`RunError` / ``PlanError`` / ``ModelError`` (ValueErrors, one line) on bad
     input, before any output file is touched.  Failures of the run itself (measured peak over the
@@ -464,20 +489,27 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     from tqdm import tqdm
 
     from planner.plan import Plan
+    from . import distributed as D
     from .program import apply_plan
 
+    info = dist_info or D.DistInfo()
     if steps < 1 or warmup < 0:
         raise RunError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     _check_out(out)
-    dev = resolve_device(device)
+    dev = D.rank_device(resolve_device(device), info)
     plan = Plan.load(plan_path)
+    planned_world = plan.training.get("world_size")
+    if planned_world is not None and planned_world != info.world_size and info.is_main:
+        print(f"planner: warning: the plan was made for {planned_world} process(es), this run has "
+              f"{info.world_size}; memory per process is the same, the global batch is "
+              f"{plan.input_shape[0]} x {info.world_size}", file=sys.stderr)
     model, graph = build_model(plan, seed)
     num_classes = graph.output_node.shape[-1]
     if data == "synthetic":
-        batches = _synthetic(plan, num_classes, seed)
+        batches = _synthetic(plan, num_classes, seed + info.rank)  # every rank its own data
         data_label = "synthetic"
     else:
-        batches = _cycle(image_folder(data, plan, num_classes, seed))
+        batches = _cycle(image_folder(data, plan, num_classes, seed, info.rank, info.world_size))
         data_label = os.path.abspath(data)
     pred = predicted_for(plan, graph)
 
@@ -486,6 +518,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     planned = apply_plan(model, plan, graph)
     opt, opt_name, lr = make_optimizer(plan, planned.parameters(), lr)
     failures: List[str] = []
+    trained = D.wrap(planned, dev, info)  # DDP with default settings, or planned itself
 
     if check:
         x, y = next(batches)
@@ -494,38 +527,51 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
         ok, msg = check_grads(plain, planned, x, y, plan.dtype)
         planned.load_state_dict(saved)
         del plain, saved
-        if not ok:
+        if info.enabled and not all(D.all_gather(ok, info)):  # every rank stops, or none does
+            ok, msg = False, msg if not ok else f"another rank's check failed (this rank's: {msg})"
+        if not ok:  # each rank checks its own batch (DDP not involved)
             return RunResult(None, [f"--check-grads: planned gradients differ from the plain model's: {msg}"])
-        print(f"check-grads OK: {msg}")
+        if info.is_main:
+            print(f"check-grads OK: {msg}")
 
     n, _, h, w = plan.input_shape
-    base = dict(run_id=uuid.uuid4().hex[:12], plan_path=os.path.abspath(plan_path),
+    run_id = D.broadcast(uuid.uuid4().hex[:12], info)
+    if info.enabled:
+        run_id = f"{run_id}-r{info.rank}"
+    base = dict(run_id=run_id, rank=info.rank, world_size=info.world_size, plan_path=os.path.abspath(plan_path),
                 plan_fingerprint=plan.fingerprint, model=plan.model, batch=n, resolution=f"{h}x{w}",
                 dtype=plan.dtype, optimizer=opt_name, lr=lr, budget_bytes=_num(plan.budget_bytes),
-                data=data_label, started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                data=data_label, started=D.broadcast(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), info),
                 mem_method="cuda" if dev.type == "cuda" else "storage", **device_info(dev))
     rows: List[Dict[str, Any]] = []
-    bar = tqdm(total=warmup + steps, desc=f"run {plan.model}", unit="step", disable=not progress,
+    bar = tqdm(total=warmup + steps, desc=f"run {plan.model}", unit="step", disable=not (progress and info.is_main),
                file=sys.stderr, leave=False)
     try:
         for _ in range(warmup):
             x, y = next(batches)
-            _run_step(planned, opt, x.to(dev), y.to(dev))
+            _run_step(trained, opt, x.to(dev), y.to(dev))
             bar.update(1)
         for s in range(1, steps + 1):
             x, y = next(batches)
             x, y = x.to(dev), y.to(dev)
             if s == 1:
-                meas, loss, _ = measure_memory_step(planned, opt, x, y, dev)
+                meas, loss, _ = measure_memory_step(trained, opt, x, y, dev)
             else:
-                meas, loss = measure_time_step(planned, opt, x, y, dev)
+                meas, loss = measure_time_step(trained, opt, x, y, dev)
             rows += _rows_for_step(s, s == 1, meas, loss, plan, pred, base)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
     finally:
         bar.close()
     df = pd.DataFrame(rows, columns=COLUMNS)
-    if out is not None:
+    if info.enabled:
+        if out is not None:
+            write_records(df, D.rank_path(out, info.rank))
+        parts = D.gather(rows, info)  # through the process group: no shared file system needed
+        if info.is_main:
+            df = pd.DataFrame([r for part in parts for r in part], columns=COLUMNS)
+        D.barrier(info)
+    if out is not None and info.is_main:
         write_records(df, out)
 
     peak = df.loc[df.scope == "step", "actual_peak_bytes"].max()
@@ -562,29 +608,109 @@ def summarize(df) -> str:
     from planner.cli import format_table
 
     cmp = compare(df)
+    ranks = dict(zip(df["run_id"], df["rank"])) if "rank" in df else {}
+    multi = len(set(ranks.values())) > 1  # a distributed run: one block per rank
     rows = []
     for r in cmp.itertuples():
-        rows.append([r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
-                     _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
-                     _rel(r.predicted_s, r.actual_s)])
-    head = ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err", "pred_ms", "actual_ms", "time_err"]
+        rows.append(([ranks.get(r.run_id, 0)] if multi else [])
+                    + [r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
+                       _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
+                       _rel(r.predicted_s, r.actual_s)])
+    head = (["rank"] if multi else []) + ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err",
+                                          "pred_ms", "actual_ms", "time_err"]
     first = df.iloc[0]
-    losses = df.loc[df.scope == "step", "loss"]
+    steps = df.loc[df.scope == "step"]
+    if multi:
+        steps = steps[steps["rank"] == first["rank"]]
+    losses = steps["loss"]
     info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']} on {first['device']} "
             f"({first['device_name']}, torch {first['torch_version']}), {first['optimizer']} lr {first['lr']:g}, "
             f"{losses.size} step(s), loss {losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}")
-    return info + "\n" + format_table(head, rows, "lllrrrrrr")
+    if multi:
+        info += (f" on rank {first['rank']}; {len(set(ranks.values()))} ranks (DDP), "
+                 f"global batch {int(first['batch']) * len(set(ranks.values()))}")
+    return info + "\n" + format_table(head, rows, ("r" if multi else "") + "lllrrrrrr")
 
 
 def run_command(args) -> int:
-    """``planner run``: what the CLI calls (prints the summary; exit 1 on a failed run)."""
-    res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
-                   lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,
-                   progress=not args.quiet)
-    if res.records is not None:
+    """``planner run``: what the CLI calls (prints the summary; exit 1 on a failed run).
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) this process joins the process group first and
+    is one rank of a distributed run; only rank 0 prints."""
+    from . import distributed as D
+
+    if getattr(args, "nproc", 1) > 1:
+        return launch(args)
+    info = D.init(resolve_device(args.device))
+    try:
+        res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
+                       lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,
+                       progress=not args.quiet, dist_info=info)
+    finally:
+        D.shutdown(info)
+    if res.records is not None and info.is_main:
         print(res.summary)
         if args.out:
-            print(f"wrote {args.out} ({len(res.records)} records)")
+            extra = f"; per rank: {D.rank_path(args.out, 'N')}" if info.enabled else ""
+            print(f"wrote {args.out} ({len(res.records)} records{extra})")
     for f in res.failures:
-        print(f"planner: FAILED: {f}", file=sys.stderr)
+        where = f"rank {info.rank}: " if info.enabled and not info.is_main else ""
+        print(f"planner: FAILED: {where}{f}", file=sys.stderr)
     return 1 if res.failures else 0
+
+
+def launch_argv(args) -> List[str]:
+    """The torchrun command line ``planner run --nproc N`` starts: N processes on this machine,
+    each running ``python -m executor.run`` with the same arguments (without ``--nproc``)."""
+    argv = [args.plan, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+            "--data", args.data, "--seed", str(args.seed)]
+    if args.lr is not None:
+        argv += ["--lr", repr(args.lr)]
+    if args.out is not None:
+        argv += ["--out", args.out]
+    argv += ["--check-grads"] * bool(args.check_grads) + ["--quiet"] * bool(args.quiet)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+            "-m", "executor.run", *argv]
+
+
+def launch(args) -> int:
+    """``--nproc N``: check the input here (bad input: exit 2, one line), then run torchrun."""
+    import subprocess
+
+    from planner.plan import Plan
+
+    from . import distributed as D
+
+    if D.env_info() is not None:
+        raise RunError("--nproc: this process is already one rank of a torchrun launch; drop --nproc")
+    dev = resolve_device(args.device)
+    if dev.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise RunError(f"--nproc {args.nproc}: only {torch.cuda.device_count()} CUDA GPU(s); one process per GPU")
+    _check_out(args.out)
+    Plan.load(args.plan)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(launch_argv(args), env=env)
+
+
+def main(argv=None) -> int:
+    """``python -m executor.run PLAN.json [options]``: the same arguments and exit codes as
+    ``planner run`` (one parser, :func:`planner.cli.add_run_args`), meant as torchrun's target::
+
+        torchrun --nproc-per-node 4 -m executor.run plan.json --steps 20 --out rec.parquet
+    """
+    from planner.cli import _Parser, add_run_args, run_parser
+
+    p = _Parser(prog="python -m executor.run",
+                description="Run a plan for real (the arguments of 'planner run').  Under torchrun each "
+                            "process is one DistributedDataParallel rank with its own batch of the "
+                            "plan's size; rank 0 merges the records into --out.")
+    add_run_args(p)
+    p.set_defaults(func=run_command)
+    return run_parser(p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -441,7 +441,14 @@ def _add_run(sub) -> None:
                     "predicted and actual peak bytes and time.  Memory is measured on the first "
                     "recorded step (absolute live bytes: parameters, optimizer state, batch, "
                     "gradients, activations), time on the others.  Exit 1 when the measured peak "
-                    "exceeds the plan's budget or --check-grads finds a mismatch.")
+                    "exceeds the plan's budget or --check-grads finds a mismatch.  Under torchrun "
+                    "every process is one DDP rank (see 'python -m executor.run').")
+    add_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``planner run``, shared with ``python -m executor.run`` (torchrun's target)."""
     p.add_argument("plan", metavar="PLAN.json", help="plan file (lrcnn.plan/1)")
     p.add_argument("--steps", type=positive_int, default=20, metavar="N", help="recorded steps (default 20)")
     p.add_argument("--warmup", type=_argtype(_nonneg_int), default=2, metavar="N",
@@ -459,7 +466,9 @@ def _add_run(sub) -> None:
     p.add_argument("--out", default=None, metavar="RECORDS.parquet",
                    help="write the records (.parquet, or .csv by the name's extension)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="run as N DistributedDataParallel processes on this machine (launches torchrun "
+                        "--standalone; one GPU each on CUDA); the plan's batch is each process's (default 1)")
 
 
 def cmd_run(args) -> int:
@@ -533,6 +542,11 @@ def _add_solve(sub) -> None:
                    help="memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes")
     p.add_argument("--batch", type=_batch_arg, default=DEFAULT_BATCH, metavar="N|max",
                    help=f"batch size, or 'max': the largest batch a plan fits (default {DEFAULT_BATCH})")
+    p.add_argument("--world-size", type=positive_int, default=None, metavar="W",
+                   help="plan for W DistributedDataParallel processes: --batch is the global batch, split "
+                        "evenly (the plan's batch is each process's; 'max': the largest per-process batch) "
+                        "and the budget is per process, DDP's gradient buckets (one copy of the "
+                        "parameters' bytes) reserved from it when W > 1; recorded as training.world_size")
     p.add_argument("--resolution", type=resolution_arg, default=None, metavar="H[xW]",
                    help="input size: 224 or HxW (default: the model's own)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="data type (default float32)")
@@ -636,7 +650,7 @@ def cmd_solve(args) -> int:
     import time
 
     from planner.ilp import InfeasibleError
-    from planner.units import fmt_both
+    from planner.units import fmt_both, fmt_bytes
 
     t0 = time.perf_counter()
     _check_output_path(args.output, "plan")
@@ -648,6 +662,16 @@ def cmd_solve(args) -> int:
     _check_profile(args.device_profile)
     budget = args.budget
     batch = args.batch
+    world = getattr(args, "world_size", None)
+    if world is not None and batch != "max":
+        if batch % world:
+            raise ValueError(f"--batch {batch} does not split evenly over --world-size {world}; "
+                             f"give a multiple of {world}")
+        batch //= world
+
+    def reserve(s) -> int:  # per process: DDP's gradient buckets, one copy of the parameter bytes
+        return s.graph.param_bytes if (world or 1) > 1 else 0
+
     note = ""
     if batch == "max":
         cache = {}
@@ -655,16 +679,26 @@ def cmd_solve(args) -> int:
         def fits_at(n):
             s = _solver_for(args, n)
             cache[n] = s
-            return s.fits(budget), s.min_peak()
+            return s.fits(budget - reserve(s)), s.min_peak()
 
         batch = max_batch(fits_at, budget)
         if batch == 0:
-            raise InfeasibleError(budget, cache[1].smallest_budget())
+            raise InfeasibleError(budget, cache[1].smallest_budget() + reserve(cache[1]))
         solver = cache[batch]
-        note = f"largest batch that fits: {batch} ({len(cache)} captures)"
+        note = f"largest {'per-process ' if world else ''}batch that fits: {batch} ({len(cache)} captures)"
     else:
         solver = _solver_for(args, batch)
-    plan = solver.solve(budget, time_limit=args.time_limit, gap=args.gap)
+    held = reserve(solver)
+    if held and budget - held < solver.smallest_budget():
+        raise InfeasibleError(budget, solver.smallest_budget() + held)
+    plan = solver.solve(budget - held, time_limit=args.time_limit, gap=args.gap)
+    if world is not None:
+        plan.budget_bytes = budget
+        plan.training["world_size"] = world
+        plan.solver["ddp_bucket_bytes"] = held
+        note = "\n".join(filter(None, [note, f"world size {world}: batch {batch} per process, global batch "
+                                              f"{batch * world}; budget per process, DDP gradient buckets "
+                                              f"{fmt_bytes(held)} reserved from it"]))
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
     frame = None
     if args.pareto:
@@ -799,7 +833,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Bad input of any kind (unknown model, bad resolution, unreadable file, mismatched plan, usage
     errors) gives one line on stderr and exit code 2, never a traceback.
     """
-    parser = build_parser()
+    return run_parser(build_parser(), argv)
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` with ``parser`` and call ``args.func(args)`` with :func:`main`'s error
+    handling (one line on stderr, exit 2, for bad input)."""
     try:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)

@@ -235,6 +235,10 @@ class Plan:
         nc = training.get("num_classes")
         if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
             raise PlanError(f"plan training.num_classes {nc!r} must be a positive integer")
+        ws = training.get("world_size")  # DDP processes the plan was made for; input_shape[0] is per rank
+        if ws is not None and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 1):
+            raise PlanError(f"plan training.world_size {ws!r} must be a positive integer (the number of "
+                            f"DDP processes; input_shape[0] is the batch of each)")
         b = d.get("budget_bytes")
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b <= 0):
             raise PlanError(f"plan budget_bytes {b!r} must be a positive integer or null")
