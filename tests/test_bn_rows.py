@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from exactness import TOL, Reference, rel, seg_rows, train_steps
+from exactness import TOL, Reference, rel
 from executor import apply_plan
 from executor.measure import step_memory
 from models import capture, get_model

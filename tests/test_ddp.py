@@ -13,7 +13,6 @@ plans run in one spawn of two processes.
 """
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
