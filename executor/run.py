@@ -84,21 +84,29 @@ class RunResult:
 # Predictions
 # ------------------------------------------------------------------------------------------------
 
-def predicted_for(plan, graph) -> Dict[str, Any]:
-    """The plan's own predictions, else the cost model's (``planner.cost.predict``) when it
-    exists, else ``{}`` (predicted values are then recorded as NaN)."""
-    if plan.predicted:
-        return dict(plan.predicted)
+def predicted_for(plan, graph, device_kind: str = "cpu") -> Dict[str, Any]:
+    """What the cost model predicts for this run: the plan's own ``predicted`` block when it was
+    made for this kind of device (``cpu`` / ``cuda``), else a fresh prediction with the matching
+    profile (a plan solved for an H100 carries CUDA workspace and timings: on the CPU it is
+    re-predicted with the ``cpu`` profile).  ``{}`` (NaN in the records) if that fails."""
+    from planner.cost import CostError, CostModel, load_profile
+
+    pred = dict(plan.predicted or {})
+    prof = pred.get("device_profile")
     try:
-        from planner.cost import predict  # noqa: WPS433 (arrives with the cost-model issue)
-    except ImportError:
-        return {}
+        kind = load_profile(prof).kind if prof else None
+    except CostError:
+        kind = None
+    if pred and (kind == device_kind or graph is None):
+        return pred
+    profile = "cpu" if device_kind == "cpu" else (prof if kind == "cuda" else "h100")
     try:
-        return dict(predict(graph, plan) or {})
+        cm = CostModel(graph, optimizer=plan.training.get("optimizer", "sgd"), profile=profile)
+        return cm.predict(plan)
     except Exception as e:  # a cost-model bug must not stop the measurement; say so, once
         print(f"planner: warning: cost model failed ({' '.join(str(e).split()) or type(e).__name__}); "
               f"predicted values are recorded as NaN", file=sys.stderr)
-        return {}
+        return pred
 
 
 def _num(v) -> float:
@@ -511,7 +519,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     else:
         batches = _cycle(image_folder(data, plan, num_classes, seed, info.rank, info.world_size))
         data_label = os.path.abspath(data)
-    pred = predicted_for(plan, graph)
+    pred = predicted_for(plan, graph, dev.type)
 
     model.to(dev)
     plain = copy.deepcopy(model) if check else None

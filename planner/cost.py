@@ -556,13 +556,17 @@ class CostModel:
         fb = self.fixed_breakdown()
         plan_idx = {(s.first, s.last): i for i, s in enumerate(segs)}
         seg_rows = []
+        fixed, kept, later = self.fixed_bytes(), 0, sum(c.grad_bytes for c in costs)
         for s, c in zip(full, costs):
-            if (s.first, s.last) not in plan_idx:
-                continue
-            seg_rows.append({"index": plan_idx[(s.first, s.last)], "first": s.first, "last": s.last,
-                             "mode": s.mode, "keep": int(c.keep), "forward_peak": int(c.fwd_peak),
-                             "backward_peak": int(c.bwd_peak), "grad_bytes": int(c.grad_bytes),
-                             "forward_s": c.fwd_s, "backward_s": c.bwd_s})
+            later -= c.grad_bytes
+            if (s.first, s.last) in plan_idx:
+                # absolute peaks while the segment runs (what a measurement of its window sees)
+                seg_rows.append({"index": plan_idx[(s.first, s.last)], "first": s.first, "last": s.last,
+                                 "mode": s.mode, "keep": int(c.keep),
+                                 "forward_peak": int(fixed + kept + c.fwd_peak),
+                                 "backward_peak": int(fixed + kept + later + c.bwd_peak),
+                                 "grad_bytes": int(c.grad_bytes), "forward_s": c.fwd_s, "backward_s": c.bwd_s})
+            kept += c.keep
         acts = int(max(ph["forward"], ph["backward"]) - sum(fb.values()))
         return {
             "peak_bytes": int(ph["peak"]), "time_s": float(ph["time_s"]),

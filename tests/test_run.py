@@ -60,7 +60,7 @@ def test_resnet18_run_then_report(tmp_path, capfd):
     plan = tmp_path / "plan.json"
     make_plan(plan, "resnet18", (2, 3, 64, 64))
     rec = tmp_path / "r.parquet"
-    rc, out, err = run(capfd, "run", plan, "--steps", 2, "--warmup", 0, "--device", "cpu",
+    rc, out, err = run(capfd, "run", plan, "--steps", 2, "--warmup", 1, "--device", "cpu",
                        "--check-grads", "--out", rec)
     assert rc == 0, err
     assert "check-grads OK" in out and "wrote" in out
@@ -77,7 +77,10 @@ def test_resnet18_run_then_report(tmp_path, capfd):
     assert df[~df.tracked].actual_peak_bytes.isna().all()
     assert df[~df.tracked].actual_s.gt(0).all()  # time: untracked steps (the tracker slows a step)
     assert steps.actual_s.gt(0).all()
-    assert df.predicted_peak_bytes.isna().all()  # no cost model yet: NaN, not made up
+    # the cost model's prediction, per step, phase and segment, within the cost-model bounds
+    pred = df[df.tracked & (df.scope.isin(["step", "phase"]))]
+    rel = ((pred.predicted_peak_bytes - pred.actual_peak_bytes) / pred.actual_peak_bytes).abs()
+    assert pred.predicted_peak_bytes.notna().all() and rel.max() <= 0.05, pred
     first = df.iloc[0]
     assert first.plan_fingerprint == Plan.load(str(plan)).fingerprint
     assert first.model == "resnet18" and first.batch == 2 and first.resolution == "64x64"
@@ -174,11 +177,19 @@ def test_optimizers(tiny_plan):
 
 def test_predicted_for_prefers_the_plan(tiny_plan):
     plan = Plan.load(str(tiny_plan))
-    import importlib.util
-    if importlib.util.find_spec("planner.cost") is None:  # no cost model yet: nothing, not a guess
-        assert runmod.predicted_for(plan, None) == {}
-    plan.predicted = {"peak_bytes": 5}
-    assert runmod.predicted_for(plan, None) == {"peak_bytes": 5}
+    plan.predicted = {"peak_bytes": 5, "device_profile": "cpu"}
+    assert runmod.predicted_for(plan, None) == plan.predicted
+    m = get_model("tiny_resnet", device="meta")
+    m.train()
+    for b in m.modules():
+        if isinstance(b, torch.nn.BatchNorm2d):
+            b.eval()
+    g = capture(m, tuple(plan.input_shape))
+    plan.predicted = {"peak_bytes": 5, "device_profile": "h100"}  # made for a GPU: re-predicted
+    fresh = runmod.predicted_for(plan, g, "cpu")
+    assert fresh["device_profile"] == "cpu" and fresh["peak_bytes"] > 10**5
+    plan.predicted = {}
+    assert runmod.predicted_for(plan, g, "cpu")["peak_bytes"] == fresh["peak_bytes"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,3 +290,33 @@ def test_bad_data_and_device(tmp_path, capfd, tiny_plan):
         rc, out, err = run(capfd, "run", tiny_plan, "--device", "cuda", "--out", rec)
         assert_one_line_error(rc, out, err, "no CUDA GPU", "--device cpu")
         assert not rec.exists()
+
+
+def test_solve_run_report_chain(tmp_path, capfd):
+    """The user's loop on CPU: ``planner solve`` (a budget that needs a plan), ``planner run
+    --steps 3``, ``planner report``: the measured peak stays within the budget and the predicted
+    peak per phase is within the cost model's bounds of the measured one."""
+    from planner.solve import Solver, capture_model
+
+    _, g = capture_model("resnet18", (2, 3, 64, 64), bn="eval")
+    s = Solver(g, "resnet18", bn="eval", device_profile="cpu")
+    budget = (s.smallest_budget() + s.baseline()["peak"]) // 2
+    plan = tmp_path / "plan.json"
+    rc, out, err = run(capfd, "solve", "--model", "resnet18", "--batch", 2, "--resolution", 64,
+                       "--bn", "eval", "--device-profile", "cpu", "--budget", f"{budget}B", "-o", plan)
+    assert rc == 0, err
+    assert any(x.mode != "store" for x in Plan.load(str(plan)).segments)
+    rec = tmp_path / "r.parquet"
+    rc, out, err = run(capfd, "run", plan, "--steps", 3, "--warmup", 1, "--device", "cpu", "--out", rec)
+    assert rc == 0, err
+    df = pd.read_parquet(rec)
+    t = df[df.tracked & df.scope.isin(["step", "phase"])]
+    assert (t.actual_peak_bytes <= budget).all()
+    rel = ((t.predicted_peak_bytes - t.actual_peak_bytes) / t.actual_peak_bytes).abs()
+    assert rel.max() <= 0.05, t[["name", "predicted_peak_bytes", "actual_peak_bytes"]]
+    png = tmp_path / "p.png"
+    rc, out, err = run(capfd, "report", rec, "--png", png)
+    assert rc == 0, err
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
