@@ -228,11 +228,16 @@ class Problem:
         out: List[Candidate] = []
         prev = None
         k = 2
+        batch_bn = any(n.batch_stats for n in self.cm.graph.span(first, last))
         while k <= min(top, self.max_strips):
             c = self._price(i, j, Segment(first, last, "rows", policy=pol, strips=k))
             if c is None:
                 break
             out.append(c)
+            if batch_bn:  # training-mode BN: statistics by strip sweeps (default) or one full pass
+                lw = self._price(i, j, Segment(first, last, "rows", policy=pol, strips=k, options={"bn": "layerwise"}))
+                if lw is not None:
+                    out.append(lw)
             pk = max(c.cost.fwd_peak, c.cost.bwd_peak)
             if prev is not None and pk > (1 - self.strip_gain) * prev:
                 break

@@ -192,3 +192,21 @@ def test_calibrate_bad_input(capfd, tmp_path):
         assert_one_line_error(*run(capfd, "calibrate", "--device", "cuda", "-o", tmp_path / "p.json"), "no CUDA")
     assert_one_line_error(*run(capfd, "calibrate", "-o", tmp_path / "nodir" / "p.json"), "cannot write")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("policy", ["overl", "2ps"])
+def test_train_bn_rows_priced_safely(policy):
+    """Training-mode BN inside row segments: the prediction may err high (priced with a margin),
+    never more than 1% low, against the simulated step."""
+    from executor import apply_plan
+    from executor.measure import train_step_memory
+
+    m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "train")
+    g = capture(m, (4, 3, 160, 160))
+    cm = CostModel(g, optimizer="momentum")
+    units = cm.units()
+    plan = Plan.build(g, [Segment(units[0][0], units[4][1], "rows", policy=policy, strips=4)],
+                      training={"optimizer": "momentum", "bn": "train"})
+    pred = cm.predict(plan)["peak_bytes"]
+    sim = train_step_memory(apply_plan(m, plan, g), g.input_shape, "momentum", fake=True).absolute_peak
+    assert 0.99 * sim <= pred <= 1.25 * sim, (pred, sim)
