@@ -421,6 +421,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             x = torch.empty(input_shape, dtype=dtype, device="meta").requires_grad_(True)
             input_key.add(_storage_key(x))
             functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
+        profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = current["node"]
@@ -432,8 +433,6 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         fake_log.setLevel(level)
         for m in cumulative:
             m.momentum = None
-
-    profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys)
 
     nodes: List[Node] = []
     nodes_by: Dict[str, Node] = {}

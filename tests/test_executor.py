@@ -58,7 +58,7 @@ def test_vgg16_224_whole_trunk():
 
 def test_vgg16_odd_size_mixed_plans_and_max_strips():
     m = _model("vgg16", torch.float64, num_classes=10)
-    ref = Reference(m, *_data(3, 200, 232, torch.float64, 10))
+    ref = Reference(m, *_data(1, 136, 152, torch.float64, 10))  # odd sizes: 136/16 = 8.5
     g = ref.graph
     pools = [n.name for n in g.nodes if n.op == "maxpool2d"]
     after = lambda name: g.nodes[g.index(name) + 1].name  # noqa: E731
@@ -74,14 +74,14 @@ def test_vgg16_odd_size_mixed_plans_and_max_strips():
                Segment(after(pools[1]), "features_30", "rows", policy="2ps", strips=g[pools[1]].height)])
 
 
-@pytest.mark.parametrize("dtype,steps", [(torch.float64, 3), (torch.float32, 1)])
+@pytest.mark.parametrize("dtype,steps", [(torch.float64, 2), (torch.float32, 1)])
 def test_vgg16_bn_eval(dtype, steps):
     # float32 over several steps is not a meaningful comparison for this net: plain PyTorch itself
     # (oneDNN vs native convolution, or float32 vs float64) differs by ~0.1 relative in the
     # gradients after two SGD steps, because max-pool/ReLU decisions flip.  One step is compared
     # in float32; the optimizer trajectory is compared in float64.
     m = _model("vgg16_bn", dtype, num_classes=10)
-    ref = Reference(m, *_data(3, 96, 72, dtype, 10), steps=steps)
+    ref = Reference(m, *_data(2, 96, 72, dtype, 10), steps=steps)
     ref.check([seg_rows("features", "features", "2ps", 3)])
     ref.check([seg_rows("features", "features", "overl", 2)])
 
