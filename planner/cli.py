@@ -748,9 +748,10 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     """The readable summary of a solved plan: segments, predicted peak vs budget, time, solver."""
     from planner.units import fmt_both, fmt_bytes
 
-    cm, prob = solver.cm, solver.problem
-    unit_first = {a: i for i, (a, _) in enumerate(prob.units)}
-    unit_last = {b: i for i, (_, b) in enumerate(prob.units)}
+    cm = solver.cm
+    units = cm.units()  # (not solver.problem: pricing candidates is not needed to print)
+    unit_first = {a: i for i, (a, _) in enumerate(units)}
+    unit_last = {b: i for i, (_, b) in enumerate(units)}
     pred, info = plan.predicted, plan.solver
     budget = plan.budget_bytes
     lines = [f"{plan.model}: input {_shape(plan.input_shape)} {plan.dtype}, optimizer {plan.training.get('optimizer')}, "
