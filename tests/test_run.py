@@ -298,11 +298,11 @@ def test_solve_run_report_chain(tmp_path, capfd):
     peak per phase is within the cost model's bounds of the measured one."""
     from planner.solve import Solver, capture_model
 
-    _, g = capture_model("resnet18", (2, 3, 64, 64), bn="eval")
+    _, g = capture_model("resnet18", (4, 3, 128, 128), bn="eval")  # activations matter at this size
     s = Solver(g, "resnet18", bn="eval", device_profile="cpu")
     budget = (s.smallest_budget() + s.baseline()["peak"]) // 2
     plan = tmp_path / "plan.json"
-    rc, out, err = run(capfd, "solve", "--model", "resnet18", "--batch", 2, "--resolution", 64,
+    rc, out, err = run(capfd, "solve", "--model", "resnet18", "--batch", 4, "--resolution", 128,
                        "--bn", "eval", "--device-profile", "cpu", "--budget", f"{budget}B", "-o", plan)
     assert rc == 0, err
     assert any(x.mode != "store" for x in Plan.load(str(plan)).segments)
