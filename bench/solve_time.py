@@ -17,7 +17,6 @@ over train-mode BatchNorm are not supported by cost model v0.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
