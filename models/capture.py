@@ -239,6 +239,19 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+class _Runner(nn.Module):
+    """Runs a traced graph through an ``fx.Interpreter`` subclass (so ``functional_call`` can
+    substitute fake parameters)."""
+
+    def __init__(self, g: fx.GraphModule, interp):
+        super().__init__()
+        self.g = g
+        self.interp = interp
+
+    def forward(self, x):
+        return self.interp(self.g).run(x)
+
+
 def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor], input_shape, dtype,
                     param_keys: set) -> Dict[str, dict]:
     """Per-node memory events of one plain training step (forward, loss, backward), simulated.
@@ -301,15 +314,7 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
                     fn.register_prehook(hook_for(n.name))
             return out
 
-    class _Runner(nn.Module):
-        def __init__(self, g):
-            super().__init__()
-            self.g = g
-
-        def forward(self, x):
-            return _Interp(self.g).run(x)
-
-    runner = _Runner(gm)
+    runner = _Runner(gm, _Interp)
     with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
         x = torch.empty(input_shape, dtype=dtype, device="meta")
         producer[_storage_key(x)] = "__input__"
@@ -397,15 +402,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
 
     from torch.func import functional_call
 
-    class _Runner(nn.Module):
-        def __init__(self, g):
-            super().__init__()
-            self.g = g
-
-        def forward(self, x):
-            return _Interp(self.g).run(x)
-
-    runner = _Runner(gm)
+    runner = _Runner(gm, _Interp)
     import logging
 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")

@@ -9,7 +9,6 @@ FILE`` reads.  Measured rates are what ops achieve, so the profile's ``efficienc
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .cost import DeviceProfile
+from .plan import write_json_atomic
 
 __all__ = ["calibrate", "save_profile"]
 
@@ -170,13 +170,4 @@ def calibrate(device: str = "cpu", dtypes=("float32",), quick: bool = False,
 
 def save_profile(profile: DeviceProfile, path: str) -> None:
     """Write the profile as JSON, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(profile.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(profile.to_dict(), path)

@@ -76,14 +76,19 @@ def _argtype(fn: Callable):
     return conv
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, lo: int) -> int:
+    want = "a positive integer" if lo == 1 else f"{lo} or more"
     try:
         v = int(str(text).strip())
     except ValueError:
-        raise ValueError(f"{text!r} is not a whole number; give a positive integer") from None
-    if v < 1:
-        raise ValueError(f"{text!r} must be a positive integer")
+        raise ValueError(f"{text!r} is not a whole number; give {want}") from None
+    if v < lo:
+        raise ValueError(f"{text!r} must be {want}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 positive_int = _argtype(_positive_int)
@@ -414,13 +419,7 @@ def cmd_simulate(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def _nonneg_int(text: str) -> int:
-    try:
-        v = int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number; give 0 or more") from None
-    if v < 0:
-        raise ValueError(f"{text!r} must be 0 or more")
-    return v
+    return _int_at_least(text, 0)
 
 
 def _positive_float(text: str) -> float:

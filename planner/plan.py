@@ -38,6 +38,20 @@ POLICIES = ("2ps", "overl")
 BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
 
 
+def write_json_atomic(data, path: str) -> None:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file: never half-written."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class PlanError(ValueError):
     """A plan that cannot be used as is; the message says what does not match and what to do."""
 
@@ -252,16 +266,7 @@ class Plan:
 
     def save(self, path: str) -> None:
         """Write the plan as JSON (atomically: no half-written file on failure)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str, graph=None) -> "Plan":
