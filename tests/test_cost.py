@@ -20,11 +20,12 @@ from tests.test_cli import assert_one_line_error, run
 # predicted vs measured (real CPU step, storage accounting) vs simulated (fake tensors)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_grid_predicted_vs_measured(name):
-    """Every plan kind, whole-step absolute peak: median |error| <= 2 %, worst <= 5 %; the
-    simulator equals the real step within 1 %."""
-    rows = [run_case(name, kind, "small", "cpu", real=True, timing=False) for kind in KINDS]
+def test_grid_predicted_vs_measured():
+    """A CI-sized grid (resnet18: every plan kind; mobilenet_v2: the row kinds), whole-step
+    absolute peak: median |error| <= 2 %, worst <= 5 %; the simulator equals the real step within
+    1 % (the full grid: python -m bench.cost_grid)."""
+    cases = [("resnet18", k) for k in KINDS] + [("mobilenet_v2", "2ps"), ("mobilenet_v2", "overl")]
+    rows = [run_case(name, kind, "small", "cpu", real=True, timing=False) for name, kind in cases]
     errs = [abs(r["err_meas_%"]) for r in rows]
     assert statistics.median(errs) <= 2.0, rows
     assert max(errs) <= 5.0, rows
