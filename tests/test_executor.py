@@ -52,8 +52,7 @@ def _model(name, dtype, bn="eval", seed=0, **kw):
 def test_vgg16_224_whole_trunk():
     m = _model("vgg16", torch.float64, num_classes=10)
     ref = Reference(m, *_data(1, 224, 224, torch.float64, 10))
-    ref.check([seg_rows("features", "features", "2ps", 7)])
-    ref.check([seg_rows("features", "features", "overl", 3)])
+    ref.check([seg_rows("features", "features", "2ps", 7)])  # (OverL: the odd-size test below)
 
 
 def test_vgg16_odd_size_mixed_plans_and_max_strips():
