@@ -1,8 +1,6 @@
 """Matplotlib (Agg) figure of a report: memory timeline and per-segment peaks with errors."""
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
 
@@ -70,16 +68,9 @@ def draw_report(df, path: str) -> None:
     ax2.set_title("per-segment peak: predicted vs actual (relative error above the bars)")
     fig.tight_layout()
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
+    from planner.files import atomic_write
+
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise ValueError(f"cannot write PNG {path!r}: {e.strerror or e}; choose a writable file path") from None
+        atomic_write(path, "PNG", lambda tmp: fig.savefig(tmp, dpi=100, format="png"), ".png")
     finally:
         plt.close(fig)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

@@ -11,7 +11,6 @@ activations, parameter gradients and transients; parameters and the input batch 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List
 
@@ -21,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import capture, get_model
 from planner import Plan, Segment
+from planner.cli import write_csv_atomic
 from executor import apply_plan
 from executor.measure import step_memory
 
@@ -118,9 +118,7 @@ def main(argv=None) -> int:
             print(f"  {r['case']}: {r['plan']}")
     print(f"torch {torch.__version__}, {'simulated (FakeTensorMode)' if args.fake else 'CPU storage accounting'}")
     if args.csv:
-        tmp = args.csv + ".tmp"
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, args.csv)
+        write_csv_atomic(df, args.csv)
     return 0 if all(r["meets_target"] is not False for r in rows) else 1
 
 

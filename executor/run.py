@@ -39,7 +39,6 @@ import datetime
 import math
 import os
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +47,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from planner.cli import write_csv_atomic
+from planner.files import atomic_write, check_output_path
 
 from . import memory
 from .measure import make_optimizer as _make_optimizer
@@ -399,11 +401,7 @@ def _check_out(path: Optional[str]) -> None:
         return
     if not path.endswith((".parquet", ".csv")):
         raise RunError(f"--out {path!r}: records are written as .parquet or .csv; end the name with one of those")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RunError(f"--out {path!r}: folder {folder!r} does not exist; create it or choose another path")
-    if not os.access(folder, os.W_OK):
-        raise RunError(f"--out {path!r}: folder {folder!r} is not writable; choose another path")
+    check_output_path(path, "records")
     if path.endswith(".parquet"):
         try:
             import pyarrow  # noqa: F401
@@ -412,26 +410,14 @@ def _check_out(path: Optional[str]) -> None:
 
 
 def write_records(df, path: str) -> None:
-    """Parquet (or CSV when ``path`` ends in .csv), written atomically (tmp + os.replace)."""
-    from planner.cli import write_csv_atomic
-
+    """Parquet (or CSV when ``path`` ends in .csv), written atomically."""
     if path.endswith(".csv"):
         write_csv_atomic(df, path)
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=folder)
-    os.close(fd)
     try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, "records", lambda tmp: df.to_parquet(tmp, index=False), ".parquet")
     except ImportError:
         raise RunError(f"--out {path!r}: writing Parquet needs pyarrow; install it or use a .csv name") from None
-    except OSError as e:
-        raise RunError(f"cannot write records {path!r}: {e.strerror or e}; choose a writable file path") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _rows_for_step(step: int, tracked: bool, meas: StepMeasure, loss: float, plan, pred: Dict[str, Any],

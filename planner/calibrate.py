@@ -170,4 +170,4 @@ def calibrate(device: str = "cpu", dtypes=("float32",), quick: bool = False,
 
 def save_profile(profile: DeviceProfile, path: str) -> None:
     """Write the profile as JSON, atomically."""
-    write_json_atomic(profile.to_dict(), path)
+    write_json_atomic(profile.to_dict(), path, "device profile")

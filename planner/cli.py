@@ -23,12 +23,12 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 EXIT_OK = 0
 EXIT_ERROR = 2
 
+from planner.files import check_output_path
 from planner.plan import BN_MODES, DTYPES  # one list of each, shared with the plan format
 DEFAULT_BATCH = 32
 
@@ -118,21 +118,11 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence], align: Optiona
 
 
 def write_csv_atomic(df, path: str) -> None:
-    """Write a DataFrame as CSV via a temporary file in the same folder and ``os.replace``:
-    the file at ``path`` is either the complete new CSV or untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise ValueError(f"cannot write CSV {path!r}: {e.strerror or e}; choose a writable file path") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write a DataFrame as CSV atomically: the file at ``path`` is either the complete new CSV
+    or untouched (:func:`planner.files.atomic_write`)."""
+    from planner.files import atomic_write
+
+    atomic_write(path, "CSV", lambda tmp: df.to_csv(tmp, index=False), ".csv")
 
 
 @contextlib.contextmanager
@@ -368,7 +358,7 @@ def _add_calibrate(sub) -> None:
 def cmd_calibrate(args) -> int:
     from planner.calibrate import calibrate, save_profile
 
-    _check_writable(args.output)
+    check_output_path(args.output, "device profile")
     prof = calibrate(args.device, tuple(args.dtype or ("float32",)), args.quick,
                      progress=lambda s: print(f"calibrate: {s} ...", file=sys.stderr))
     save_profile(prof, args.output)
@@ -376,13 +366,6 @@ def cmd_calibrate(args) -> int:
     print(f"wrote {args.output}: {prof.name}: {rates}, bandwidth {prof.bandwidth / 1e9:.1f} GB/s, "
           f"{prof.launch_s * 1e6:.1f} us per op")
     return EXIT_OK
-
-
-def _check_writable(path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise ValueError(f"cannot write {path!r}: directory {d!r} does not exist or is not writable; "
-                         f"choose another output path")
 
 
 def _add_simulate(sub) -> None:
@@ -404,7 +387,7 @@ def cmd_simulate(args) -> int:
     from planner.simulate import simulate_plan
 
     if args.csv:
-        _check_writable(args.csv)
+        check_output_path(args.csv, "CSV")
     df, info = simulate_plan(args.plan, args.device_profile, args.optimizer)
     rows = [[r.phase, _mib(r.predicted_bytes), _mib(r.simulated_bytes), f"{r.error_pct:+.2f}%"]
             for r in df.itertuples()]
@@ -577,19 +560,6 @@ def _add_solve(sub) -> None:
     p.set_defaults(func=cmd_solve)
 
 
-def _check_output_path(path: Optional[str], what: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"cannot write {what} {path!r}: it is a folder; give a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {what} {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write {what} {path!r}: permission denied; choose a writable path")
-
-
 def _check_profile(profile: str) -> None:
     from planner.cost import load_profile
 
@@ -652,8 +622,8 @@ def cmd_solve(args) -> int:
     from planner.units import fmt_both, fmt_bytes
 
     t0 = time.perf_counter()
-    _check_output_path(args.output, "plan")
-    _check_output_path(args.pareto, "CSV")
+    check_output_path(args.output, "plan")
+    check_output_path(args.pareto, "CSV")
     if args.pareto and not args.pareto.lower().endswith(".csv"):
         raise ValueError(f"--pareto file {args.pareto!r} must end in .csv")
     if args.strips is not None and args.policy == "checkpoint":

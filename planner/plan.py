@@ -26,7 +26,6 @@ Nodes not covered by any segment run as ``store``.  Hand-written plans are made 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -38,18 +37,16 @@ POLICIES = ("2ps", "overl")
 BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
 
 
-def write_json_atomic(data, path: str) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file: never half-written."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+def write_json_atomic(data, path: str, what: str = "plan") -> None:
+    """Write ``data`` as indented JSON to ``path``, atomically (:func:`planner.files.atomic_write`)."""
+    from .files import atomic_write
+
+    def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, what, write, ".json")
 
 
 class PlanError(ValueError):

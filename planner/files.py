@@ -1,0 +1,52 @@
+"""Output files: one way to refuse an unwritable path up front and one way to write atomically.
+
+Every command that writes a file (plans, profiles, CSV tables, records, PNG plots) goes through
+:func:`atomic_write`, so a failed command never leaves a half-written file, and through
+:func:`check_output_path` before doing any work, so a bad path is reported at once.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Optional
+
+__all__ = ["atomic_write", "check_output_path", "OutputError"]
+
+
+class OutputError(OSError):
+    """A file could not be written; the message names it, the cause and the fix (one line)."""
+
+
+def check_output_path(path: Optional[str], what: str) -> None:
+    """Refuse an output path that cannot be written (ValueError, one line), before any work."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {what} {path!r}: it is a folder; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {what} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {what} {path!r}: permission denied; choose a writable path")
+
+
+def atomic_write(path: str, what: str, write: Callable[[str], object], suffix: str = "") -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path``.
+
+    The file at ``path`` is either complete and new or untouched.  An ``OSError`` becomes a
+    :class:`OutputError` (still an ``OSError``) whose one-line message names ``what``, the path,
+    the cause and the fix.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise OutputError(f"cannot write {what} {path!r}: {e.strerror or e}; choose a writable file path") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
