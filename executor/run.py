@@ -153,26 +153,12 @@ def device_info(device: torch.device) -> Dict[str, Any]:
 
 
 def build_model(plan, seed: int = 0):
-    """The plan's model with random weights (``seed``), BN mode from ``plan.training['bn']``
-    (``eval``: BatchNorm layers in eval mode, the rest training), and its capture at the plan's
-    input shape and dtype, checked against the plan (fingerprint, segments)."""
-    from models import capture, get_model, set_bn_mode
-    from planner.cli import quiet_torch_logs
-    from planner.plan import PlanError
+    """The plan's model with random weights (``seed``) on the CPU, and its capture, checked
+    against the plan (:func:`planner.cli.plan_model`)."""
+    from planner.cli import plan_model
 
-    n, c, h, w = plan.input_shape
-    if c != 3:
-        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
-                        f"re-create the plan for this model")
-    bn = plan.training.get("bn", "train")
-    dtype = getattr(torch, plan.dtype)
     torch.manual_seed(seed)
-    model = get_model(plan.model, num_classes=plan.training.get("num_classes")).to(dtype)
-    set_bn_mode(model, bn)
-    with quiet_torch_logs():
-        graph = capture(model, tuple(plan.input_shape), dtype, model_name=plan.model)
-    plan.validate(graph)
-    return model, graph
+    return plan_model(plan, real=True)
 
 
 def make_optimizer(plan, params, lr: Optional[float] = None):

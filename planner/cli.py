@@ -163,12 +163,12 @@ def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATC
 
 def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int]] = None,
                       dtype: str = "float32", bn: str = "train", weights: Optional[str] = None,
-                      num_classes: Optional[int] = None):
+                      num_classes: Optional[int] = None, real: bool = False):
     """Build a zoo model and capture it.  Returns ``(model, graph)``.
 
-    The model lives on the meta device unless ``weights`` is given (then on the CPU, with the
-    state dict loaded and checked).  The model is in training mode with BatchNorm in ``bn`` mode
-    (:func:`models.set_bn_mode`).
+    The model lives on the meta device unless ``weights`` is given or ``real`` (then on the CPU
+    in ``dtype``, random weights unless ``weights``).  The model is in training mode with
+    BatchNorm in ``bn`` mode (:func:`models.set_bn_mode`).
     """
     from models import capture, default_resolution, get_model, set_bn_mode
 
@@ -176,7 +176,7 @@ def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int
         raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
     tdtype = parse_dtype(dtype)
     model = get_model(name, num_classes=num_classes, weights=weights,
-                      device=None if weights is not None else "meta")
+                      device=None if (weights is not None or real) else "meta").to(tdtype)
     set_bn_mode(model, bn)
     if resolution is None:
         r = default_resolution(name)
@@ -315,19 +315,28 @@ def _add_check_plan(sub) -> None:
     p.set_defaults(func=cmd_check_plan)
 
 
-def cmd_check_plan(args) -> int:
-    """``planner check-plan PLAN.json``: one OK line, or one error line and exit 2."""
-    from planner.plan import Plan, PlanError
+def plan_model(plan, real: bool = False, num_classes: Optional[int] = None):
+    """The plan's zoo model (meta device, or ``real``: CPU with random weights) in the plan's
+    dtype and BN mode, and its capture at the plan's input shape, checked against the plan
+    (schema, fingerprint, segments).  Returns ``(model, graph)``; PlanError says what differs."""
+    from planner.plan import PlanError
 
-    plan = Plan.load(args.plan)  # schema and field types
     n, c, h, w = plan.input_shape
-    bn = plan.training.get("bn", "train")
     if c != 3:  # every zoo model takes RGB input
         raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
                         f"re-create the plan for this model")
-    num_classes = args.num_classes or plan.training.get("num_classes")
-    _, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, bn, None, num_classes)
+    model, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, plan.training.get("bn", "train"),
+                                     None, num_classes or plan.training.get("num_classes"), real=real)
     plan.validate(graph)
+    return model, graph
+
+
+def cmd_check_plan(args) -> int:
+    """``planner check-plan PLAN.json``: one OK line, or one error line and exit 2."""
+    from planner.plan import Plan
+
+    plan = Plan.load(args.plan)  # schema and field types
+    _, graph = plan_model(plan, num_classes=args.num_classes)
     modes = {}
     for s in plan.segments:
         modes[s.mode] = modes.get(s.mode, 0) + 1

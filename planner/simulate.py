@@ -12,26 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["simulate_plan", "plan_model"]
-
-
-def plan_model(plan, device: Optional[str] = "meta"):
-    """The plan's model (random weights, BN mode from the plan) and its capture, plan-checked."""
-    from models import capture, get_model, set_bn_mode
-    from planner.cli import quiet_torch_logs
-    from planner.plan import PlanError
-
-    n, c, h, w = plan.input_shape
-    if c != 3:
-        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
-                        f"re-create the plan for this model")
-    dtype = getattr(torch, plan.dtype)
-    model = get_model(plan.model, num_classes=plan.training.get("num_classes"), device=device).to(dtype)
-    set_bn_mode(model, plan.training.get("bn", "train"))
-    with quiet_torch_logs():
-        graph = capture(model, tuple(plan.input_shape), dtype, model_name=plan.model)
-    plan.validate(graph)
-    return model, graph
+__all__ = ["simulate_plan"]
 
 
 def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -> Tuple["object", dict]:
@@ -40,6 +21,7 @@ def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -
 
     from executor import apply_plan
     from executor.measure import train_step_memory
+    from planner.cli import plan_model
     from planner.cost import CostModel
     from planner.plan import Plan
 
