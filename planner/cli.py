@@ -414,14 +414,18 @@ def _nonneg_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(str(text).strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number; give a positive learning rate such as 0.01") from None
-    if not v > 0:
-        raise ValueError(f"{text!r} must be a positive number")
-    return v
+def _positive_number(what: str) -> Callable:
+    """argparse type: a positive float (``what`` names it in the one-line error)."""
+    def conv(text: str) -> float:
+        try:
+            v = float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; give {what}") from None
+        if not v > 0:
+            raise ValueError(f"{text!r} must be a positive number")
+        return v
+    conv.__name__ = "positive number"
+    return _argtype(conv)
 
 
 def _add_run(sub) -> None:
@@ -448,7 +452,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="cuda, cpu or auto (cuda when available; default)")
     p.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
                    help="'synthetic' (random tensors, default) or an ImageFolder root (one folder per class)")
-    p.add_argument("--lr", type=_argtype(_positive_float), default=None, metavar="LR",
+    p.add_argument("--lr", type=_positive_number("a positive learning rate such as 0.01"), default=None, metavar="LR",
                    help="learning rate (default: the plan's training.lr, else 0.01 for sgd/momentum, "
                         "1e-3 for adam/adamw)")
     p.add_argument("--check-grads", action="store_true",
@@ -508,15 +512,6 @@ def _budget_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"budget: {e}") from None
 
 
-def _seconds_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return v
-
 
 def _add_solve(sub) -> None:
     from planner.solve import DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, OPTIMIZERS, POLICIES, SOLVERS
@@ -553,7 +548,7 @@ def _add_solve(sub) -> None:
                         "checkpoint (no row segments) (default auto)")
     p.add_argument("--strips", type=positive_int, default=None, metavar="N",
                    help="force this strip count for row segments")
-    p.add_argument("--time-limit", type=_seconds_arg, default=DEFAULT_TIME_LIMIT, metavar="S",
+    p.add_argument("--time-limit", type=_positive_number("a number of seconds"), default=DEFAULT_TIME_LIMIT, metavar="S",
                    help=f"solver time limit in seconds; the best plan found so far is returned with its gap (default {DEFAULT_TIME_LIMIT:g})")
     p.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="G",
                    help=f"relative optimality gap at which the solver stops (default {DEFAULT_GAP:g})")
