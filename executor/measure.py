@@ -89,6 +89,20 @@ def make_optimizer(params, name: str, lr: float = 1e-3, momentum: float = 0.9,
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
+def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One training step (cross-entropy) marking its phases ``forward``, ``backward``,
+    ``optimizer`` for :mod:`executor.memory`; the gradients are released at the end
+    (``zero_grad(set_to_none=True)``), so every step starts without them.  Returns the loss."""
+    loss = F.cross_entropy(forward(x), y)
+    memory.mark("forward")
+    loss.backward()
+    memory.mark("backward")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    memory.mark("optimizer")
+    return loss.detach()
+
+
 def _opt_state(opt: torch.optim.Optimizer) -> list:
     return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
 
@@ -99,8 +113,7 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
     """Absolute peak device bytes of one whole training step, as the cost model predicts it.
 
     Counts everything live: parameters, buffers, optimizer state, input batch and labels,
-    activations, gradients and transients, through ``zero_grad`` (set to None), forward, loss,
-    backward and ``optimizer.step()``.  ``warmup`` steps run first (optimizer state then exists).
+    activations, gradients and transients, through one :func:`train_step`.  ``warmup`` steps run first (optimizer state then exists).
     Phases in the report: ``forward`` (model + loss), ``backward``, ``optimizer``.
     ``fake=True`` runs the same code under ``FakeTensorMode`` (any size, no memory).
     """
@@ -127,22 +140,11 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
         x = torch.randn(*input_shape, dtype=dtype, device=device)
         y = torch.randint(0, n_cls, (input_shape[0],), device=device)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(run(x), y)
-            memory.mark("forward")
-            loss.backward()
-            memory.mark("backward")
-            del loss
-            opt.step()
-            memory.mark("optimizer")
-
-        for _ in range(warmup):
-            step()
         opt.zero_grad(set_to_none=True)  # gradients are made by the step, not pre-existing
-        report = memory.measure_step(step, device=device, track_existing=existing + [x, y] + _opt_state(opt))
-        opt.zero_grad(set_to_none=True)
-        return report
+        for _ in range(warmup):
+            train_step(run, opt, x, y)
+        return memory.measure_step(lambda: train_step(run, opt, x, y), device=device,
+                                   track_existing=existing + [x, y] + _opt_state(opt))
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)

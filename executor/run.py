@@ -52,7 +52,7 @@ from planner.cli import write_csv_atomic
 from planner.files import atomic_write, check_output_path
 
 from . import memory
-from .measure import make_optimizer as _make_optimizer
+from .measure import make_optimizer as _make_optimizer, train_step
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
@@ -297,46 +297,27 @@ class StepMeasure:
         return peak, self.entries[j][3] - t0
 
 
-def _run_step(model, opt, x, y):
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    del out
-    memory.mark("forward")
-    loss.backward()
-    memory.mark("backward")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    memory.mark("optimizer")
-    return loss.detach()
-
-
 def measure_memory_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float, str]:
-    """One step under the memory meter (absolute bytes).  Returns (timeline, loss, method)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        meter: memory._Meter = memory._CudaMeter(device)
-        method = "cuda"
-    else:
-        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        meter, method = memory.StorageTracker([model, state, x, y]), "storage"
+    """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
+    state and batch included).  Returns (timeline, loss, method)."""
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    loss = []
     t0 = time.perf_counter()
-    with meter:
-        loss = _run_step(model, opt, x, y)
+    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y)), device=device,
+                              track_existing=[model, state, x, y])
     wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
-    n = len(meter.timeline)
-    entries = [(lab, float(live), float(peak), math.nan) for lab, live, peak in meter.timeline]
-    if n:
+    b = rep.baseline_bytes
+    entries = [(lab, float(live + b), float(peak + b), math.nan) for lab, live, peak in rep.timeline]
+    if entries:
         lab, live, peak, _ = entries[-1]
         entries[-1] = (lab, live, peak, wall)
-    return StepMeasure(entries, float(meter.baseline)), float(loss), method
+    return StepMeasure(entries, float(b)), float(loss[0]), rep.method
 
 
 def measure_time_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float]:
     clock = _Clock(device)
     with clock:
-        loss = _run_step(model, opt, x, y)
+        loss = train_step(model, opt, x, y)
     secs = clock.seconds()
     entries = [(lab, math.nan, math.nan, t) for (lab, _, _), t in zip(clock.timeline, secs)]
     return StepMeasure(entries), float(loss)
@@ -529,7 +510,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     try:
         for _ in range(warmup):
             x, y = next(batches)
-            _run_step(trained, opt, x.to(dev), y.to(dev))
+            train_step(trained, opt, x.to(dev), y.to(dev))
             bar.update(1)
         for s in range(1, steps + 1):
             x, y = next(batches)
