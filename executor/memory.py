@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryReport", "StorageTracker", "measure_step", "mark", "measuring", "fake_mode", "fake_state"]
+__all__ = ["MemoryReport", "StorageTracker", "CompiledStorageTracker", "measure_step", "mark", "measuring", "fake_mode", "fake_state"]
 
 Entry = Tuple[str, int, int]  # (label, live bytes, peak bytes since the previous mark)
 
@@ -251,6 +251,21 @@ class StorageTracker(_Meter, TorchDispatchMode):
         return out
 
 
+class CompiledStorageTracker(StorageTracker):
+    """:class:`StorageTracker` that stays on while ``torch.compile``-d code runs.
+
+    With any other dispatch mode active, Dynamo does not compile and the step runs eagerly; this
+    one declares ``ignore_compile_internals``, so the compiled artifact runs and the tracker sees
+    the ATen ops it executes.  It sees what a backend runs op by op (``aot_eager`` style backends:
+    the real forward/backward partition, decomposed), not the buffers Inductor's generated
+    kernels allocate themselves.
+    """
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+
 class _CudaMeter(_Meter):
     """``max_memory_allocated`` around a step; each mark reads and resets the peak."""
 
@@ -287,7 +302,8 @@ def mark(label: str) -> None:
 
 def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device, None] = None,
                  warmup: int = 0,
-                 track_existing: Iterable[Union[torch.Tensor, nn.Module]] = ()) -> MemoryReport:
+                 track_existing: Iterable[Union[torch.Tensor, nn.Module]] = (),
+                 compiled: bool = False) -> MemoryReport:
     """Run ``step_fn()`` once under the right measurement and report its peak memory.
 
     ``step_fn`` does one training step (forward, loss, backward, maybe the optimizer step) and
@@ -298,6 +314,8 @@ def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device,
     then only labels the report), ``'cuda'`` when ``device`` is a CUDA device (allocator
     statistics, ``track_existing`` ignored), else ``'storage'`` (:class:`StorageTracker`).
     The report's timeline ends with an ``'end'`` entry covering the rest of the step.
+    ``compiled``: the step runs ``torch.compile``-d code; on the CPU use
+    :class:`CompiledStorageTracker` (CUDA allocator statistics see compiled code anyway).
     """
     device = torch.device(device if device is not None else "cpu")
     fake = active_fake_mode() is not None
@@ -308,7 +326,8 @@ def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device,
         meter: _Meter = _CudaMeter(device)
         method = "cuda"
     else:
-        meter, method = StorageTracker(track_existing), ("fake" if fake else "storage")
+        tracker = CompiledStorageTracker if compiled else StorageTracker
+        meter, method = tracker(track_existing), ("fake" if fake else "storage")
     with meter:
         step_fn()
         meter.mark("end")

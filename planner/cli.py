@@ -484,6 +484,17 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _add_bench(sub) -> None:
+    from bench import add_compare_arguments, compare_command
+
+    p = sub.add_parser(
+        "bench", help="benchmark lrcnn against plain PyTorch, checkpointing, torch.compile and Rockmate",
+        description="Peak memory, step time and exactness of lrcnn plans and the alternatives, measured "
+                    "side by side in one run (the same as 'python -m bench compare').")
+    add_compare_arguments(p)
+    p.set_defaults(func=compare_command)
+
+
 def cmd_report(args) -> int:
     from analysis.report import report_command
 
@@ -782,7 +793,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: Functions that add one subcommand each; later issues append theirs.
 SUBCOMMANDS: List[Callable] = [_add_models, _add_inspect, _add_check_plan, _add_solve, _add_calibrate,
-                                _add_simulate, _add_run, _add_report]
+                                _add_simulate, _add_run, _add_report, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

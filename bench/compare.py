@@ -1,0 +1,716 @@
+"""lrcnn against the alternatives, measured side by side in one run.
+
+    python -m bench compare                          # every case (CPU: tens of minutes)
+    python -m bench compare --case resnet50 --methods plain,checkpoint-blocks,lrcnn
+    python -m bench compare --case resnet18 --batch 2 --resolution 64 --out-dir /tmp/b
+    python -m bench compare --study                  # max batch / resolution under 8 GiB (simulated)
+    planner bench ...                                # the same
+
+For each case (model, batch, resolution; BatchNorm in training mode for every method) every method
+runs real training steps (cross-entropy, SGD with momentum) on the same model and batch:
+
+* ``plain``: plain PyTorch;
+* ``checkpoint-blocks``: ``torch.utils.checkpoint`` (non-reentrant) around every residual block
+  (ResNet), inverted-residual block (MobileNetV2) or stage (VGG);
+* ``checkpoint-sqrt``: ``checkpoint_sequential`` over stem, blocks and head with sqrt(n) segments;
+* ``compile``: ``torch.compile`` (Inductor) with ``torch._functorch.config.activation_memory_budget``
+  at ``--compile-budgets``; its time ratio is against compiled plain (budget 1.0).  On the CPU the
+  storage tracker cannot see inside Inductor's kernels, so memory is measured on the same partition
+  (same decompositions, same budget) executed op by op (backend ``aot_eager_decomp_partition``):
+  an upper bound on Inductor's transients, flagged in the ``note`` column.  On CUDA the allocator
+  sees the real compiled step;
+* ``rockmate``: the PyPI package, if it imports and runs here; otherwise one row saying why;
+* ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to
+  the plain step's peak, plus one plan at each alternative's measured peak (same budget, so the
+  Pareto comparison is direct); ``lrcnn-checkpoint``: the same with ``policy='checkpoint'``, so the
+  gain from rows is visible on its own.
+
+Per method: absolute peak memory of one step (parameters, gradients, optimizer state, batch,
+activations, transients: CUDA allocator statistics on GPU, storage accounting on CPU), median step
+time over ``--repeats`` steps after warm-up, both as ratios to plain, and ``max_rel_err``: the
+largest norm-wise relative difference to plain PyTorch over the loss, every parameter gradient and
+the BatchNorm running statistics after one step from the same state (``exact``: within 1e-5, the
+float32 bar; checkpointing recomputes train-mode BN and so updates its running statistics twice).
+
+Outputs in ``--out-dir`` (default ``bench/results``): ``compare-<device>.csv``, ``.png`` (memory vs
+time, Pareto front per method) and ``.md`` (the table the README includes).  ``--study`` writes
+``study-<device>.csv``/``.md``: the largest batch (ResNet-50 224x224) and the largest square input
+(ResNet-50 batch 1) whose step fits ``--study-budget`` (8 GiB), for plain, both checkpoint methods
+(simulated: the same step under FakeTensorMode) and lrcnn (the planner's prediction, then the plan
+simulated by the executor under FakeTensorMode).
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+from executor import apply_plan, memory
+from executor.measure import make_optimizer, train_step
+from models import get_model, set_bn_mode
+
+from . import CASES
+
+EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wise relative)
+OPTIMIZER = "momentum"
+LR = 0.01
+GiB = 2**30
+
+
+class BenchError(ValueError):
+    """Bad benchmark input: the message names the problem and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# the alternatives, written the way a user of them would write them
+# --------------------------------------------------------------------------------------------
+def split_blocks(model: nn.Module) -> Tuple[nn.Module, List[nn.Module], nn.Module]:
+    """``(stem, blocks, head)`` of a torchvision ResNet, VGG or MobileNetV2: running them in order
+    computes exactly ``model(x)``.  The blocks are what people checkpoint: residual blocks,
+    inverted-residual blocks, VGG stages (convolutions up to and including a max-pool)."""
+    from torchvision.models import VGG, MobileNetV2, ResNet
+
+    if isinstance(model, ResNet):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+    elif isinstance(model, VGG):
+        blocks, cur = [], []
+        for m in model.features:
+            cur.append(m)
+            if isinstance(m, nn.MaxPool2d):
+                blocks.append(nn.Sequential(*cur))
+                cur = []
+        if cur:
+            blocks.append(nn.Sequential(*cur))
+        stem = nn.Sequential()
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
+    elif isinstance(model, MobileNetV2):
+        feats = list(model.features)
+        stem, blocks = feats[0], feats[1:-1]
+        head = nn.Sequential(feats[-1], nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(1), model.classifier)
+    else:
+        raise BenchError(f"no block structure known for {type(model).__name__}: the checkpoint baselines "
+                         f"cover torchvision ResNet, VGG and MobileNetV2 models")
+    return stem, blocks, head
+
+
+class CheckpointBlocks(nn.Module):
+    """``torch.utils.checkpoint`` (non-reentrant) around every block of :func:`split_blocks`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.stem, blocks, self.head = split_blocks(model)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=False)
+        return self.head(x)
+
+
+class CheckpointSqrt(nn.Module):
+    """``checkpoint_sequential`` over ``[stem, *blocks, head]`` with round(sqrt(n)) segments."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        stem, blocks, head = split_blocks(model)
+        self.seq = nn.Sequential(*[m for m in (stem, *blocks, head) if not (isinstance(m, nn.Sequential) and len(m) == 0)])
+        self.segments = max(1, round(math.sqrt(len(self.seq))))
+
+    def forward(self, x):
+        return checkpoint_sequential(self.seq, self.segments, x, use_reentrant=False)
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Method:
+    """One benchmarked configuration: ``forward(x)`` computes the model's logits its own way."""
+
+    method: str
+    setting: str
+    forward: Optional[Callable] = None
+    memory_forward: Optional[Callable] = None  # what the memory step runs, if not ``forward``
+    compiled: bool = False
+    budget_bytes: float = math.nan
+    predicted_peak_bytes: float = math.nan
+    note: str = ""
+    setup: Optional[Callable[[], None]] = None  # called before each use (compile settings)
+
+
+@dataclass
+class Case:
+    name: str
+    model_name: str
+    batch: int
+    resolution: int
+    device: torch.device
+    dtype: str = "float32"
+    model: nn.Module = field(repr=False, default=None)
+    x: torch.Tensor = field(repr=False, default=None)
+    y: torch.Tensor = field(repr=False, default=None)
+    state0: Dict[str, torch.Tensor] = field(repr=False, default=None)
+    reference: Tuple = field(repr=False, default=None)
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (self.batch, 3, self.resolution, self.resolution)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_case(name: str, model_name: str, batch: int, resolution: int, device: torch.device,
+              dtype: str = "float32", seed: int = 0) -> Case:
+    """The real model (random weights, train-mode BN), a fixed batch and the plain reference."""
+    torch.manual_seed(seed)
+    model = get_model(model_name).to(device=device, dtype=getattr(torch, dtype))
+    model.train()
+    set_bn_mode(model, "train")
+    case = Case(name, model_name, batch, resolution, device, dtype, model)
+    case.x = torch.randn(*case.shape, device=device, dtype=getattr(torch, dtype))
+    case.y = torch.randint(0, 1000, (batch,), device=device)
+    case.state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    case.reference = _one_step(case, model)
+    return case
+
+
+def _one_step(case: Case, forward: Callable) -> Tuple[float, List[torch.Tensor], List[torch.Tensor]]:
+    """Loss, parameter gradients and float buffers after one forward/backward from ``state0``."""
+    m = case.model
+    m.load_state_dict(case.state0)
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)  # the same dropout masks for every method
+    loss = F.cross_entropy(forward(case.x), case.y)
+    loss.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+    bufs = [b.detach().clone() for b in m.buffers() if b.is_floating_point()]
+    m.zero_grad(set_to_none=True)
+    m.load_state_dict(case.state0)
+    return float(loss.detach()), grads, bufs
+
+
+def max_rel_err(case: Case, forward: Callable) -> float:
+    """Largest norm-wise relative difference to plain PyTorch (loss, gradients, BN statistics)."""
+    loss, grads, bufs = _one_step(case, forward)
+    rloss, rgrads, rbufs = case.reference
+    errs = [abs(loss - rloss) / max(abs(rloss), 1e-30)]
+    for a, b in zip(grads + bufs, rgrads + rbufs):
+        d = torch.linalg.vector_norm((a - b).double())
+        n = torch.linalg.vector_norm(b.double())
+        errs.append(float(d / n) if n > 0 else float(d))
+    return max(errs)
+
+
+def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
+    """Exactness, absolute peak bytes of one step and the median step time of ``m``."""
+    model, dev = case.model, case.device
+    if m.setup:
+        m.setup()
+    err = max_rel_err(case, m.forward)
+    model.load_state_dict(case.state0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, OPTIMIZER, lr=LR)
+    x, y = case.x, case.y
+    for _ in range(max(1, warmup)):  # optimizer state exists, compiled code is compiled
+        train_step(m.forward, opt, x, y)
+    mem_fwd = m.memory_forward or m.forward
+    if m.memory_forward is not None:
+        train_step(mem_fwd, opt, x, y)  # its own compilation, outside the measurement
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    rep = memory.measure_step(lambda: train_step(mem_fwd, opt, x, y), device=dev,
+                              track_existing=[model, state, x, y], compiled=m.compiled)
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        train_step(m.forward, opt, x, y)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    model.load_state_dict(case.state0)
+    return {"peak_bytes": float(rep.absolute_peak), "step_s": statistics.median(times),
+            "max_rel_err": err, "exact": err <= EXACT_RTOL[case.dtype], "mem_method": rep.method}
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
+    """``torch.compile`` at each activation-memory budget (1.0 = compiled plain first)."""
+    import torch._functorch.config as fconf
+
+    out = []
+    on_cuda = case.device.type == "cuda"
+    for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
+        def setup(b=b):
+            torch._dynamo.reset()
+            fconf.activation_memory_budget = b
+        fwd = torch.compile(case.model)
+        mem = None if on_cuda else torch.compile(case.model, backend="aot_eager_decomp_partition")
+        note = "" if on_cuda else "memory: same partition run op by op (CPU tracker cannot see Inductor buffers)"
+        out.append(Method("compile", f"activation_memory_budget={b:g}", fwd, mem, compiled=True,
+                          note=note, setup=setup))
+    return out
+
+
+def rockmate_status() -> str:
+    """Why Rockmate cannot be benchmarked here ('' if it imports and has a device to run on)."""
+    try:
+        import rockmate  # noqa: F401
+    except ImportError as e:
+        return f"import rockmate fails: {e}".replace("\n", " ")
+    except Exception as e:  # a broken install raises anything
+        return f"import rockmate fails: {type(e).__name__}: {e}".replace("\n", " ")
+    if not torch.cuda.is_available():
+        return "rockmate imports but runs on CUDA only (it hard-codes torch.device('cuda')); no GPU here"
+    return ""
+
+
+def rockmate_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
+    why = rockmate_status()
+    if why:
+        return [Method("rockmate", "-", note=why)]
+    import rockmate
+
+    out = []
+    for b in budgets:
+        try:
+            rm = rockmate.Rockmate(case.model, case.x, budget=int(b))
+        except Exception as e:  # record, do not stop the suite
+            out.append(Method("rockmate", f"budget={b / GiB:.2f}GiB", note=f"{type(e).__name__}: {e}"[:200]))
+            continue
+        out.append(Method("rockmate", f"budget={b / GiB:.2f}GiB", rm, budget_bytes=b))
+    return out
+
+
+class LrcnnPlans:
+    """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
+
+    def __init__(self, case: Case, policy: str, profile: str) -> None:
+        from planner.cli import build_and_capture
+        from planner.solve import Solver
+
+        _, self.graph = build_and_capture(case.model_name, case.batch, (case.resolution, case.resolution),
+                                          case.dtype, "train")
+        self.case = case
+        self.policy = policy
+        self.solver = Solver(self.graph, case.model_name, policy=policy, bn="train", optimizer=OPTIMIZER,
+                             device_profile=profile)
+
+    def smallest(self) -> int:
+        return self.solver.smallest_budget()
+
+    def plain_peak(self) -> int:
+        return int(self.solver.baseline()["peak"])
+
+    def method(self, budget: float) -> Method:
+        name = "lrcnn" if self.policy == "auto" else f"lrcnn-{self.policy}"
+        setting = f"budget={budget / GiB:.3f}GiB"
+        if budget < self.smallest():
+            return Method(name, setting, budget_bytes=budget,
+                          note=f"infeasible: smallest budget {self.smallest() / GiB:.3f} GiB")
+        plan = self.solver.solve(int(budget))
+        planned = apply_plan(self.case.model, plan, self.graph)
+        kinds = sorted({s.mode if s.mode != "rows" else f"rows-{s.policy}" for s in plan.segments}) or ["plain"]
+        return Method(name, setting, planned, budget_bytes=budget,
+                      predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note="+".join(kinds))
+
+
+def sweep(lo: float, hi: float, points: int) -> List[float]:
+    """``points`` budgets spaced geometrically from ``lo`` to ``hi``."""
+    if points <= 1 or hi <= lo:
+        return [lo]
+    r = (hi / lo) ** (1.0 / (points - 1))
+    return [lo * r**i for i in range(points)]
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float], points: int,
+             profile: str, warmup: int, repeats: int, progress: bool = True) -> List[Dict]:
+    """Every method on one case; rows for the CSV (ratios to plain filled in)."""
+    from tqdm import tqdm
+
+    rows: List[Dict] = []
+
+    def record(m: Method, **res):
+        rows.append(dict(case=case.name, model=case.model_name, batch=case.batch, resolution=case.resolution,
+                         dtype=case.dtype,
+                         method=m.method, setting=m.setting, budget_bytes=m.budget_bytes,
+                         predicted_peak_bytes=m.predicted_peak_bytes, note=m.note, simulated=False, **res))
+
+    def run(m: Method, bar):
+        bar.set_postfix_str(f"{m.method} {m.setting}")
+        if m.forward is None:
+            record(m, peak_bytes=math.nan, step_s=math.nan, max_rel_err=math.nan, exact=False, mem_method="")
+        else:
+            record(m, **measure(case, m, warmup, repeats))
+        bar.update(1)
+
+    fixed = [Method("plain", "-", case.model)]  # always: the reference of every ratio
+    if "checkpoint-blocks" in methods:
+        fixed.append(Method("checkpoint-blocks", "non-reentrant", CheckpointBlocks(case.model)))
+    if "checkpoint-sqrt" in methods:
+        cs = CheckpointSqrt(case.model)
+        fixed.append(Method("checkpoint-sqrt", f"{cs.segments} segments of {len(cs.seq)}", cs))
+    plans = [LrcnnPlans(case, policy, profile) for policy, name in (("auto", "lrcnn"), ("checkpoint", "lrcnn-checkpoint"))
+             if name in methods]
+    n_compile = len(set([1.0] + list(compile_budgets))) if "compile" in methods else 0
+    with tqdm(total=len(fixed) + n_compile, desc=case.name, unit="method", disable=not progress,
+              file=sys.stderr) as bar:
+        for m in fixed:
+            run(m, bar)
+        if "compile" in methods:
+            import torch._functorch.config as fconf
+
+            old = fconf.activation_memory_budget
+            try:
+                for m in compile_methods(case, compile_budgets):
+                    try:
+                        run(m, bar)
+                    except Exception as e:  # e.g. Inductor without a C++ compiler: record why, go on
+                        m.note = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:200]
+                        m.forward = None
+                        run(m, bar)
+            finally:
+                fconf.activation_memory_budget = old
+                torch._dynamo.reset()
+        alt_peaks = [r["peak_bytes"] for r in rows if r["method"] != "plain" and not math.isnan(r["peak_bytes"])]
+        if "rockmate" in methods:
+            rm = rockmate_methods(case, alt_peaks or [rows[0]["peak_bytes"]])
+            bar.total += len(rm)
+            for m in rm:
+                run(m, bar)
+        for pl in plans:
+            budgets = sweep(pl.smallest(), max(pl.smallest(), rows[0]["peak_bytes"]), points)
+            budgets = sorted(set(int(b) for b in budgets + alt_peaks if b >= pl.smallest()))
+            bar.total += len(budgets)
+            for b in budgets:
+                run(pl.method(b), bar)
+    plain = next(r for r in rows if r["method"] == "plain")
+    cplain = next((r for r in rows if r["method"] == "compile" and r["setting"].endswith("=1")), None)
+    for r in rows:
+        base = cplain if (r["method"] == "compile" and cplain) else plain
+        r["mem_ratio"] = r["peak_bytes"] / plain["peak_bytes"]
+        r["time_ratio"] = r["step_s"] / base["step_s"] if base["step_s"] else math.nan
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# summary: targets, markdown, plot
+# --------------------------------------------------------------------------------------------
+def pareto(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """The (memory, time) points no other point beats in both."""
+    front, best = [], math.inf
+    for mem, t in sorted(points):
+        if t < best:
+            front.append((mem, t))
+            best = t
+    return front
+
+
+def targets(df) -> List[Dict]:
+    """Per case: lrcnn's minimum peak against the best alternative's, and the Pareto check."""
+    out = []
+    ok = df[df.peak_bytes.notna()]
+    for case, d in ok.groupby("case", sort=False):
+        lr = d[(d.method == "lrcnn") & d.exact]
+        alts = d[~d.method.isin(["lrcnn", "lrcnn-checkpoint"])]
+        if lr.empty or alts.empty:
+            continue
+        best_alt = alts.loc[alts.peak_bytes.idxmin()]
+        dominated, total = 0, 0
+        for _, a in alts.iterrows():
+            if a.method == "plain":
+                continue
+            total += 1
+            if ((lr.peak_bytes <= a.peak_bytes) & (lr.step_s <= a.step_s)).any():
+                dominated += 1
+        out.append(dict(case=case, lrcnn_min_bytes=lr.peak_bytes.min(), best_alt=f"{best_alt.method} {best_alt.setting}",
+                        best_alt_min_bytes=best_alt.peak_bytes,
+                        min_ratio=lr.peak_bytes.min() / best_alt.peak_bytes,
+                        pareto=f"{dominated}/{total}"))
+    return out
+
+
+def machine_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        import os
+        what = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return (f"{what}; torch {torch.__version__}; {datetime.date.today().isoformat()}")
+
+
+def markdown(df, tg: List[Dict], device: torch.device) -> str:
+    from planner.units import fmt_bytes
+
+    lines = [f"Measured on {machine_line(device)}. Peak = absolute bytes of one training step "
+             f"(SGD momentum, train-mode BN); time = median step; ratios against plain PyTorch "
+             f"(compile: against compiled plain). exact = gradients, loss and BN running statistics "
+             f"within {EXACT_RTOL['float32']:g} (float32; float64: {EXACT_RTOL['float64']:g}) norm-wise "
+             f"relative of plain PyTorch.", ""]
+    for case, d in df.groupby("case", sort=False):
+        r0 = d.iloc[0]
+        lines += [f"**{case}** ({r0.model}, batch {r0.batch}, {r0.resolution}x{r0.resolution}, {r0.dtype})", "",
+                  "| method | setting | peak | x plain | step s | x plain | exact (max rel err) | note |",
+                  "|---|---|---:|---:|---:|---:|---|---|"]
+        for _, r in d.iterrows():
+            if math.isnan(r.peak_bytes):
+                lines.append(f"| {r.method} | {r.setting} | - | - | - | - | - | {r.note} |")
+                continue
+            lines.append(f"| {r.method} | {r.setting} | {fmt_bytes(r.peak_bytes)} | {r.mem_ratio:.2f} | "
+                         f"{r.step_s:.3f} | {r.time_ratio:.2f} | {'yes' if r.exact else 'no'} ({r.max_rel_err:.1e}) | "
+                         f"{r.note} |")
+        lines.append("")
+    if tg:
+        lines += ["| case | lrcnn min peak | best alternative (min peak) | ratio (target <= 0.5) | "
+                  "alternatives beaten on both axes |", "|---|---:|---|---:|---:|"]
+        for t in tg:
+            lines.append(f"| {t['case']} | {fmt_bytes(t['lrcnn_min_bytes'])} | {t['best_alt']} "
+                         f"({fmt_bytes(t['best_alt_min_bytes'])}) | {t['min_ratio']:.2f} | {t['pareto']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(df, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from planner.files import atomic_write
+
+    ok = df[df.peak_bytes.notna()]
+    cases = list(dict.fromkeys(ok.case))
+    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(5.5 * max(1, len(cases)), 4.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        d = ok[ok.case == case]
+        for meth, dm in d.groupby("method", sort=False):
+            pts = list(zip(dm.peak_bytes / GiB, dm.step_s))
+            ax.scatter(*zip(*pts), label=meth, s=22)
+            fr = pareto(pts)
+            if len(fr) > 1:
+                ax.step(*zip(*fr), where="post", alpha=0.6)
+        ax.set_title(case)
+        ax.set_xlabel("peak memory (GiB)")
+        ax.set_ylabel("step time (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, "PNG", lambda tmp: fig.savefig(tmp, dpi=110, format="png"), ".png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# the study under a fixed budget (simulated)
+# --------------------------------------------------------------------------------------------
+def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int]) -> int:
+    """Absolute peak of one training step of the (wrapped) model, simulated under FakeTensorMode."""
+    with memory.fake_mode():
+        torch.manual_seed(0)
+        model = get_model(model_name)
+        set_bn_mode(model, "train")
+        fwd = wrapper(model) if wrapper else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, OPTIMIZER, lr=LR)
+        x = torch.randn(*shape)
+        y = torch.randint(0, 1000, (shape[0],))
+        train_step(fwd, opt, x, y)  # optimizer state
+        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        rep = memory.measure_step(lambda: train_step(fwd, opt, x, y), track_existing=[model, state, x, y])
+    return rep.absolute_peak
+
+
+def _largest(fits: Callable[[int], Tuple[bool, int]], budget: int, limit: int) -> int:
+    from planner.cli import max_batch
+
+    return max_batch(fits, budget, limit=limit)
+
+
+def study(budget: int, profile: str, model_name: str = "resnet50", resolution: int = 224,
+          progress: bool = True) -> List[Dict]:
+    """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
+    from tqdm import tqdm
+
+    from planner.cli import build_and_capture
+    from planner.simulate import simulate_plan
+    from planner.solve import Solver
+
+    rows = []
+    alts = [("plain", None), ("checkpoint-blocks", CheckpointBlocks), ("checkpoint-sqrt", CheckpointSqrt)]
+    bar = tqdm(desc="study", unit="size", disable=not progress, file=sys.stderr)
+
+    peaks: Dict[Tuple, int] = {}
+
+    def alt_fits(wrapper, shape_of):
+        def fits(n):
+            key = (wrapper, shape_of(n))
+            if key not in peaks:
+                peaks[key] = simulated_peak(model_name, wrapper, shape_of(n))
+                bar.update(1)
+            return peaks[key] <= budget, peaks[key]
+        return fits
+
+    solvers = {}
+
+    def lr_fits(shape_of):
+        def fits(n):
+            shape = shape_of(n)
+            _, g = build_and_capture(model_name, shape[0], (shape[2], shape[3]), "float32", "train")
+            s = Solver(g, model_name, bn="train", optimizer=OPTIMIZER, device_profile=profile)
+            solvers[shape] = s
+            bar.update(1)
+            return s.fits(budget), s.min_peak()
+        return fits
+
+    # (study, what is fixed, input shape of step n, the size reported for step n, largest n tried);
+    # resolutions start at 64: at 32x32 and batch 1, train-mode BN of ResNet's last stage sees one
+    # value per channel, which PyTorch refuses
+    studies = [("max batch", f"{resolution}x{resolution}", lambda n: (n, 3, resolution, resolution), lambda n: n, 1 << 12),
+               ("max resolution", "batch 1", lambda n: (1, 3, 32 * (n + 1), 32 * (n + 1)), lambda n: 32 * (n + 1), 1 << 9)]
+    for what, fixed, shape_of, size_of, limit in studies:
+        for name, wrapper in alts:
+            fits = alt_fits(wrapper, shape_of)
+            n = _largest(fits, budget, limit)
+            pk = fits(n)[1] if n else math.nan
+            rows.append(dict(study=what, fixed=fixed, method=name, largest=size_of(n) if n else 0, peak_bytes=pk,
+                             how="simulated (FakeTensorMode step)"))
+        n = _largest(lr_fits(shape_of), budget, limit)
+        sim = math.nan
+        if n:
+            shape = shape_of(n)
+            plan = solvers[shape].solve(budget)
+            df, _ = simulate_plan(plan)
+            sim = float(df[df.phase == "peak"].simulated_bytes.iloc[0])
+        rows.append(dict(study=what, fixed=fixed, method="lrcnn", largest=size_of(n) if n else 0, peak_bytes=sim,
+                         how="planner prediction; plan simulated (FakeTensorMode executor step)"))
+    bar.close()
+    best = {}
+    for r in rows:
+        if r["method"] != "lrcnn":
+            best[r["study"]] = max(best.get(r["study"], 0), r["largest"])
+    for r in rows:
+        r["x_best_alternative"] = r["largest"] / best[r["study"]] if best.get(r["study"]) else math.nan
+    return rows
+
+
+def study_markdown(rows: List[Dict], budget: int, device: torch.device) -> str:
+    from planner.units import fmt_bytes
+
+    lines = [f"ResNet-50, train-mode BN, SGD momentum, budget {fmt_bytes(budget)}; every number simulated "
+             f"(FakeTensorMode, no memory used) on {machine_line(device)}.", "",
+             "| study | fixed | method | largest | peak at it | x best alternative | how |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        pk = "-" if math.isnan(r["peak_bytes"]) else fmt_bytes(r["peak_bytes"])
+        size = str(r["largest"]) if r["study"] == "max batch" else f"{r['largest']}x{r['largest']}"
+        lines.append(f"| {r['study']} | {r['fixed']} | {r['method']} | {size} | {pk} | "
+                     f"{r['x_best_alternative']:.2f} | {r['how']} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# command line (arguments: bench.add_compare_arguments, shared with `planner bench`)
+# --------------------------------------------------------------------------------------------
+def command(args) -> int:
+    """Run the benchmark an argparse namespace describes (:func:`bench.add_compare_arguments`).
+    Bad input raises ``ValueError``/``OSError`` with a one-line message (the CLI's exit 2)."""
+    import os
+
+    import pandas as pd
+
+    from planner.cli import _check_profile, write_csv_atomic
+    from planner.files import atomic_write, check_output_path
+    from planner.units import parse_bytes
+
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device here; use --device cpu")
+    profile = args.profile or ("cpu" if dev.type == "cpu" else "h100")
+    _check_profile(profile)
+    if not os.path.isdir(args.out_dir):
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            raise BenchError(f"--out-dir {args.out_dir!r}: cannot create it ({e.strerror}); give a writable folder")
+    tag = "cuda" if dev.type == "cuda" else "cpu"
+    if args.study:
+        budget = parse_bytes(args.study_budget)
+        csv, md = (os.path.join(args.out_dir, f"study-{tag}.{e}") for e in ("csv", "md"))
+        for path in (csv, md):
+            check_output_path(path, "output")
+        rows = study(budget, profile, progress=not args.no_progress)
+        df = pd.DataFrame(rows)
+        text = study_markdown(rows, budget, dev)
+        write_csv_atomic(df, csv)
+        atomic_write(md, "markdown", lambda tmp: open(tmp, "w").write(text), ".md")
+        print(text)
+        return 0
+    if args.model:
+        if args.case:
+            raise BenchError("give either --case or --model, not both")
+        if not (args.batch and args.resolution):
+            raise BenchError("--model needs --batch and --resolution")
+        cases = [(f"{args.model}-b{args.batch}-{args.resolution}", args.model, args.batch, args.resolution)]
+    else:
+        if args.batch or args.resolution:
+            raise BenchError("--batch/--resolution define a custom case: give --model too")
+        cases = [(c, *CASES[c]) for c in (args.case or list(CASES))]
+    csv, png, md = (os.path.join(args.out_dir, f"compare-{tag}.{e}") for e in ("csv", "png", "md"))
+    for path in (csv, png, md):
+        check_output_path(path, "output")
+    for _, model_name, _, _ in cases:  # an unknown model or one without blocks: say so before any work
+        split_blocks(get_model(model_name, device="meta"))
+    rows: List[Dict] = []
+    for name, model_name, batch, res in cases:
+        case = make_case(name, model_name, batch, res, dev, args.dtype)
+        rows += run_case(case, args.methods, args.compile_budgets, args.points, profile,
+                         args.warmup, args.repeats, progress=not args.no_progress)
+        del case
+        text = _write_compare(rows, dev, csv, png, md)  # after every case: a long run keeps what it measured
+    print(text)
+    print(f"wrote {csv}, {png}, {md}", file=sys.stderr)
+    return 0
+
+
+def _write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: str) -> str:
+    import pandas as pd
+
+    from planner.cli import write_csv_atomic
+    from planner.files import atomic_write
+
+    df = pd.DataFrame(rows)
+    df["device"] = machine_line(dev)
+    text = markdown(df, targets(df), dev)
+    write_csv_atomic(df, csv)
+    plot(df, png)
+    atomic_write(md, "markdown", lambda tmp: open(tmp, "w").write(text), ".md")
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m bench.compare ...`` is ``python -m bench compare ...``."""
+    from .__main__ import main as bench_main
+
+    return bench_main(["compare", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
