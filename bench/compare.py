@@ -229,7 +229,7 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
     x, y = case.x, case.y
     for _ in range(max(1, warmup)):  # optimizer state exists, compiled code is compiled
         train_step(m.forward, opt, x, y)
-    mem_fwd = m.memory_forward or m.forward
+    mem_fwd = m.forward if m.memory_forward is None else m.memory_forward
     if m.memory_forward is not None:
         train_step(mem_fwd, opt, x, y)  # its own compilation, outside the measurement
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -468,7 +468,7 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
              f"relative of plain PyTorch.", ""]
     for case, d in df.groupby("case", sort=False):
         r0 = d.iloc[0]
-        lines += [f"**{case}** ({r0.model}, batch {r0.batch}, {r0.resolution}x{r0.resolution}, {r0.dtype})", "",
+        lines += [f"**{case}** ({r0['model']}, batch {r0['batch']}, {r0['resolution']}x{r0['resolution']}, {r0['dtype']})", "",
                   "| method | setting | peak | x plain | step s | x plain | exact (max rel err) | note |",
                   "|---|---|---:|---:|---:|---:|---|---|"]
         for _, r in d.iterrows():

@@ -90,11 +90,11 @@ def test_vgg16_bn_eval(dtype, steps):
 @pytest.fixture(scope="module")
 def resnet50_small():
     m = _model("resnet50", torch.float64, num_classes=10)
-    return Reference(m, *_data(3, 131, 97, torch.float64, 10), steps=3)
+    return Reference(m, *_data(3, 131, 97, torch.float64, 10), steps=2)  # 2: momentum and running stats carry over
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("strips", [1, 2, 3, 5])  # 5 = maximum: the trunk output has 5 rows
+@pytest.mark.parametrize("strips", [1, 3, 5])  # 5 = maximum: the trunk output has 5 rows
 def test_resnet50_whole_trunk(resnet50_small, policy, strips):
     assert resnet50_small.graph[resnet50_small.graph.resolve("layer4", "last")].height == 5
     resnet50_small.check([seg_rows("conv1", "layer4", policy, strips)])
@@ -140,7 +140,7 @@ def test_resnet50_float32_batch1():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_mobilenet_v2(dtype):
     m = _model("mobilenet_v2", dtype, num_classes=10)
-    ref = Reference(m, *_data(3, 97, 83, dtype, 10), steps=3 if dtype == torch.float64 else 1)
+    ref = Reference(m, *_data(3, 97, 83, dtype, 10), steps=2 if dtype == torch.float64 else 1)
     for policy in POLICIES:
         ref.check([seg_rows("features", "features", policy, 3)])
     ref.check([seg_rows("features_0_0", "add_2", "2ps", 7),

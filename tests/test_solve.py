@@ -210,6 +210,8 @@ def test_solved_plans_run_exact_within_budget(name):
     s = Solver(ref.graph, name, bn="eval", device_profile="cpu", optimizer="momentum")
     lo, hi = s.smallest_budget(), s.baseline()["peak"]  # (smallest: min peak + the headroom)
     budgets = {"tight": lo + max(1, (hi - lo) // 50), "medium": max(lo, (lo + hi) // 2), "loose": int(hi * 1.05)}
+    if name == "mobilenet_v2":  # the slowest model here: resnet18 covers the loose (plain) budget
+        del budgets["loose"]
     plans = {label: s.solve(b) for label, b in budgets.items()}
     for label, plan in plans.items():
         assert plan.predicted["peak_bytes"] <= budgets[label]
