@@ -67,8 +67,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                         "default: cpu on CPU, h100 on CUDA)")
     p.add_argument("--out-dir", default="bench/results", metavar="DIR",
                    help="folder for compare-<device>.csv/.png/.md (default: bench/results)")
-    p.add_argument("--study", action="store_true",
-                   help="run the max-batch / max-resolution study under --study-budget instead (simulated)")
+    p.add_argument("--study", nargs="?", const="both", choices=["batch", "resolution", "both"],
+                   help="run the max-batch and/or max-resolution study (ResNet-50) under --study-budget "
+                        "instead (simulated; default when given without a value: both)")
     p.add_argument("--study-budget", default="8GiB", metavar="SIZE", help="budget of the study (default: 8GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -190,30 +190,52 @@ def make_case(name: str, model_name: str, batch: int, resolution: int, device: t
     return case
 
 
-def _one_step(case: Case, forward: Callable) -> Tuple[float, List[torch.Tensor], List[torch.Tensor]]:
-    """Loss, parameter gradients and float buffers after one forward/backward from ``state0``."""
+def _one_step(case: Case, forward: Callable) -> Tuple[float, Dict[str, torch.Tensor]]:
+    """Loss, and every parameter gradient (``grad:NAME``) and float buffer (``NAME``) after one
+    forward/backward from ``state0``."""
     m = case.model
     m.load_state_dict(case.state0)
     m.zero_grad(set_to_none=True)
     torch.manual_seed(1234)  # the same dropout masks for every method
     loss = F.cross_entropy(forward(case.x), case.y)
     loss.backward()
-    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
-    bufs = [b.detach().clone() for b in m.buffers() if b.is_floating_point()]
+    out = {f"grad:{n}": (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+           for n, p in m.named_parameters()}
+    out.update({n: b.detach().clone() for n, b in m.named_buffers() if b.is_floating_point()})
     m.zero_grad(set_to_none=True)
     m.load_state_dict(case.state0)
-    return float(loss.detach()), grads, bufs
+    return float(loss.detach()), out
+
+
+def _scale(name: str, ref: Dict[str, torch.Tensor]) -> float:
+    """The norm a difference in ``ref[name]`` is measured against.  Its own norm, but never less
+    than its natural neighbour's: some quantities are zero by the maths and plain PyTorch's value
+    is rounding noise (the gradient of a BN bias whose shift the next train-mode BN removes again;
+    the running mean of a BN fed zero-mean maps), so a bias gradient is also scaled by its
+    layer's weight gradient and a running mean by the running standard deviation."""
+    norm = lambda t: float(torch.linalg.vector_norm(t.double()))  # noqa: E731
+    s = norm(ref[name])
+    if name.startswith("grad:") and name.endswith(".bias"):
+        w = name[:-len("bias")] + "weight"
+        if w in ref:
+            s = max(s, norm(ref[w]))
+    elif name.endswith("running_mean"):
+        v = name[:-len("running_mean")] + "running_var"
+        if v in ref:
+            s = max(s, norm(ref[v].clamp_min(0).sqrt()))
+    return s
 
 
 def max_rel_err(case: Case, forward: Callable) -> float:
-    """Largest norm-wise relative difference to plain PyTorch (loss, gradients, BN statistics)."""
-    loss, grads, bufs = _one_step(case, forward)
-    rloss, rgrads, rbufs = case.reference
+    """Largest norm-wise relative difference to plain PyTorch over the loss, every parameter
+    gradient and every BN running statistic (scales: :func:`_scale`)."""
+    loss, got = _one_step(case, forward)
+    rloss, ref = case.reference
     errs = [abs(loss - rloss) / max(abs(rloss), 1e-30)]
-    for a, b in zip(grads + bufs, rgrads + rbufs):
-        d = torch.linalg.vector_norm((a - b).double())
-        n = torch.linalg.vector_norm(b.double())
-        errs.append(float(d / n) if n > 0 else float(d))
+    for name, r in ref.items():
+        d = float(torch.linalg.vector_norm((got[name] - r).double()))
+        s = _scale(name, ref)
+        errs.append(d / s if s > 0 else d)
     return max(errs)
 
 
@@ -343,8 +365,10 @@ def sweep(lo: float, hi: float, points: int) -> List[float]:
 # one case
 # --------------------------------------------------------------------------------------------
 def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float], points: int,
-             profile: str, warmup: int, repeats: int, progress: bool = True) -> List[Dict]:
-    """Every method on one case; rows for the CSV (ratios to plain filled in)."""
+             profile: str, warmup: int, repeats: int, progress: bool = True,
+             on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Every method on one case; rows for the CSV (ratios to plain filled in).  ``on_row(rows)``
+    is called after every method with the case's rows so far (a long run saves as it goes)."""
     from tqdm import tqdm
 
     rows: List[Dict] = []
@@ -362,6 +386,8 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         else:
             record(m, **measure(case, m, warmup, repeats))
         bar.update(1)
+        if on_row is not None:
+            on_row(_ratios(rows))
 
     fixed = [Method("plain", "-", case.model)]  # always: the reference of every ratio
     if "checkpoint-blocks" in methods:
@@ -403,6 +429,11 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             bar.total += len(budgets)
             for b in budgets:
                 run(pl.method(b), bar)
+    return _ratios(rows)
+
+
+def _ratios(rows: List[Dict]) -> List[Dict]:
+    """Fill ``mem_ratio``/``time_ratio`` against plain (compile: against compiled plain)."""
     plain = next(r for r in rows if r["method"] == "plain")
     cplain = next((r for r in rows if r["method"] == "compile" and r["setting"].endswith("=1")), None)
     for r in rows:
@@ -544,7 +575,7 @@ def _largest(fits: Callable[[int], Tuple[bool, int]], budget: int, limit: int) -
 
 
 def study(budget: int, profile: str, model_name: str = "resnet50", resolution: int = 224,
-          progress: bool = True) -> List[Dict]:
+          progress: bool = True, which: str = "both") -> List[Dict]:
     """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
     from tqdm import tqdm
 
@@ -584,6 +615,7 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
     # value per channel, which PyTorch refuses
     studies = [("max batch", f"{resolution}x{resolution}", lambda n: (n, 3, resolution, resolution), lambda n: n, 1 << 12),
                ("max resolution", "batch 1", lambda n: (1, 3, 32 * (n + 1), 32 * (n + 1)), lambda n: 32 * (n + 1), 1 << 9)]
+    studies = [s for s in studies if which == "both" or s[0] == f"max {which}"]
     for what, fixed, shape_of, size_of, limit in studies:
         for name, wrapper in alts:
             fits = alt_fits(wrapper, shape_of)
@@ -656,7 +688,7 @@ def command(args) -> int:
         csv, md = (os.path.join(args.out_dir, f"study-{tag}.{e}") for e in ("csv", "md"))
         for path in (csv, md):
             check_output_path(path, "output")
-        rows = study(budget, profile, progress=not args.no_progress)
+        rows = study(budget, profile, progress=not args.no_progress, which=args.study)
         df = pd.DataFrame(rows)
         text = study_markdown(rows, budget, dev)
         write_csv_atomic(df, csv)
@@ -681,10 +713,12 @@ def command(args) -> int:
     rows: List[Dict] = []
     for name, model_name, batch, res in cases:
         case = make_case(name, model_name, batch, res, dev, args.dtype)
-        rows += run_case(case, args.methods, args.compile_budgets, args.points, profile,
-                         args.warmup, args.repeats, progress=not args.no_progress)
+        done = list(rows)
+        rows += run_case(case, args.methods, args.compile_budgets, args.points, profile, args.warmup, args.repeats,
+                         progress=not args.no_progress,  # files rewritten after every method: a long run keeps what it measured
+                         on_row=lambda case_rows: _write_compare(done + case_rows, dev, csv, png, md))
         del case
-        text = _write_compare(rows, dev, csv, png, md)  # after every case: a long run keeps what it measured
+        text = _write_compare(rows, dev, csv, png, md)
     print(text)
     print(f"wrote {csv}, {png}, {md}", file=sys.stderr)
     return 0

@@ -43,6 +43,9 @@ def atomic_write(path: str, what: str, write: Callable[[str], object], suffix: s
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
         os.close(fd)
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
