@@ -461,7 +461,7 @@ def targets(df) -> List[Dict]:
     out = []
     ok = df[df.peak_bytes.notna()]
     for case, d in ok.groupby("case", sort=False):
-        lr = d[(d.method == "lrcnn") & d.exact]
+        lr = d[d.method.isin(["lrcnn", "lrcnn-checkpoint"]) & d.exact]
         alts = d[~d.method.isin(["lrcnn", "lrcnn-checkpoint"])]
         if lr.empty or alts.empty:
             continue
