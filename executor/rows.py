@@ -399,10 +399,10 @@ class RowSegment:
                     grads.append(gy[:, :, a:b])
                 # every BN with known constants is a root (zero gradient): its input gradient has a
                 # term on every row it owns even where the segment output never reads it
-                for n, (_, y) in bn_io.items():
-                    if bn[n].c1 is not None:
-                        roots.append(y)
-                        grads.append(torch.zeros_like(y))
+                # (generator expressions: no loop variable keeps a band, and with it this strip's
+                # graph, alive into the next strip)
+                roots.extend(io[1] for n, io in bn_io.items() if bn[n].c1 is not None)
+                grads.extend(torch.zeros_like(io[1]) for n, io in bn_io.items() if bn[n].c1 is not None)
                 tg = [n for n in targets if n in bn_io and bn_io[n][1].requires_grad]
                 inputs = ([xs] if need_gx else []) + list(leaves.values()) + params + [bn_io[n][1] for n in tg]
                 keep = [k for k, r in enumerate(roots) if r.requires_grad]
@@ -448,18 +448,9 @@ class RowSegment:
                     gparams[j] = gparams[j] + g
                     owned[j] = True
             k += len(params)
-            for n, g in zip(tg, got[k:]):
-                if g is None:
-                    continue
-                xr = bn_io[n][0].detach()
-                xhat = (xr - bn[n].mean.view(1, -1, 1, 1)) * bn[n].invstd.view(1, -1, 1, 1)
-                s1, s2 = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
-                if n in sums:
-                    sums[n][0] = sums[n][0] + s1
-                    sums[n][1] = sums[n][1] + s2
-                else:
-                    sums[n] = [s1, s2]
+            _add_dy_sums(sums, tg, got[k:], bn_io, bn)
             del got, bn_io
+            g = p = pg = None  # (loop variables: no gradient outlives its strip)
             memory.mark(f"rows {self.name} backward strip {i}")
         return gx, gparams, sums
 
@@ -517,6 +508,22 @@ class RowSegment:
         return {"strategy": self.bn_strategy, "stat_sweeps": 1 if one else len(fwd), "grad_sweeps": len(bwd),
                 "stat_rows": stat_rows, "grad_rows": grad_rows, "transient_bytes": int(transient),
                 "state_bytes": int(state * self.itemsize)}
+
+
+def _add_dy_sums(sums: Dict[str, list], targets: List[str], grads, bn_io: dict, bn: Dict[str, "_BNStat"]) -> None:
+    """Add one strip's sums of dy and dy * xhat (per channel) at each target BN's output to
+    ``sums`` (a function, so none of the strip's bands outlives the call)."""
+    for n, g in zip(targets, grads):
+        if g is None:
+            continue
+        xr = bn_io[n][0].detach()
+        xhat = (xr - bn[n].mean.view(1, -1, 1, 1)) * bn[n].invstd.view(1, -1, 1, 1)
+        s1, s2 = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+        if n in sums:
+            sums[n][0] = sums[n][0] + s1
+            sums[n][1] = sums[n][1] + s2
+        else:
+            sums[n] = [s1, s2]
 
 
 class _BNStat:

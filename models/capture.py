@@ -57,6 +57,10 @@ class Node:
     batch_stats: bool = False  # a norm layer that normalises with batch statistics (train-mode BN)
     alias: bool = False
     saves: List[str] = field(default_factory=list)
+    # producers whose outputs this node saves too, after an earlier node saved the same storage
+    # (counted once, in that node's ``saves``): in row strips, where in-place ops run out of
+    # place, the two are different tensors (a ReLU's output and the next op's input band)
+    also_saves: List[str] = field(default_factory=list)
     extra_saved: int = 0
     fwd_work: int = 0
     bwd_peak: int = 0
@@ -273,12 +277,18 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     tracker = StorageTracker()
 
     def rec(name):
-        return prof.setdefault(name, {"alias": False, "saves": [], "extra_saved": 0, "fwd_work": 0,
-                                      "bwd_peak": 0, "bwd_net": 0})
+        return prof.setdefault(name, {"alias": False, "saves": [], "also_saves": [], "extra_saved": 0,
+                                      "fwd_work": 0, "bwd_peak": 0, "bwd_net": 0})
 
     def pack(t):
         key = _storage_key(t)
-        if key in param_keys or key in seen:
+        if key in param_keys:
+            return t
+        if key in seen:
+            r = rec(current["node"])
+            prod = producer.get(key)
+            if prod not in (None, "__input__") and prod not in r["saves"] and prod not in r["also_saves"]:
+                r["also_saves"].append(prod)
             return t
         seen.add(key)
         r = rec(current["node"])

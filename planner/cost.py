@@ -22,9 +22,12 @@ How each mode is modelled (mirrors :mod:`executor`):
 * ``checkpoint``: a no-grad forward (values freed after their last use; only the output is
   kept); in backward a store-mode recompute followed by the store backward;
 * ``rows``: per strip, the rows every node computes (the executor's own
-  :func:`models.geometry.strip_schedule`), bytes scaled by rows; forward keeps the output map
-  (and, for 2PS, the carried boundary rows); backward holds the input gradient map, the output
-  gradient, the parameter-gradient accumulators, and one strip's recompute + backward.
+  :func:`models.geometry.strip_schedule`), bytes scaled by rows, each tensor a strip makes
+  followed separately (new rows, 2PS concatenated bands, border strips' padded copies); forward
+  keeps the output map (and, for 2PS, the carried boundary rows); backward holds the input
+  gradient map, the output gradient, the parameter-gradient sums of the strips done so far, and
+  one strip's recompute + backward (2PS: plus the gradient carried from the strip below, which
+  holds the whole band gradient of every carried node).
 
 Time is a roofline per node: ``max(FLOPs / (peak FLOP/s * efficiency), bytes / bandwidth)`` plus
 a per-op launch cost, times the rows each mode computes (halo redundancy of OverL, recompute of
@@ -47,8 +50,7 @@ __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostMode
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 
-TWO_PS_BACKWARD_MARGIN = 1.2  # see CostModel._rows
-TRAIN_BN_ROWS_MARGIN = 1.5  # see CostModel._rows
+TRAIN_BN_ROWS_MARGIN = 1.2  # see CostModel._rows
 
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
@@ -162,6 +164,17 @@ class SegmentCost:
     detail: Dict[str, float] = field(default_factory=dict)
 
 
+class _StripNode:
+    """A tensor of one strip, as :meth:`CostModel._walk` reads a node (see ``_strip_graph``)."""
+
+    __slots__ = ("name", "inputs", "saves", "extra_saved", "fwd_work", "alias")
+
+    def __init__(self, name: str, inputs: List[str], saves: Sequence[str] = (), extra_saved: int = 0,
+                 fwd_work: int = 0):
+        self.name, self.inputs, self.saves = name, inputs, list(saves)
+        self.extra_saved, self.fwd_work, self.alias = extra_saved, fwd_work, False
+
+
 class CostModel:
     """Predicts memory and time of plans for one captured graph.
 
@@ -252,16 +265,15 @@ class CostModel:
         return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
 
     def _walk(self, nodes, scale: Dict[str, float], store: bool,
-              sizes: Optional[Dict[str, Tuple[int, int]]] = None, keep_output: bool = True) -> Tuple[int, int]:
+              sizes: Optional[Dict[str, int]] = None, keep_output: bool = True) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
         that autograd saves stay live; otherwise everything but the segment output is freed after
         its last use.  ``keep_output``: the segment output stays live even if nobody saves it
-        (it is the next segment's input).  ``scale``: fraction of each node's rows computed.  ``sizes``: per node
-        (output bytes, bytes of a helper copy made at that node and kept with it), for strips,
-        where pointwise ops run out of place, border strips pad a copy of a spatial op's input
-        and 2PS concatenates carried rows with new ones.
+        (it is the next segment's input).  ``scale``: fraction of each node's rows computed.
+        ``sizes``: bytes of each node's output, for the tensors of a row strip
+        (:meth:`_strip_graph`: every node has its own storage there).
         """
         names = [n.name for n in nodes]
         last = names[-1]
@@ -284,14 +296,11 @@ class CostModel:
         for i, n in enumerate(nodes):
             f = scale.get(n.name, 1.0)
             o = owner[n.name]
-            if sizes is None:
-                new, extra = self._out(n, f), 0
-            else:
-                new, extra = sizes[n.name]
-            peak = max(peak, live + new + extra + self._round(n.fwd_work * f))
-            if new or extra:
-                size[o] = size.get(o, 0) + new + extra
-                live += new + extra
+            new = self._out(n, f) if sizes is None else sizes[n.name]
+            peak = max(peak, live + new + self._round(n.fwd_work * f))
+            if new:
+                size[o] = size.get(o, 0) + new
+                live += new
             if store and n.extra_saved:
                 live += self._round(n.extra_saved * f)
             if not keep_output and i == len(nodes) - 1:
@@ -304,16 +313,23 @@ class CostModel:
                 live -= size.pop(key)
         return peak, live
 
-    def _store_backward(self, nodes, scale: Dict[str, float]) -> Tuple[int, int]:
-        """Backward of a store run, last node first: (peak, net), relative to its start."""
+    def _store_backward(self, nodes, scale: Dict[str, float], retain: Optional[Dict[str, int]] = None,
+                        extra: Optional[Dict[str, int]] = None) -> Tuple[int, int]:
+        """Backward of a store run, last node first: (peak, net), relative to its start.
+
+        ``retain``: per node, bytes of its output's gradient that stay live after its backward
+        (a 2PS strip's carried rows: their gradient is an output of the strip's backward).
+        ``extra``: per node, transient bytes its backward makes beyond the captured profile."""
         run, peak = 0, 0
         for n in reversed(nodes):
             f = scale.get(n.name, 1.0)
+            if not f:  # (a strip that computes no rows of the node)
+                continue
             pg = self._round(n.param_bytes) if n.param_bytes else 0
             act_peak = (n.bwd_peak - pg) * f + pg if n.bwd_peak > pg else n.bwd_peak
             act_net = (n.bwd_net - pg) * f + pg
-            peak = max(peak, run + int(act_peak))
-            run += int(act_net)
+            peak = max(peak, run + int(act_peak) + (extra.get(n.name, 0) if extra else 0))
+            run += int(act_net) + (retain.get(n.name, 0) if retain else 0)
         return peak, run
 
     def _time(self, n, f: float = 1.0, backward: bool = False) -> float:
@@ -422,12 +438,28 @@ class CostModel:
         strip_bwd = 0
         fwd_s = bwd_s = 0.0
         p = self.profile
+        # parameter gradients: strips run their backward last to first; the first strip that
+        # reaches a parameter hands over its gradient, the second adds into a new tensor (the
+        # sum), later ones add in place.  Per strip: the sums live before it, and the parameters
+        # it reaches for the first time after that
+        pgrad = {n: self._round(by[n].param_bytes) for n in names if by[n].param_bytes}
+        seen: Dict[str, int] = {}
+        acc_before: List[int] = [0] * sched.strips
+        acc_new: List[int] = [0] * sched.strips
+        for i in reversed(range(sched.strips)):
+            acc_before[i] = sum(pgrad[n] for n in seen)
+            reach = [n for n in pgrad if sched.rows[i][n].computed]
+            acc_new[i] = max((pgrad[n] for n in reach if seen.get(n) == 1), default=0)
+            for n in reach:
+                seen[n] = seen.get(n, 0) + 1
         for i, strip in enumerate(sched.rows):
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
-            sizes = self._strip_sizes(g, by, strip, source)
+            # (a node that computes no rows in this strip neither saves nor back-propagates)
+            mem = {n: band[n] if strip[n].computed else 0.0 for n in names}
+            sgraph, sizes = self._strip_graph(g, nodes, by, strip)
             # forward (no grad): bands live until their last use; output rows copied into the map
-            pk, _ = self._walk(nodes, band, store=False, sizes=sizes)
+            pk, _ = self._walk(sgraph, mem, store=False, sizes=sizes)
             carry = 0
             if seg.policy == "2ps" and i + 1 < sched.strips:
                 nxt = sched.rows[i + 1]
@@ -435,16 +467,32 @@ class CostModel:
                                         / max(1, by[n].height)) for n in names)
             fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
             carries_total += carry
-            # backward: the strip's store-mode recompute, then its backward
-            rpk, rkeep = self._walk(nodes, band, store=True, sizes=sizes)
-            bpk, _ = self._store_backward(nodes, band)
-            if bns:
-                # training-mode BN in strips: every BN output is a gradient root with a zero
-                # gradient band, and its backward makes xhat and dy*xhat beside the input grad
-                bnb = [sizes[b][0] for b in bns]
-                rkeep += sum(bnb)
-                bpk += 2 * max(bnb, default=0)
-            strip_bwd = max(strip_bwd, rpk, rkeep + bpk)
+            # backward: the strip's store-mode recompute, then its backward.  2PS (strips run
+            # bottom to top): the gradients of the rows the strip below carried are autograd
+            # roots on this strip's new rows, and this strip's carried rows are leaves whose
+            # gradients (views of their whole band's gradient) are kept for the strip above
+            roots, leaves = (), {}
+            pend = 0
+            if seg.policy == "2ps":
+                leaves = self._carry_grads(by, sched, i)
+                if i + 1 < sched.strips:
+                    below = self._carry_grads(by, sched, i + 1)
+                    pend = sum(below.values())
+                    roots = [n for n in below if strip[n].computed]
+            keep = list(roots) + [b for b in bns if b not in roots]
+            sgraph, sizes = self._strip_graph(g, nodes, by, strip, keep=keep)
+            rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes)
+            # training-mode BN in strips (executor.rows._BNStrip): every BN output is an autograd
+            # root (kept, above) with a zero gradient band (live through the strip's backward);
+            # its gradient is that zero band plus the one coming from below (a new band), and its
+            # backward makes xhat, the input gradient and two chained temporaries (one band each)
+            # where the captured BN backward makes the input gradient only
+            bnx = {b: 4 * sizes[b] for b in bns}
+            bpk, bnet = self._store_backward(nodes, mem, retain=leaves, extra=bnx)
+            rkeep += sum(sizes[b] for b in bns)
+            # during the strip's backward, then while its parameter gradients are summed
+            strip_bwd = max(strip_bwd, acc_before[i] + pend + max(rpk, rkeep + bpk),
+                            acc_before[i] + rkeep + bnet + acc_new[i])
             fwd_s += sum(self._time(by[n], comp[n]) for n in names)
             bwd_s += sum(self._time(by[n], band[n]) + self._time(by[n], band[n], backward=True) for n in names)
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
@@ -457,29 +505,24 @@ class CostModel:
             bn_s = stat_s + levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
             bn_state = sum(4 * self._round(by[b].shape[1] * self._esize) for b in bns)
         grads = self._grads(nodes)
-        biggest = max((self._round(n.param_bytes) for n in nodes), default=0)
-        accum = (grads + biggest) if sched.strips > 1 else 0  # running sums of the strips' grads
         need_gx = g.index(seg.first) > 1
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
         if bns:
-            # training-mode BN sweeps hold more per strip than modelled above (bn_io bands, the
-            # constants' autograd roots); until modelled row by row, priced with the margin that
-            # covers bench.cost_grid's train-BN cases (under-prediction up to 14% without it; the margin over-predicts by up to ~20% instead)
+            # what the BN sweeps hold beyond the above is not followed yet: the gradient a
+            # consumer reading part of a band makes for the whole band (slice backward), and
+            # what 2PS gradient-constant sweeps carry between strips.  Without this margin the
+            # model under-predicted train-BN rows by up to 12% (mobilenet_v2 2PS, 8x224x224;
+            # needed 0.88-1.16 over resnet18/50 and mobilenet_v2 at 3 sizes), so priced safely
             strip_bwd = int(strip_bwd * TRAIN_BN_ROWS_MARGIN)
-        if seg.policy == "2ps":
-            # 2PS backward also holds the gradient carry and concatenated bands of neighbouring
-            # strips, which this per-strip model does not yet follow row by row; it under-predicted
-            # by up to 16% of the strip working set on bench.cost_grid: priced conservatively
-            strip_bwd = int(strip_bwd * TWO_PS_BACKWARD_MARGIN)
         keep = out_full + carries_total + bn_state
-        bwd_peak = carries_total + bn_state + gy + gx + accum + strip_bwd
+        bwd_peak = carries_total + bn_state + gy + gx + strip_bwd
         return SegmentCost(keep=keep, fwd_peak=fwd_peak + bn_state, bwd_peak=bwd_peak, grad_bytes=grads,
                            fwd_s=fwd_s + p.launch_s * sched.strips,
                            bwd_s=bwd_s + bn_s + p.launch_s * sched.strips * (1 + levels),
                            detail={"strips": sched.strips, "carries": carries_total, "bn_levels": levels,
                                    "bn_extra_s": bn_s, "bn_stat_s": stat_s, "out_full": out_full,
-                                   "bn_state": bn_state})
+                                   "bn_state": bn_state, "strip_bwd": strip_bwd})
 
     def _bn_structure(self, nodes):
         """Training-mode BNs of a row segment: (nodes by name, ancestors within the segment, the
@@ -514,26 +557,84 @@ class CostModel:
                            bwd_peak=base.bwd_peak, grad_bytes=base.grad_bytes, fwd_s=base.fwd_s,
                            bwd_s=base.bwd_s - d["bn_stat_s"] + stat_s, detail={**d, "bn_stat_s": stat_s})
 
-    def _strip_sizes(self, g, by, strip, source) -> Dict[str, Tuple[int, int]]:
-        """Per node of a strip: (bytes of the rows it computes, bytes of its helper copy)."""
+    def _carry_grads(self, by, sched, i: int) -> Dict[str, int]:
+        """2PS backward of strip ``i``: bytes the gradient of each carried node's rows holds.
+
+        The gradient of carried rows is a view of the gradient of the node's whole band (the
+        carried rows concatenated with the new ones), so it holds that band's bytes, unless the
+        executor adds the strip below's pending gradient to it (then it is a compact copy)."""
+        out: Dict[str, int] = {}
+        strip = sched.rows[i]
+        below = sched.rows[i + 1] if i + 1 < sched.strips else None
+        for n, r in strip.items():
+            c0, c1 = r.carried
+            if c1 <= c0 or n not in by:
+                continue
+            row = by[n].out_bytes / max(1, by[n].height)
+            rows = r.hi - c0
+            if below is not None:
+                b0, b1 = below[n].carried
+                if b1 > b0 and max(b0, c0) < min(b1, c1):
+                    rows = c1 - c0
+            out[n] = self._round(row * rows)
+        return out
+
+    def _strip_graph(self, g, nodes, by, strip, keep: Sequence[str] = ()):
+        """The tensors one strip makes, as a graph :meth:`_walk` follows (with its ``sizes``).
+
+        Per node: its newly computed rows (named as the node); for a 2PS node with carried rows
+        the band its consumers read, the carried rows concatenated with the new ones
+        (``node#cat``); for a spatial op on a border strip the padded copy of its input it reads
+        (``node#pad``, before the node).  What each op saves is mapped onto these tensors the way
+        the executor's strip ops make them: an op saves the band (or padded copy) it read, and an
+        op that saves its own output (ReLU, in place in the full model) saves its new rows.
+        ``keep``: nodes whose new rows stay live anyway (autograd roots of a backward strip).
+        Returns (the graph, ``sizes``).
+        """
         from models.geometry import input_rows
 
-        out: Dict[str, Tuple[int, int]] = {}
-        for name, n in by.items():
+        out: List[_StripNode] = []
+        sizes: Dict[str, int] = {}
+        band_key: Dict[str, str] = {}
+        keep = set(keep)
+        for n in nodes:
+            name = n.name
             r = strip[name]
             row = n.out_bytes / max(1, n.height)
-            new = self._round(row * r.computed) if r.computed else 0
-            extra = 0
-            c0, c1 = r.carried
-            if c1 > c0 and r.computed:  # 2PS: carried rows concatenated with the new ones
-                extra += self._round(row * (r.hi - c0))
+            ins = [band_key.get(u, u) for u in n.inputs]
+            pad = None
             if n.kind == _ops.SPATIAL and n.geom is not None and r.computed:
                 u = g[n.inputs[0]]
                 ir = input_rows(n.geom, r.start, r.hi, u.height)
                 if ir.pad_top or ir.pad_bottom:  # border strip: the op reads a padded copy
-                    extra += self._round(u.out_bytes / max(1, u.height) * (ir.hi - ir.lo + ir.pad_top + ir.pad_bottom))
-            out[name] = (new, extra)
-        return out
+                    pad = name + "#pad"
+                    sizes[pad] = self._round(u.out_bytes / max(1, u.height)
+                                             * (ir.hi - ir.lo + ir.pad_top + ir.pad_bottom))
+                    out.append(_StripNode(pad, [ins[0]]))
+                    ins[0] = pad
+            saves = []
+            for q in n.saves + n.also_saves:
+                if q == name or (n.alias and self._owner[name] == q):
+                    saves.append(name)  # its own output (out of place in a strip)
+                    continue
+                # the input that holds q's storage in the full model (q may own an in-place input)
+                u = q if q in n.inputs else next((v for v in n.inputs if self._owner.get(v) == q), q)
+                saves.append(pad if (pad is not None and u == n.inputs[0]) else band_key.get(u, u))
+            extra = n.extra_saved
+            if n.alias and extra:  # an in-place op keeps a copy of its input; out of place, the input
+                saves.append(band_key.get(n.inputs[0], n.inputs[0]))
+                extra = 0
+            if name in keep:
+                saves.append(name)
+            out.append(_StripNode(name, ins, saves, extra, n.fwd_work))
+            sizes[name] = self._round(row * r.computed) if r.computed else 0
+            c0, c1 = r.carried
+            if c1 > c0 and r.computed:  # 2PS: carried rows concatenated with the new ones
+                cat = name + "#cat"
+                sizes[cat] = self._round(row * (r.hi - c0))
+                out.append(_StripNode(cat, [name]))
+                band_key[name] = cat
+        return out, sizes
 
     # -- composition ------------------------------------------------------------------------------
     def compose(self, costs: Sequence[SegmentCost]) -> Dict[str, float]:

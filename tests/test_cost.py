@@ -39,6 +39,9 @@ def test_full_size_predicted_vs_simulated():
     meta-device model in seconds and predicted within 5 %."""
     r = run_case("resnet50", "mixed", "large", "cpu", real=False)
     assert abs(r["err_sim_%"]) <= 5.0, r
+    # 2PS backward followed strip by strip (gradient carry, carried rows' gradients), no margin
+    r = run_case("resnet18", "2ps", "large", "cpu", real=False)
+    assert -2.0 <= r["err_sim_%"] <= 2.0, r
 
 
 def test_store_and_checkpoint_bytes_compose_exactly():
@@ -197,8 +200,8 @@ def test_calibrate_bad_input(capfd, tmp_path):
 
 @pytest.mark.parametrize("policy", ["overl", "2ps"])
 def test_train_bn_rows_priced_safely(policy):
-    """Training-mode BN inside row segments: the prediction may err high (priced with a margin),
-    never more than 1% low, against the simulated step."""
+    """Training-mode BN inside row segments: the prediction may err high (priced with a margin,
+    planner.cost.TRAIN_BN_ROWS_MARGIN), never more than 1% low, against the simulated step."""
     from executor import apply_plan
     from executor.measure import train_step_memory
 
@@ -210,4 +213,4 @@ def test_train_bn_rows_priced_safely(policy):
                       training={"optimizer": "momentum", "bn": "train"})
     pred = cm.predict(plan)["peak_bytes"]
     sim = train_step_memory(apply_plan(m, plan, g), g.input_shape, "momentum", fake=True).absolute_peak
-    assert 0.99 * sim <= pred <= 1.25 * sim, (pred, sim)
+    assert 0.99 * sim <= pred <= 1.08 * sim, (pred, sim)

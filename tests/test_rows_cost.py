@@ -99,3 +99,24 @@ def test_store_recompute_set_drops_saved_outputs(bn):
     live = lambda rep: dict((label, b) for label, b, _ in rep.timeline)["forward"]  # noqa: E731
     relu_out = sum(graph[n].out_bytes for n in cheap if graph[n].op == "relu")
     assert live(plain) - live(dropped) == relu_out
+
+
+def test_backward_strips_leave_nothing_behind():
+    """Train-mode BN rows (OverL): after each strip of every backward sweep (gradient-constant
+    sweeps included) only the input gradient map and the parameter-gradient sums remain; no band
+    of the strip (and with it the strip's graph, which a constants sweep does not traverse)
+    outlives it."""
+    from models import set_bn_mode
+    from executor.measure import train_step_memory
+
+    model = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "train")
+    shape = (2, 3, 128, 128)
+    graph = capture(model, shape)
+    first, last = graph.resolve("layer1", "first"), graph.resolve("layer2", "last")
+    plan = Plan.build(graph, [Segment(first, last, "rows", policy="overl", strips=4)])
+    rep = train_step_memory(apply_plan(model, plan, graph), shape, "momentum", fake=True)
+    live = [b for label, b, _ in rep.timeline if "backward strip" in label]
+    begin = dict((label, b) for label, b, _ in rep.timeline)["segment 0 backward begin"]
+    nodes = graph.span(first, last)
+    bound = sum(n.param_bytes for n in nodes) + graph.nodes[graph.index(first) - 1].out_bytes
+    assert len(live) > 8 and max(live) - begin <= 1.05 * bound, (begin, bound, live)
