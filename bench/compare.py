@@ -534,10 +534,10 @@ def plot(df, path: str) -> None:
         d = ok[ok.case == case]
         for meth, dm in d.groupby("method", sort=False):
             pts = list(zip(dm.peak_bytes / GiB, dm.step_s))
-            ax.scatter(*zip(*pts), label=meth, s=22)
+            sc = ax.scatter(*zip(*pts), label=meth, s=22)
             fr = pareto(pts)
-            if len(fr) > 1:
-                ax.step(*zip(*fr), where="post", alpha=0.6)
+            if len(fr) > 1:  # the method's Pareto front, in its colour
+                ax.step(*zip(*fr), where="post", alpha=0.6, color=sc.get_facecolor()[0])
         ax.set_title(case)
         ax.set_xlabel("peak memory (GiB)")
         ax.set_ylabel("step time (s)")
