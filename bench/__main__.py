@@ -1,19 +1,13 @@
-"""``python -m bench compare ...``: see :mod:`bench.compare` (``--help`` lists the options)."""
+"""``python -m bench compare ...``: the same command as ``planner bench`` (``--help`` lists the options)."""
 import sys
 
-from planner.cli import _Parser, run_parser
-
-from . import add_compare_arguments, compare_command
+from planner.cli import _add_bench, _Parser, run_parser
 
 
 def main(argv=None) -> int:
     p = _Parser(prog="python -m bench", description="lrcnn benchmarks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    c = sub.add_parser("compare", help="lrcnn against plain PyTorch, checkpointing, torch.compile and Rockmate",
-                       description="Peak memory, step time and exactness of lrcnn and the alternatives, "
-                                   "measured side by side (see bench/compare.py).")
-    add_compare_arguments(c)
-    c.set_defaults(func=compare_command)
+    _add_bench(sub, "compare")
     return run_parser(p, argv)
 
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from executor import apply_plan, memory
-from executor.measure import make_optimizer, train_step
+from executor.measure import make_optimizer, opt_state, train_step
 from models import get_model, set_bn_mode
 
 from . import CASES
@@ -254,7 +254,7 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
     mem_fwd = m.forward if m.memory_forward is None else m.memory_forward
     if m.memory_forward is not None:
         train_step(mem_fwd, opt, x, y)  # its own compilation, outside the measurement
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    state = opt_state(opt)
     rep = memory.measure_step(lambda: train_step(mem_fwd, opt, x, y), device=dev,
                               track_existing=[model, state, x, y], compiled=m.compiled)
     times = []
@@ -563,15 +563,9 @@ def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int
         x = torch.randn(*shape)
         y = torch.randint(0, 1000, (shape[0],))
         train_step(fwd, opt, x, y)  # optimizer state
-        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        state = opt_state(opt)
         rep = memory.measure_step(lambda: train_step(fwd, opt, x, y), track_existing=[model, state, x, y])
     return rep.absolute_peak
-
-
-def _largest(fits: Callable[[int], Tuple[bool, int]], budget: int, limit: int) -> int:
-    from planner.cli import max_batch
-
-    return max_batch(fits, budget, limit=limit)
 
 
 def study(budget: int, profile: str, model_name: str = "resnet50", resolution: int = 224,
@@ -579,7 +573,7 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
     """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
     from tqdm import tqdm
 
-    from planner.cli import build_and_capture
+    from planner.cli import build_and_capture, max_batch
     from planner.simulate import simulate_plan
     from planner.solve import Solver
 
@@ -619,11 +613,11 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
     for what, fixed, shape_of, size_of, limit in studies:
         for name, wrapper in alts:
             fits = alt_fits(wrapper, shape_of)
-            n = _largest(fits, budget, limit)
+            n = max_batch(fits, budget, limit)
             pk = fits(n)[1] if n else math.nan
             rows.append(dict(study=what, fixed=fixed, method=name, largest=size_of(n) if n else 0, peak_bytes=pk,
                              how="simulated (FakeTensorMode step)"))
-        n = _largest(lr_fits(shape_of), budget, limit)
+        n = max_batch(lr_fits(shape_of), budget, limit)
         sim = math.nan
         if n:
             shape = shape_of(n)

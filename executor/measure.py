@@ -103,7 +103,8 @@ def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Te
     return loss.detach()
 
 
-def _opt_state(opt: torch.optim.Optimizer) -> list:
+def opt_state(opt: torch.optim.Optimizer) -> list:
+    """The optimizer's state tensors (momentum buffers, Adam moments): pre-existing bytes of a step."""
     return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
 
 
@@ -144,7 +145,7 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
         for _ in range(warmup):
             train_step(run, opt, x, y)
         return memory.measure_step(lambda: train_step(run, opt, x, y), device=device,
-                                   track_existing=existing + [x, y] + _opt_state(opt))
+                                   track_existing=existing + [x, y] + opt_state(opt))
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)

@@ -52,7 +52,7 @@ from planner.cli import write_csv_atomic
 from planner.files import atomic_write, check_output_path
 
 from . import memory
-from .measure import make_optimizer as _make_optimizer, train_step
+from .measure import make_optimizer as _make_optimizer, opt_state, train_step
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
@@ -300,7 +300,7 @@ class StepMeasure:
 def measure_memory_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float, str]:
     """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
     state and batch included).  Returns (timeline, loss, method)."""
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    state = opt_state(opt)
     loss = []
     t0 = time.perf_counter()
     rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y)), device=device,

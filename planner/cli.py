@@ -484,11 +484,12 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _add_bench(sub) -> None:
+def _add_bench(sub, name: str = "bench") -> None:
+    """``planner bench`` (also ``python -m bench compare``: ``name='compare'``)."""
     from bench import add_compare_arguments, compare_command
 
     p = sub.add_parser(
-        "bench", help="benchmark lrcnn against plain PyTorch, checkpointing, torch.compile and Rockmate",
+        name, help="benchmark lrcnn against plain PyTorch, checkpointing, torch.compile and Rockmate",
         description="Peak memory, step time and exactness of lrcnn plans and the alternatives, measured "
                     "side by side in one run (the same as 'python -m bench compare').")
     add_compare_arguments(p)
