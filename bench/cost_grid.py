@@ -76,17 +76,19 @@ def grid_plan(cm: CostModel, kind: str, strips: int = 4) -> List[Segment]:
     return segs
 
 
-def _step_time(model, shape, optimizer: str, steps: int = 3) -> float:
+def _step_time(model, shape, optimizer: str, steps: int = 5, warmup: int = 2) -> float:
+    """Median seconds of a training step after ``warmup`` steps (the first steps after the first
+    one still run up to 1.5x slower on a CPU while allocator and oneDNN caches settle)."""
     opt = make_optimizer(model.parameters(), optimizer)
     x = torch.randn(*shape)
     y = torch.randint(0, 10, (shape[0],))
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", nargs="+", default=KINDS, choices=KINDS)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--profile", default=None,
-                    help="device profile name or file (default: calibrate this CPU quickly first)")
+                    help="device profile name or file (default: calibrate this CPU first, about 25 s)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time measurements")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
 
     if args.profile is None and not args.no_time:
         from planner.calibrate import calibrate
-        profile = calibrate("cpu", quick=True)
+        profile = calibrate("cpu")
     else:
         profile = load_profile(args.profile or "cpu")
     torch.manual_seed(0)

@@ -45,6 +45,8 @@ class Node:
     rowwise: bool = False
     reason: str = ""          # why the node cannot run in a row segment
     param_bytes: int = 0
+    param_tensors: int = 0    # parameter tensors of the node's module (weight, bias)
+    groups: int = 1           # convolution groups (depthwise convolutions time differently)
     receptive_field: int = 1  # input rows one interior output row depends on
     cum_stride: int = 1       # product of strides from the input
     # Memory profile of one plain training step (fake tensors, storage accounting), used by the
@@ -483,6 +485,8 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             shape=shape, out_bytes=int(rec.get("bytes", 0)) if n.op != "output" else 0,
             saved_bytes=int(rec.get("saved", 0)), flops_fwd=int(fl[0]), flops_bwd=int(fl[1]),
             geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes),
+            groups=int(getattr(mod, "groups", 1)) if info.op == "conv2d" else 1,
+            param_tensors=len(list(mod.parameters(recurse=False))) if mod is not None else 0,
             batch_stats=bool(isinstance(mod, nn.modules.batchnorm._BatchNorm)
                              and (mod.training or not mod.track_running_stats)),
             **profile.get(n.name, {}),

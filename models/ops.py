@@ -37,6 +37,7 @@ _ACT_FUNCS = {
     torch.tanh: "tanh", F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
     F.relu_: "relu", torch.relu_: "relu",
 }
+ACTIVATIONS = frozenset(_ACT_MODULES.values()) | frozenset(_ACT_FUNCS.values())
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCS = {torch.cat, torch.concat} if hasattr(torch, "concat") else {torch.cat}
 
@@ -149,6 +150,29 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
         return OpInfo("dropout", POINTWISE, IDENTITY, False, "dropout is random")
     name = getattr(target, "__name__", str(target))
     return OpInfo(name, GLOBAL, None, False, f"function {name} is not supported in row segments")
+
+
+# --------------------------------------------------------------------------------------------
+# time classes
+
+TIME_CLASSES = ("conv", "dwconv", "linear", "bn", "act", "pool", "map")
+
+
+def time_class(op: str, groups: int = 1) -> str:
+    """The class an op's time is calibrated and predicted by (``planner calibrate``, cost model):
+    dense convolutions, grouped/depthwise convolutions, linear layers, batch norm, activations,
+    pooling, and other element-wise maps (adds, concats, ...)."""
+    if op == "conv2d":
+        return "dwconv" if groups > 1 else "conv"
+    if op == "linear":
+        return "linear"
+    if op.startswith("batchnorm"):
+        return "bn"
+    if op in ACTIVATIONS:
+        return "act"
+    if "pool" in op:
+        return "pool"
+    return "map"
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,9 +29,13 @@ How each mode is modelled (mirrors :mod:`executor`):
   one strip's recompute + backward (2PS: plus the gradient carried from the strip below, which
   holds the whole band gradient of every carried node).
 
-Time is a roofline per node: ``max(FLOPs / (peak FLOP/s * efficiency), bytes / bandwidth)`` plus
-a per-op launch cost, times the rows each mode computes (halo redundancy of OverL, recompute of
-checkpoint and rows).
+Time is a sum over the nodes each mode runs, scaled by the rows it computes (halo redundancy of
+OverL, recompute of checkpoint and rows, BN sweeps), plus the optimizer step.  Per node, with a
+profile from ``planner calibrate``: the fit of its time class (:func:`models.ops.time_class`:
+dense / depthwise convolution, linear, BN, activation, pooling, other maps), ``a + b*work +
+c*bytes``, measured with cold caches (as a layer runs in a step) and, for the second and later
+row strips through a layer, with warm ones; with a datasheet profile: a roofline,
+``max(FLOPs / (peak FLOP/s * efficiency), bytes / bandwidth)`` plus a per-op launch cost.
 """
 from __future__ import annotations
 
@@ -332,22 +336,49 @@ class CostModel:
             run += int(act_net) + (retain.get(n.name, 0) if retain else 0)
         return peak, run
 
-    def _time(self, n, f: float = 1.0, backward: bool = False) -> float:
-        """Seconds for ``f`` of node ``n``'s rows, forward or backward."""
+    def _time(self, n, f: float = 1.0, backward: bool = False, warm: bool = False) -> float:
+        """Seconds for ``f`` of node ``n``'s rows, forward or backward; ``warm``: right after the
+        same op ran on other rows (row strips after a segment's first), its weights in cache.
+
+        With a calibrated profile: the fit of the node's time class (``planner calibrate``),
+        ``a + b*work + c*bytes`` (work: FLOPs for convolutions and linear layers, output elements
+        otherwise); with a datasheet profile: a roofline, max(FLOPs / peak, bytes / bandwidth)
+        plus a per-call cost."""
         p = self.profile
-        if n.kind in (_ops.INPUT, _ops.OUTPUT) or (n.alias and not n.flops_fwd):
+        if n.kind in (_ops.INPUT, _ops.OUTPUT) or (n.alias and not n.flops_fwd) or f <= 0:
             return 0.0
         flops = (n.flops_bwd if backward else n.flops_fwd) * f
         ins = sum(self.graph[u].out_bytes for u in n.inputs)
         moved = (n.out_bytes + ins) * f * (2 if backward else 1) + n.param_bytes * (2 if backward else 1)
-        cls = "conv" if n.op in ("conv2d", "linear") else "map"
-        fit = p.op_costs.get(cls, {}).get("bwd" if backward else "fwd")
+        fit = self._fit(_ops.time_class(n.op, n.groups), backward, warm)
         if fit:
-            if cls == "map":  # map ops were fitted on elements, not FLOPs
-                flops = n.out_bytes / max(1, self._esize) * f * (2 if backward else 1)
-            return fit[0] + fit[1] * flops + fit[2] * moved
+            work = flops if n.op in ("conv2d", "linear") else \
+                n.out_bytes / max(1, self._esize) * f * (2 if backward else 1)
+            return fit[0] + fit[1] * work + fit[2] * moved
         t = max(flops / (p.flops_for(self.graph.dtype) * p.efficiency), moved / p.bandwidth)
         return t + p.launch_s * (2 if backward else 1)
+
+    def _fit(self, cls: str, backward: bool, warm: bool = False) -> Optional[List[float]]:
+        """The profile's fitted costs for a time class; profiles calibrated before the classes
+        were split have only ``conv`` and ``map``, and no warm fits."""
+        costs = self.profile.op_costs
+        key = "bwd" if backward else "fwd"
+        for c in (cls, "conv" if cls in ("conv", "dwconv", "linear") else "map"):
+            fits = costs.get(c, {})
+            fit = (fits.get(key + "_warm") if warm else None) or fits.get(key)
+            if fit:
+                return fit
+        return None
+
+    def optimizer_time(self) -> float:
+        """Seconds of ``zero_grad`` + ``step``: calibrated per optimizer (per step, per parameter
+        tensor, per byte), else a bandwidth estimate (parameters, gradients and state read and
+        written once)."""
+        fit = self.profile.op_costs.get("optimizer", {}).get(self.optimizer)
+        if fit:
+            tensors = sum(n.param_tensors for n in self.graph.nodes)
+            return fit[0] + fit[1] * tensors + fit[2] * self.param_bytes
+        return (OPTIMIZERS[self.optimizer] + 2) * 2 * self.param_bytes / self.profile.bandwidth
 
     # -- segments ---------------------------------------------------------------------------------
     def segment(self, seg: Segment) -> SegmentCost:
@@ -493,8 +524,11 @@ class CostModel:
             # during the strip's backward, then while its parameter gradients are summed
             strip_bwd = max(strip_bwd, acc_before[i] + pend + max(rpk, rkeep + bpk),
                             acc_before[i] + rkeep + bnet + acc_new[i])
-            fwd_s += sum(self._time(by[n], comp[n]) for n in names)
-            bwd_s += sum(self._time(by[n], band[n]) + self._time(by[n], band[n], backward=True) for n in names)
+            # the first strip through a layer finds its weights cold, later strips warm
+            w = i > 0
+            fwd_s += sum(self._time(by[n], comp[n], warm=w) for n in names)
+            bwd_s += sum(self._time(by[n], band[n], warm=w) + self._time(by[n], band[n], backward=True, warm=w)
+                         for n in names)
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
         if levels:
             one = sched.strips == 1
@@ -654,7 +688,7 @@ class CostModel:
         bwd = max(bwd, kept + out.bwd_peak)  # the loss's own backward, before the model's
         phases = {"forward": fixed + fwd, "backward": fixed + bwd,
                   "optimizer": fixed + total_grad + self.optimizer_peak()}
-        opt_s = (OPTIMIZERS[self.optimizer] + 2) * 2 * self.param_bytes / self.profile.bandwidth
+        opt_s = self.optimizer_time()
         phases["peak"] = max(phases["forward"], phases["backward"], phases["optimizer"])
         phases["time_s"] = sum(c.fwd_s + c.bwd_s for c in costs) + opt_s
         return phases

@@ -11,6 +11,7 @@ import torch
 from bench.cost_grid import KINDS, grid_plan, run_case
 from models import capture, get_model, set_bn_mode
 from planner import Plan, Segment
+from models.ops import TIME_CLASSES, time_class
 from planner.cost import PROFILES, CostError, CostModel, DeviceProfile, load_profile
 from tests.exactness import Reference
 from tests.test_cli import assert_one_line_error, run
@@ -186,9 +187,50 @@ def test_calibrate_writes_a_usable_profile(capfd, tmp_path):
     assert rc == 0, err
     p = load_profile(str(out))
     assert p.measured and p.kind == "cpu" and p.flops["float32"] > 1e8 and p.bandwidth > 1e8
+    for cls in TIME_CLASSES:  # every time class, cold and warm, forward and backward
+        assert set(p.op_costs[cls]) == {"fwd", "bwd", "fwd_warm", "bwd_warm"}, cls
+        assert all(len(v) == 3 and min(v) >= 0 for v in p.op_costs[cls].values())
+    assert set(p.op_costs["optimizer"]) == {"sgd", "momentum", "adam", "adamw"}
     m = set_bn_mode(get_model("tiny_resnet", device="meta"), "eval")
     g = capture(m, (2, 3, 32, 32))
     assert CostModel(g, profile=str(out)).predict([])["time_s"] > 0
+
+
+def _class_profile() -> DeviceProfile:
+    """A profile whose fitted costs are pure per-call constants that name the class."""
+    costs = {c: {"fwd": [float(k + 1), 0.0, 0.0], "bwd": [10.0 * (k + 1), 0.0, 0.0],
+                 "fwd_warm": [0.5 * (k + 1), 0.0, 0.0], "bwd_warm": [5.0 * (k + 1), 0.0, 0.0]}
+             for k, c in enumerate(TIME_CLASSES)}
+    costs["optimizer"] = {"momentum": [100.0, 1.0, 0.0]}
+    return DeviceProfile("test", {"float32": 1e12}, 1e11, 2**34, efficiency=1.0, kind="cpu",
+                         measured=True, op_costs=costs)
+
+
+def test_time_model_prices_each_class_and_warm_strips():
+    """Calibrated time: each node by its class's fit (depthwise convolutions apart from dense
+    ones), the optimizer by parameter tensors, row strips after the first with the warm fits."""
+    m = set_bn_mode(get_model("mobilenet_v2", num_classes=10, device="meta"), "eval")
+    g = capture(m, (2, 3, 64, 64))
+    cm = CostModel(g, optimizer="momentum", profile=_class_profile())
+    timed = [n for n in g.nodes if cm._time(n) > 0]
+    k = {c: i + 1 for i, c in enumerate(TIME_CLASSES)}
+    classes = [time_class(n.op, n.groups) for n in timed]
+    assert "dwconv" in classes and "conv" in classes and "linear" in classes
+    assert sum(n.groups > 1 for n in g.nodes if n.op == "conv2d") == 17  # MobileNet-V2's depthwise
+    tensors = sum(1 for _ in m.parameters())
+    assert sum(n.param_tensors for n in g.nodes) == tensors
+    want = sum(11 * k[c] for c in classes) + 100 + tensors
+    assert cm.predict([])["time_s"] == pytest.approx(want)
+    # a rows segment of s strips: every node computes rows in every strip (OverL), the first
+    # strip cold and the rest warm; backward recomputes each strip's forward, then its backward
+    units = cm.units()
+    seg = Segment(units[0][0], units[3][1], "rows", policy="overl", strips=3)
+    nodes = [n for n in g.span(seg.first, seg.last) if cm._time(n) > 0]
+    c = cm.segment(seg)
+    launch = cm.profile.launch_s * 3
+    fwd = sum(k[time_class(n.op, n.groups)] * (1 + 2 * 0.5) for n in nodes)
+    assert c.fwd_s == pytest.approx(fwd + launch)
+    assert c.bwd_s == pytest.approx(fwd + 10 * fwd + launch)
 
 
 def test_calibrate_bad_input(capfd, tmp_path):
