@@ -31,6 +31,12 @@ time over ``--repeats`` steps after warm-up, both as ratios to plain, and ``max_
 largest norm-wise relative difference to plain PyTorch over the loss, every parameter gradient and
 the BatchNorm running statistics after one step from the same state (``exact``: within 1e-5, the
 float32 bar; checkpointing recomputes train-mode BN and so updates its running statistics twice).
+In float32 a full-size step is not reproducible to 1e-5 even by PyTorch itself: plain PyTorch with
+its vendor convolution library switched off (oneDNN / cuDNN) differs from plain PyTorch by up to
+~1e-2 on the gradients of BN weights after sums that cancel.  Each case measures that spread per
+tensor (``noise``; ``noise_floor`` its largest); in float32 a method is exact when every tensor is
+within the bar or within ``NOISE_FACTOR`` times plain's own spread on that tensor (shown as
+``<= spread``), and the maths is checked separately in float64 (``--dtype float64``: 1e-10).
 
 Outputs in ``--out-dir`` (default ``bench/results``): ``compare-<device>.csv``, ``.png`` (memory vs
 time, Pareto front per method) and ``.md`` (the table the README includes).  ``--study`` writes
@@ -164,6 +170,12 @@ class Case:
     y: torch.Tensor = field(repr=False, default=None)
     state0: Dict[str, torch.Tensor] = field(repr=False, default=None)
     reference: Tuple = field(repr=False, default=None)
+    noise: Dict[str, float] = field(repr=False, default_factory=dict)  # plain's own float32 spread
+
+    @property
+    def noise_floor(self) -> float:
+        """The largest entry of ``noise`` (see :func:`noise_errs`)."""
+        return max(self.noise.values(), default=0.0)
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -187,7 +199,28 @@ def make_case(name: str, model_name: str, batch: int, resolution: int, device: t
     case.y = torch.randint(0, 1000, (batch,), device=device)
     case.state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     case.reference = _one_step(case, model)
+    if dtype == "float32":
+        case.noise = noise_errs(case)
     return case
+
+
+NOISE_FACTOR = 10  # one perturbed run samples plain PyTorch's spread; allow an order of magnitude
+
+
+def noise_errs(case: "Case") -> Dict[str, float]:
+    """:func:`rel_errs` of plain PyTorch run with oneDNN and cuDNN off (other, equally valid
+    convolution algorithms) against plain PyTorch: the float32 rounding spread of each tensor."""
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
+        return rel_errs(case, case.model)
+
+
+def is_exact(case: "Case", errs: Dict[str, float]) -> bool:
+    """Every tensor within the project's bar or, in float32, within ``NOISE_FACTOR`` times plain
+    PyTorch's own spread on that tensor (a tensor plain PyTorch reproduces to 1e-7 must match to
+    the bar; one whose value is rounding-dominated, like a BN weight gradient after a sum that
+    cancels, may differ as plain PyTorch differs from itself)."""
+    tol = EXACT_RTOL[case.dtype]
+    return all(e <= max(tol, NOISE_FACTOR * case.noise.get(k, 0.0)) for k, e in errs.items())
 
 
 def _one_step(case: Case, forward: Callable) -> Tuple[float, Dict[str, torch.Tensor]]:
@@ -226,17 +259,22 @@ def _scale(name: str, ref: Dict[str, torch.Tensor]) -> float:
     return s
 
 
-def max_rel_err(case: Case, forward: Callable) -> float:
-    """Largest norm-wise relative difference to plain PyTorch over the loss, every parameter
+def rel_errs(case: Case, forward: Callable) -> Dict[str, float]:
+    """Norm-wise relative difference to plain PyTorch of the loss (``loss``), every parameter
     gradient and every BN running statistic (scales: :func:`_scale`)."""
     loss, got = _one_step(case, forward)
     rloss, ref = case.reference
-    errs = [abs(loss - rloss) / max(abs(rloss), 1e-30)]
+    errs = {"loss": abs(loss - rloss) / max(abs(rloss), 1e-30)}
     for name, r in ref.items():
         d = float(torch.linalg.vector_norm((got[name] - r).double()))
         s = _scale(name, ref)
-        errs.append(d / s if s > 0 else d)
-    return max(errs)
+        errs[name] = d / s if s > 0 else d
+    return errs
+
+
+def max_rel_err(case: Case, forward: Callable) -> float:
+    """The largest of :func:`rel_errs`."""
+    return max(rel_errs(case, forward).values())
 
 
 def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
@@ -244,7 +282,8 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
     model, dev = case.model, case.device
     if m.setup:
         m.setup()
-    err = max_rel_err(case, m.forward)
+    errs = rel_errs(case, m.forward)
+    err = max(errs.values())
     model.load_state_dict(case.state0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, OPTIMIZER, lr=LR)
@@ -266,7 +305,7 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
         times.append(time.perf_counter() - t0)
     model.load_state_dict(case.state0)
     return {"peak_bytes": float(rep.absolute_peak), "step_s": statistics.median(times),
-            "max_rel_err": err, "exact": err <= EXACT_RTOL[case.dtype], "mem_method": rep.method}
+            "max_rel_err": err, "exact": is_exact(case, errs), "mem_method": rep.method}
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +414,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
 
     def record(m: Method, **res):
         rows.append(dict(case=case.name, model=case.model_name, batch=case.batch, resolution=case.resolution,
-                         dtype=case.dtype,
+                         dtype=case.dtype, noise_floor=case.noise_floor,
                          method=m.method, setting=m.setting, budget_bytes=m.budget_bytes,
                          predicted_peak_bytes=m.predicted_peak_bytes, note=m.note, simulated=False, **res))
 
@@ -496,10 +535,14 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
              f"(SGD momentum, train-mode BN); time = median step; ratios against plain PyTorch "
              f"(compile: against compiled plain). exact = gradients, loss and BN running statistics "
              f"within {EXACT_RTOL['float32']:g} (float32; float64: {EXACT_RTOL['float64']:g}) norm-wise "
-             f"relative of plain PyTorch.", ""]
+             f"relative of plain PyTorch, or, in float32, per tensor within {NOISE_FACTOR}x plain PyTorch's own "
+             f"spread (the same step with oneDNN/cuDNN off; shown as `<= spread`); float64 runs check the "
+             f"maths to 1e-10.", ""]
     for case, d in df.groupby("case", sort=False):
         r0 = d.iloc[0]
-        lines += [f"**{case}** ({r0['model']}, batch {r0['batch']}, {r0['resolution']}x{r0['resolution']}, {r0['dtype']})", "",
+        spread = f"; float32 spread of plain PyTorch {r0['noise_floor']:.1e}" if r0['dtype'] == "float32" else ""
+        lines += [f"**{case}** ({r0['model']}, batch {r0['batch']}, {r0['resolution']}x{r0['resolution']}, "
+                  f"{r0['dtype']}{spread})", "",
                   "| method | setting | peak | x plain | step s | x plain | exact (max rel err) | note |",
                   "|---|---|---:|---:|---:|---:|---|---|"]
         for _, r in d.iterrows():
@@ -507,7 +550,7 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
                 lines.append(f"| {r.method} | {r.setting} | - | - | - | - | - | {r.note} |")
                 continue
             lines.append(f"| {r.method} | {r.setting} | {fmt_bytes(r.peak_bytes)} | {r.mem_ratio:.2f} | "
-                         f"{r.step_s:.3f} | {r.time_ratio:.2f} | {'yes' if r.exact else 'no'} ({r.max_rel_err:.1e}) | "
+                         f"{r.step_s:.3f} | {r.time_ratio:.2f} | {_exact_cell(r)} | "
                          f"{r.note} |")
         lines.append("")
     if tg:
@@ -518,6 +561,12 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
                          f"({fmt_bytes(t['best_alt_min_bytes'])}) | {t['min_ratio']:.2f} | {t['pareto']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _exact_cell(r) -> str:
+    if r.exact and r.max_rel_err > EXACT_RTOL.get(r.dtype, 0.0):
+        return f"yes ({r.max_rel_err:.1e} <= spread)"
+    return f"{'yes' if r.exact else 'no'} ({r.max_rel_err:.1e})"
 
 
 def plot(df, path: str) -> None:
