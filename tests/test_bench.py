@@ -84,6 +84,9 @@ def test_compare_small_case(tmp_path, capfd):
     assert len(lr) >= 2
     assert (lr.max_rel_err <= 1e-10).all() and lr.exact.all()
     assert lr.peak_bytes.min() < plain.peak_bytes
+    # the step's own bytes (the original LR-CNN measure) on top of the same fixed state
+    assert (ran.baseline_bytes + ran.step_bytes == ran.peak_bytes).all()
+    assert (ran.baseline_bytes == plain.baseline_bytes).all() and lr.step_bytes.min() < plain.step_bytes
     # the plan's promise holds: measured within 2% of the cost model, never far above
     rel = (lr.peak_bytes - lr.predicted_peak_bytes) / lr.predicted_peak_bytes
     assert (rel.abs() < 0.03).all(), rel
@@ -93,7 +96,7 @@ def test_compare_small_case(tmp_path, capfd):
     assert math.isnan(rm.peak_bytes) and isinstance(rm.note, str) and rm.note
     assert (tmp_path / "compare-cpu.png").stat().st_size > 1000
     md = (tmp_path / "compare-cpu.md").read_text()
-    assert "| lrcnn |" in md and "torch" in md
+    assert "| lrcnn |" in md and "torch" in md and "| step peak |" in md
     assert "| lrcnn |" in out
 
 
