@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .cost import OPTIMIZERS as _STATE_COPIES
 from .plan import BN_MODES, DTYPES, Plan, Segment
 from .units import parse_bytes
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+OPTIMIZERS = tuple(_STATE_COPIES)  # the optimizers the cost model prices
 POLICIES = ("auto", "2ps", "overl", "checkpoint")
 SOLVERS = ("auto", "cbc", "highs")
 #: Labels per boundary the exact DP may keep before it counts as a heuristic (then the ILP decides).
