@@ -179,7 +179,8 @@ class RowSegment:
                    carried: Optional[Dict[str, torch.Tensor]],
                    forward: bool, on_new=None, count: Optional[Dict[str, int]] = None,
                    bn: Optional[Dict[str, "_BNStat"]] = None, active: Optional[set] = None,
-                   on_stats=None, bn_io: Optional[dict] = None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
+                   on_stats=None, bn_io: Optional[dict] = None,
+                   bn_hold: Optional[set] = None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
         """Compute strip ``i``.  Returns the bands still held and the carries for strip i+1.
 
         ``carried``: rows each node receives from earlier strips (2PS).  ``forward``: the no-grad
@@ -188,7 +189,8 @@ class RowSegment:
         node's newly computed rows; ``count`` adds up the rows computed per node.
 
         Training-mode BN (``bn``: node -> statistics): a BN whose statistics are known is applied
-        with them (:class:`_BNStrip`; ``bn_io[node] = (input rows, output rows, token)``); for one whose
+        with them (:class:`_BNStrip`; ``bn_io[node] = (input rows, output rows, token)`` for the
+        nodes in ``bn_hold``, ``(None, None, token)`` for the others); for one whose
         statistics are not known yet, ``on_stats(node, rows)`` sees the input rows this strip owns
         and, if the statistics are still unknown, the node and everything below it is skipped.
         ``active``: evaluate only these nodes.
@@ -214,7 +216,8 @@ class RowSegment:
                         m = op.module
                         new, tok = _BNStrip.apply(xr, m.weight, m.bias, st, sched.own[n][i][0] - r.start)
                         if bn_io is not None:
-                            bn_io[n] = (xr, new, tok)
+                            bn_io[n] = (xr, new, tok) if bn_hold and n in bn_hold else (None, None, tok)
+                        del xr, tok
                     else:
                         new = op([bands[u] for u in op.inputs], r.start, r.hi)
                     if count is not None:
@@ -392,7 +395,7 @@ class RowSegment:
                     carried = {n: c.detach().requires_grad_(n in carry_nodes) for n, c in carries[i].items()}
                     leaves = {n: c for n, c in carried.items() if n in carry_nodes}
                 bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, forward=False, on_new=on_new,
-                                           count=count, bn=bn, bn_io=bn_io)
+                                           count=count, bn=bn, bn_io=bn_io, bn_hold=set(targets))
                 a, b = sched.out[i]
                 if b > a:
                     roots.append(bands[self.out].rows(a, b))
@@ -400,14 +403,13 @@ class RowSegment:
                 # every BN with known constants is a root through its token (a scalar output of
                 # _BNStrip, zero gradient): its input gradient has a term on every row it owns
                 # even where the segment output never reads it.  Only the target BNs' input and
-                # output rows are held past this point (their dy sums need them); the others' are
-                # freed as soon as the backward no longer needs them (generator expressions: no
+                # output rows are held (their dy sums need them); the others' are freed as soon as
+                # the recompute and the backward no longer need them (generator expressions: no
                 # loop variable keeps a band, and with it this strip's graph, alive into the next
                 # strip)
                 roots.extend(io[2] for n, io in bn_io.items() if bn[n].c1 is not None)
                 grads.extend(torch.zeros_like(io[2]) for n, io in bn_io.items() if bn[n].c1 is not None)
                 tg = [n for n in targets if n in bn_io and bn_io[n][1].requires_grad]
-                bn_io = {n: bn_io[n] for n in tg}
                 inputs = ([xs] if need_gx else []) + list(leaves.values()) + params + [bn_io[n][1] for n in tg]
                 keep = [k for k, r in enumerate(roots) if r.requires_grad]
                 roots = [roots[k] for k in keep]
