@@ -126,7 +126,7 @@ def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentu
         meas = train_step_memory(planned, shape, optimizer, fake=False)
         row["measured_MiB"] = meas.absolute_peak / 2**20
         row["err_meas_%"] = (pred["peak_bytes"] - meas.absolute_peak) / meas.absolute_peak * 100
-        row["sim_vs_meas_%"] = (sim.absolute_peak - meas.absolute_peak) / meas.absolute_peak * 100
+        row["sim_vs_meas_%"] = (sim_peak - meas.absolute_peak) / meas.absolute_peak * 100
         if timing:
             t = _step_time(planned, shape, optimizer)
             row["predicted_ms"] = pred["time_s"] * 1e3
