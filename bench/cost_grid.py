@@ -3,6 +3,7 @@
     python -m bench.cost_grid                      # full grid (4 models x 5 plans x 2 sizes)
     python -m bench.cost_grid --models resnet18 --sizes small
     python -m bench.cost_grid --csv grid.csv --profile profile.json
+    python -m bench.cost_grid --bn train --no-time # training-mode BN (simulator only, no VGG)
 
 For every model, plan kind (plain, checkpoint, rows-2PS, rows-OverL, mixed) and size:
 
@@ -14,7 +15,9 @@ For every model, plan kind (plain, checkpoint, rows-2PS, rows-OverL, mixed) and 
 
 Peaks are whole-step absolute bytes: parameters, buffers, optimizer state (SGD momentum), batch,
 activations, gradients and transients.  BatchNorm runs in eval mode (frozen) so every plan kind
-applies to every model; train-mode BN inside row segments is priced separately.
+applies to every model.  ``--bn train``: BatchNorm in training mode (batch statistics; inside row
+segments by strip sweeps, executor.rows._BNStrip), models with BN only, predicted against the
+simulator at both sizes (the real step is skipped: simulator and real step agree, see tests).
 """
 from __future__ import annotations
 
@@ -39,13 +42,14 @@ KINDS = ["plain", "checkpoint", "2ps", "overl", "mixed"]
 SIZES = {"small": (2, 64), "large": (8, 224)}
 
 
-def grid_plan(cm: CostModel, kind: str, strips: int = 4) -> List[Segment]:
-    """A plan of the given kind built from the graph's units (generic, any CNN)."""
+def grid_plan(cm: CostModel, kind: str, strips: int = 4, bn: str = "eval") -> List[Segment]:
+    """A plan of the given kind built from the graph's units (generic, any CNN).  ``bn='train'``:
+    units with training-mode BN may run in rows (statistics by strip sweeps)."""
     g = cm.graph
     units = cm.units()
     rowwise = []
     for first, last in units:
-        if not all(n.rowwise and not n.batch_stats for n in g.span(first, last)):
+        if not all(n.rowwise and (bn == "train" or not n.batch_stats) for n in g.span(first, last)):
             break
         rowwise.append((first, last))
     body = units[:len(rowwise)] if rowwise else units[:-1]
@@ -94,28 +98,35 @@ def _step_time(model, shape, optimizer: str, steps: int = 5, warmup: int = 2) ->
 
 
 def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentum",
-             real: Optional[bool] = None, timing: bool = True) -> Dict:
+             real: Optional[bool] = None, timing: bool = True, bn: str = "eval",
+             sim_cache: Optional[dict] = None) -> Dict:
     batch, res = SIZES[size]
     shape = (batch, 3, res, res)
-    real = (size == "small") if real is None else real
-    model = set_bn_mode(get_model(name, num_classes=10, device=None if real else "meta"), "eval")
+    real = (size == "small" and bn == "eval") if real is None else real
+    model = set_bn_mode(get_model(name, num_classes=10, device=None if real else "meta"), bn)
     graph = capture(model, shape, model_name=name)
     cm = CostModel(graph, optimizer=optimizer, profile=profile)
-    segs = grid_plan(cm, kind)
-    plan = Plan.build(graph, segs, training={"optimizer": optimizer, "bn": "eval"})
+    segs = grid_plan(cm, kind, bn=bn)
+    plan = Plan.build(graph, segs, training={"optimizer": optimizer, "bn": bn})
     pred = cm.predict(plan)
     planned = apply_plan(model, plan, graph)
     row = {"model": name, "plan": kind, "size": f"{batch}x{res}x{res}",
            "segments": " ".join(f"{s.mode[0]}{(s.policy or '')[:1]}{s.strips or ''}" for s in segs) or "-",
            "predicted_MiB": pred["peak_bytes"] / 2**20}
-    sim = train_step_memory(planned, shape, optimizer, fake=True)
-    row["simulated_MiB"] = sim.absolute_peak / 2**20
-    row["err_sim_%"] = (pred["peak_bytes"] - sim.absolute_peak) / sim.absolute_peak * 100
+    key = f"{name} {kind} {size} {bn} {optimizer} {row['segments']}"
+    if sim_cache is not None and key in sim_cache:
+        sim_peak = sim_cache[key]
+    else:
+        sim_peak = train_step_memory(planned, shape, optimizer, fake=True).absolute_peak
+        if sim_cache is not None:
+            sim_cache[key] = sim_peak
+    row["simulated_MiB"] = sim_peak / 2**20
+    row["err_sim_%"] = (pred["peak_bytes"] - sim_peak) / sim_peak * 100
     if real:
         meas = train_step_memory(planned, shape, optimizer, fake=False)
         row["measured_MiB"] = meas.absolute_peak / 2**20
         row["err_meas_%"] = (pred["peak_bytes"] - meas.absolute_peak) / meas.absolute_peak * 100
-        row["sim_vs_meas_%"] = (sim.absolute_peak - meas.absolute_peak) / meas.absolute_peak * 100
+        row["sim_vs_meas_%"] = (sim_peak - meas.absolute_peak) / meas.absolute_peak * 100
         if timing:
             t = _step_time(planned, shape, optimizer)
             row["predicted_ms"] = pred["time_s"] * 1e3
@@ -126,14 +137,22 @@ def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentu
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cost_grid", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"default: {' '.join(MODELS)} (--bn train: those with BatchNorm)")
     ap.add_argument("--plans", nargs="+", default=KINDS, choices=KINDS)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--profile", default=None,
                     help="device profile name or file (default: calibrate this CPU first, about 25 s)")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time measurements")
+    ap.add_argument("--bn", default="eval", choices=["eval", "train"],
+                    help="BatchNorm mode (train: batch statistics, simulator only)")
     ap.add_argument("--csv", default=None)
+    ap.add_argument("--sim-cache", default=None,
+                    help="JSON file of simulated peaks (read and extended): re-running the cost model "
+                         "against an unchanged executor skips the simulation")
     args = ap.parse_args(argv)
+    if args.models is None:
+        args.models = [m for m in MODELS if args.bn == "eval" or m != "vgg16"]
     import pandas as pd
     from tqdm import tqdm
 
@@ -144,9 +163,18 @@ def main(argv=None) -> int:
         profile = load_profile(args.profile or "cpu")
     torch.manual_seed(0)
     rows = []
+    cache = None
+    if args.sim_cache:
+        import json
+        import os
+        cache = json.load(open(args.sim_cache)) if os.path.exists(args.sim_cache) else {}
     cases = [(m, k, s) for s in args.sizes for m in args.models for k in args.plans]
     for m, k, s in tqdm(cases, desc="grid", file=sys.stderr):
-        rows.append(run_case(m, k, s, profile, timing=not args.no_time))
+        rows.append(run_case(m, k, s, profile, timing=not args.no_time and args.bn == "eval", bn=args.bn,
+                             sim_cache=cache))
+        if cache is not None:
+            with open(args.sim_cache, "w") as f:
+                json.dump(cache, f, indent=0)
     df = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
         print(df.to_string(index=False))

@@ -179,7 +179,8 @@ class RowSegment:
                    carried: Optional[Dict[str, torch.Tensor]],
                    forward: bool, on_new=None, count: Optional[Dict[str, int]] = None,
                    bn: Optional[Dict[str, "_BNStat"]] = None, active: Optional[set] = None,
-                   on_stats=None, bn_io: Optional[dict] = None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
+                   on_stats=None, bn_io: Optional[dict] = None,
+                   bn_hold: Optional[set] = None) -> Tuple[Dict[str, Band], Dict[str, torch.Tensor]]:
         """Compute strip ``i``.  Returns the bands still held and the carries for strip i+1.
 
         ``carried``: rows each node receives from earlier strips (2PS).  ``forward``: the no-grad
@@ -188,7 +189,8 @@ class RowSegment:
         node's newly computed rows; ``count`` adds up the rows computed per node.
 
         Training-mode BN (``bn``: node -> statistics): a BN whose statistics are known is applied
-        with them (:class:`_BNStrip`; ``bn_io[node] = (input rows, output rows)``); for one whose
+        with them (:class:`_BNStrip`; ``bn_io[node] = (input rows, output rows, token)`` for the
+        nodes in ``bn_hold``, ``(None, None, token)`` for the others); for one whose
         statistics are not known yet, ``on_stats(node, rows)`` sees the input rows this strip owns
         and, if the statistics are still unknown, the node and everything below it is skipped.
         ``active``: evaluate only these nodes.
@@ -212,9 +214,10 @@ class RowSegment:
                     if st is not None:
                         xr = bands[op.inputs[0]].rows(r.start, r.hi)
                         m = op.module
-                        new = _BNStrip.apply(xr, m.weight, m.bias, st, sched.own[n][i][0] - r.start)
+                        new, tok = _BNStrip.apply(xr, m.weight, m.bias, st, sched.own[n][i][0] - r.start)
                         if bn_io is not None:
-                            bn_io[n] = (xr, new)
+                            bn_io[n] = (xr, new, tok) if bn_hold and n in bn_hold else (None, None, tok)
+                        del xr, tok
                     else:
                         new = op([bands[u] for u in op.inputs], r.start, r.hi)
                     if count is not None:
@@ -392,17 +395,20 @@ class RowSegment:
                     carried = {n: c.detach().requires_grad_(n in carry_nodes) for n, c in carries[i].items()}
                     leaves = {n: c for n, c in carried.items() if n in carry_nodes}
                 bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, forward=False, on_new=on_new,
-                                           count=count, bn=bn, bn_io=bn_io)
+                                           count=count, bn=bn, bn_io=bn_io, bn_hold=set(targets))
                 a, b = sched.out[i]
                 if b > a:
                     roots.append(bands[self.out].rows(a, b))
                     grads.append(gy[:, :, a:b])
-                # every BN with known constants is a root (zero gradient): its input gradient has a
-                # term on every row it owns even where the segment output never reads it
-                # (generator expressions: no loop variable keeps a band, and with it this strip's
-                # graph, alive into the next strip)
-                roots.extend(io[1] for n, io in bn_io.items() if bn[n].c1 is not None)
-                grads.extend(torch.zeros_like(io[1]) for n, io in bn_io.items() if bn[n].c1 is not None)
+                # every BN with known constants is a root through its token (a scalar output of
+                # _BNStrip, zero gradient): its input gradient has a term on every row it owns
+                # even where the segment output never reads it.  Only the target BNs' input and
+                # output rows are held (their dy sums need them); the others' are freed as soon as
+                # the recompute and the backward no longer need them (generator expressions: no
+                # loop variable keeps a band, and with it this strip's graph, alive into the next
+                # strip)
+                roots.extend(io[2] for n, io in bn_io.items() if bn[n].c1 is not None)
+                grads.extend(torch.zeros_like(io[2]) for n, io in bn_io.items() if bn[n].c1 is not None)
                 tg = [n for n in targets if n in bn_io and bn_io[n][1].requires_grad]
                 inputs = ([xs] if need_gx else []) + list(leaves.values()) + params + [bn_io[n][1] for n in tg]
                 keep = [k for k, r in enumerate(roots) if r.requires_grad]
@@ -564,6 +570,11 @@ class _BNStrip(torch.autograd.Function):
     on the rows this strip owns (rows from ``own0`` on), so each row gets it once over all strips;
     ``c1, c2`` (global means over N, H, W) are found by the gradient sweeps before they are used.
     Weight and bias gradients are this strip's sums (autograd adds the strips up).
+
+    Returns ``(y, token)``: the token is a scalar the backward sweep makes an autograd root (zero
+    gradient), so the BN's backward runs for the constant part even where nothing downstream reads
+    ``y``, without holding ``y`` (or a zero gradient the size of ``y``) through the strip's whole
+    backward.  Without a gradient at ``y``, ``dy`` is zero (not materialised).
     """
 
     @staticmethod
@@ -576,22 +587,28 @@ class _BNStrip(torch.autograd.Function):
             y = y + bias.view(shp)
         ctx.save_for_backward(x, weight)
         ctx.st, ctx.own0 = st, own0
-        return y
+        ctx.set_materialize_grads(False)
+        return y, x.new_zeros(())
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dtoken):
         x, weight = ctx.saved_tensors
         st, o = ctx.st, ctx.own0
         shp = (1, -1, 1, 1)
         xhat = (x - st.mean.view(shp)) * st.invstd.view(shp)
-        gw = (dy * xhat).sum((0, 2, 3)) if ctx.needs_input_grad[1] else None
-        gb = dy.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        if dy is None:  # only the token was reached: dy = 0
+            zero = x.new_zeros(x.shape[1])
+            gw = zero if ctx.needs_input_grad[1] else None
+            gb = zero.clone() if ctx.needs_input_grad[2] else None
+        else:
+            gw = (dy * xhat).sum((0, 2, 3)) if ctx.needs_input_grad[1] else None
+            gb = dy.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         gx = None
         if ctx.needs_input_grad[0]:
             if st.c1 is None:
                 raise RuntimeError("internal: BN input gradient needed before its constants are known")
             k = st.invstd.view(shp) if weight is None else st.invstd.view(shp) * weight.view(shp)
-            gx = dy * k
+            gx = dy * k if dy is not None else torch.zeros_like(x)
             if o < x.shape[2]:
                 gx[:, :, o:] -= k * (st.c1.view(shp) + xhat[:, :, o:] * st.c2.view(shp))
         return gx, gw, gb, None, None

@@ -27,7 +27,10 @@ How each mode is modelled (mirrors :mod:`executor`):
   keeps the output map (and, for 2PS, the carried boundary rows); backward holds the input
   gradient map, the output gradient, the parameter-gradient sums of the strips done so far, and
   one strip's recompute + backward (2PS: plus the gradient carried from the strip below, which
-  holds the whole band gradient of every carried node).
+  holds the whole band gradient of every carried node; a node reading part of an input band makes
+  a gradient of the whole band).  Training-mode BN (statistics and gradient constants by strip
+  sweeps): its strip backward's temporaries, and per backward level a gradient-constant sweep
+  (the level's BN rows held, no parameter or input gradients).
 
 Time is a sum over the nodes each mode runs, scaled by the rows it computes (halo redundancy of
 OverL, recompute of checkpoint and rows, BN sweeps), plus the optimizer step.  Per node, with a
@@ -53,8 +56,6 @@ __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostMode
            "CostError"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
-
-TRAIN_BN_ROWS_MARGIN = 1.2  # see CostModel._rows
 
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
@@ -318,23 +319,71 @@ class CostModel:
         return peak, live
 
     def _store_backward(self, nodes, scale: Dict[str, float], retain: Optional[Dict[str, int]] = None,
-                        extra: Optional[Dict[str, int]] = None) -> Tuple[int, int]:
+                        extra: Optional[Dict[str, int]] = None,
+                        partial: Optional[Dict[str, list]] = None, params: bool = True) -> Tuple[int, int]:
         """Backward of a store run, last node first: (peak, net), relative to its start.
 
         ``retain``: per node, bytes of its output's gradient that stay live after its backward
         (a 2PS strip's carried rows: their gradient is an output of the strip's backward).
-        ``extra``: per node, transient bytes its backward makes beyond the captured profile."""
+        ``extra``: per node, transient bytes its backward makes beyond the captured profile.
+        ``partial``: per node, ``(input, band bytes, bytes beyond the captured gradient)`` for
+        each input band it reads only part of (:meth:`_partial_reads`): the slice's backward makes
+        a gradient of the whole band, live until the input's gradient is complete.
+        ``params=False``: no parameter gradients are made (a BN gradient-constant sweep)."""
         run, peak = 0, 0
+        release: Dict[str, int] = {}
         for n in reversed(nodes):
             f = scale.get(n.name, 1.0)
             if not f:  # (a strip that computes no rows of the node)
                 continue
+            run -= release.pop(n.name, 0)  # its gradient is complete: the bands summed into it
             pg = self._round(n.param_bytes) if n.param_bytes else 0
             act_peak = (n.bwd_peak - pg) * f + pg if n.bwd_peak > pg else n.bwd_peak
             act_net = (n.bwd_net - pg) * f + pg
+            if not params:
+                act_peak, act_net = max(0, act_peak - pg), act_net - pg
             peak = max(peak, run + int(act_peak) + (extra.get(n.name, 0) if extra else 0))
             run += int(act_net) + (retain.get(n.name, 0) if retain else 0)
+            for u, band, more in (partial.get(n.name, ()) if partial else ()):
+                peak = max(peak, run + band)  # the zero band, next to the rows' gradient
+                run += more
+                release[u] = release.get(u, 0) + more
         return peak, run
+
+    def _partial_reads(self, g, nodes, by, strip, sizes) -> Dict[str, list]:
+        """Inputs a strip's nodes read only part of (executor.strips.Band.rows slices a band).
+
+        Per node, ``(input, bytes of the input's band, bytes the slice's backward adds)``: the
+        gradient of a slice is a zero tensor the size of the whole band with the rows' gradient
+        copied in.  A pointwise or join op's captured backward hands its output gradient on
+        (no new bytes), so the whole band is new; a spatial op's captured backward already makes
+        the gradient of the rows it reads."""
+        from models.geometry import input_rows
+
+        out: Dict[str, list] = {}
+        for n in nodes:
+            r = strip[n.name]
+            if not r.computed:
+                continue
+            for u in dict.fromkeys(n.inputs):
+                if u not in by or not strip[u].computed:
+                    continue
+                ru = strip[u]
+                c0, c1 = ru.carried
+                b0 = c0 if c1 > c0 else ru.start
+                key = u + "#cat" if (c1 > c0 and u + "#cat" in sizes) else u
+                if n.kind == _ops.SPATIAL and n.geom is not None:
+                    ir = input_rows(n.geom, r.start, r.hi, by[u].height)
+                    lo, hi = ir.lo, ir.hi
+                else:
+                    lo, hi = r.start, r.hi
+                if lo <= b0 and hi >= ru.hi:
+                    continue  # the whole band: no slice
+                band = sizes[key]
+                row = by[u].out_bytes / max(1, by[u].height)
+                read = self._round(row * max(0, hi - lo)) if n.kind == _ops.SPATIAL else 0
+                out.setdefault(n.name, []).append((u, band, max(0, band - read)))
+        return out
 
     def _time(self, n, f: float = 1.0, backward: bool = False, warm: bool = False) -> float:
         """Seconds for ``f`` of node ``n``'s rows, forward or backward; ``warm``: right after the
@@ -483,6 +532,15 @@ class CostModel:
             acc_new[i] = max((pgrad[n] for n in reach if seen.get(n) == 1), default=0)
             for n in reach:
                 seen[n] = seen.get(n, 0) + 1
+        own = {b: sched.owned(b) for b in bns}
+        # backward levels (executor.rows.RowSegment.bn_levels): a BN's constants need those of
+        # every BN below it
+        desc = {n: {m for m in names if n in anc[m]} for n in names}
+        blevel: Dict[str, int] = {}
+        for b in reversed(bns):
+            blevel[b] = 1 + max((blevel[d] for d in bns if d in desc[b]), default=-1)
+        blevels = [[b for b in bns if blevel[b] == k] for k in range(1 + max(blevel.values(), default=-1))]
+        strip_const = 0
         for i, strip in enumerate(sched.rows):
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
@@ -510,17 +568,49 @@ class CostModel:
                     below = self._carry_grads(by, sched, i + 1)
                     pend = sum(below.values())
                     roots = [n for n in below if strip[n].computed]
-            keep = list(roots) + [b for b in bns if b not in roots]
-            sgraph, sizes = self._strip_graph(g, nodes, by, strip, keep=keep)
+            sgraph, sizes = self._strip_graph(g, nodes, by, strip, keep=roots)
             rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes)
-            # training-mode BN in strips (executor.rows._BNStrip): every BN output is an autograd
-            # root (kept, above) with a zero gradient band (live through the strip's backward);
-            # its gradient is that zero band plus the one coming from below (a new band), and its
-            # backward makes xhat, the input gradient and two chained temporaries (one band each)
-            # where the captured BN backward makes the input gradient only
-            bnx = {b: 4 * sizes[b] for b in bns}
-            bpk, bnet = self._store_backward(nodes, mem, retain=leaves, extra=bnx)
-            rkeep += sum(sizes[b] for b in bns)
+            # training-mode BN in strips (executor.rows._BNStrip, an autograd root through a
+            # scalar token): its backward holds xhat next to the input gradient (one band of the
+            # rows it computes each), and for the rows it owns two chained temporaries of the
+            # constant part, where the captured BN backward makes the input gradient only
+            bnx = {}
+            for b in bns:
+                row = by[b].out_bytes / max(1, by[b].height)
+                o0 = min(max(own[b][i][0], strip[b].start), strip[b].hi)
+                bnx[b] = sizes[b] + 2 * self._round(row * (strip[b].hi - o0))
+            part = self._partial_reads(g, nodes, by, strip, sizes)
+            # the segment output's rows are the strip's autograd root and their gradient a view
+            # of the output gradient map: both live through the strip's whole backward, where the
+            # captured profile frees the output's incoming gradient (and its output, if its own
+            # op saved it) after the output node's backward
+            oa, ob = sched.out[i]
+            if ob > oa and strip[out].computed:
+                saved_self = any(self._owner.get(q, q) == self._owner[out] for q in by[out].saves)
+                rows_b = self._round(by[out].out_bytes / max(1, by[out].height) * (ob - oa))
+                leaves = dict(leaves)
+                leaves[out] = leaves.get(out, 0) + rows_b + (min(rows_b, sizes[out]) if saved_self else 0)
+            bpk, bnet = self._store_backward(nodes, mem, retain=leaves, extra=bnx, partial=part)
+            # the gradient-constant sweeps before it (executor.rows.RowSegment.backward), one per
+            # backward level: the same recompute, with the level's target BNs' input and output
+            # rows held; the backward runs only below the targets (their dy is the result), makes
+            # no parameter gradients and no input gradient map; 2PS carries only the gradients
+            # of nodes with no unknown BN below them
+            for lv, targets in enumerate(blevels):
+                known = {b for b in bns if blevel[b] < lv}
+                carry_nodes = {n for n in names if all(b in known for b in desc[n] if b in blevel)}
+                leaves_c = {n: v for n, v in leaves.items() if n in carry_nodes}
+                below_c = {}
+                if seg.policy == "2ps" and i + 1 < sched.strips:
+                    below_c = {n: v for n, v in self._carry_grads(by, sched, i + 1).items() if n in carry_nodes}
+                roots_c = [n for n in below_c if strip[n].computed]
+                held = [t for t in targets if strip[t].computed]
+                sg, sz = self._strip_graph(g, nodes, by, strip, keep=roots_c + held)
+                cpk, ckeep = self._walk(sg, mem, store=True, sizes=sz)
+                below_t = [n for n in nodes if n.name not in targets and any(t in anc[n.name] for t in targets)]
+                cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
+                                               params=False)
+                strip_const = max(strip_const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
             # during the strip's backward, then while its parameter gradients are summed
             strip_bwd = max(strip_bwd, acc_before[i] + pend + max(rpk, rkeep + bpk),
                             acc_before[i] + rkeep + bnet + acc_new[i])
@@ -542,15 +632,8 @@ class CostModel:
         need_gx = g.index(seg.first) > 1
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
-        if bns:
-            # what the BN sweeps hold beyond the above is not followed yet: the gradient a
-            # consumer reading part of a band makes for the whole band (slice backward), and
-            # what 2PS gradient-constant sweeps carry between strips.  Without this margin the
-            # model under-predicted train-BN rows by up to 12% (mobilenet_v2 2PS, 8x224x224;
-            # needed 0.88-1.16 over resnet18/50 and mobilenet_v2 at 3 sizes), so priced safely
-            strip_bwd = int(strip_bwd * TRAIN_BN_ROWS_MARGIN)
         keep = out_full + carries_total + bn_state
-        bwd_peak = carries_total + bn_state + gy + gx + strip_bwd
+        bwd_peak = carries_total + bn_state + gy + max(gx + strip_bwd, strip_const)
         return SegmentCost(keep=keep, fwd_peak=fwd_peak + bn_state, bwd_peak=bwd_peak, grad_bytes=grads,
                            fwd_s=fwd_s + p.launch_s * sched.strips,
                            bwd_s=bwd_s + bn_s + p.launch_s * sched.strips * (1 + levels),

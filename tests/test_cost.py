@@ -242,8 +242,8 @@ def test_calibrate_bad_input(capfd, tmp_path):
 
 @pytest.mark.parametrize("policy", ["overl", "2ps"])
 def test_train_bn_rows_priced_safely(policy):
-    """Training-mode BN inside row segments: the prediction may err high (priced with a margin,
-    planner.cost.TRAIN_BN_ROWS_MARGIN), never more than 1% low, against the simulated step."""
+    """Training-mode BN inside row segments (strip sweeps for statistics and gradient constants,
+    followed strip by strip, no margin): within 3% of the simulated step, never more than 1% low."""
     from executor import apply_plan
     from executor.measure import train_step_memory
 
@@ -255,4 +255,4 @@ def test_train_bn_rows_priced_safely(policy):
                       training={"optimizer": "momentum", "bn": "train"})
     pred = cm.predict(plan)["peak_bytes"]
     sim = train_step_memory(apply_plan(m, plan, g), g.input_shape, "momentum", fake=True).absolute_peak
-    assert 0.99 * sim <= pred <= 1.08 * sim, (pred, sim)
+    assert 0.99 * sim <= pred <= 1.03 * sim, (pred, sim)
