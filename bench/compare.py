@@ -558,13 +558,14 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
                   "| method | setting | peak | x plain | step peak | step s | x plain | exact (max rel err) | note |",
                   "|---|---|---:|---:|---:|---:|---:|---|---|"]
         for _, r in d.iterrows():
+            note = r.note if isinstance(r.note, str) else ""  # empty notes read back from CSV as NaN
             if math.isnan(r.peak_bytes):
-                lines.append(f"| {r.method} | {r.setting} | - | - | - | - | - | - | {r.note} |")
+                lines.append(f"| {r.method} | {r.setting} | - | - | - | - | - | - | {note} |")
                 continue
             sp = fmt_bytes(r.step_bytes) if "step_bytes" in r and not math.isnan(r.step_bytes) else "-"
             lines.append(f"| {r.method} | {r.setting} | {fmt_bytes(r.peak_bytes)} | {r.mem_ratio:.2f} | {sp} | "
                          f"{r.step_s:.3f} | {r.time_ratio:.2f} | {_exact_cell(r)} | "
-                         f"{r.note} |")
+                         f"{note} |")
         lines.append("")
     if tg:
         lines += ["| case | measure | lrcnn min (exact plans) | best alternative (its min) | ratio (target <= 0.5) | "
