@@ -384,7 +384,9 @@ class Problem:
         C = pulp.LpConstraint
         EQ, LE = pulp.LpConstraintEQ, pulp.LpConstraintLE
         cands = self.cands
-        prob += A([(x[k], c.time_s) for k, c in enumerate(cands)]), "time"
+        # in microseconds: candidate times differ by microseconds on small models, under CBC's
+        # absolute tolerances when written in seconds (it then stops at a slower path, "optimal")
+        prob += A([(x[k], c.time_s * 1e6) for k, c in enumerate(cands)]), "time"
         prob += C(A([(x[k], 1) for k in starts[0]]), EQ, "start", 1)
         prob += C(A([(x[k], 1) for k in ends[U]]), EQ, "end", 1)
         for b in range(1, U):
