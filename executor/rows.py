@@ -30,8 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from models.geometry import (RowGraph, StripSchedule, default_bounds, max_strips, propagate_heights,
-                             strip_schedule)
+from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, max_strips,
+                             propagate_heights, segment_ancestors, strip_schedule)
 from . import memory
 from .state import StateSlots
 from .strips import Band, RowSegmentError, StripOp, build_strip_op
@@ -78,13 +78,7 @@ class RowSegment:
         self._sched: Dict[tuple, Tuple[StripSchedule, Dict[str, int]]] = {}  # by input height, cover
         self.rows_computed: Dict[str, int] = {}  # rows computed per node by the last forward sweep
         # ancestors / descendants of every node inside the segment (the source excluded)
-        self._anc: Dict[str, set] = {}
-        for n in names:
-            a = set()
-            for u in self.ops[n].inputs:
-                if u in self.ops:
-                    a |= self._anc[u] | {u}
-            self._anc[n] = a
+        self._anc = segment_ancestors(names, {n: self.ops[n].inputs for n in names})
         self._desc: Dict[str, set] = {n: {m for m in names if n in self._anc[m]} for n in names}
         self.bn_strategy = (seg.options or {}).get("bn", "sweeps")
         if self.bn_strategy not in BN_STRATEGIES:
@@ -113,26 +107,13 @@ class RowSegment:
         return out
 
     def bn_levels(self, bns: List[str]) -> Tuple[List[List[str]], List[List[str]]]:
-        """Training-mode BNs grouped into forward levels (a BN's statistics need those of every BN
-        upstream of it: level = 1 + deepest upstream BN) and backward levels (its gradient
-        constants need those of every BN downstream).  One statistics sweep / one gradient sweep
-        per level: the length of the longest chain of BNs on a path through the segment."""
-        fl: Dict[str, int] = {}
-        for b in bns:
-            fl[b] = 1 + max((fl[a] for a in bns if a in self._anc[b]), default=-1)
-        bl: Dict[str, int] = {}
-        for b in reversed(bns):
-            bl[b] = 1 + max((bl[d] for d in bns if d in self._desc[b]), default=-1)
-        fwd = [[b for b in bns if fl[b] == k] for k in range(1 + max(fl.values(), default=-1))]
-        bwd = [[b for b in bns if bl[b] == k] for k in range(1 + max(bl.values(), default=-1))]
-        return fwd, bwd
+        """Forward and backward levels of the segment's training-mode BNs
+        (:func:`models.geometry.bn_levels`)."""
+        return bn_levels(bns, self._anc)
 
     def _cover(self, bns: List[str]) -> List[str]:
         """Nodes every row of which must be computed: training-mode BNs and their ancestors."""
-        c = set(bns)
-        for b in bns:
-            c |= self._anc[b]
-        return [n for n in self.nodes if n in c]
+        return bn_cover(self.nodes, bns, self._anc)
 
     def schedule(self, in_h: int) -> StripSchedule:
         """Strip schedule for a segment input of ``in_h`` rows (cached per height).

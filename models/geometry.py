@@ -207,6 +207,41 @@ def propagate_heights(g: RowGraph, input_heights: Mapping[str, int]) -> Dict[str
 # Strips
 # ----------------------------------------------------------------------------------------------
 
+def segment_ancestors(names: Sequence[str], inputs: Mapping[str, Sequence[str]]) -> Dict[str, set]:
+    """Ancestors of every node of a segment within it (``names`` in topological order; inputs from
+    outside the segment are ignored)."""
+    anc: Dict[str, set] = {}
+    for n in names:
+        a: set = set()
+        for u in inputs[n]:
+            if u in anc:
+                a |= anc[u] | {u}
+        anc[n] = a
+    return anc
+
+
+def bn_levels(bns: Sequence[str], anc: Mapping[str, set]) -> Tuple[List[List[str]], List[List[str]]]:
+    """Batch-statistics BNs of a row segment (topological order) grouped into forward levels (a
+    BN's statistics need those of every BN upstream of it: level = 1 + deepest upstream BN) and
+    backward levels (its gradient constants need those of every BN downstream).  One statistics
+    sweep / one gradient sweep per level: the longest chain of BNs on a path through the segment."""
+    fl: Dict[str, int] = {}
+    for b in bns:
+        fl[b] = 1 + max((fl[a] for a in bns if a in anc[b]), default=-1)
+    bl: Dict[str, int] = {}
+    for b in reversed(bns):
+        bl[b] = 1 + max((bl[d] for d in bns if b in anc[d]), default=-1)
+    fwd = [[b for b in bns if fl[b] == k] for k in range(1 + max(fl.values(), default=-1))]
+    bwd = [[b for b in bns if bl[b] == k] for k in range(1 + max(bl.values(), default=-1))]
+    return fwd, bwd
+
+
+def bn_cover(names: Sequence[str], bns: Sequence[str], anc: Mapping[str, set]) -> List[str]:
+    """Nodes every row of which must be computed (in ``names`` order): the BNs and their ancestors."""
+    c = set(bns).union(*(anc[b] for b in bns))
+    return [n for n in names if n in c]
+
+
 def even_bounds(out_rows: int, strips: int) -> List[int]:
     """Split ``out_rows`` output rows into ``strips`` contiguous bands as evenly as possible."""
     if out_rows < 1:

@@ -49,7 +49,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from models import ops as _ops
-from models.geometry import default_bounds, max_strips, strip_schedule
+from models.geometry import (bn_cover, bn_levels, default_bounds, max_strips, segment_ancestors,
+                             strip_schedule)
 from .plan import Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
@@ -509,7 +510,8 @@ class CostModel:
         else:
             count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
             bounds = default_bounds(self.rg, source, out, seg.policy, count)
-        by, anc, bns, level, levels, cover = self._bn_structure(nodes)
+        by, anc, bns, fwd_levels, blevels, cover = self._bn_structure(nodes)
+        levels = len(fwd_levels)
         sched = strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
         src = g[source]
         out_full = self._round(by[out].out_bytes)
@@ -533,13 +535,15 @@ class CostModel:
             for n in reach:
                 seen[n] = seen.get(n, 0) + 1
         own = {b: sched.owned(b) for b in bns}
-        # backward levels (executor.rows.RowSegment.bn_levels): a BN's constants need those of
-        # every BN below it
-        desc = {n: {m for m in names if n in anc[m]} for n in names}
-        blevel: Dict[str, int] = {}
-        for b in reversed(bns):
-            blevel[b] = 1 + max((blevel[d] for d in bns if d in desc[b]), default=-1)
-        blevels = [[b for b in bns if blevel[b] == k] for k in range(1 + max(blevel.values(), default=-1))]
+        # per backward level (executor.rows.RowSegment.backward): its target BNs, the nodes whose
+        # gradient a 2PS sweep carries (no BN with unknown constants below them), and the nodes
+        # its backward runs through (below the targets)
+        const_sweeps = []
+        for lv, targets in enumerate(blevels):
+            known = set().union(*blevels[:lv])
+            carry_nodes = {n for n in names if all(b in known for b in bns if n in anc[b])}
+            below_t = [n for n in nodes if n.name not in targets and any(t in anc[n.name] for t in targets)]
+            const_sweeps.append((targets, carry_nodes, below_t))
         strip_const = 0
         for i, strip in enumerate(sched.rows):
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
@@ -560,7 +564,7 @@ class CostModel:
             # bottom to top): the gradients of the rows the strip below carried are autograd
             # roots on this strip's new rows, and this strip's carried rows are leaves whose
             # gradients (views of their whole band's gradient) are kept for the strip above
-            roots, leaves = (), {}
+            roots, leaves, below = (), {}, {}
             pend = 0
             if seg.policy == "2ps":
                 leaves = self._carry_grads(by, sched, i)
@@ -596,18 +600,13 @@ class CostModel:
             # rows held; the backward runs only below the targets (their dy is the result), makes
             # no parameter gradients and no input gradient map; 2PS carries only the gradients
             # of nodes with no unknown BN below them
-            for lv, targets in enumerate(blevels):
-                known = {b for b in bns if blevel[b] < lv}
-                carry_nodes = {n for n in names if all(b in known for b in desc[n] if b in blevel)}
+            for targets, carry_nodes, below_t in const_sweeps:
                 leaves_c = {n: v for n, v in leaves.items() if n in carry_nodes}
-                below_c = {}
-                if seg.policy == "2ps" and i + 1 < sched.strips:
-                    below_c = {n: v for n, v in self._carry_grads(by, sched, i + 1).items() if n in carry_nodes}
+                below_c = {n: v for n, v in below.items() if n in carry_nodes}
                 roots_c = [n for n in below_c if strip[n].computed]
                 held = [t for t in targets if strip[t].computed]
                 sg, sz = self._strip_graph(g, nodes, by, strip, keep=roots_c + held)
                 cpk, ckeep = self._walk(sg, mem, store=True, sizes=sz)
-                below_t = [n for n in nodes if n.name not in targets and any(t in anc[n.name] for t in targets)]
                 cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
                                                params=False)
                 strip_const = max(strip_const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
@@ -623,7 +622,7 @@ class CostModel:
         if levels:
             one = sched.strips == 1
             for lv in range(1 if one else levels):  # statistics by strip sweeps (one per level)
-                active = set().union(*(anc[b] | ({b} if one else set()) for b in bns if one or level[b] == lv))
+                active = set().union(*(anc[b] | ({b} if one else set()) for b in (bns if one else fwd_levels[lv])))
                 stat_s += sum(self._time(by[n], sched.computed_rows(n) / max(1, by[n].height))
                               for n in names if n in active)
             bn_s = stat_s + levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
@@ -643,28 +642,20 @@ class CostModel:
 
     def _bn_structure(self, nodes):
         """Training-mode BNs of a row segment: (nodes by name, ancestors within the segment, the
-        BNs, their levels, the number of levels, the nodes whose every row must be computed)."""
+        BNs, their forward and backward levels (:func:`models.geometry.bn_levels`, as the
+        executor sweeps them), the nodes whose every row must be computed)."""
         by = {n.name: n for n in nodes}
-        anc: Dict[str, set] = {}
-        for n in nodes:
-            a: set = set()
-            for u in n.inputs:
-                if u in by:
-                    a |= anc[u] | {u}
-            anc[n.name] = a
+        names = [n.name for n in nodes]
+        anc = segment_ancestors(names, {n.name: n.inputs for n in nodes})
         bns = [n.name for n in nodes if n.batch_stats]
-        level: Dict[str, int] = {}
-        for b in bns:
-            level[b] = 1 + max((level[a] for a in bns if a in anc[b]), default=-1)
-        levels = 1 + max(level.values(), default=-1)
-        cover = [n.name for n in nodes if n.name in set(bns).union(*(anc[b] for b in bns))] if bns else []
-        return by, anc, bns, level, levels, cover
+        fwd, bwd = bn_levels(bns, anc)
+        return by, anc, bns, fwd, bwd, bn_cover(names, bns, anc) if bns else []
 
     def _layerwise(self, seg: Segment, nodes, base: SegmentCost) -> SegmentCost:
         """The ``options.bn = layerwise`` variant of a row segment: one full-map no-grad pass
         finds every BN's statistics (faster than per-level strip sweeps, but the largest live set
         of full maps is a forward transient)."""
-        by, anc, bns, level, levels, cover = self._bn_structure(nodes)
+        by, anc, bns, _, _, cover = self._bn_structure(nodes)
         if not bns or not base.supported:
             return base
         stat_s = sum(self._time(by[n]) for n in cover)
