@@ -68,8 +68,7 @@ from models import get_model, set_bn_mode
 from . import CASES
 
 EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wise relative)
-OPTIMIZER = "momentum"
-LR = 0.01
+OPTIMIZER = "momentum"  # SGD with momentum, at its default learning rate
 GiB = 2**30
 
 
@@ -286,7 +285,7 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
     err = max(errs.values())
     model.load_state_dict(case.state0)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, OPTIMIZER, lr=LR)
+    opt = make_optimizer(params, OPTIMIZER)
     x, y = case.x, case.y
     for _ in range(max(1, warmup)):  # optimizer state exists, compiled code is compiled
         train_step(m.forward, opt, x, y)
@@ -376,9 +375,6 @@ class LrcnnPlans:
 
     def smallest(self) -> int:
         return self.solver.smallest_budget()
-
-    def plain_peak(self) -> int:
-        return int(self.solver.baseline()["peak"])
 
     def method(self, budget: float) -> Method:
         name = "lrcnn" if self.policy == "auto" else f"lrcnn-{self.policy}"
@@ -626,7 +622,7 @@ def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int
         set_bn_mode(model, "train")
         fwd = wrapper(model) if wrapper else model
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, OPTIMIZER, lr=LR)
+        opt = make_optimizer(params, OPTIMIZER)
         x = torch.randn(*shape)
         y = torch.randint(0, 1000, (shape[0],))
         train_step(fwd, opt, x, y)  # optimizer state
@@ -729,7 +725,7 @@ def command(args) -> int:
     import pandas as pd
 
     from planner.cli import _check_profile, write_csv_atomic
-    from planner.files import atomic_write, check_output_path
+    from planner.files import check_output_path, write_text_atomic
     from planner.units import parse_bytes
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -753,7 +749,7 @@ def command(args) -> int:
         df = pd.DataFrame(rows)
         text = study_markdown(rows, budget, dev)
         write_csv_atomic(df, csv)
-        atomic_write(md, "markdown", lambda tmp: open(tmp, "w").write(text), ".md")
+        write_text_atomic(text, md, "markdown")
         print(text)
         return 0
     if args.model:
@@ -789,14 +785,14 @@ def _write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: 
     import pandas as pd
 
     from planner.cli import write_csv_atomic
-    from planner.files import atomic_write
+    from planner.files import write_text_atomic
 
     df = pd.DataFrame(rows)
     df["device"] = machine_line(dev)
     text = markdown(df, targets(df), dev)
     write_csv_atomic(df, csv)
     plot(df, png)
-    atomic_write(md, "markdown", lambda tmp: open(tmp, "w").write(text), ".md")
+    write_text_atomic(text, md, "markdown")
     return text
 
 

@@ -167,14 +167,18 @@ def main(argv=None) -> int:
     if args.sim_cache:
         import json
         import os
-        cache = json.load(open(args.sim_cache)) if os.path.exists(args.sim_cache) else {}
+
+        from planner.plan import write_json_atomic
+        cache = {}
+        if os.path.exists(args.sim_cache):
+            with open(args.sim_cache) as f:
+                cache = json.load(f)
     cases = [(m, k, s) for s in args.sizes for m in args.models for k in args.plans]
     for m, k, s in tqdm(cases, desc="grid", file=sys.stderr):
         rows.append(run_case(m, k, s, profile, timing=not args.no_time and args.bn == "eval", bn=args.bn,
                              sim_cache=cache))
         if cache is not None:
-            with open(args.sim_cache, "w") as f:
-                json.dump(cache, f, indent=0)
+            write_json_atomic(cache, args.sim_cache, "simulation cache")
     df = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
         print(df.to_string(index=False))

@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Callable, Optional
 
-__all__ = ["atomic_write", "check_output_path", "OutputError"]
+__all__ = ["atomic_write", "write_text_atomic", "check_output_path", "OutputError"]
 
 
 class OutputError(OSError):
@@ -53,3 +53,12 @@ def atomic_write(path: str, what: str, write: Callable[[str], object], suffix: s
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(text: str, path: str, what: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, what, write, os.path.splitext(path)[1])

@@ -39,14 +39,9 @@ BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN
 
 def write_json_atomic(data, path: str, what: str = "plan") -> None:
     """Write ``data`` as indented JSON to ``path``, atomically (:func:`planner.files.atomic_write`)."""
-    from .files import atomic_write
+    from .files import write_text_atomic
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, what, write, ".json")
+    write_text_atomic(json.dumps(data, indent=2) + "\n", path, what)
 
 
 class PlanError(ValueError):
