@@ -68,16 +68,20 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
 
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
 
 
-def make_optimizer(params, name: str, lr: float = 1e-3, momentum: float = 0.9,
+def make_optimizer(params, name: str, lr: Optional[float] = None, momentum: float = 0.9,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The optimizer a plan's ``training.optimizer`` names (``momentum``: SGD with momentum).
+    """The optimizer a plan's ``training.optimizer`` names (``momentum``: SGD with momentum),
+    at learning rate ``lr`` (default :data:`DEFAULT_LR` of the optimizer).
 
     PyTorch's default implementation choice (single-tensor loops on CPU, ``foreach`` on CUDA),
     which is what the cost model's optimizer transient assumes.
     """
     params = list(params)
+    if lr is None and name in DEFAULT_LR:
+        lr = DEFAULT_LR[name]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "momentum":

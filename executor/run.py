@@ -52,9 +52,8 @@ from planner.cli import write_csv_atomic
 from planner.files import atomic_write, check_output_path
 
 from . import memory
-from .measure import OPTIMIZERS, make_optimizer as _make_optimizer, opt_state, train_step
+from .measure import DEFAULT_LR, OPTIMIZERS, make_optimizer as _make_optimizer, opt_state, train_step
 
-DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
 PHASES = ("forward", "backward", "optimizer")
 #: norm-wise relative tolerance of --check-grads per dtype.  float32: 1e-4, not 1e-5: plain float32
 #: is itself ~1e-5..1e-4 away from float64 on BN-heavy nets at tiny batches (sums with heavy
