@@ -39,9 +39,14 @@ BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN
 
 def write_json_atomic(data, path: str, what: str = "plan") -> None:
     """Write ``data`` as indented JSON to ``path``, atomically (:func:`planner.files.atomic_write`)."""
-    from .files import write_text_atomic
+    from .files import atomic_write
 
-    write_text_atomic(json.dumps(data, indent=2) + "\n", path, what)
+    def write(tmp):
+        with open(tmp, "w") as f:  # streamed: a failure while writing leaves no file behind
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, what, write, ".json")
 
 
 class PlanError(ValueError):
