@@ -67,6 +67,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                         "default: cpu on CPU, h100 on CUDA)")
     p.add_argument("--out-dir", default="bench/results", metavar="DIR",
                    help="folder for compare-<device>.csv/.png/.md (default: bench/results)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start compare-<device>.csv anew (default: rows of cases not run now are kept from "
+                        "the existing file, so the cases can be run one at a time into one table)")
     p.add_argument("--study", nargs="?", const="both", choices=["batch", "resolution", "both"],
                    help="run the max-batch and/or max-resolution study (ResNet-50) under --study-budget "
                         "instead (simulated; default when given without a value: both)")

@@ -549,8 +549,10 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
     for case, d in df.groupby("case", sort=False):
         r0 = d.iloc[0]
         spread = f"; float32 spread of plain PyTorch {r0['noise_floor']:.1e}" if r0['dtype'] == "float32" else ""
+        where = r0.get("device")
+        where = f"; measured on {where}" if isinstance(where, str) and where != machine_line(device) else ""
         lines += [f"**{case}** ({r0['model']}, batch {r0['batch']}, {r0['resolution']}x{r0['resolution']}, "
-                  f"{r0['dtype']}{spread})", "",
+                  f"{r0['dtype']}{spread}{where})", "",
                   "| method | setting | peak | x plain | step peak | step s | x plain | exact (max rel err) | note |",
                   "|---|---|---:|---:|---:|---:|---:|---|---|"]
         for _, r in d.iterrows():
@@ -767,7 +769,8 @@ def command(args) -> int:
         check_output_path(path, "output")
     for _, model_name, _, _ in cases:  # an unknown model or one without blocks: say so before any work
         split_blocks(get_model(model_name, device="meta"))
-    rows: List[Dict] = []
+    kept = [] if args.fresh else earlier_rows(csv, [c[0] for c in cases])
+    rows: List[Dict] = list(kept)
     for name, model_name, batch, res in cases:
         case = make_case(name, model_name, batch, res, dev, args.dtype)
         done = list(rows)
@@ -781,6 +784,29 @@ def command(args) -> int:
     return 0
 
 
+def earlier_rows(csv: str, running: Sequence[str]) -> List[Dict]:
+    """Rows of an existing ``compare-<device>.csv`` for the cases not in ``running`` (each keeps
+    its own ``device`` line: machine, torch version and date), so a table can be built one case
+    per run.  A file that is not such a CSV is an error naming ``--fresh``."""
+    import os
+
+    import pandas as pd
+
+    if not os.path.exists(csv):
+        return []
+    need = {"case", "method", "setting", "peak_bytes", "step_s", "max_rel_err", "exact", "device"}
+    try:
+        df = pd.read_csv(csv)
+    except Exception as e:  # empty, binary, truncated
+        raise BenchError(f"{csv}: cannot read it as a compare CSV ({type(e).__name__}); pass --fresh to start "
+                         f"it anew or choose another --out-dir")
+    if not need <= set(df.columns):
+        raise BenchError(f"{csv}: not a compare CSV (no column(s) {', '.join(sorted(need - set(df.columns)))}); "
+                         f"pass --fresh to start it anew or choose another --out-dir")
+    df = df[~df.case.isin(list(running))]
+    return df.to_dict("records")
+
+
 def _write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: str) -> str:
     import pandas as pd
 
@@ -788,7 +814,8 @@ def _write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: 
     from planner.files import write_text_atomic
 
     df = pd.DataFrame(rows)
-    df["device"] = machine_line(dev)
+    here = machine_line(dev)
+    df["device"] = df["device"].fillna(here) if "device" in df else here  # kept rows: their own run's line
     text = markdown(df, targets(df), dev)
     write_csv_atomic(df, csv)
     plot(df, png)

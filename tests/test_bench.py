@@ -124,3 +124,30 @@ def test_out_dir_is_a_file(tmp_path, capfd):
     rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 1, "--resolution", 32,
                        "--out-dir", f / "sub", "--no-progress")
     assert_one_line_error(rc, out, err, "--out-dir")
+
+
+def test_cases_run_one_at_a_time_build_one_table(tmp_path, capfd):
+    """A later run keeps the rows of the cases it does not run (with their own machine/date line)
+    and replaces those it runs; --fresh starts anew; a file that is not a compare CSV is an error."""
+    csv = tmp_path / "compare-cpu.csv"
+    argv = ["--methods", "plain", "--repeats", 1, "--out-dir", tmp_path, "--no-progress"]
+    rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 2, "--resolution", 32, *argv)
+    assert rc == 0, err
+    first = pd.read_csv(csv)
+    first.loc[:, "device"] = "an older machine; 2026-01-01"
+    first.to_csv(csv, index=False)
+    rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, *argv)
+    assert rc == 0, err
+    df = pd.read_csv(csv)
+    assert list(df.case) == ["resnet18-b2-32", "resnet18-b4-32"]
+    assert df.device.iloc[0] == "an older machine; 2026-01-01" and "torch" in df.device.iloc[1]
+    md = (tmp_path / "compare-cpu.md").read_text()
+    assert "**resnet18-b2-32**" in md and "measured on an older machine" in md and "**resnet18-b4-32**" in md
+    rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, *argv)
+    assert rc == 0 and list(pd.read_csv(csv).case) == ["resnet18-b2-32", "resnet18-b4-32"]  # replaced, not added
+    rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, "--fresh", *argv)
+    assert rc == 0 and list(pd.read_csv(csv).case) == ["resnet18-b4-32"]
+    csv.write_text("a,b\n1,2\n")
+    rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, *argv)
+    assert_one_line_error(rc, out, err, "compare CSV", "--fresh")
+    assert csv.read_text() == "a,b\n1,2\n"
