@@ -676,13 +676,17 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
                ("max resolution", "batch 1", lambda n: (1, 3, 32 * (n + 1), 32 * (n + 1)), lambda n: 32 * (n + 1), 1 << 9)]
     studies = [s for s in studies if which == "both" or s[0] == f"max {which}"]
     for what, fixed, shape_of, size_of, limit in studies:
+        best_n = 0
         for name, wrapper in alts:
             fits = alt_fits(wrapper, shape_of)
-            n = max_batch(fits, budget, limit)
+            n = max_batch(fits, budget, limit, start=best_n or None)
+            best_n = max(best_n, n)
             pk = fits(n)[1] if n else math.nan
             rows.append(dict(study=what, fixed=fixed, method=name, largest=size_of(n) if n else 0, peak_bytes=pk,
                              how="simulated (FakeTensorMode step)"))
-        n = max_batch(lr_fits(shape_of), budget, limit)
+        # from the best alternative's answer: a capture and solve far past the answer (a 16k image)
+        # would take longer than the whole study
+        n = max_batch(lr_fits(shape_of), budget, limit, start=best_n or None)
         sim = math.nan
         if n:
             shape = shape_of(n)

@@ -595,25 +595,35 @@ def _solver_for(args, batch: int):
                   optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver)
 
 
-def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16) -> int:
+def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16,
+              start: Optional[int] = None) -> int:
     """Largest batch ``n`` with ``fits_at(n)[0]`` (``fits_at`` returns (fits, min peak bytes)).
 
     Interpolation search: the smallest plan's peak grows about linearly with the batch, so a secant
     guess brackets the answer in a few captures; bisection finishes it.  0 if batch 1 does not fit.
+    ``start``: a size expected to fit (another method's answer); the search begins there and grows
+    at most 2x per try, so a peak that grows faster than linearly (an image side: quadratic) never
+    sends a guess far past the answer, where one capture and solve may take many minutes.
     """
-    ok1, p1 = fits_at(1)
-    if not ok1:
-        return 0
-    ok2, p2 = fits_at(2)
-    if not ok2:
-        return 1
-    lo, plo, hi, phi = 2, p2, None, None
-    slope = max(1.0, float(p2 - p1))
+    if start is not None and start > 2:
+        ok, pk = fits_at(start)
+        if not ok:
+            return max_batch(fits_at, budget, min(limit, start - 1))
+        lo, plo, hi, phi, slope, growth = start, pk, None, None, max(1.0, pk / start), 2
+    else:
+        ok1, p1 = fits_at(1)
+        if not ok1:
+            return 0
+        ok2, p2 = fits_at(2)
+        if not ok2:
+            return 1
+        lo, plo, hi, phi = 2, p2, None, None
+        slope, growth = max(1.0, float(p2 - p1)), None
     turn = 0
     while hi is None or hi - lo > 1:
         step = max(1, int((budget - plo) / slope))
         if hi is None:
-            c = min(lo + step, limit)
+            c = min(lo + step, limit, growth * lo if growth else limit)
         else:  # secant and bisection alternate: fast on near-linear peaks, never slow
             c = lo + step if turn % 2 == 0 else (lo + hi) // 2
             c = min(max(c, lo + 1), hi - 1)

@@ -159,6 +159,20 @@ def test_max_batch_search():
     assert max_batch(fits, 10_000) == (10_000 - 100) // 7
     assert len(calls) <= 5  # linear peaks: the secant step lands on it
     assert max_batch(lambda n: (False, 10**9), 10) == 0
+    # an image side: the peak grows with its square; from a hint the search never tries a size far
+    # past the answer (one try at a huge size is one slow capture and solve)
+    calls.clear()
+
+    def fits2(n):
+        calls.append(n)
+        need = 100 + 3 * n * n
+        return need <= 1_000_000, need
+
+    best = max(n for n in range(1, 1000) if 100 + 3 * n * n <= 1_000_000)
+    assert max_batch(fits2, 1_000_000, limit=10_000, start=200) == best
+    assert max(calls) <= 2 * best and len(calls) <= 12
+    calls.clear()
+    assert max_batch(fits2, 1_000_000, limit=10_000, start=900) == best  # a hint that does not fit
 
 
 # ------------------------------------------------------------------------------------------------
