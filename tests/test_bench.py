@@ -151,3 +151,22 @@ def test_cases_run_one_at_a_time_build_one_table(tmp_path, capfd):
     rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, *argv)
     assert_one_line_error(rc, out, err, "compare CSV", "--fresh")
     assert csv.read_text() == "a,b\n1,2\n"
+
+
+def test_study_max_resolution_small_budget():
+    """The max-resolution study at a small budget on ResNet-18 (simulated, no memory used): every
+    method's answer fits and the next size does not; lrcnn's plan at its answer is simulated within
+    the budget and reaches at least the best alternative's size."""
+    from bench.compare import CheckpointBlocks, simulated_peak, study
+
+    budget = 200 * 2**20
+    rows = {r["method"]: r for r in study(budget, "cpu", model_name="resnet18", progress=False, which="resolution")}
+    assert set(rows) == {"plain", "checkpoint-blocks", "checkpoint-sqrt", "lrcnn"}
+    for name, wrapper in (("plain", None), ("checkpoint-blocks", CheckpointBlocks)):
+        side = rows[name]["largest"]
+        assert side >= 64 and rows[name]["peak_bytes"] <= budget
+        assert simulated_peak("resnet18", wrapper, (1, 3, side + 32, side + 32)) > budget
+    lr = rows["lrcnn"]
+    best = max(r["largest"] for n, r in rows.items() if n != "lrcnn")
+    assert lr["largest"] >= best and lr["peak_bytes"] <= budget
+    assert lr["x_best_alternative"] == lr["largest"] / best
