@@ -659,7 +659,14 @@ class CostModel:
         if not bns or not base.supported:
             return base
         stat_s = sum(self._time(by[n]) for n in cover)
-        pk, _ = self._walk([by[n] for n in cover], {}, store=False)
+        # the pass is one strip over the whole map (the executor's one-strip OverL schedule): its
+        # tensors as a strip makes them, border padding copies of spatial ops' inputs included
+        g = self.graph
+        names = [n.name for n in nodes]
+        source = g.nodes[g.index(seg.first) - 1].name
+        one = strip_schedule(self.rg, source, names, [0, self.rg.height[names[-1]]], "overl", cover)
+        sgraph, sizes = self._strip_graph(g, [by[n] for n in cover], by, one.rows[0])
+        pk, _ = self._walk(sgraph, {}, store=False, sizes=sizes)
         d = dict(base.detail)
         return SegmentCost(keep=base.keep, fwd_peak=max(base.fwd_peak, d["out_full"] + pk + d["bn_state"]),
                            bwd_peak=base.bwd_peak, grad_bytes=base.grad_bytes, fwd_s=base.fwd_s,
@@ -719,7 +726,9 @@ class CostModel:
                     sizes[pad] = self._round(u.out_bytes / max(1, u.height)
                                              * (ir.hi - ir.lo + ir.pad_top + ir.pad_bottom))
                     out.append(_StripNode(pad, [ins[0]]))
-                    ins[0] = pad
+                    # the band it copied stays live until the op has run (the executor drops its
+                    # strip's values after each node, not inside the op)
+                    ins = [pad] + ins[1:] + [ins[0]]
             saves = []
             for q in n.saves + n.also_saves:
                 if q == name or (n.alias and self._owner[name] == q):
