@@ -63,7 +63,7 @@ def grid_plan(cm: CostModel, kind: str, strips: int = 4, bn: str = "eval") -> Li
 
     def rows(a, b, policy):
         seg = Segment(body[a][0], body[b - 1][1], "rows", policy=policy, strips=strips)
-        src = g.nodes[g.index(seg.first) - 1].name
+        src = g.source_of(seg.first).name
         from models.geometry import max_strips
         seg.strips = max(1, min(strips, max_strips(cm.rg, src, seg.last, policy)))
         return seg

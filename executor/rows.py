@@ -30,8 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, max_strips,
-                             propagate_heights, segment_ancestors, strip_schedule)
+from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
+                             max_strips, propagate_heights, segment_ancestors, strip_schedule)
 from . import memory
 from .state import StateSlots
 from .strips import Band, RowSegmentError, StripOp, build_strip_op
@@ -45,7 +45,7 @@ class RowSegment:
     def __init__(self, root: nn.Module, graph, fxnodes: Dict[str, fx.Node], seg):
         names = [n.name for n in graph.span(seg.first, seg.last)]
         self.name = f"{seg.first}..{seg.last}"
-        self.source = graph.nodes[graph.index(seg.first) - 1].name
+        self.source = graph.source_of(seg.first).name
         self.nodes = names
         self.out = names[-1]
         self.policy = seg.policy
@@ -130,16 +130,16 @@ class RowSegment:
         if hit is None:
             heights = propagate_heights(self.rowgraph, {self.source: in_h})
             self.rowgraph.height = heights
-            policy = "overl" if one_strip else self.policy
             if one_strip:
-                bounds = [0, heights[self.out]]
-            elif self.bounds and in_h == self.plan_height:
-                bounds = self.bounds
+                sched = full_map_schedule(self.rowgraph, self.source, self.nodes, cover)
             else:
-                count = self.strips or len(self.bounds) - 1
-                count = min(count, max_strips(self.rowgraph, self.source, self.out, self.policy))
-                bounds = default_bounds(self.rowgraph, self.source, self.out, self.policy, count)
-            sched = strip_schedule(self.rowgraph, self.source, self.nodes, bounds, policy, cover)
+                if self.bounds and in_h == self.plan_height:
+                    bounds = self.bounds
+                else:
+                    count = self.strips or len(self.bounds) - 1
+                    count = min(count, max_strips(self.rowgraph, self.source, self.out, self.policy))
+                    bounds = default_bounds(self.rowgraph, self.source, self.out, self.policy, count)
+                sched = strip_schedule(self.rowgraph, self.source, self.nodes, bounds, self.policy, cover)
             for n in cover:
                 gap = sched.uncovered(n, heights[n])
                 if gap is not None:

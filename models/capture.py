@@ -109,6 +109,10 @@ class LayerGraph:
     def index(self, name: str) -> int:
         return self._index[name]
 
+    def source_of(self, first: str) -> Node:
+        """The node whose output a segment starting at ``first`` reads (the node before it)."""
+        return self.nodes[self._index[first] - 1]
+
     @property
     def input_node(self) -> Node:
         return self.nodes[0]

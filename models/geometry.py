@@ -384,6 +384,12 @@ def _cover(ranges: List[Optional[Range]], height: int) -> List[Optional[Range]]:
     return out
 
 
+def full_map_schedule(g: RowGraph, source: str, nodes: Sequence[str], cover: Sequence[str] = ()) -> StripSchedule:
+    """One OverL strip over every row of the segment (at ``g.height``): the schedule of a no-grad
+    pass that needs whole maps (training-mode BN statistics found in one pass)."""
+    return strip_schedule(g, source, nodes, [0, g.height[nodes[-1]]], "overl", cover)
+
+
 def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Sequence[int],
                    policy: str, cover: Sequence[str] = ()) -> StripSchedule:
     """Build the strip schedule of a row segment.

@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from models import ops as _ops
-from models.geometry import (bn_cover, bn_levels, default_bounds, max_strips, segment_ancestors,
-                             strip_schedule)
+from models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
+                             segment_ancestors, strip_schedule)
 from .plan import Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
@@ -502,7 +502,7 @@ class CostModel:
                 break
         if why:
             return SegmentCost(supported=False, why=why, keep=1 << 62, fwd_peak=1 << 62, bwd_peak=1 << 62)
-        source = g.nodes[g.index(seg.first) - 1].name
+        source = g.source_of(seg.first).name
         names = [n.name for n in nodes]
         out = names[-1]
         if seg.bounds:
@@ -662,9 +662,7 @@ class CostModel:
         # the pass is one strip over the whole map (the executor's one-strip OverL schedule): its
         # tensors as a strip makes them, border padding copies of spatial ops' inputs included
         g = self.graph
-        names = [n.name for n in nodes]
-        source = g.nodes[g.index(seg.first) - 1].name
-        one = strip_schedule(self.rg, source, names, [0, self.rg.height[names[-1]]], "overl", cover)
+        one = full_map_schedule(self.rg, g.source_of(seg.first).name, [n.name for n in nodes], cover)
         sgraph, sizes = self._strip_graph(g, [by[n] for n in cover], by, one.rows[0])
         pk, _ = self._walk(sgraph, {}, store=False, sizes=sizes)
         d = dict(base.detail)

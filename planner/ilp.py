@@ -193,7 +193,7 @@ class Problem:
             self.cands.extend(_pareto(group))
             if not major[i]:
                 continue
-            source = g.nodes[g.index(first) - 1]
+            source = g.source_of(first)
             span, chain = 0, ("rows" in modes and source.is_map and source.height >= self.min_row_height)
             for j in range(i, U):
                 span += major[j]

@@ -193,7 +193,7 @@ class Plan:
     def _check_strips(graph, s: Segment, where: str) -> None:
         from models.geometry import check_bounds
 
-        source = graph.nodes[graph.index(s.first) - 1]
+        source = graph.source_of(s.first)
         rows = source.height if s.policy == "2ps" else graph[s.last].height
         what = "input" if s.policy == "2ps" else "output"
         if s.bounds:
