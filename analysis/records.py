@@ -17,6 +17,8 @@ def load_records(paths: Union[str, Iterable[str]]):
     """One DataFrame from one or more records files (.parquet, or .csv by extension)."""
     import pandas as pd
 
+    from planner.files import read_table
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     frames = []
@@ -24,16 +26,8 @@ def load_records(paths: Union[str, Iterable[str]]):
         p = os.fspath(p)
         if not os.path.isfile(p):
             raise RecordsError(f"records file {p!r} does not exist; give files written by 'planner run --out'")
-        try:
-            df = pd.read_csv(p) if p.endswith(".csv") else pd.read_parquet(p)
-        except Exception as e:  # pyarrow/pandas raise many types for a corrupt file
-            msg = " ".join(str(e).split())[:200] or type(e).__name__
-            raise RecordsError(f"cannot read records {p!r} ({msg}); give a .parquet or .csv file "
-                               f"written by 'planner run --out'") from None
-        missing = [c for c in REQUIRED if c not in df.columns]
-        if missing:
-            raise RecordsError(f"{p!r} is not a records file of 'planner run' (missing column(s) "
-                               f"{', '.join(missing)}); give a file written by 'planner run --out'")
+        df = read_table(p, REQUIRED, "records file", "give a .parquet or .csv file written by 'planner run --out'",
+                        RecordsError)
         if df.empty:
             raise RecordsError(f"records file {p!r} has no rows; re-run 'planner run --out'")
         df["source"] = p

@@ -797,19 +797,12 @@ def earlier_rows(csv: str, running: Sequence[str]) -> List[Dict]:
     per run.  A file that is not such a CSV is an error naming ``--fresh``."""
     import os
 
-    import pandas as pd
+    from planner.files import read_table
 
     if not os.path.exists(csv):
         return []
-    need = {"case", "method", "setting", "peak_bytes", "step_s", "max_rel_err", "exact", "device"}
-    try:
-        df = pd.read_csv(csv)
-    except Exception as e:  # empty, binary, truncated
-        raise BenchError(f"{csv}: cannot read it as a compare CSV ({type(e).__name__}); pass --fresh to start "
-                         f"it anew or choose another --out-dir")
-    if not need <= set(df.columns):
-        raise BenchError(f"{csv}: not a compare CSV (no column(s) {', '.join(sorted(need - set(df.columns)))}); "
-                         f"pass --fresh to start it anew or choose another --out-dir")
+    df = read_table(csv, ["case", "method", "setting", "peak_bytes", "step_s", "max_rel_err", "exact", "device"],
+                    "compare CSV", "pass --fresh to start it anew or choose another --out-dir", BenchError)
     df = df[~df.case.isin(list(running))]
     return df.to_dict("records")
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Callable, Optional
 
-__all__ = ["atomic_write", "write_text_atomic", "check_output_path", "OutputError"]
+__all__ = ["atomic_write", "write_text_atomic", "read_table", "check_output_path", "OutputError"]
 
 
 class OutputError(OSError):
@@ -62,3 +62,20 @@ def write_text_atomic(text: str, path: str, what: str) -> None:
             f.write(text)
 
     atomic_write(path, what, write, os.path.splitext(path)[1])
+
+
+def read_table(path: str, required, what: str, fix: str, error: type = ValueError):
+    """A CSV (or, by extension, Parquet) file this project wrote, as a DataFrame.  A file that
+    cannot be read, or lacks a ``required`` column, raises ``error`` with one line: ``what`` the
+    file should be and ``fix``."""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
+    except Exception as e:  # pandas/pyarrow raise many types for an empty, binary or truncated file
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise error(f"cannot read {what} {path!r} ({msg}); {fix}") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise error(f"{path!r} is not a {what} (missing column(s) {', '.join(missing)}); {fix}")
+    return df
