@@ -609,7 +609,7 @@ def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: in
         ok, pk = fits_at(start)
         if not ok:
             return max_batch(fits_at, budget, min(limit, start - 1))
-        lo, plo, hi, phi, slope, growth = start, pk, None, None, max(1.0, pk / start), 2
+        lo, plo, hi, phi, slope, capped = start, pk, None, None, max(1.0, pk / start), True
     else:
         ok1, p1 = fits_at(1)
         if not ok1:
@@ -618,12 +618,12 @@ def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: in
         if not ok2:
             return 1
         lo, plo, hi, phi = 2, p2, None, None
-        slope, growth = max(1.0, float(p2 - p1)), None
+        slope, capped = max(1.0, float(p2 - p1)), False
     turn = 0
     while hi is None or hi - lo > 1:
         step = max(1, int((budget - plo) / slope))
         if hi is None:
-            c = min(lo + step, limit, growth * lo if growth else limit)
+            c = min(lo + step, limit, 2 * lo if capped else limit)
         else:  # secant and bisection alternate: fast on near-linear peaks, never slow
             c = lo + step if turn % 2 == 0 else (lo + hi) // 2
             c = min(max(c, lo + 1), hi - 1)
