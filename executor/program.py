@@ -320,6 +320,11 @@ class PlannedModule(nn.Module):
                 for a in n.all_input_nodes:
                     if last.get(a.name) == k:
                         env.pop(a.name, None)
+        # autograd keeps the pack hook (and so its closure) with every saved tensor until the
+        # segment's whole backward is done: let go of the recipes (and the tensors they hold) and
+        # the last node's boxes here, so each is freed as soon as its own savers ran backward
+        registry.clear()
+        fresh.clear()
         return env[nodes[-1].name]
 
 

@@ -203,10 +203,6 @@ class CostModel:
         self._owner: Dict[str, str] = {}
         for n in nodes:
             self._owner[n.name] = self._owner.get(n.inputs[0], n.inputs[0]) if (n.alias and n.inputs) else n.name
-        self._saved_owner: set = set()
-        for n in nodes:
-            for p in n.saves:
-                self._saved_owner.add(self._owner.get(p, p))
 
     # -- fixed memory ---------------------------------------------------------------------------
     def _round(self, b: float) -> int:
@@ -271,7 +267,8 @@ class CostModel:
         return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
 
     def _walk(self, nodes, scale: Dict[str, float], store: bool,
-              sizes: Optional[Dict[str, int]] = None, keep_output: bool = True) -> Tuple[int, int]:
+              sizes: Optional[Dict[str, int]] = None, keep_output: bool = True,
+              storage: Optional[Tuple[Dict[str, str], set]] = None) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
@@ -279,11 +276,16 @@ class CostModel:
         its last use.  ``keep_output``: the segment output stays live even if nobody saves it
         (it is the next segment's input).  ``scale``: fraction of each node's rows computed.
         ``sizes``: bytes of each node's output, for the tensors of a row strip
-        (:meth:`_strip_graph`: every node has its own storage there).
+        (:meth:`_strip_graph`: every node has its own storage there).  ``storage``: (owner of
+        each node's storage, the storages autograd saves) when they differ from the plain
+        step's, with ``sizes`` 0 for a node that shares its owner's storage (a recompute set:
+        :meth:`_recompute_effect`).
         """
         names = [n.name for n in nodes]
         last = names[-1]
         owner = self._owner if sizes is None else {n: n for n in names}
+        if storage is not None:
+            owner = storage[0]
         last_use: Dict[str, int] = {}
         for i, n in enumerate(nodes):
             for u in n.inputs:
@@ -297,6 +299,8 @@ class CostModel:
                     saved.add(self._owner.get(p, p))
                 else:
                     saved.add(n.name if (n.alias and self._owner[n.name] == p) else p)
+        if storage is not None:
+            saved = set(storage[1])
         live, peak = 0, 0
         size: Dict[str, int] = {}
         for i, n in enumerate(nodes):
@@ -452,17 +456,115 @@ class CostModel:
 
     def _store(self, nodes, recompute: set) -> SegmentCost:
         fpk, keep = self._walk(nodes, {}, store=True)
-        bpk, _ = self._store_backward(nodes, {})
-        gout = self._out(nodes[-1]) if not nodes[-1].alias else self._round(nodes[-1].out_bytes)
+        extra: Dict[str, int] = {}
+        retain: Dict[str, int] = {}
         fwd_s = sum(self._time(n) for n in nodes)
         bwd_s = sum(self._time(n, backward=True) for n in nodes)
-        if recompute:  # dropped outputs: saved by nobody else, recomputed once in backward
-            drop = sum(self._out(n) for n in nodes if n.name in recompute and self._owner[n.name] in self._saved_owner)
-            keep -= drop
-            bwd_s += sum(self._time(n) for n in nodes if n.name in recompute)
+        if recompute:
+            sizes, storage, extra, retain, times = self._recompute_effect(nodes, recompute)
+            fpk, keep = self._walk(nodes, {}, store=True, sizes=sizes, storage=storage)
+            bwd_s += sum(times[n.name] * self._time(n) for n in nodes if n.name in times)
+        bpk, _ = self._store_backward(nodes, {}, retain=retain, extra=extra)
+        gout = self._out(nodes[-1]) if not nodes[-1].alias else self._round(nodes[-1].out_bytes)
         return SegmentCost(keep=keep, fwd_peak=fpk, bwd_peak=keep + gout + bpk,
                            grad_bytes=self._grads(nodes), fwd_s=fwd_s, bwd_s=bwd_s,
                            detail={"saved": keep})
+
+    def _recompute_effect(self, nodes, recompute: set):
+        """What a store segment's ``recompute`` set changes, as the executor runs it
+        (``executor.program``: nodes that produce or read a recomputed value run out of place; a
+        saved tensor that is a recomputed node's output is replaced by a recipe that holds the
+        node's inputs (recipes, or the tensors themselves); a backward that unpacks it recomputes
+        it, and the recipe's own recomputed inputs, right then).
+
+        Returns ``(sizes, storage, extra, retain, times)``: ``sizes`` and ``storage`` for
+        :meth:`_walk` (each node's new bytes, storage owners, saved storages); ``extra`` per node,
+        bytes its backward materialises on top of the captured profile; ``retain`` per node,
+        bytes its backward no longer frees (a dropped tensor is freed in the forward pass
+        already) or frees in addition (a tensor a recipe held); ``times`` per recomputed node,
+        how often the backward recomputes it.  A saved tensor of an in-place node that saves its
+        own storage is taken to be that node's output (as in row strips)."""
+        names = {n.name for n in nodes}
+        by = {n.name: n for n in nodes}
+        touches = {n.name for n in nodes if n.name in recompute or any(u in recompute for u in n.inputs)}
+        own: Dict[str, str] = {}  # storage owner when the touching nodes run out of place
+        for n in nodes:
+            if n.alias and n.inputs and n.name not in touches:
+                own[n.name] = own.get(n.inputs[0], self._owner.get(n.inputs[0], n.inputs[0]))
+            else:
+                own[n.name] = n.name
+
+        def size(o: str) -> int:
+            return self._round(by[o].out_bytes) if o in by else 0
+
+        def tensor(m, p: str) -> str:
+            """The value (a node name) ``m`` saves of the plain step's storage ``p``."""
+            if m.alias and self._owner[m.name] == p:
+                return m.name
+            return next((u for u in m.inputs if self._owner.get(u, u) == p), p)
+
+        def leaves(t: str) -> set:
+            out = set()
+            for u in by[t].inputs:
+                out |= leaves(u) if u in recompute else {own.get(u, u)}
+            return out
+
+        mat_cache: Dict[str, int] = {}
+
+        def mat_peak(t: str) -> int:
+            """Bytes live while value ``t`` is recomputed (its recomputed inputs first)."""
+            if t not in mat_cache:
+                held, pk = 0, 0
+                for u in dict.fromkeys(by[t].inputs):
+                    if u in recompute:
+                        pk = max(pk, held + mat_peak(u))
+                        held += size(u)
+                n = by[t]
+                mat_cache[t] = max(pk, held + size(t) + self._round(n.fwd_work))
+            return mat_cache[t]
+
+        def recomputed(t: str, times: Dict[str, int]) -> None:
+            times[t] = times.get(t, 0) + 1
+            for u in dict.fromkeys(by[t].inputs):
+                if u in recompute:
+                    recomputed(u, times)
+
+        plain_kept: Dict[str, str] = {}  # storage -> its first saver (freed after its backward)
+        kept: Dict[str, str] = {}
+        extra: Dict[str, int] = {}
+        retain: Dict[str, int] = {}
+        times: Dict[str, int] = {}
+        for m in nodes:
+            dropped = []
+            for p in dict.fromkeys(m.saves + m.also_saves):
+                o = self._owner.get(p, p)
+                if o in names:
+                    plain_kept.setdefault(o, m.name)
+                t = tensor(m, p)
+                if t in recompute:
+                    dropped.append(t)
+                    for leaf in leaves(t):
+                        if leaf in names:
+                            kept.setdefault(leaf, m.name)
+                else:
+                    o2 = own.get(t, self._owner.get(t, t))
+                    if o2 in names:
+                        kept.setdefault(o2, m.name)
+            if dropped:
+                held, pk = 0, 0
+                for t in dict.fromkeys(dropped):
+                    pk = max(pk, held + mat_peak(t))
+                    held += size(t)
+                    recomputed(t, times)
+                extra[m.name] = max(pk, held)
+        for o, first in plain_kept.items():
+            if o not in kept:  # freed in the forward pass now: its first saver frees nothing
+                retain[first] = retain.get(first, 0) + size(o)
+        for o, first in kept.items():
+            if o not in plain_kept:  # held by a recipe (or an out-of-place copy), freed with it
+                retain[first] = retain.get(first, 0) - size(o)
+        sizes = {n.name: (size(n.name) if own[n.name] == n.name else 0) for n in nodes}
+        return sizes, (own, set(kept)), extra, retain, times
 
     def _checkpoint(self, nodes) -> SegmentCost:
         fpk, out_keep = self._walk(nodes, {}, store=False)

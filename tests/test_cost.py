@@ -62,6 +62,44 @@ def test_store_and_checkpoint_bytes_compose_exactly():
             assert abs(pred["phases"][ph] - sim[ph]) <= 0.005 * sim[ph], (segs, ph, pred["phases"][ph], sim[ph])
 
 
+def test_store_recompute_sets_priced_as_run():
+    """Store segments with recompute sets (ResNet-50 layer3, train-mode BN): the executor
+    replaces each saved value of a recomputed node by a recipe and recomputes it when a backward
+    unpacks it; the cost model prices what that keeps, frees and makes in backward.  Every set
+    (none, the whole cheap set, single nodes, a BN + ReLU pair) never below the simulated step
+    and within 3 % of it, per phase and on the segment's own backward; the whole set lowers the
+    simulated backward peak (recipes are let go with their savers, not at the end of the
+    segment's backward: holding them cost more than the set saved)."""
+    from executor import apply_plan
+    from executor.measure import train_step_memory
+    from planner.ilp import CHEAP_OPS
+
+    m = set_bn_mode(get_model("resnet50", num_classes=10, device="meta"), "train")
+    g = capture(m, (1, 3, 512, 512))
+    cm = CostModel(g, optimizer="momentum")
+    first, last = "layer3_0_conv1", "layer3_5_relu_2"
+    nodes = g.span(first, last)
+    cheap = [n.name for n in nodes[:-1] if n.op in CHEAP_OPS]
+    sets = {"none": [], "all": cheap, "pair": ["layer3_1_bn1", "layer3_1_relu"]}
+    sets.update({r: [r] for r in ("layer3_0_bn1", "layer3_0_relu", "layer3_0_downsample_1",
+                                  "layer3_5_bn2", "layer3_5_bn3")})
+    sim_bwd = {}
+    for name, rec in sets.items():
+        plan = Plan.build(g, [Segment(first, last, "store", recompute=rec)],
+                          training={"optimizer": "momentum", "bn": "train"})
+        pred = cm.predict(plan)
+        rep = train_step_memory(apply_plan(m, plan, g), g.input_shape, "momentum", fake=True)
+        sim = rep.absolute_phase_peaks()
+        for ph in ("forward", "backward"):
+            assert sim[ph] <= pred["phases"][ph] <= 1.03 * sim[ph], (name, ph, pred["phases"][ph], sim[ph])
+        # the segment's own backward (timeline marks), against its predicted backward peak
+        seg = {lab: pk for lab, _, pk in rep.timeline}["segment 0 backward"] + rep.baseline_bytes
+        p_seg = pred["segments"][0]["backward_peak"]
+        assert seg <= p_seg <= 1.03 * seg, (name, p_seg, seg)
+        sim_bwd[name] = seg
+    assert sim_bwd["all"] < sim_bwd["none"], sim_bwd
+
+
 def test_rows_cost_prices_redundancy_and_memory():
     """More OverL strips: less memory per strip, more recomputed rows (time); 2PS carries grow
     with strips; an unsupported segment is flagged, not priced."""
