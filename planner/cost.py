@@ -647,7 +647,12 @@ class CostModel:
             below_t = [n for n in nodes if n.name not in targets and any(t in anc[n.name] for t in targets)]
             const_sweeps.append((targets, carry_nodes, below_t))
         strip_const = 0
-        for i, strip in enumerate(sched.rows):
+        memo: Dict[tuple, tuple] = {}
+
+        def strip_costs(i: int, strip) -> tuple:
+            """What strip ``i`` costs on its own: (forward walk peak, 2PS carry, recompute
+            peak, recompute keep, backward peak, backward net, gradients pending from the strip
+            below, peak of its gradient-constant sweeps, forward s, backward s)."""
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
             # (a node that computes no rows in this strip neither saves nor back-propagates)
@@ -660,8 +665,6 @@ class CostModel:
                 nxt = sched.rows[i + 1]
                 carry = sum(self._round(by[n].out_bytes * (nxt[n].carried[1] - nxt[n].carried[0])
                                         / max(1, by[n].height)) for n in names)
-            fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
-            carries_total += carry
             # backward: the strip's store-mode recompute, then its backward.  2PS (strips run
             # bottom to top): the gradients of the rows the strip below carried are autograd
             # roots on this strip's new rows, and this strip's carried rows are leaves whose
@@ -702,6 +705,7 @@ class CostModel:
             # rows held; the backward runs only below the targets (their dy is the result), makes
             # no parameter gradients and no input gradient map; 2PS carries only the gradients
             # of nodes with no unknown BN below them
+            const = 0
             for targets, carry_nodes, below_t in const_sweeps:
                 leaves_c = {n: v for n, v in leaves.items() if n in carry_nodes}
                 below_c = {n: v for n, v in below.items() if n in carry_nodes}
@@ -711,15 +715,29 @@ class CostModel:
                 cpk, ckeep = self._walk(sg, mem, store=True, sizes=sz)
                 cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
                                                params=False)
-                strip_const = max(strip_const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
+                const = max(const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
+            # the first strip through a layer finds its weights cold, later strips warm
+            w = i > 0
+            f_s = sum(self._time(by[n], comp[n], warm=w) for n in names)
+            b_s = sum(self._time(by[n], band[n], warm=w) + self._time(by[n], band[n], backward=True, warm=w)
+                      for n in names)
+            return pk, carry, rpk, rkeep, bpk, bnet, pend, const, f_s, b_s
+
+        for i, strip in enumerate(sched.rows):
+            # strips alike in every relative row position cost the same (interior strips)
+            key = self._strip_key(nodes, by, sched, i, own, bns)
+            hit = memo.get(key)
+            if hit is None:
+                hit = memo[key] = strip_costs(i, strip)
+            pk, carry, rpk, rkeep, bpk, bnet, pend, const, f_s, b_s = hit
+            fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
+            carries_total += carry
+            strip_const = max(strip_const, const)
             # during the strip's backward, then while its parameter gradients are summed
             strip_bwd = max(strip_bwd, acc_before[i] + pend + max(rpk, rkeep + bpk),
                             acc_before[i] + rkeep + bnet + acc_new[i])
-            # the first strip through a layer finds its weights cold, later strips warm
-            w = i > 0
-            fwd_s += sum(self._time(by[n], comp[n], warm=w) for n in names)
-            bwd_s += sum(self._time(by[n], band[n], warm=w) + self._time(by[n], band[n], backward=True, warm=w)
-                         for n in names)
+            fwd_s += f_s
+            bwd_s += b_s
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
         if levels:
             one = sched.strips == 1
@@ -741,6 +759,43 @@ class CostModel:
                            detail={"strips": sched.strips, "carries": carries_total, "bn_levels": levels,
                                    "bn_extra_s": bn_s, "bn_stat_s": stat_s, "out_full": out_full,
                                    "bn_state": bn_state, "strip_bwd": strip_bwd})
+
+    def _strip_key(self, nodes, by, sched, i: int, own, bns) -> tuple:
+        """Every row position strip ``i``'s costs depend on, relative to the strip itself: per
+        node its computed, needed and carried rows, per edge where the node's rows (or the input
+        rows its window reads, border padding included) lie in its input's, the same of the next
+        two strips against the strip before them (2PS carries), the rows each BN owns, the
+        output rows, and whether the strip is the first (cold weights).  Two strips with equal
+        keys cost the same (:meth:`_rows` prices one and reuses it)."""
+        from models.geometry import input_rows
+
+        parts: List = [i > 0]
+        for k in range(i, min(i + 3, sched.strips) if sched.policy == "2ps" else i + 1):
+            rows = sched.rows[k]
+            nxt = sched.rows[k + 1] if k + 1 < sched.strips else None
+            for n in nodes:
+                r = rows[n.name]
+                b = r.start
+                parts.append((r.hi - b, r.lo - b))
+                if nxt is not None:
+                    q = nxt[n.name]
+                    parts.append((q.lo - b, min(q.start, q.hi) - b))
+                for u in n.inputs:
+                    ru = rows.get(u) if u in by else None  # (None: the segment input)
+                    if n.kind == _ops.SPATIAL and n.geom is not None:
+                        ir = input_rows(n.geom, r.start, r.hi, (by[u] if u in by else self.graph[u]).height)
+                        base = ru.start if ru is not None else ir.lo
+                        parts.append((ir.lo - base, ir.hi - base, ir.pad_top, ir.pad_bottom))
+                    elif ru is not None:
+                        parts.append((r.start - ru.start, r.hi - ru.start))
+        rows = sched.rows[i]
+        for b in bns:
+            o0, o1 = own[b][i]
+            parts.append((o0 - rows[b].start, o1 - rows[b].start))
+        oa, ob = sched.out[i]
+        last = nodes[-1].name
+        parts.append((oa - rows[last].start, ob - rows[last].start))
+        return tuple(parts)
 
     def _bn_structure(self, nodes):
         """Training-mode BNs of a row segment: (nodes by name, ancestors within the segment, the
