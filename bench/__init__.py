@@ -58,6 +58,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="lrcnn budgets swept from the smallest feasible to the plain peak (default: 4)")
     p.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per method (default: 1)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per method, median (default: 3)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="time each method alone; by default each timed step of an eager method follows a "
+                        "timed plain step and its time ratio is the median ratio of the pairs (robust to "
+                        "the machine's speed drifting during a long run)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="training dtype; exactness bar 1e-5 (float32) or 1e-10 (float64) (default: float32)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

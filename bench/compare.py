@@ -276,8 +276,13 @@ def max_rel_err(case: Case, forward: Callable) -> float:
     return max(rel_errs(case, forward).values())
 
 
-def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
-    """Exactness, absolute peak bytes of one step and the median step time of ``m``."""
+def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3,
+            pair: Optional[Callable] = None) -> Dict:
+    """Exactness, absolute peak bytes of one step and the median step time of ``m``.
+
+    ``pair``: plain PyTorch's forward; each timed step of ``m`` then comes right after a timed
+    plain step, and ``paired_ratio`` is the median of the ratios of the pairs (on a shared
+    machine the speed drifts between methods run minutes apart; a pair sees the same drift)."""
     model, dev = case.model, case.device
     if m.setup:
         m.setup()
@@ -295,16 +300,22 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3) -> Dict:
     state = opt_state(opt)
     rep = memory.measure_step(lambda: train_step(mem_fwd, opt, x, y), device=dev,
                               track_existing=[model, state, x, y], compiled=m.compiled)
-    times = []
-    for _ in range(max(1, repeats)):
+    def timed(forward) -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        train_step(m.forward, opt, x, y)
+        train_step(forward, opt, x, y)
         _sync(dev)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    times, ratios = [], []
+    for _ in range(max(1, repeats)):
+        t_plain = timed(pair) if pair is not None else math.nan
+        times.append(timed(m.forward))
+        ratios.append(times[-1] / t_plain)
     model.load_state_dict(case.state0)
     return {"peak_bytes": float(rep.absolute_peak), "step_bytes": float(rep.peak_bytes),
             "baseline_bytes": float(rep.baseline_bytes), "step_s": statistics.median(times),
+            "paired_ratio": statistics.median(ratios) if pair is not None else math.nan,
             "max_rel_err": err, "exact": is_exact(case, errs), "mem_method": rep.method}
 
 
@@ -402,9 +413,10 @@ def sweep(lo: float, hi: float, points: int) -> List[float]:
 # --------------------------------------------------------------------------------------------
 def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float], points: int,
              profile: str, warmup: int, repeats: int, progress: bool = True,
-             on_row: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+             on_row: Optional[Callable[[List[Dict]], None]] = None, paired: bool = True) -> List[Dict]:
     """Every method on one case; rows for the CSV (ratios to plain filled in).  ``on_row(rows)``
-    is called after every method with the case's rows so far (a long run saves as it goes)."""
+    is called after every method with the case's rows so far (a long run saves as it goes).
+    ``paired``: time every eager method in pairs with plain steps (:func:`measure`)."""
     from tqdm import tqdm
 
     rows: List[Dict] = []
@@ -419,9 +431,10 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         bar.set_postfix_str(f"{m.method} {m.setting}")
         if m.forward is None:
             record(m, peak_bytes=math.nan, step_bytes=math.nan, baseline_bytes=math.nan, step_s=math.nan,
-                   max_rel_err=math.nan, exact=False, mem_method="")
+                   paired_ratio=math.nan, max_rel_err=math.nan, exact=False, mem_method="")
         else:
-            record(m, **measure(case, m, warmup, repeats))
+            pair = case.model if (paired and m.method != "plain" and not m.compiled) else None
+            record(m, **measure(case, m, warmup, repeats, pair=pair))
         bar.update(1)
         if on_row is not None:
             on_row(_ratios(rows))
@@ -470,13 +483,18 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
 
 
 def _ratios(rows: List[Dict]) -> List[Dict]:
-    """Fill ``mem_ratio``/``time_ratio`` against plain (compile: against compiled plain)."""
+    """Fill ``mem_ratio``/``time_ratio`` against plain (compile: against compiled plain; a
+    method timed in pairs with plain steps: the median ratio of its pairs)."""
     plain = next(r for r in rows if r["method"] == "plain")
     cplain = next((r for r in rows if r["method"] == "compile" and r["setting"].endswith("=1")), None)
     for r in rows:
         base = cplain if (r["method"] == "compile" and cplain) else plain
         r["mem_ratio"] = r["peak_bytes"] / plain["peak_bytes"]
-        r["time_ratio"] = r["step_s"] / base["step_s"] if base["step_s"] else math.nan
+        paired = r.get("paired_ratio", math.nan)
+        if paired == paired:  # not NaN
+            r["time_ratio"] = paired
+        else:
+            r["time_ratio"] = r["step_s"] / base["step_s"] if base["step_s"] else math.nan
     return rows
 
 
@@ -544,7 +562,8 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
              f"(SGD momentum, train-mode BN); step peak = what the step adds above parameters, optimizer "
              f"state and batch (activations, gradients, transients: the original LR-CNN's measure); "
              f"time = median step; ratios against plain PyTorch "
-             f"(compile: against compiled plain). exact = gradients, loss and BN running statistics "
+             f"(compile: against compiled plain; time of an eager method with a `paired_ratio` in the CSV: "
+             f"the median ratio of its steps to a plain step timed right before each). exact = gradients, loss and BN running statistics "
              f"within {EXACT_RTOL['float32']:g} (float32; float64: {EXACT_RTOL['float64']:g}) norm-wise "
              f"relative of plain PyTorch, or, in float32, per tensor within {NOISE_FACTOR}x plain PyTorch's own "
              f"spread (the same step with oneDNN/cuDNN off; shown as `<= spread`); float64 runs check the "
@@ -782,7 +801,7 @@ def command(args) -> int:
         case = make_case(name, model_name, batch, res, dev, args.dtype)
         done = list(rows)
         rows += run_case(case, args.methods, args.compile_budgets, args.points, profile, args.warmup, args.repeats,
-                         progress=not args.no_progress,  # files rewritten after every method: a long run keeps what it measured
+                         paired=not args.unpaired, progress=not args.no_progress,  # files rewritten after every method: a long run keeps what it measured
                          on_row=lambda case_rows: _write_compare(done + case_rows, dev, csv, png, md))
         del case
         text = _write_compare(rows, dev, csv, png, md)

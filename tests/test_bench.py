@@ -98,6 +98,10 @@ def test_compare_small_case(tmp_path, capfd):
     md = (tmp_path / "compare-cpu.md").read_text()
     assert "| lrcnn |" in md and "torch" in md and "| step peak |" in md
     assert "| lrcnn |" in out
+    # eager methods are timed in pairs with plain steps: their time ratio is the pairs' median
+    others = ran[ran.method != "plain"]
+    assert (others.paired_ratio > 0).all() and (others.time_ratio == others.paired_ratio).all()
+    assert math.isnan(plain.paired_ratio) and plain.time_ratio == 1
 
 
 @pytest.mark.parametrize("argv,needles", [
