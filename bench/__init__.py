@@ -46,7 +46,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case", action="append", choices=sorted(CASES),
                    help="a case to run (repeatable); default: all four, or a custom one with --model")
     p.add_argument("--model", help="custom case: a torchvision ResNet, VGG or MobileNetV2 name "
-                                   "(with --batch and --resolution)")
+                                   "(with --batch and --resolution); with --study, the model studied "
+                                   "(default resnet50)")
     p.add_argument("--batch", type=positive_int, help="custom case: batch size")
     p.add_argument("--resolution", type=positive_int, help="custom case: square input size")
     p.add_argument("--methods", type=_methods, default=list(METHODS),
@@ -72,10 +73,11 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="bench/results", metavar="DIR",
                    help="folder for compare-<device>.csv/.png/.md (default: bench/results)")
     p.add_argument("--fresh", action="store_true",
-                   help="start compare-<device>.csv anew (default: rows of cases not run now are kept from "
-                        "the existing file, so the cases can be run one at a time into one table)")
+                   help="start compare-<device>.csv (study-<device>.csv) anew (default: rows of cases, or "
+                        "studies, not run now are kept from the existing file, so they can be run one at a "
+                        "time into one table)")
     p.add_argument("--study", nargs="?", const="both", choices=["batch", "resolution", "both"],
-                   help="run the max-batch and/or max-resolution study (ResNet-50) under --study-budget "
+                   help="run the max-batch and/or max-resolution study (--model, default ResNet-50) under --study-budget "
                         "instead (simulated; default when given without a value: both)")
     p.add_argument("--study-budget", default="8GiB", metavar="SIZE", help="budget of the study (default: 8GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

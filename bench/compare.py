@@ -727,11 +727,14 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
     return rows
 
 
-def study_markdown(rows: List[Dict], budget: int, device: torch.device) -> str:
+def study_markdown(rows: List[Dict], budget: int, device: torch.device, model_name: str = "resnet50") -> str:
     from planner.units import fmt_bytes
 
-    lines = [f"ResNet-50, train-mode BN, SGD momentum, budget {fmt_bytes(budget)}; every number simulated "
-             f"(FakeTensorMode, no memory used) on {machine_line(device)}.", "",
+    here = machine_line(device)
+    runs = {r["study"]: (r["device"] if isinstance(r.get("device"), str) else here) for r in rows}
+    where = here if set(runs.values()) <= {here} else "; ".join(f"{k}: {v}" for k, v in runs.items())
+    lines = [f"{model_name}, train-mode BN, SGD momentum, budget {fmt_bytes(budget)}; every number simulated "
+             f"(FakeTensorMode, no memory used) on {where}.", "",
              "| study | fixed | method | largest | peak at it | x best alternative | how |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
@@ -773,9 +776,18 @@ def command(args) -> int:
         csv, md = (os.path.join(args.out_dir, f"study-{tag}.{e}") for e in ("csv", "md"))
         for path in (csv, md):
             check_output_path(path, "output")
-        rows = study(budget, profile, progress=not args.no_progress, which=args.study)
+        running = ["max batch", "max resolution"] if args.study == "both" else [f"max {args.study}"]
+        kept = [] if args.fresh else earlier_rows(csv, running, key="study",
+                                                  required=["study", "fixed", "method", "largest", "peak_bytes",
+                                                            "x_best_alternative", "how"], what="study CSV")
+        model_name = args.model or "resnet50"
+        split_blocks(get_model(model_name, device="meta"))  # a model the alternatives can wrap: say so now
+        rows = study(budget, profile, model_name=model_name, progress=not args.no_progress, which=args.study)
+        for r in rows:
+            r["device"] = machine_line(dev)
+        rows = kept + rows
         df = pd.DataFrame(rows)
-        text = study_markdown(rows, budget, dev)
+        text = study_markdown(rows, budget, dev, model_name)
         write_csv_atomic(df, csv)
         write_text_atomic(text, md, "markdown")
         print(text)
@@ -810,19 +822,23 @@ def command(args) -> int:
     return 0
 
 
-def earlier_rows(csv: str, running: Sequence[str]) -> List[Dict]:
-    """Rows of an existing ``compare-<device>.csv`` for the cases not in ``running`` (each keeps
-    its own ``device`` line: machine, torch version and date), so a table can be built one case
-    per run.  A file that is not such a CSV is an error naming ``--fresh``."""
+def earlier_rows(csv: str, running: Sequence[str], key: str = "case",
+                 required: Sequence[str] = ("case", "method", "setting", "peak_bytes", "step_s", "max_rel_err",
+                                            "exact", "device"),
+                 what: str = "compare CSV") -> List[Dict]:
+    """Rows of an existing ``compare-<device>.csv`` (or ``study-<device>.csv``) whose ``key``
+    (case, or study) is not in ``running`` (each keeps its own ``device`` line: machine, torch
+    version and date), so a table can be built one case (study) per run.  A file that is not
+    such a CSV is an error naming ``--fresh``."""
     import os
 
     from planner.files import read_table
 
     if not os.path.exists(csv):
         return []
-    df = read_table(csv, ["case", "method", "setting", "peak_bytes", "step_s", "max_rel_err", "exact", "device"],
-                    "compare CSV", "pass --fresh to start it anew or choose another --out-dir", BenchError)
-    df = df[~df.case.isin(list(running))]
+    df = read_table(csv, list(required), what, "pass --fresh to start it anew or choose another --out-dir",
+                    BenchError)
+    df = df[~df[key].isin(list(running))]
     return df.to_dict("records")
 
 

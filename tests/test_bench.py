@@ -157,16 +157,26 @@ def test_cases_run_one_at_a_time_build_one_table(tmp_path, capfd):
     assert csv.read_text() == "a,b\n1,2\n"
 
 
-def test_study_max_resolution_small_budget():
+def test_study_max_resolution_small_budget(tmp_path, capfd):
     """The max-resolution study at a small budget on ResNet-18 (simulated, no memory used): every
     method's answer fits and the next size does not; lrcnn's plan at its answer is simulated within
-    the budget and reaches at least the best alternative's size."""
-    from bench.compare import CheckpointBlocks, simulated_peak, study
+    the budget and reaches at least the best alternative's size.  Run alone, it keeps the other
+    study's rows of the existing study CSV."""
+    from bench.compare import CheckpointBlocks, simulated_peak
 
+    earlier = pd.DataFrame([dict(study="max batch", fixed="224x224", method="plain", largest=7, peak_bytes=1.0,
+                                 x_best_alternative=1.0, how="simulated", device="elsewhere; 2026-01-01")])
+    earlier.to_csv(tmp_path / "study-cpu.csv", index=False)
     # just above ResNet-18's parameters, gradients and momentum (134 MiB): small images, so the
     # dozen captures and solves of the search stay cheap (at 200 MiB it took 4 minutes)
     budget = 139 * 2**20
-    rows = {r["method"]: r for r in study(budget, "cpu", model_name="resnet18", progress=False, which="resolution")}
+    rc, out, err = run(capfd, "bench", "--study", "resolution", "--model", "resnet18", "--study-budget", "139MiB",
+                       "--out-dir", tmp_path, "--no-progress")
+    assert rc == 0, err
+    df = pd.read_csv(tmp_path / "study-cpu.csv")
+    kept = df[df.study == "max batch"]
+    assert len(kept) == 1 and kept.iloc[0].largest == 7 and kept.iloc[0].device == "elsewhere; 2026-01-01"
+    rows = {r["method"]: r for r in df[df.study == "max resolution"].to_dict("records")}
     assert set(rows) == {"plain", "checkpoint-blocks", "checkpoint-sqrt", "lrcnn"}
     for name, wrapper in (("plain", None), ("checkpoint-blocks", CheckpointBlocks)):
         side = rows[name]["largest"]
@@ -176,3 +186,5 @@ def test_study_max_resolution_small_budget():
     best = max(r["largest"] for n, r in rows.items() if n != "lrcnn")
     assert lr["largest"] >= best and lr["peak_bytes"] <= budget
     assert lr["x_best_alternative"] == lr["largest"] / best
+    md = (tmp_path / "study-cpu.md").read_text()
+    assert "resnet18" in md and "max batch: elsewhere; 2026-01-01" in md
