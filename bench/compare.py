@@ -563,7 +563,8 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
              f"state and batch (activations, gradients, transients: the original LR-CNN's measure); "
              f"time = median step; ratios against plain PyTorch "
              f"(compile: against compiled plain; time of an eager method with a `paired_ratio` in the CSV: "
-             f"the median ratio of its steps to a plain step timed right before each). exact = gradients, loss and BN running statistics "
+             f"the median ratio of its steps to a plain step timed right before each). "
+             f"exact = gradients, loss and BN running statistics "
              f"within {EXACT_RTOL['float32']:g} (float32; float64: {EXACT_RTOL['float64']:g}) norm-wise "
              f"relative of plain PyTorch, or, in float32, per tensor within {NOISE_FACTOR}x plain PyTorch's own "
              f"spread (the same step with oneDNN/cuDNN off; shown as `<= spread`); float64 runs check the "
@@ -674,6 +675,7 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
         def fits(n):
             key = (wrapper, shape_of(n))
             if key not in peaks:
+                bar.set_postfix_str(f"{getattr(wrapper, '__name__', 'plain')} {'x'.join(map(str, shape_of(n)))}")
                 peaks[key] = simulated_peak(model_name, wrapper, shape_of(n))
                 bar.update(1)
             return peaks[key] <= budget, peaks[key]
@@ -684,6 +686,7 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
     def lr_fits(shape_of):
         def fits(n):
             shape = shape_of(n)
+            bar.set_postfix_str(f"lrcnn {'x'.join(map(str, shape))}")
             _, g = build_and_capture(model_name, shape[0], (shape[2], shape[3]), "float32", "train")
             s = Solver(g, model_name, bn="train", optimizer=OPTIMIZER, device_profile=profile)
             solvers[shape] = s
@@ -784,7 +787,10 @@ def command(args) -> int:
         split_blocks(get_model(model_name, device="meta"))  # a model the alternatives can wrap: say so now
         rows = study(budget, profile, model_name=model_name, progress=not args.no_progress, which=args.study)
         for r in rows:
-            r["device"] = machine_line(dev)
+            r["device"], r["budget_bytes"] = machine_line(dev), budget
+        # a kept study under another budget is another study (rows without one predate the column)
+        kept = [r for r in kept if r.get("budget_bytes") is None or r["budget_bytes"] != r["budget_bytes"]
+                or int(r["budget_bytes"]) == budget]
         rows = kept + rows
         df = pd.DataFrame(rows)
         text = study_markdown(rows, budget, dev, model_name)

@@ -165,7 +165,11 @@ def test_study_max_resolution_small_budget(tmp_path, capfd):
     from bench.compare import CheckpointBlocks, simulated_peak
 
     earlier = pd.DataFrame([dict(study="max batch", fixed="224x224", method="plain", largest=7, peak_bytes=1.0,
-                                 x_best_alternative=1.0, how="simulated", device="elsewhere; 2026-01-01")])
+                                 x_best_alternative=1.0, how="simulated", device="elsewhere; 2026-01-01"),
+                            # the same study under another budget: another study, not kept
+                            dict(study="max batch", fixed="224x224", method="lrcnn", largest=9, peak_bytes=1.0,
+                                 x_best_alternative=1.0, how="simulated", device="elsewhere; 2026-01-01",
+                                 budget_bytes=2**30)])
     earlier.to_csv(tmp_path / "study-cpu.csv", index=False)
     # just above ResNet-18's parameters, gradients and momentum (134 MiB): small images, so the
     # dozen captures and solves of the search stay cheap (at 200 MiB it took 4 minutes)
