@@ -309,13 +309,14 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3,
 
     times, ratios = [], []
     for _ in range(max(1, repeats)):
-        t_plain = timed(pair) if pair is not None else math.nan
+        t_plain = timed(pair) if pair is not None else None
         times.append(timed(m.forward))
-        ratios.append(times[-1] / t_plain)
+        if t_plain is not None:
+            ratios.append(times[-1] / t_plain)
     model.load_state_dict(case.state0)
     return {"peak_bytes": float(rep.absolute_peak), "step_bytes": float(rep.peak_bytes),
             "baseline_bytes": float(rep.baseline_bytes), "step_s": statistics.median(times),
-            "paired_ratio": statistics.median(ratios) if pair is not None else math.nan,
+            "paired_ratio": statistics.median(ratios) if ratios else math.nan,
             "max_rel_err": err, "exact": is_exact(case, errs), "mem_method": rep.method}
 
 
@@ -491,7 +492,7 @@ def _ratios(rows: List[Dict]) -> List[Dict]:
         base = cplain if (r["method"] == "compile" and cplain) else plain
         r["mem_ratio"] = r["peak_bytes"] / plain["peak_bytes"]
         paired = r.get("paired_ratio", math.nan)
-        if paired == paired:  # not NaN
+        if not math.isnan(paired):
             r["time_ratio"] = paired
         else:
             r["time_ratio"] = r["step_s"] / base["step_s"] if base["step_s"] else math.nan
@@ -789,8 +790,7 @@ def command(args) -> int:
         for r in rows:
             r["device"], r["budget_bytes"] = machine_line(dev), budget
         # a kept study under another budget is another study (rows without one predate the column)
-        kept = [r for r in kept if r.get("budget_bytes") is None or r["budget_bytes"] != r["budget_bytes"]
-                or int(r["budget_bytes"]) == budget]
+        kept = [r for r in kept if math.isnan(r.get("budget_bytes", math.nan)) or int(r["budget_bytes"]) == budget]
         rows = kept + rows
         df = pd.DataFrame(rows)
         text = study_markdown(rows, budget, dev, model_name)

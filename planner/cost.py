@@ -266,6 +266,15 @@ class CostModel:
     def _grads(self, nodes) -> int:
         return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
 
+    def _saved_value(self, n, q: str) -> str:
+        """The value (a node name) node ``n`` saves of the plain step's storage ``q`` (the capture
+        names saved storages by their owner), where ``n`` runs out of place (a row strip, or next
+        to a recompute set): its own output when it saves the storage it shares in place in the
+        plain step, else the input that holds ``q`` (``q`` may own an in-place input)."""
+        if q == n.name or (n.alias and self._owner[n.name] == q):
+            return n.name
+        return q if q in n.inputs else next((v for v in n.inputs if self._owner.get(v) == q), q)
+
     def _walk(self, nodes, scale: Dict[str, float], store: bool,
               sizes: Optional[Dict[str, int]] = None, keep_output: bool = True,
               storage: Optional[Tuple[Dict[str, str], set]] = None) -> Tuple[int, int]:
@@ -455,7 +464,6 @@ class CostModel:
         return hit
 
     def _store(self, nodes, recompute: set) -> SegmentCost:
-        fpk, keep = self._walk(nodes, {}, store=True)
         extra: Dict[str, int] = {}
         retain: Dict[str, int] = {}
         fwd_s = sum(self._time(n) for n in nodes)
@@ -464,6 +472,8 @@ class CostModel:
             sizes, storage, extra, retain, times = self._recompute_effect(nodes, recompute)
             fpk, keep = self._walk(nodes, {}, store=True, sizes=sizes, storage=storage)
             bwd_s += sum(times[n.name] * self._time(n) for n in nodes if n.name in times)
+        else:
+            fpk, keep = self._walk(nodes, {}, store=True)
         bpk, _ = self._store_backward(nodes, {}, retain=retain, extra=extra)
         gout = self._out(nodes[-1]) if not nodes[-1].alias else self._round(nodes[-1].out_bytes)
         return SegmentCost(keep=keep, fwd_peak=fpk, bwd_peak=keep + gout + bpk,
@@ -482,8 +492,7 @@ class CostModel:
         bytes its backward materialises on top of the captured profile; ``retain`` per node,
         bytes its backward no longer frees (a dropped tensor is freed in the forward pass
         already) or frees in addition (a tensor a recipe held); ``times`` per recomputed node,
-        how often the backward recomputes it.  A saved tensor of an in-place node that saves its
-        own storage is taken to be that node's output (as in row strips)."""
+        how often the backward recomputes it (:meth:`_saved_value`: which value a save is)."""
         names = {n.name for n in nodes}
         by = {n.name: n for n in nodes}
         touches = {n.name for n in nodes if n.name in recompute or any(u in recompute for u in n.inputs)}
@@ -496,12 +505,6 @@ class CostModel:
 
         def size(o: str) -> int:
             return self._round(by[o].out_bytes) if o in by else 0
-
-        def tensor(m, p: str) -> str:
-            """The value (a node name) ``m`` saves of the plain step's storage ``p``."""
-            if m.alias and self._owner[m.name] == p:
-                return m.name
-            return next((u for u in m.inputs if self._owner.get(u, u) == p), p)
 
         def leaves(t: str) -> set:
             out = set()
@@ -540,7 +543,7 @@ class CostModel:
                 o = self._owner.get(p, p)
                 if o in names:
                     plain_kept.setdefault(o, m.name)
-                t = tensor(m, p)
+                t = self._saved_value(m, p)
                 if t in recompute:
                     dropped.append(t)
                     for leaf in leaves(t):
@@ -886,12 +889,11 @@ class CostModel:
                     ins = [pad] + ins[1:] + [ins[0]]
             saves = []
             for q in n.saves + n.also_saves:
-                if q == name or (n.alias and self._owner[name] == q):
+                u = self._saved_value(n, q)
+                if u == name:
                     saves.append(name)  # its own output (out of place in a strip)
-                    continue
-                # the input that holds q's storage in the full model (q may own an in-place input)
-                u = q if q in n.inputs else next((v for v in n.inputs if self._owner.get(v) == q), q)
-                saves.append(pad if (pad is not None and u == n.inputs[0]) else band_key.get(u, u))
+                else:
+                    saves.append(pad if (pad is not None and u == n.inputs[0]) else band_key.get(u, u))
             extra = n.extra_saved
             if n.alias and extra:  # an in-place op keeps a copy of its input; out of place, the input
                 saves.append(band_key.get(n.inputs[0], n.inputs[0]))
