@@ -561,11 +561,13 @@ class _BNStrip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, st: _BNStat, own0: int):
         shp = (1, -1, 1, 1)
-        y = (x - st.mean.view(shp)) * st.invstd.view(shp)
+        # in place on one new band (no grad mode here): the same operations, no temporaries
+        y = x - st.mean.view(shp)
+        y.mul_(st.invstd.view(shp))
         if weight is not None:
-            y = y * weight.view(shp)
+            y.mul_(weight.view(shp))
         if bias is not None:
-            y = y + bias.view(shp)
+            y.add_(bias.view(shp))
         ctx.save_for_backward(x, weight)
         ctx.st, ctx.own0 = st, own0
         ctx.set_materialize_grads(False)
@@ -576,7 +578,8 @@ class _BNStrip(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         st, o = ctx.st, ctx.own0
         shp = (1, -1, 1, 1)
-        xhat = (x - st.mean.view(shp)) * st.invstd.view(shp)
+        xhat = x - st.mean.view(shp)
+        xhat.mul_(st.invstd.view(shp))
         if dy is None:  # only the token was reached: dy = 0
             zero = x.new_zeros(x.shape[1])
             gw = zero if ctx.needs_input_grad[1] else None
@@ -591,7 +594,11 @@ class _BNStrip(torch.autograd.Function):
             k = st.invstd.view(shp) if weight is None else st.invstd.view(shp) * weight.view(shp)
             gx = dy * k if dy is not None else torch.zeros_like(x)
             if o < x.shape[2]:
-                gx[:, :, o:] -= k * (st.c1.view(shp) + xhat[:, :, o:] * st.c2.view(shp))
+                # k * (c1 + xhat * c2), in place on xhat's owned rows (xhat is not read again):
+                # the same operations as out of place, without two temporaries of those rows
+                xo = xhat[:, :, o:]
+                xo.mul_(st.c2.view(shp)).add_(st.c1.view(shp)).mul_(k)
+                gx[:, :, o:] -= xo
         return gx, gw, gb, None, None
 
 

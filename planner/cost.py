@@ -639,7 +639,6 @@ class CostModel:
             acc_new[i] = max((pgrad[n] for n in reach if seen.get(n) == 1), default=0)
             for n in reach:
                 seen[n] = seen.get(n, 0) + 1
-        own = {b: sched.owned(b) for b in bns}
         # per backward level (executor.rows.RowSegment.backward): its target BNs, the nodes whose
         # gradient a 2PS sweep carries (no BN with unknown constants below them), and the nodes
         # its backward runs through (below the targets)
@@ -684,13 +683,9 @@ class CostModel:
             rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes)
             # training-mode BN in strips (executor.rows._BNStrip, an autograd root through a
             # scalar token): its backward holds xhat next to the input gradient (one band of the
-            # rows it computes each), and for the rows it owns two chained temporaries of the
-            # constant part, where the captured BN backward makes the input gradient only
-            bnx = {}
-            for b in bns:
-                row = by[b].out_bytes / max(1, by[b].height)
-                o0 = min(max(own[b][i][0], strip[b].start), strip[b].hi)
-                bnx[b] = sizes[b] + 2 * self._round(row * (strip[b].hi - o0))
+            # rows it computes; the constant part of the rows it owns is made in place on xhat),
+            # where the captured BN backward makes the input gradient only
+            bnx = {b: sizes[b] for b in bns}
             part = self._partial_reads(g, nodes, by, strip, sizes)
             # the segment output's rows are the strip's autograd root and their gradient a view
             # of the output gradient map: both live through the strip's whole backward, where the
@@ -728,7 +723,7 @@ class CostModel:
 
         for i, strip in enumerate(sched.rows):
             # strips alike in every relative row position cost the same (interior strips)
-            key = self._strip_key(nodes, by, sched, i, own, bns)
+            key = self._strip_key(nodes, by, sched, i)
             hit = memo.get(key)
             if hit is None:
                 hit = memo[key] = strip_costs(i, strip)
@@ -763,12 +758,12 @@ class CostModel:
                                    "bn_extra_s": bn_s, "bn_stat_s": stat_s, "out_full": out_full,
                                    "bn_state": bn_state, "strip_bwd": strip_bwd})
 
-    def _strip_key(self, nodes, by, sched, i: int, own, bns) -> tuple:
+    def _strip_key(self, nodes, by, sched, i: int) -> tuple:
         """Every row position strip ``i``'s costs depend on, relative to the strip itself: per
         node its computed, needed and carried rows, per edge where the node's rows (or the input
         rows its window reads, border padding included) lie in its input's, the same of the next
-        two strips against the strip before them (2PS carries), the rows each BN owns, the
-        output rows, and whether the strip is the first (cold weights).  Two strips with equal
+        two strips against the strip before them (2PS carries), the output rows, and whether the
+        strip is the first (cold weights).  Two strips with equal
         keys cost the same (:meth:`_rows` prices one and reuses it)."""
         from models.geometry import input_rows
 
@@ -792,9 +787,6 @@ class CostModel:
                     elif ru is not None:
                         parts.append((r.start - ru.start, r.hi - ru.start))
         rows = sched.rows[i]
-        for b in bns:
-            o0, o1 = own[b][i]
-            parts.append((o0 - rows[b].start, o1 - rows[b].start))
         oa, ob = sched.out[i]
         last = nodes[-1].name
         parts.append((oa - rows[last].start, ob - rows[last].start))
