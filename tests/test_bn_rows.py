@@ -337,3 +337,34 @@ def test_segments_starting_or_ending_at_bn_and_affine_false(policy):
     # the first BN reads the segment input directly and has no parameters: its gradient constants
     # are still needed for the input gradient
     _check(ref, [Segment("conv1", "conv1", "store"), rows("bn1", "layer2", policy, 3)])
+
+
+def test_bn_strip_backward_makes_no_row_temporaries():
+    """A strip's training-mode BN backward holds xhat and the input gradient, nothing more (the
+    owned rows' constant part is made in place on xhat), and its results are bit for bit the
+    out-of-place formula's."""
+    from executor.memory import StorageTracker
+    from executor.rows import _BNStat, _BNStrip
+
+    torch.manual_seed(3)
+    n, c, h, w, own0 = 2, 5, 8, 6, 1
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    st = _BNStat()
+    st.mean, st.invstd = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    st.c1, st.c2 = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    dy = torch.randn(n, c, h, w, dtype=torch.float64)
+    y, _ = _BNStrip.apply(x, weight, bias, st, own0)
+    shp = (1, -1, 1, 1)
+    xhat = (x.detach() - st.mean.view(shp)) * st.invstd.view(shp)
+    assert torch.equal(y.detach(), xhat * weight.detach().view(shp) + bias.detach().view(shp))
+    with StorageTracker() as tr:
+        gx, gw, gb = torch.autograd.grad(y, (x, weight, bias), dy)
+    band = x.numel() * x.element_size()
+    assert tr.peak - tr.baseline <= 2 * band + 4 * c * 8, (tr.peak - tr.baseline, band)
+    k = st.invstd.view(shp) * weight.detach().view(shp)
+    want = dy * k
+    want[:, :, own0:] -= k * (st.c1.view(shp) + xhat[:, :, own0:] * st.c2.view(shp))
+    assert torch.equal(gx, want)
+    assert torch.equal(gw, (dy * xhat).sum((0, 2, 3))) and torch.equal(gb, dy.sum((0, 2, 3)))
