@@ -362,16 +362,18 @@ class CostModel:
                 peak = max(peak, run + band)  # the zero band, next to the rows' gradient
                 run += more
                 release[u] = release.get(u, 0) + more
-        return peak, run
+        # the segment input's band: its gradient is the band, the first node's summed into it
+        return peak, run - sum(release.values())
 
-    def _partial_reads(self, g, nodes, by, strip, sizes) -> Dict[str, list]:
+    def _partial_reads(self, g, nodes, by, strip, sizes, source: Optional[str] = None) -> Dict[str, list]:
         """Inputs a strip's nodes read only part of (executor.strips.Band.rows slices a band).
 
         Per node, ``(input, bytes of the input's band, bytes the slice's backward adds)``: the
         gradient of a slice is a zero tensor the size of the whole band with the rows' gradient
         copied in.  A pointwise or join op's captured backward hands its output gradient on
         (no new bytes), so the whole band is new; a spatial op's captured backward already makes
-        the gradient of the rows it reads."""
+        the gradient of the rows it reads.  ``source``: the segment input, when the strip's
+        backward makes the gradient of its input band (the rows it sliced from the input map)."""
         from models.geometry import input_rows
 
         out: Dict[str, list] = {}
@@ -380,21 +382,24 @@ class CostModel:
             if not r.computed:
                 continue
             for u in dict.fromkeys(n.inputs):
-                if u not in by or not strip[u].computed:
+                if u == source and u not in by:
+                    ru, full, b0, key = strip[u], g[u], strip[u].lo, None
+                elif u not in by or not strip[u].computed:
                     continue
-                ru = strip[u]
-                c0, c1 = ru.carried
-                b0 = c0 if c1 > c0 else ru.start
-                key = u + "#cat" if (c1 > c0 and u + "#cat" in sizes) else u
+                else:
+                    ru, full = strip[u], by[u]
+                    c0, c1 = ru.carried
+                    b0 = c0 if c1 > c0 else ru.start
+                    key = u + "#cat" if (c1 > c0 and u + "#cat" in sizes) else u
                 if n.kind == _ops.SPATIAL and n.geom is not None:
-                    ir = input_rows(n.geom, r.start, r.hi, by[u].height)
+                    ir = input_rows(n.geom, r.start, r.hi, full.height)
                     lo, hi = ir.lo, ir.hi
                 else:
                     lo, hi = r.start, r.hi
                 if lo <= b0 and hi >= ru.hi:
                     continue  # the whole band: no slice
-                band = sizes[key]
-                row = by[u].out_bytes / max(1, by[u].height)
+                row = full.out_bytes / max(1, full.height)
+                band = sizes[key] if key is not None else self._round(row * (ru.hi - b0))
                 read = self._round(row * max(0, hi - lo)) if n.kind == _ops.SPATIAL else 0
                 out.setdefault(n.name, []).append((u, band, max(0, band - read)))
         return out
@@ -619,6 +624,7 @@ class CostModel:
         levels = len(fwd_levels)
         sched = strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
         src = g[source]
+        need_gx = g.index(seg.first) > 1  # (the executor's: the segment input requires grad)
         out_full = self._round(by[out].out_bytes)
         carries_total = 0
         fwd_peak = 0
@@ -687,6 +693,8 @@ class CostModel:
             # where the captured BN backward makes the input gradient only
             bnx = {b: sizes[b] for b in bns}
             part = self._partial_reads(g, nodes, by, strip, sizes)
+            # the last sweep also makes the gradient of the strip's input band
+            part_gx = self._partial_reads(g, nodes, by, strip, sizes, source) if need_gx else part
             # the segment output's rows are the strip's autograd root and their gradient a view
             # of the output gradient map: both live through the strip's whole backward, where the
             # captured profile frees the output's incoming gradient (and its output, if its own
@@ -697,7 +705,7 @@ class CostModel:
                 rows_b = self._round(by[out].out_bytes / max(1, by[out].height) * (ob - oa))
                 leaves = dict(leaves)
                 leaves[out] = leaves.get(out, 0) + rows_b + (min(rows_b, sizes[out]) if saved_self else 0)
-            bpk, bnet = self._store_backward(nodes, mem, retain=leaves, extra=bnx, partial=part)
+            bpk, bnet = self._store_backward(nodes, mem, retain=leaves, extra=bnx, partial=part_gx)
             # the gradient-constant sweeps before it (executor.rows.RowSegment.backward), one per
             # backward level: the same recompute, with the level's target BNs' input and output
             # rows held; the backward runs only below the targets (their dy is the result), makes
@@ -746,7 +754,6 @@ class CostModel:
             bn_s = stat_s + levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
             bn_state = sum(4 * self._round(by[b].shape[1] * self._esize) for b in bns)
         grads = self._grads(nodes)
-        need_gx = g.index(seg.first) > 1
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
         keep = out_full + carries_total + bn_state
@@ -779,13 +786,16 @@ class CostModel:
                     q = nxt[n.name]
                     parts.append((q.lo - b, min(q.start, q.hi) - b))
                 for u in n.inputs:
-                    ru = rows.get(u) if u in by else None  # (None: the segment input)
+                    ru = rows.get(u)
+                    # (the segment input: where the rows read lie in the strip's input band)
+                    base = ru.start if u in by else (ru.lo if ru is not None else None)
+                    top = (ru.hi - base,) if (u not in by and ru is not None) else ()
                     if n.kind == _ops.SPATIAL and n.geom is not None:
                         ir = input_rows(n.geom, r.start, r.hi, (by[u] if u in by else self.graph[u]).height)
-                        base = ru.start if ru is not None else ir.lo
-                        parts.append((ir.lo - base, ir.hi - base, ir.pad_top, ir.pad_bottom))
-                    elif ru is not None:
-                        parts.append((r.start - ru.start, r.hi - ru.start))
+                        b0 = ir.lo if base is None else base
+                        parts.append((ir.lo - b0, ir.hi - b0, ir.pad_top, ir.pad_bottom) + top)
+                    elif base is not None:
+                        parts.append((r.start - base, r.hi - base) + top)
         rows = sched.rows[i]
         oa, ob = sched.out[i]
         last = nodes[-1].name
