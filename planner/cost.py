@@ -770,8 +770,8 @@ class CostModel:
         node its computed, needed and carried rows, per edge where the node's rows (or the input
         rows its window reads, border padding included) lie in its input's, the same of the next
         two strips against the strip before them (2PS carries), the output rows, and whether the
-        strip is the first (cold weights).  Two strips with equal
-        keys cost the same (:meth:`_rows` prices one and reuses it)."""
+        strip is the first (cold weights).  Two strips with equal keys cost the same
+        (:meth:`_rows` prices one and reuses it)."""
         from models.geometry import input_rows
 
         parts: List = [i > 0]
