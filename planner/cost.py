@@ -362,7 +362,8 @@ class CostModel:
                 peak = max(peak, run + band)  # the zero band, next to the rows' gradient
                 run += more
                 release[u] = release.get(u, 0) + more
-        # the segment input's band: its gradient is the band, the first node's summed into it
+        # bands of inputs the walk never reaches (the segment input's: the first node's gradient
+        # is summed into it) leave with the walk's result
         return peak, run - sum(release.values())
 
     def _partial_reads(self, g, nodes, by, strip, sizes, source: Optional[str] = None) -> Dict[str, list]:
@@ -382,23 +383,23 @@ class CostModel:
             if not r.computed:
                 continue
             for u in dict.fromkeys(n.inputs):
-                if u == source and u not in by:
-                    ru, full, b0, key = strip[u], g[u], strip[u].lo, None
-                elif u not in by or not strip[u].computed:
+                ru = strip[u]
+                if u == source:  # the strip's input band: the rows sliced from the input map
+                    b0, key = ru.lo, None
+                elif u not in by or not ru.computed:
                     continue
                 else:
-                    ru, full = strip[u], by[u]
                     c0, c1 = ru.carried
                     b0 = c0 if c1 > c0 else ru.start
                     key = u + "#cat" if (c1 > c0 and u + "#cat" in sizes) else u
                 if n.kind == _ops.SPATIAL and n.geom is not None:
-                    ir = input_rows(n.geom, r.start, r.hi, full.height)
+                    ir = input_rows(n.geom, r.start, r.hi, g[u].height)
                     lo, hi = ir.lo, ir.hi
                 else:
                     lo, hi = r.start, r.hi
                 if lo <= b0 and hi >= ru.hi:
                     continue  # the whole band: no slice
-                row = full.out_bytes / max(1, full.height)
+                row = g[u].out_bytes / max(1, g[u].height)
                 band = sizes[key] if key is not None else self._round(row * (ru.hi - b0))
                 read = self._round(row * max(0, hi - lo)) if n.kind == _ops.SPATIAL else 0
                 out.setdefault(n.name, []).append((u, band, max(0, band - read)))
@@ -692,9 +693,9 @@ class CostModel:
             # rows it computes; the constant part of the rows it owns is made in place on xhat),
             # where the captured BN backward makes the input gradient only
             bnx = {b: sizes[b] for b in bns}
-            part = self._partial_reads(g, nodes, by, strip, sizes)
-            # the last sweep also makes the gradient of the strip's input band
-            part_gx = self._partial_reads(g, nodes, by, strip, sizes, source) if need_gx else part
+            # (only the last sweep makes the gradient of the strip's input band)
+            part_gx = self._partial_reads(g, nodes, by, strip, sizes, source if need_gx else None)
+            part = {n: [e for e in v if e[0] != source] for n, v in part_gx.items()}
             # the segment output's rows are the strip's autograd root and their gradient a view
             # of the output gradient map: both live through the strip's whole backward, where the
             # captured profile frees the output's incoming gradient (and its output, if its own
@@ -786,15 +787,13 @@ class CostModel:
                     q = nxt[n.name]
                     parts.append((q.lo - b, min(q.start, q.hi) - b))
                 for u in n.inputs:
-                    ru = rows.get(u)
+                    ru = rows[u]
                     # (the segment input: where the rows read lie in the strip's input band)
-                    base = ru.start if u in by else (ru.lo if ru is not None else None)
-                    top = (ru.hi - base,) if (u not in by and ru is not None) else ()
+                    base, top = (ru.start, ()) if u in by else (ru.lo, (ru.hi - ru.lo,))
                     if n.kind == _ops.SPATIAL and n.geom is not None:
-                        ir = input_rows(n.geom, r.start, r.hi, (by[u] if u in by else self.graph[u]).height)
-                        b0 = ir.lo if base is None else base
-                        parts.append((ir.lo - b0, ir.hi - b0, ir.pad_top, ir.pad_bottom) + top)
-                    elif base is not None:
+                        ir = input_rows(n.geom, r.start, r.hi, self.graph[u].height)
+                        parts.append((ir.lo - base, ir.hi - base, ir.pad_top, ir.pad_bottom) + top)
+                    else:
                         parts.append((r.start - base, r.hi - base) + top)
         rows = sched.rows[i]
         oa, ob = sched.out[i]
