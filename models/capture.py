@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -276,7 +277,18 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     from executor.memory import StorageTracker
 
     prof: Dict[str, dict] = {}
-    producer: Dict[int, str] = {}   # storage key -> node whose output it is
+    # storage key -> (node whose output it is, weak reference to that storage): a key is the
+    # StorageImpl's address, which a later storage reuses once this one is freed, so an entry
+    # counts only while its storage lives (else a saved temporary made at a reused address would
+    # be taken for an old node's output, depending on the allocator's history)
+    producer: Dict[int, Tuple[str, weakref.ref]] = {}
+
+    def producer_of(t: torch.Tensor) -> Optional[str]:
+        hit = producer.get(_storage_key(t))
+        return hit[0] if hit is not None and hit[1]() is not None else None
+
+    def set_producer(t: torch.Tensor, name: str) -> None:
+        producer[_storage_key(t)] = (name, weakref.ref(t.untyped_storage()))
     seen: set = set()
     current = {"node": None}
     hooked: set = set()
@@ -292,13 +304,13 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
             return t
         if key in seen:
             r = rec(current["node"])
-            prod = producer.get(key)
+            prod = producer_of(t)
             if prod not in (None, "__input__") and prod not in r["saves"] and prod not in r["also_saves"]:
                 r["also_saves"].append(prod)
             return t
         seen.add(key)
         r = rec(current["node"])
-        prod = producer.get(key)
+        prod = producer_of(t)
         if prod is None:
             r["extra_saved"] += t.untyped_storage().nbytes()
         elif prod != "__input__" and prod not in r["saves"]:
@@ -322,8 +334,8 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
                 key = _storage_key(out)
                 r = rec(n.name)
                 r["alias"] = key in ins
-                if not r["alias"]:  # (storage keys are reused once a storage is freed)
-                    producer[key] = n.name
+                if not r["alias"]:
+                    set_producer(out, n.name)
                 fn = out.grad_fn
                 if fn is not None and fn not in hooked and n.op != "placeholder":
                     hooked.add(fn)
@@ -333,7 +345,7 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     runner = _Runner(gm, _Interp)
     with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
         x = torch.empty(input_shape, dtype=dtype, device="meta")
-        producer[_storage_key(x)] = "__input__"
+        set_producer(x, "__input__")
         out = functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
         if isinstance(out, torch.Tensor) and out.requires_grad:
             current["node"] = "output"
