@@ -58,7 +58,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", type=positive_int, default=4,
                    help="lrcnn budgets swept from the smallest feasible to the plain peak (default: 4)")
     p.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per method (default: 1)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per method, median (default: 3)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per method, median (default: 5)")
     p.add_argument("--unpaired", action="store_true",
                    help="time each method alone; by default each timed step of an eager method follows a "
                         "timed plain step and its time ratio is the median ratio of the pairs (robust to "

@@ -276,13 +276,14 @@ def max_rel_err(case: Case, forward: Callable) -> float:
     return max(rel_errs(case, forward).values())
 
 
-def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3,
+def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 5,
             pair: Optional[Callable] = None) -> Dict:
     """Exactness, absolute peak bytes of one step and the median step time of ``m``.
 
     ``pair``: plain PyTorch's forward; each timed step of ``m`` then comes right after a timed
     plain step, and ``paired_ratio`` is the median of the ratios of the pairs (on a shared
-    machine the speed drifts between methods run minutes apart; a pair sees the same drift)."""
+    machine the speed drifts between methods run minutes apart; a pair sees the same drift),
+    ``pair_min``/``pair_max`` their range (one pair on a 2-core VM can be off by 0.3)."""
     model, dev = case.model, case.device
     if m.setup:
         m.setup()
@@ -317,6 +318,7 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 3,
     return {"peak_bytes": float(rep.absolute_peak), "step_bytes": float(rep.peak_bytes),
             "baseline_bytes": float(rep.baseline_bytes), "step_s": statistics.median(times),
             "paired_ratio": statistics.median(ratios) if ratios else math.nan,
+            "pair_min": min(ratios, default=math.nan), "pair_max": max(ratios, default=math.nan),
             "max_rel_err": err, "exact": is_exact(case, errs), "mem_method": rep.method}
 
 
@@ -432,7 +434,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         bar.set_postfix_str(f"{m.method} {m.setting}")
         if m.forward is None:
             record(m, peak_bytes=math.nan, step_bytes=math.nan, baseline_bytes=math.nan, step_s=math.nan,
-                   paired_ratio=math.nan, max_rel_err=math.nan, exact=False, mem_method="")
+                   paired_ratio=math.nan, pair_min=math.nan, pair_max=math.nan, max_rel_err=math.nan, exact=False, mem_method="")
         else:
             pair = case.model if (paired and m.method != "plain" and not m.compiled) else None
             record(m, **measure(case, m, warmup, repeats, pair=pair))
@@ -564,7 +566,8 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
              f"state and batch (activations, gradients, transients: the original LR-CNN's measure); "
              f"time = median step; ratios against plain PyTorch "
              f"(compile: against compiled plain; time of an eager method with a `paired_ratio` in the CSV: "
-             f"the median ratio of its steps to a plain step timed right before each). "
+             f"the median ratio of its steps to a plain step timed right before each, in brackets the "
+             f"range of those ratios). "
              f"exact = gradients, loss and BN running statistics "
              f"within {EXACT_RTOL['float32']:g} (float32; float64: {EXACT_RTOL['float64']:g}) norm-wise "
              f"relative of plain PyTorch, or, in float32, per tensor within {NOISE_FACTOR}x plain PyTorch's own "
@@ -586,7 +589,7 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
                 continue
             sp = fmt_bytes(r.step_bytes) if "step_bytes" in r and not math.isnan(r.step_bytes) else "-"
             lines.append(f"| {r.method} | {r.setting} | {fmt_bytes(r.peak_bytes)} | {r.mem_ratio:.2f} | {sp} | "
-                         f"{r.step_s:.3f} | {r.time_ratio:.2f} | {_exact_cell(r)} | "
+                         f"{r.step_s:.3f} | {_time_cell(r)} | {_exact_cell(r)} | "
                          f"{note} |")
         lines.append("")
     if tg:
@@ -601,6 +604,14 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
                              f"{t['step_min_ratio']:.2f} | |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _time_cell(r) -> str:
+    """The time ratio; for paired methods with the range of their pairs (``1.21 [1.10-1.35]``)."""
+    lo, hi = r.get("pair_min", math.nan), r.get("pair_max", math.nan)
+    if isinstance(lo, float) and isinstance(hi, float) and not (math.isnan(lo) or math.isnan(hi)) and hi > lo:
+        return f"{r.time_ratio:.2f} [{lo:.2f}-{hi:.2f}]"
+    return f"{r.time_ratio:.2f}"
 
 
 def _exact_cell(r) -> str:
