@@ -434,7 +434,8 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         bar.set_postfix_str(f"{m.method} {m.setting}")
         if m.forward is None:
             record(m, peak_bytes=math.nan, step_bytes=math.nan, baseline_bytes=math.nan, step_s=math.nan,
-                   paired_ratio=math.nan, pair_min=math.nan, pair_max=math.nan, max_rel_err=math.nan, exact=False, mem_method="")
+                   paired_ratio=math.nan, pair_min=math.nan, pair_max=math.nan, max_rel_err=math.nan,
+                   exact=False, mem_method="")
         else:
             pair = case.model if (paired and m.method != "plain" and not m.compiled) else None
             record(m, **measure(case, m, warmup, repeats, pair=pair))
@@ -608,8 +609,8 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
 
 def _time_cell(r) -> str:
     """The time ratio; for paired methods with the range of their pairs (``1.21 [1.10-1.35]``)."""
-    lo, hi = r.get("pair_min", math.nan), r.get("pair_max", math.nan)
-    if isinstance(lo, float) and isinstance(hi, float) and not (math.isnan(lo) or math.isnan(hi)) and hi > lo:
+    lo, hi = r.get("pair_min", math.nan), r.get("pair_max", math.nan)  # NaN: unpaired, or an older CSV
+    if hi > lo:  # (False when either is NaN)
         return f"{r.time_ratio:.2f} [{lo:.2f}-{hi:.2f}]"
     return f"{r.time_ratio:.2f}"
 

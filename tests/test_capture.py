@@ -222,7 +222,6 @@ def test_saved_bytes_of_a_small_net_by_hand():
     assert g.saved_input_bytes == 2 * 3 * 8 * 8 * 4
 
 
-
 class _FreedThenSaved(nn.Module):
     """The last BN's output feeds only a spatial sum (which saves nothing), so it is freed
     before the loss runs; the loss then saves new tensors, one of them made at the address
@@ -262,6 +261,7 @@ def test_saved_tensor_at_a_freed_outputs_address_is_not_that_output():
             nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long))
         packed.pop(logits.untyped_storage()._cdata, None)
     assert out.extra_saved == sum(packed.values())
+
 
 def test_cut_points_resnet50(r50):
     cuts = r50.cut_points()
