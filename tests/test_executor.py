@@ -137,14 +137,26 @@ def test_resnet50_float32_batch1():
 
 # -- MobileNetV2 (eval BN, depthwise, ReLU6) ---------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mobilenet_v2(dtype):
-    m = _model("mobilenet_v2", dtype, num_classes=10)
-    ref = Reference(m, *_data(3, 97, 83, dtype, 10), steps=2 if dtype == torch.float64 else 1)
-    for policy in POLICIES:
-        ref.check([seg_rows("features", "features", policy, 3)])
-    ref.check([seg_rows("features_0_0", "add_2", "2ps", 7),
-               Segment("features_7_conv_0_0", "features_18_2", "checkpoint")])
+MOBILENET_PLANS = [[seg_rows("features", "features", policy, 3)] for policy in POLICIES] + [
+    [seg_rows("features_0_0", "add_2", "2ps", 7), Segment("features_7_conv_0_0", "features_18_2", "checkpoint")]]
+
+
+def test_mobilenet_v2():
+    m = _model("mobilenet_v2", torch.float64, num_classes=10)
+    ref = Reference(m, *_data(3, 97, 83, torch.float64, 10), steps=2)
+    for segments in MOBILENET_PLANS:
+        ref.check(segments)
+
+
+def test_mobilenet_v2_float32():
+    # Plain float32 is itself more than 1e-5 away from float64 on all 141 gradients of this net (random
+    # weights, eval BN, ReLU6; on an AVX-512 EPYC: 1.8e-3 on features.3's first conv weight, and
+    # oneDNN off moves it by 3.7e-3), so float32 is judged against the float64 truth, as for the
+    # batch-1 ResNet-50 above; the maths is checked to 1e-10 in float64.
+    m = _model("mobilenet_v2", torch.float32, num_classes=10)
+    x, y = _data(3, 97, 83, torch.float32, 10)
+    for segments in MOBILENET_PLANS:
+        check_float32_vs_truth(m, x, y, segments)
 
 
 # -- tiny nets: many strip counts, both policies, batch 1 and 3 -------------------------------
