@@ -826,15 +826,22 @@ def command(args) -> int:
     for _, model_name, _, _ in cases:  # an unknown model or one without blocks: say so before any work
         split_blocks(get_model(model_name, device="meta"))
     kept = [] if args.fresh else earlier_rows(csv, [c[0] for c in cases])
+    # a case run again keeps its place in the table; new cases go after the file's
+    prior = list(dict.fromkeys(r["case"] for r in earlier_rows(csv, []))) if kept else []
+    order = prior + [c[0] for c in cases if c[0] not in prior]
+
+    def in_order(rs: List[Dict]) -> List[Dict]:
+        return sorted(rs, key=lambda r: order.index(r["case"]))
+
     rows: List[Dict] = list(kept)
     for name, model_name, batch, res in cases:
         case = make_case(name, model_name, batch, res, dev, args.dtype)
         done = list(rows)
         rows += run_case(case, args.methods, args.compile_budgets, args.points, profile, args.warmup, args.repeats,
                          paired=not args.unpaired, progress=not args.no_progress,  # files rewritten after every method: a long run keeps what it measured
-                         on_row=lambda case_rows: _write_compare(done + case_rows, dev, csv, png, md))
+                         on_row=lambda case_rows: _write_compare(in_order(done + case_rows), dev, csv, png, md))
         del case
-        text = _write_compare(rows, dev, csv, png, md)
+        text = _write_compare(in_order(rows), dev, csv, png, md)
     print(text)
     print(f"wrote {csv}, {png}, {md}", file=sys.stderr)
     return 0

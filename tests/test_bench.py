@@ -149,6 +149,10 @@ def test_cases_run_one_at_a_time_build_one_table(tmp_path, capfd):
     assert "**resnet18-b2-32**" in md and "measured on an older machine" in md and "**resnet18-b4-32**" in md
     rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, *argv)
     assert rc == 0 and list(pd.read_csv(csv).case) == ["resnet18-b2-32", "resnet18-b4-32"]  # replaced, not added
+    rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 2, "--resolution", 32, *argv)
+    df = pd.read_csv(csv)  # the first case run again keeps its place (with this run's machine line)
+    assert rc == 0 and list(df.case) == ["resnet18-b2-32", "resnet18-b4-32"]
+    assert "torch" in df.device.iloc[0]
     rc, _, err = run(capfd, "bench", "--model", "resnet18", "--batch", 4, "--resolution", 32, "--fresh", *argv)
     assert rc == 0 and list(pd.read_csv(csv).case) == ["resnet18-b4-32"]
     csv.write_text("a,b\n1,2\n")
