@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exactness import Reference, check_float32_vs_truth, seg_rows
+from exactness import Reference, TruthReference, seg_rows
 from models import get_model
 from planner import Segment, PlanError
 from executor import RowSegmentError
@@ -130,9 +130,9 @@ def test_resnet50_float32_batch1():
     # against the float64 truth: no worse than 2x plain float32's own error, else <= 1e-5.  The
     # 3-step trajectory is compared in float64 above.
     m = _model("resnet50", torch.float32, num_classes=10)
-    x, y = _data(1, 160, 208, torch.float32, 10)
-    check_float32_vs_truth(m, x, y, [seg_rows("conv1", "layer4", "2ps", 3)])
-    check_float32_vs_truth(m, x, y, [seg_rows("conv1", "layer2", "overl", 7), seg_rows("layer3", "layer4", "2ps", 2)])
+    ref = TruthReference(m, *_data(1, 160, 208, torch.float32, 10))
+    ref.check([seg_rows("conv1", "layer4", "2ps", 3)])
+    ref.check([seg_rows("conv1", "layer2", "overl", 7), seg_rows("layer3", "layer4", "2ps", 2)])
 
 
 # -- MobileNetV2 (eval BN, depthwise, ReLU6) ---------------------------------------------------
@@ -149,14 +149,13 @@ def test_mobilenet_v2():
 
 
 def test_mobilenet_v2_float32():
-    # Plain float32 is itself more than 1e-5 away from float64 on all 141 gradients of this net (random
-    # weights, eval BN, ReLU6; on an AVX-512 EPYC: 1.8e-3 on features.3's first conv weight, and
-    # oneDNN off moves it by 3.7e-3), so float32 is judged against the float64 truth, as for the
-    # batch-1 ResNet-50 above; the maths is checked to 1e-10 in float64.
-    m = _model("mobilenet_v2", torch.float32, num_classes=10)
-    x, y = _data(3, 97, 83, torch.float32, 10)
+    # Plain float32 is itself more than 1e-5 away from float64 on all 141 gradients of this net
+    # (random weights, eval BN, ReLU6; on an AVX-512 EPYC: 1.8e-3 on features.3's first conv weight,
+    # and oneDNN off moves it by 3.7e-3), so float32 is judged against the float64 truth, as for
+    # the batch-1 ResNet-50 above; the maths is checked to 1e-10 in float64.
+    ref = TruthReference(_model("mobilenet_v2", torch.float32, num_classes=10), *_data(3, 97, 83, torch.float32, 10))
     for segments in MOBILENET_PLANS:
-        check_float32_vs_truth(m, x, y, segments)
+        ref.check(segments)
 
 
 # -- tiny nets: many strip counts, both policies, batch 1 and 3 -------------------------------
