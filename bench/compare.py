@@ -825,10 +825,11 @@ def command(args) -> int:
         check_output_path(path, "output")
     for _, model_name, _, _ in cases:  # an unknown model or one without blocks: say so before any work
         split_blocks(get_model(model_name, device="meta"))
-    kept = [] if args.fresh else earlier_rows(csv, [c[0] for c in cases])
+    earlier = [] if args.fresh else earlier_rows(csv, [])
+    names = [c[0] for c in cases]
+    kept = [r for r in earlier if r["case"] not in names]
     # a case run again keeps its place in the table; new cases go after the file's
-    prior = list(dict.fromkeys(r["case"] for r in earlier_rows(csv, []))) if kept else []
-    order = prior + [c[0] for c in cases if c[0] not in prior]
+    order = list(dict.fromkeys([r["case"] for r in earlier] + names))
 
     def in_order(rs: List[Dict]) -> List[Dict]:
         return sorted(rs, key=lambda r: order.index(r["case"]))
