@@ -5,7 +5,9 @@ user's model (same objects, same ``state_dict()`` keys), so the user's optimizer
 Its forward walks the model's fx graph; plan segments replace runs of nodes:
 
 * ``store``: plain autograd; nodes in the ``recompute`` set have their outputs dropped after the
-  forward pass (saved-tensor hooks store a recipe instead) and recomputed when backward needs them;
+  forward pass (saved-tensor hooks store a recipe instead) and recomputed when backward needs them
+  (a BatchNorm that normalised with its batch statistics is recomputed from the mean and inverse
+  std its forward saved: one normalising pass, not the statistics again);
 * ``checkpoint``: ``torch.utils.checkpoint`` (non-reentrant); BatchNorm running statistics are
   updated once, in the forward pass, never again in the recompute;
 * ``rows``: :mod:`executor.rows`.
@@ -68,6 +70,17 @@ class _NodeRunner:
             return obj
         raise RuntimeError(f"internal: cannot run node {n.name} ({n.op})")
 
+    def normalise(self, n: fx.Node, x, stats) -> Any:
+        """BatchNorm node ``n`` applied to ``x`` with the forward's batch ``stats`` =
+        ``(mean, invstd)``: its normalisation again, without computing the statistics or touching
+        running statistics (a store-segment recompute).  The variance is rebuilt from the inverse
+        std in float64, so ``1 / sqrt(var + eps)`` gives the forward's inverse std back to within
+        rounding: the result differs from the forward's output by a few units in the last place."""
+        m = self._root().get_submodule(n.target)
+        mean, invstd = stats
+        var = (invstd.double().reciprocal().square() - m.eps).to(invstd.dtype)
+        return F.batch_norm(x, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+
     def _variant(self, n: fx.Node, mod: nn.Module, mode: str):
         key = (n.name, mode)
         f = self._cache.get(key)
@@ -89,13 +102,33 @@ class _NodeRunner:
 
 
 class _Recipe:
-    """How to recompute a dropped store-segment output: node + (tensors or recipes) of its inputs."""
+    """How to recompute a dropped store-segment output: node + (tensors or recipes) of its inputs;
+    ``stats``: for a BatchNorm that normalised with its batch statistics, ``(mean, invstd)`` of
+    that batch (the tensors its autograd node saved), so the recompute is the one normalising pass."""
 
-    __slots__ = ("node", "inputs")
+    __slots__ = ("node", "inputs", "stats")
 
-    def __init__(self, node: fx.Node, inputs: Dict[str, Any]):
+    def __init__(self, node: fx.Node, inputs: Dict[str, Any], stats=None):
         self.node = node
         self.inputs = inputs
+        self.stats = stats
+
+
+def _batch_stats(mod: nn.Module, out) -> Any:
+    """``(mean, invstd)`` of the batch a train-mode BatchNorm ``mod`` just normalised into ``out``:
+    the tensors its autograd node saved (nothing is computed or allocated); None when ``out`` is not
+    such a BatchNorm's output."""
+    if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return None
+    fn = getattr(out, "grad_fn", None)
+    # NativeBatchNormBackward0 (CPU, and CUDA without cuDNN): result1 = batch mean, result2 = its
+    # inverse std.  Other backends (cuDNN, MIOpen) keep the full recompute.
+    if type(fn).__name__ != "NativeBatchNormBackward0" or not fn._saved_training:
+        return None
+    mean, invstd = fn._saved_result1, fn._saved_result2
+    if mean is None or invstd is None or mean.dim() != 1 or mean.numel() != out.shape[1]:
+        return None
+    return mean, invstd
 
 
 class PlannedModule(nn.Module):
@@ -292,6 +325,8 @@ class PlannedModule(nn.Module):
             if isinstance(v, _Recipe):
                 ins = {k: materialise(a) for k, a in v.inputs.items()}
                 with torch.no_grad(), slots.bound(*state):
+                    if v.stats is not None:
+                        return runner.normalise(v.node, *ins.values(), v.stats)
                     return runner.run(v.node, ins, "pure")
             return v
 
@@ -310,7 +345,8 @@ class PlannedModule(nn.Module):
                 out = runner.run(n, env, "noinplace" if touches else "plain")
                 env[n.name] = out
                 if n.name in recompute and isinstance(out, torch.Tensor):
-                    rec = _Recipe(n, {a.name: recipes.get(a.name, env[a.name]) for a in n.all_input_nodes})
+                    stats = _batch_stats(self.get_submodule(n.target), out) if n.op == "call_module" else None
+                    rec = _Recipe(n, {a.name: recipes.get(a.name, env[a.name]) for a in n.all_input_nodes}, stats)
                     recipes[n.name] = rec
                     k_out = key(out)
                     registry[k_out] = (weakref.ref(out), rec)

@@ -107,6 +107,46 @@ def test_mixed_plan_rows_checkpoint_store(resnet_ref):
                         rows("layer2", "layer2", "overl", 3)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stats", ["train", "no-running-stats"])
+def test_store_recompute_of_batch_stats_bn_reuses_the_forward_statistics(monkeypatch, dtype, stats):
+    """A store segment that drops its train-mode BN outputs recomputes each from the mean and
+    inverse std the forward saved (one normalising pass), never the batch statistics again; the
+    step is still plain PyTorch's (float64 1e-10, float32 1e-5)."""
+    from executor import program
+
+    m = _train_model("tiny_resnet", dtype)
+    if stats == "no-running-stats":
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.track_running_stats = False
+                mod.running_mean = mod.running_var = mod.num_batches_tracked = None
+    ref = Reference(m, *_data(2, 37, 19, dtype, seed=9), steps=2 if dtype == torch.float64 else 1)
+    g = ref.graph
+    cheap = [n.name for n in g.span(g.resolve("layer1", "first"), g.resolve("layer2", "last"))
+             if n.op in ("relu", "batchnorm2d", "add")]
+    fast, full = [], []
+    normalise, batch_norm = program._NodeRunner.normalise, F.batch_norm
+
+    def spy_normalise(self, n, x, st):
+        fast.append(n.name)
+        return normalise(self, n, x, st)
+
+    def spy_batch_norm(x, *a, **k):
+        training = k.get("training", a[4] if len(a) > 4 else False)
+        if training and not torch.is_grad_enabled():  # batch statistics in a recompute
+            full.append(tuple(x.shape))
+        return batch_norm(x, *a, **k)
+
+    monkeypatch.setattr(program._NodeRunner, "normalise", spy_normalise)
+    monkeypatch.setattr(program.F, "batch_norm", spy_batch_norm)
+    _check(ref, [Segment("conv1", "maxpool", "store", recompute=["bn1", "relu"]),
+                 Segment("layer1", "layer2", "store", recompute=cheap)])
+    bns = {n for n in cheap if g[n].op == "batchnorm2d"} | {"bn1"}
+    assert set(fast) == bns  # every dropped BN output came back by the one pass
+    assert full == []  # ... and none by a batch-statistics BN
+
+
 # -- tiny VGG with BN: a chain of 4 BNs, pools with ceil_mode / count_include_pad ----------------
 
 VGG_BIASES = ("features.0.bias", "features.3.bias", "features.7.bias", "features.11.bias")
