@@ -155,19 +155,20 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
 # --------------------------------------------------------------------------------------------
 # time classes
 
-TIME_CLASSES = ("conv", "dwconv", "linear", "bn", "act", "pool", "map")
+TIME_CLASSES = ("conv", "dwconv", "linear", "bn", "bn_stats", "act", "pool", "map")
 
 
-def time_class(op: str, groups: int = 1) -> str:
+def time_class(op: str, groups: int = 1, batch_stats: bool = False) -> str:
     """The class an op's time is calibrated and predicted by (``planner calibrate``, cost model):
-    dense convolutions, grouped/depthwise convolutions, linear layers, batch norm, activations,
-    pooling, and other element-wise maps (adds, concats, ...)."""
+    dense convolutions, grouped/depthwise convolutions, linear layers, batch norm with given
+    statistics (``bn``) or computing its batch statistics (``bn_stats``: a train-mode BN run plainly
+    or checkpointed), activations, pooling, and other element-wise maps (adds, concats, ...)."""
     if op == "conv2d":
         return "dwconv" if groups > 1 else "conv"
     if op == "linear":
         return "linear"
     if op.startswith("batchnorm"):
-        return "bn"
+        return "bn_stats" if batch_stats else "bn"
     if op in ACTIVATIONS:
         return "act"
     if "pool" in op:

@@ -184,6 +184,7 @@ def _op_costs(device, dtype, quick: bool, progress=lambda s: None) -> Dict[str, 
         rs = [torch.zeros(ch, device=device, dtype=dtype), torch.ones(ch, device=device, dtype=dtype)]
         ops = [("act", lambda x=x: torch.relu(x)), ("map", lambda x=x, x2=x2: x + x2),
                ("bn", lambda x=x, wb=wb, rs=rs: F.batch_norm(x, rs[0], rs[1], wb[0], wb[1], False)),
+               ("bn_stats", lambda x=x, wb=wb, rs=rs: F.batch_norm(x, rs[0], rs[1], wb[0], wb[1], True)),
                ("pool", lambda x=x: F.max_pool2d(x, 3, 2, 1))]
         for cls, fn in ops:
             y = fn()

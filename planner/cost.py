@@ -35,10 +35,13 @@ How each mode is modelled (mirrors :mod:`executor`):
 Time is a sum over the nodes each mode runs, scaled by the rows it computes (halo redundancy of
 OverL, recompute of checkpoint and rows, BN sweeps), plus the optimizer step.  Per node, with a
 profile from ``planner calibrate``: the fit of its time class (:func:`models.ops.time_class`:
-dense / depthwise convolution, linear, BN, activation, pooling, other maps), ``a + b*work +
-c*bytes``, measured with cold caches (as a layer runs in a step) and, for the second and later
-row strips through a layer, with warm ones; with a datasheet profile: a roofline,
-``max(FLOPs / (peak FLOP/s * efficiency), bytes / bandwidth)`` plus a per-op launch cost.
+dense / depthwise convolution, linear, BN with known statistics, BN computing its batch
+statistics, activation, pooling, other maps), ``a + b*work + c*bytes``, measured with cold caches
+(as a layer runs in a step) and, for the second and later row strips through a layer, with warm
+ones; with a datasheet profile: a roofline, ``max(FLOPs / (peak FLOP/s * efficiency), bytes /
+bandwidth)`` plus a per-op launch cost (a BN computing batch statistics reads its input twice).
+A train-mode BN computes its batch statistics when run plainly or checkpointed (forward and the
+checkpoint's recompute); a store recompute and a row strip apply statistics already known.
 """
 from __future__ import annotations
 
@@ -405,9 +408,12 @@ class CostModel:
                 out.setdefault(n.name, []).append((u, band, max(0, band - read)))
         return out
 
-    def _time(self, n, f: float = 1.0, backward: bool = False, warm: bool = False) -> float:
+    def _time(self, n, f: float = 1.0, backward: bool = False, warm: bool = False,
+              batch_stats: bool = False) -> float:
         """Seconds for ``f`` of node ``n``'s rows, forward or backward; ``warm``: right after the
-        same op ran on other rows (row strips after a segment's first), its weights in cache.
+        same op ran on other rows (row strips after a segment's first), its weights in cache;
+        ``batch_stats``: a train-mode BN that computes its batch statistics here (run plainly or
+        checkpointed; a store recompute and a row strip apply statistics already known).
 
         With a calibrated profile: the fit of the node's time class (``planner calibrate``),
         ``a + b*work + c*bytes`` (work: FLOPs for convolutions and linear layers, output elements
@@ -418,8 +424,11 @@ class CostModel:
             return 0.0
         flops = (n.flops_bwd if backward else n.flops_fwd) * f
         ins = sum(self.graph[u].out_bytes for u in n.inputs)
+        stats = batch_stats and n.batch_stats
         moved = (n.out_bytes + ins) * f * (2 if backward else 1) + n.param_bytes * (2 if backward else 1)
-        fit = self._fit(_ops.time_class(n.op, n.groups), backward, warm)
+        if stats and not backward:
+            moved += ins * f  # the statistics read the input once more
+        fit = self._fit(_ops.time_class(n.op, n.groups, stats), backward, warm)
         if fit:
             work = flops if n.op in ("conv2d", "linear") else \
                 n.out_bytes / max(1, self._esize) * f * (2 if backward else 1)
@@ -432,7 +441,7 @@ class CostModel:
         were split have only ``conv`` and ``map``, and no warm fits."""
         costs = self.profile.op_costs
         key = "bwd" if backward else "fwd"
-        for c in (cls, "conv" if cls in ("conv", "dwconv", "linear") else "map"):
+        for c in (cls, "bn" if cls == "bn_stats" else cls, "conv" if cls in ("conv", "dwconv", "linear") else "map"):
             fits = costs.get(c, {})
             fit = (fits.get(key + "_warm") if warm else None) or fits.get(key)
             if fit:
@@ -472,11 +481,12 @@ class CostModel:
     def _store(self, nodes, recompute: set) -> SegmentCost:
         extra: Dict[str, int] = {}
         retain: Dict[str, int] = {}
-        fwd_s = sum(self._time(n) for n in nodes)
-        bwd_s = sum(self._time(n, backward=True) for n in nodes)
+        fwd_s = sum(self._time(n, batch_stats=True) for n in nodes)
+        bwd_s = sum(self._time(n, backward=True, batch_stats=True) for n in nodes)
         if recompute:
             sizes, storage, extra, retain, times = self._recompute_effect(nodes, recompute)
             fpk, keep = self._walk(nodes, {}, store=True, sizes=sizes, storage=storage)
+            # a recomputed train-mode BN applies the statistics its forward saved (executor.program)
             bwd_s += sum(times[n.name] * self._time(n) for n in nodes if n.name in times)
         else:
             fpk, keep = self._walk(nodes, {}, store=True)
@@ -583,8 +593,8 @@ class CostModel:
         rec_pk, rec_keep = self._walk(rec_nodes, {}, store=True, keep_output=trimmed)
         bpk, _ = self._store_backward(nodes, {})
         gout = self._round(nodes[-1].out_bytes)
-        fwd_s = sum(self._time(n) for n in nodes)
-        bwd_s = fwd_s + sum(self._time(n, backward=True) for n in nodes)
+        fwd_s = sum(self._time(n, batch_stats=True) for n in nodes)
+        bwd_s = fwd_s + sum(self._time(n, backward=True, batch_stats=True) for n in nodes)
         bwd = gout + max(rec_pk, rec_keep + bpk)
         return SegmentCost(keep=out_keep, fwd_peak=fpk, bwd_peak=bwd, grad_bytes=self._grads(nodes),
                            fwd_s=fwd_s, bwd_s=bwd_s, detail={"recompute_saved": rec_keep})

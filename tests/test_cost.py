@@ -271,6 +271,42 @@ def test_time_model_prices_each_class_and_warm_strips():
     assert c.bwd_s == pytest.approx(fwd + 10 * fwd + launch)
 
 
+def test_batch_statistics_bn_priced_where_it_computes_them():
+    """A train-mode BN computes its batch statistics when it runs plainly or checkpointed (the
+    ``bn_stats`` fit; roofline: the input read once more) and applies the statistics its forward
+    saved when a store segment recomputes it (the ``bn`` fit: executor.program)."""
+    m = set_bn_mode(get_model("tiny_resnet", num_classes=10, device="meta"), "train")
+    g = capture(m, (2, 3, 32, 32))
+    cm = CostModel(g, optimizer="momentum", profile=_class_profile())
+    k = {c: i + 1 for i, c in enumerate(TIME_CLASSES)}
+    first, last = "layer1_0_conv1", "layer1_0_relu_2"
+    nodes = [n for n in g.span(first, last) if cm._time(n) > 0]
+    bns = [n.name for n in nodes if n.op == "batchnorm2d"]
+    assert bns and all(g[b].batch_stats for b in bns)
+
+    def cls(n, stats=True):
+        return k[time_class(n.op, n.groups, stats and n.batch_stats)]
+
+    fwd = sum(cls(n) for n in nodes)
+    assert fwd - sum(cls(n, False) for n in nodes) == len(bns) * (k["bn_stats"] - k["bn"])
+    plain = cm.segment(Segment(first, last, "store"))
+    assert plain.fwd_s == pytest.approx(fwd) and plain.bwd_s == pytest.approx(10 * fwd)
+    ck = cm.segment(Segment(first, last, "checkpoint"))
+    assert ck.bwd_s == pytest.approx(fwd + 10 * fwd)  # the recompute computes the statistics again
+    pair = [bns[0], next(n.name for n in nodes if bns[0] in n.inputs)]  # a BN and its reader (a ReLU)
+    times = cm._recompute_effect(g.span(first, last), set(pair))[4]
+    assert times.get(bns[0], 0) >= 1
+    rec = cm.segment(Segment(first, last, "store", recompute=pair))
+    again = sum(t * k[time_class(g[r].op, g[r].groups)] for r, t in times.items())
+    assert rec.bwd_s == pytest.approx(10 * fwd + again)  # ... a store recompute does not
+    # roofline: the statistics read the input once more (a bandwidth-bound BN)
+    roof = CostModel(g, optimizer="momentum")
+    n = g[bns[0]]
+    ins = sum(g[u].out_bytes for u in n.inputs)
+    extra = roof._time(n, batch_stats=True) - roof._time(n)
+    assert extra == pytest.approx(ins / roof.profile.bandwidth)
+
+
 def test_calibrate_bad_input(capfd, tmp_path):
     if not torch.cuda.is_available():
         assert_one_line_error(*run(capfd, "calibrate", "--device", "cuda", "-o", tmp_path / "p.json"), "no CUDA")
