@@ -438,7 +438,8 @@ class CostModel:
 
     def _fit(self, cls: str, backward: bool, warm: bool = False) -> Optional[List[float]]:
         """The profile's fitted costs for a time class; profiles calibrated before the classes
-        were split have only ``conv`` and ``map``, and no warm fits."""
+        were split have only ``conv`` and ``map``, and no warm fits; profiles calibrated before
+        ``bn_stats`` price a BN computing its statistics by its ``bn`` fit."""
         costs = self.profile.op_costs
         key = "bwd" if backward else "fwd"
         for c in (cls, "bn" if cls == "bn_stats" else cls, "conv" if cls in ("conv", "dwconv", "linear") else "map"):
