@@ -442,7 +442,8 @@ class CostModel:
         ``bn_stats`` price a BN computing its statistics by its ``bn`` fit."""
         costs = self.profile.op_costs
         key = "bwd" if backward else "fwd"
-        for c in (cls, "bn" if cls == "bn_stats" else cls, "conv" if cls in ("conv", "dwconv", "linear") else "map"):
+        older = {"conv": (), "dwconv": ("conv",), "linear": ("conv",), "bn_stats": ("bn", "map")}.get(cls, ("map",))
+        for c in (cls, *older):
             fits = costs.get(c, {})
             fit = (fits.get(key + "_warm") if warm else None) or fits.get(key)
             if fit:

@@ -299,6 +299,11 @@ def test_batch_statistics_bn_priced_where_it_computes_them():
     rec = cm.segment(Segment(first, last, "store", recompute=pair))
     again = sum(t * k[time_class(g[r].op, g[r].groups)] for r, t in times.items())
     assert rec.bwd_s == pytest.approx(10 * fwd + again)  # ... a store recompute does not
+    # a profile calibrated before bn_stats prices a BN computing its statistics by its bn fit
+    old = _class_profile()
+    del old.op_costs["bn_stats"]
+    assert CostModel(g, optimizer="momentum", profile=old).segment(Segment(first, last, "store")).fwd_s == \
+        pytest.approx(sum(cls(n, False) for n in nodes))
     # roofline: the statistics read the input once more (a bandwidth-bound BN)
     roof = CostModel(g, optimizer="momentum")
     n = g[bns[0]]
