@@ -23,7 +23,10 @@ runs real training steps (cross-entropy, SGD with momentum) on the same model an
 * ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to
   the plain step's peak, plus one plan at each alternative's measured peak (same budget, so the
   Pareto comparison is direct); ``lrcnn-checkpoint``: the same with ``policy='checkpoint'``, so the
-  gain from rows is visible on its own.
+  gain from rows is visible on its own; ``lrcnn-compile``: the ``lrcnn`` plans executed through
+  ``torch.compile`` (:func:`executor.compiled.compile_plan`, Inductor, activation budget 1.0: the
+  plan decides what is recomputed), timed in pairs with compiled plain, its time ratio against
+  compiled plain and its memory measured as for ``compile``.
 
 Per method: absolute peak memory of one step (parameters, gradients, optimizer state, batch,
 activations, transients: CUDA allocator statistics on GPU, storage accounting on CPU), median step
@@ -47,6 +50,7 @@ simulated by the executor under FakeTensorMode).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import platform
@@ -295,6 +299,8 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 5,
     x, y = case.x, case.y
     for _ in range(max(1, warmup)):  # optimizer state exists, compiled code is compiled
         train_step(m.forward, opt, x, y)
+        if pair is not None and m.compiled:
+            train_step(pair, opt, x, y)  # a compiled pair compiles outside the timing too
     mem_fwd = m.forward if m.memory_forward is None else m.memory_forward
     if m.memory_forward is not None:
         train_step(mem_fwd, opt, x, y)  # its own compilation, outside the measurement
@@ -325,6 +331,28 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 5,
 # --------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def compile_settings(activation_memory_budget: Optional[float] = None):
+    """Settings for the compiled methods, restored (and Dynamo's caches dropped) on exit.
+    Inductor draws random numbers its own way on the CPU, so a compiled dropout would drop other
+    units than eager PyTorch does (MobileNetV2's classifier: gradients 0.7 relative apart);
+    ``fallback_random`` makes it use eager's generator, so a compiled step is the same maths and
+    its exactness is judged like any other method's."""
+    import torch._functorch.config as fconf
+    import torch._inductor.config as iconf
+
+    old = fconf.activation_memory_budget, iconf.fallback_random
+    try:
+        torch._dynamo.reset()
+        iconf.fallback_random = True
+        if activation_memory_budget is not None:
+            fconf.activation_memory_budget = activation_memory_budget
+        yield
+    finally:
+        fconf.activation_memory_budget, iconf.fallback_random = old
+        torch._dynamo.reset()
+
+
 def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     """``torch.compile`` at each activation-memory budget (1.0 = compiled plain first)."""
     import torch._functorch.config as fconf
@@ -390,17 +418,33 @@ class LrcnnPlans:
     def smallest(self) -> int:
         return self.solver.smallest_budget()
 
-    def method(self, budget: float) -> Method:
+    def method(self, budget: float, compiled: bool = False) -> Method:
+        """The plan at ``budget``, executed eagerly (``apply_plan``) or, ``compiled``, through
+        ``torch.compile`` (``compile_plan``; memory then measured on the same program run op by op
+        on the CPU, as for ``compile``)."""
         name = "lrcnn" if self.policy == "auto" else f"lrcnn-{self.policy}"
+        if compiled:
+            name = "lrcnn-compile" if self.policy == "auto" else f"{name}-compile"
         setting = f"budget={budget / GiB:.3f}GiB"
         if budget < self.smallest():
             return Method(name, setting, budget_bytes=budget,
                           note=f"infeasible: smallest budget {self.smallest() / GiB:.3f} GiB")
         plan = self.solver.solve(int(budget))
-        planned = apply_plan(self.case.model, plan, self.graph)
         kinds = sorted({s.mode if s.mode != "rows" else f"rows-{s.policy}" for s in plan.segments}) or ["plain"]
-        return Method(name, setting, planned, budget_bytes=budget,
-                      predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note="+".join(kinds))
+        note = "+".join(kinds)
+        if not compiled:
+            return Method(name, setting, apply_plan(self.case.model, plan, self.graph), budget_bytes=budget,
+                          predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note=note)
+        from executor.compiled import compile_plan
+
+        on_cuda = self.case.device.type == "cuda"
+        fwd = compile_plan(self.case.model, plan, self.graph)
+        mem = None if on_cuda else compile_plan(self.case.model, plan, self.graph,
+                                                backend="aot_eager_decomp_partition")
+        if not on_cuda:
+            note += "; memory: same program run op by op"
+        # the prediction is for eager execution: not this program's promise
+        return Method(name, setting, fwd, mem, compiled=True, budget_bytes=budget, note=note)
 
 
 def sweep(lo: float, hi: float, points: int) -> List[float]:
@@ -437,11 +481,22 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
                    paired_ratio=math.nan, pair_min=math.nan, pair_max=math.nan, max_rel_err=math.nan,
                    exact=False, mem_method="")
         else:
-            pair = case.model if (paired and m.method != "plain" and not m.compiled) else None
+            pair = None
+            if paired and m.method != "plain":
+                pair = compiled_plain if m.method.startswith("lrcnn") and m.compiled else (
+                    None if m.compiled else case.model)
             record(m, **measure(case, m, warmup, repeats, pair=pair))
         bar.update(1)
         if on_row is not None:
             on_row(_ratios(rows))
+
+    def run_compiled(m: Method, bar):
+        try:
+            run(m, bar)
+        except Exception as e:  # e.g. Inductor without a C++ compiler: record why, go on
+            m.note = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:200]
+            m.forward = None
+            run(m, bar)
 
     fixed = [Method("plain", "-", case.model)]  # always: the reference of every ratio
     if "checkpoint-blocks" in methods:
@@ -451,38 +506,37 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         fixed.append(Method("checkpoint-sqrt", f"{cs.segments} segments of {len(cs.seq)}", cs))
     plans = [LrcnnPlans(case, policy, profile) for policy, name in (("auto", "lrcnn"), ("checkpoint", "lrcnn-checkpoint"))
              if name in methods]
+    compiled_plain = None  # lrcnn-compile's pair: torch.compile of the model, activation budget 1.0
     n_compile = len(set([1.0] + list(compile_budgets))) if "compile" in methods else 0
     with tqdm(total=len(fixed) + n_compile, desc=case.name, unit="method", disable=not progress,
               file=sys.stderr) as bar:
         for m in fixed:
             run(m, bar)
         if "compile" in methods:
-            import torch._functorch.config as fconf
-
-            old = fconf.activation_memory_budget
-            try:
+            with compile_settings():
                 for m in compile_methods(case, compile_budgets):
-                    try:
-                        run(m, bar)
-                    except Exception as e:  # e.g. Inductor without a C++ compiler: record why, go on
-                        m.note = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:200]
-                        m.forward = None
-                        run(m, bar)
-            finally:
-                fconf.activation_memory_budget = old
-                torch._dynamo.reset()
+                    run_compiled(m, bar)
         alt_peaks = [r["peak_bytes"] for r in rows if r["method"] != "plain" and not math.isnan(r["peak_bytes"])]
         if "rockmate" in methods:
             rm = rockmate_methods(case, alt_peaks or [rows[0]["peak_bytes"]])
             bar.total += len(rm)
             for m in rm:
                 run(m, bar)
-        for pl in plans:
+        if "lrcnn-compile" in methods:
+            plans.append(next((pl for pl in plans if pl.policy == "auto"), None) or LrcnnPlans(case, "auto", profile))
+        for k, pl in enumerate(plans):
             budgets = sweep(pl.smallest(), max(pl.smallest(), rows[0]["peak_bytes"]), points)
             budgets = sorted(set(int(b) for b in budgets + alt_peaks if b >= pl.smallest()))
             bar.total += len(budgets)
-            for b in budgets:
-                run(pl.method(b), bar)
+            compiled = "lrcnn-compile" in methods and k == len(plans) - 1
+            if not compiled:
+                for b in budgets:
+                    run(pl.method(b), bar)
+                continue
+            with compile_settings(activation_memory_budget=1.0):  # what is recomputed is the plan's choice
+                compiled_plain = torch.compile(case.model)
+                for b in budgets:
+                    run_compiled(pl.method(b, compiled=True), bar)
     return _ratios(rows)
 
 
@@ -492,7 +546,7 @@ def _ratios(rows: List[Dict]) -> List[Dict]:
     plain = next(r for r in rows if r["method"] == "plain")
     cplain = next((r for r in rows if r["method"] == "compile" and r["setting"].endswith("=1")), None)
     for r in rows:
-        base = cplain if (r["method"] == "compile" and cplain) else plain
+        base = cplain if (r["method"] in ("compile", "lrcnn-compile") and cplain) else plain
         r["mem_ratio"] = r["peak_bytes"] / plain["peak_bytes"]
         paired = r.get("paired_ratio", math.nan)
         if not math.isnan(paired):
@@ -524,8 +578,9 @@ def targets(df) -> List[Dict]:
     out = []
     ok = df[df.peak_bytes.notna()]
     for case, d in ok.groupby("case", sort=False):
-        lr = d[d.method.isin(["lrcnn", "lrcnn-checkpoint"]) & d.exact]
-        alts = d[~d.method.isin(["lrcnn", "lrcnn-checkpoint"])]
+        mine = d.method.str.startswith("lrcnn")
+        lr = d[mine & d.exact]
+        alts = d[~mine]
         if lr.empty or alts.empty:
             continue
         best_alt = alts.loc[alts.peak_bytes.idxmin()]

@@ -25,9 +25,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / nb
 
 
-def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-4):
-    """Run ``steps`` SGD+momentum steps; return per-step records of everything exactness covers."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-4,
+                owner: nn.Module = None):
+    """Run ``steps`` SGD+momentum steps; return per-step records of everything exactness covers.
+    ``owner``: the module whose parameter and buffer names label the records, if ``model`` (a
+    wrapper sharing its tensors) names them otherwise."""
+    owner = model if owner is None else owner
+    opt = torch.optim.SGD(owner.parameters(), lr=lr, momentum=0.9)
     torch.manual_seed(1234)  # same dropout masks in the plain and the planned run
     records = []
     for _ in range(steps):
@@ -39,12 +43,12 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
         assert torch.isfinite(loss), "training diverged: the comparison would prove nothing"
         records.append({
             "out": out.detach().clone(), "loss": loss.detach().clone(), "xgrad": xin.grad.clone(),
-            "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+            "grads": {k: p.grad.clone() for k, p in owner.named_parameters() if p.grad is not None},
         })
         opt.step()
     final = {
-        "params": {k: p.detach().clone() for k, p in model.named_parameters()},
-        "buffers": {k: b.detach().clone() for k, b in model.named_buffers()},
+        "params": {k: p.detach().clone() for k, p in owner.named_parameters()},
+        "buffers": {k: b.detach().clone() for k, b in owner.named_buffers()},
     }
     return records, final
 
@@ -58,14 +62,19 @@ class Reference:
         self.records, self.final = train_steps(copy.deepcopy(model), x, y, steps)
         self.graph = capture(model, tuple(x.shape), x.dtype)
 
-    def check(self, segments: Sequence[Segment], tol: float = None) -> Dict[str, float]:
-        """Train a copy of the model with the plan; assert every compared quantity within tol."""
+    def check(self, segments: Sequence[Segment], tol: float = None, execute=None) -> Dict[str, float]:
+        """Train a copy of the model with the plan; assert every compared quantity within tol.
+        ``execute(model, plan, graph)``: the module that runs the plan (default ``apply_plan``)."""
         model = copy.deepcopy(self.model0)
         plan = Plan.build(self.graph, segments)
-        pm = apply_plan(model, plan, self.graph)
-        assert list(pm.state_dict().keys()) == list(model.state_dict().keys())
-        assert all(a is b for a, b in zip(pm.parameters(), model.parameters()))
-        records, final = train_steps(pm, self.x, self.y, self.steps)
+        if execute is None:
+            pm = apply_plan(model, plan, self.graph)
+            assert list(pm.state_dict().keys()) == list(model.state_dict().keys())
+            assert all(a is b for a, b in zip(pm.parameters(), model.parameters()))
+        else:
+            pm = execute(model, plan, self.graph)
+            assert [id(p) for p in pm.parameters()] == [id(p) for p in model.parameters()]
+        records, final = train_steps(pm, self.x, self.y, self.steps, owner=model)
         tol = tol if tol is not None else TOL[self.x.dtype]
         errs: Dict[str, float] = {}
         for step, (r, p) in enumerate(zip(self.records, records)):

@@ -1,0 +1,69 @@
+"""Plans executed through torch.compile (executor.compiled): the same maths as plain PyTorch.
+
+float64, so rounding cannot hide a wrong recompute: output, loss, input gradient, every parameter
+gradient, parameters after the optimizer steps and BN running statistics (updated once per step,
+also where a checkpoint region recomputes a training-mode BN) within 1e-10.  AOTAutograd with the
+eager backend checks the program (partitioning, recompute, graph breaks at row segments) quickly;
+one test runs the same plan through Inductor, the backend users get.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from exactness import Reference, seg_rows
+from executor.compiled import CompilablePlan, compile_plan
+from executor import apply_plan
+from planner import Plan, Segment
+from test_executor import _data, _model
+
+MIXED = [seg_rows("conv1", "maxpool", "2ps", 2),
+         Segment("layer1", "layer1", "store", recompute=["layer1_0_bn1", "layer1_0_relu"]),
+         Segment("layer2", "layer2", "checkpoint")]
+
+
+def _backend(name):
+    def execute(model, plan, graph):
+        torch._dynamo.reset()
+        return compile_plan(model, plan, graph, backend=name)
+    return execute
+
+
+@pytest.fixture(scope="module")
+def tiny_train_bn():
+    m = _model("tiny_resnet", torch.float64, bn="train")
+    return Reference(m, *_data(3, 45, 33, torch.float64, 10), steps=2)
+
+
+@pytest.mark.parametrize("segments", [
+    [Segment("conv1", "layer1", "checkpoint"),
+     Segment("layer2", "layer2", "store", recompute=["layer2_0_bn1", "layer2_0_relu"])],
+    MIXED,
+    [seg_rows("conv1", "layer1", "overl", 3), Segment("layer2", "layer2", "checkpoint")],
+], ids=["checkpoint+store", "rows+store+checkpoint", "overl+checkpoint"])
+def test_compiled_plan_is_exact(tiny_train_bn, segments):
+    errs = tiny_train_bn.check(segments, execute=_backend("aot_eager"))
+    assert any(k.startswith("buffer:") and "running_var" in k for k in errs)
+    assert any(k.startswith("xgrad") for k in errs)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="Inductor needs a C++ compiler")
+def test_compiled_plan_through_inductor_is_exact(tiny_train_bn):
+    tiny_train_bn.check(MIXED, execute=_backend("inductor"))
+
+
+def test_compiled_plan_program_and_refusals(tiny_train_bn):
+    model = _model("tiny_resnet", torch.float64, bn="train")
+    plan = Plan.build(tiny_train_bn.graph, MIXED)
+    cp = CompilablePlan(apply_plan(model, plan, tiny_train_bn.graph))
+    calls = [n for n in cp.program.graph.nodes if n.op == "call_function" and n.target is torch.utils.checkpoint.checkpoint]
+    assert len(calls) == 3  # the checkpoint segment and the store segment's two recomputed nodes
+    rows = [n for n in cp.program.graph.nodes if n.op == "call_module" and type(cp.program.get_submodule(n.target)).__name__ == "_EagerRows"]
+    assert len(rows) == 1
+    # shares the model's tensors: the user's optimizer keeps working
+    assert list(cp.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(cp.parameters(), model.parameters()))
+    with pytest.raises(RuntimeError, match="only through torch.compile"):
+        cp(tiny_train_bn.x)
