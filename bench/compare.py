@@ -18,7 +18,8 @@ runs real training steps (cross-entropy, SGD with momentum) on the same model an
   storage tracker cannot see inside Inductor's kernels, so memory is measured on the same partition
   (same decompositions, same budget) executed op by op (backend ``aot_eager_decomp_partition``):
   an upper bound on Inductor's transients, flagged in the ``note`` column.  On CUDA the allocator
-  sees the real compiled step;
+  sees the real compiled step.  Compiled methods draw dropout masks from eager's generator
+  (:func:`compile_settings`);
 * ``rockmate``: the PyPI package, if it imports and runs here; otherwise one row saying why;
 * ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to
   the plain step's peak, plus one plan at each alternative's measured peak (same budget, so the
@@ -354,17 +355,24 @@ def compile_settings(activation_memory_budget: Optional[float] = None):
 
 
 def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
-    """``torch.compile`` at each activation-memory budget (1.0 = compiled plain first)."""
+    """``torch.compile`` at each activation-memory budget (1.0 = compiled plain first).
+
+    Each compiles its own fx trace of the model (the same modules and ops, so the same compiled
+    program as ``torch.compile(model)``): Dynamo keys compiled code by the code object and does not
+    guard on the budget, so compiling ``model`` itself at another budget would reuse compiled
+    plain's program, and dropping the caches in between would drop compiled plain, the pair every
+    other compiled method is timed against."""
     import torch._functorch.config as fconf
+
+    from models.capture import trace
 
     out = []
     on_cuda = case.device.type == "cuda"
     for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
-        def setup(b=b):
-            torch._dynamo.reset()
+        def setup(b=b):  # read when the method compiles: at its first call
             fconf.activation_memory_budget = b
-        fwd = torch.compile(case.model)
-        mem = None if on_cuda else torch.compile(case.model, backend="aot_eager_decomp_partition")
+        fwd = torch.compile(trace(case.model))
+        mem = None if on_cuda else torch.compile(trace(case.model), backend="aot_eager_decomp_partition")
         note = "" if on_cuda else "memory: same partition run op by op (CPU tracker cannot see Inductor buffers)"
         out.append(Method("compile", f"activation_memory_budget={b:g}", fwd, mem, compiled=True,
                           note=note, setup=setup))
@@ -483,8 +491,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         else:
             pair = None
             if paired and m.method != "plain":
-                pair = compiled_plain if m.method.startswith("lrcnn") and m.compiled else (
-                    None if m.compiled else case.model)
+                pair = (compiled_plain if compiled_plain is not m.forward else None) if m.compiled else case.model
             record(m, **measure(case, m, warmup, repeats, pair=pair))
         bar.update(1)
         if on_row is not None:
@@ -506,7 +513,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         fixed.append(Method("checkpoint-sqrt", f"{cs.segments} segments of {len(cs.seq)}", cs))
     plans = [LrcnnPlans(case, policy, profile) for policy, name in (("auto", "lrcnn"), ("checkpoint", "lrcnn-checkpoint"))
              if name in methods]
-    compiled_plain = None  # lrcnn-compile's pair: torch.compile of the model, activation budget 1.0
+    compiled_plain = None  # the pair of compiled methods: torch.compile of the model, activation budget 1.0
     n_compile = len(set([1.0] + list(compile_budgets))) if "compile" in methods else 0
     with tqdm(total=len(fixed) + n_compile, desc=case.name, unit="method", disable=not progress,
               file=sys.stderr) as bar:
@@ -516,6 +523,9 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             with compile_settings():
                 for m in compile_methods(case, compile_budgets):
                     run_compiled(m, bar)
+                    if m.setting.endswith("=1") and m.forward is not None:  # the first: the others' pair
+                        compiled_plain = m.forward
+            compiled_plain = None
         alt_peaks = [r["peak_bytes"] for r in rows if r["method"] != "plain" and not math.isnan(r["peak_bytes"])]
         if "rockmate" in methods:
             rm = rockmate_methods(case, alt_peaks or [rows[0]["peak_bytes"]])
@@ -621,9 +631,9 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
              f"(SGD momentum, train-mode BN); step peak = what the step adds above parameters, optimizer "
              f"state and batch (activations, gradients, transients: the original LR-CNN's measure); "
              f"time = median step; ratios against plain PyTorch "
-             f"(compile: against compiled plain; time of an eager method with a `paired_ratio` in the CSV: "
-             f"the median ratio of its steps to a plain step timed right before each, in brackets the "
-             f"range of those ratios). "
+             f"(compile, lrcnn-compile: against compiled plain; time of a method with a `paired_ratio` in "
+             f"the CSV: the median ratio of its steps to a plain step (compiled methods: a compiled plain "
+             f"step) timed right before each, in brackets the range of those ratios). "
              f"exact = gradients, loss and BN running statistics "
              f"within {EXACT_RTOL['float32']:g} (float32; float64: {EXACT_RTOL['float64']:g}) norm-wise "
              f"relative of plain PyTorch, or, in float32, per tensor within {NOISE_FACTOR}x plain PyTorch's own "

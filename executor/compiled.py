@@ -16,7 +16,7 @@ becomes one ``torch.fx.GraphModule`` that Dynamo traces whole and AOTAutograd pa
 The maths is the eager executor's (float64: within rounding of plain PyTorch); float32 rounding is
 Inductor's, as for any compiled model.  Memory is the compiled program's: the plan's prediction is
 for eager execution, so measure it (``bench.compare`` runs the same program op by op on the CPU).
-The module refuses to run outside ``torch.compile`` (an eager checkpoint region would update the
+The program refuses to run outside ``torch.compile`` (an eager checkpoint region would update the
 BatchNorm running statistics a second time in its recompute).
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ def _region(root: nn.Module, nodes: List[fx.Node], inputs: List[str]) -> fx.Grap
 
 
 class CompilablePlan(nn.Module):
-    """The plan's program as one fx graph (see the module docstring); run it through
-    ``torch.compile`` (:func:`compile_plan`).  Owns the model's submodules, parameters and buffers
+    """The plan's program as one fx graph (see the module docstring), run through ``torch.compile``
+    (build it with :func:`compile_plan`; ``compiled`` is the compiled program).  Owns the model's submodules, parameters and buffers
     (same objects, same ``state_dict()`` keys, row segments' included); ``program`` is the
     GraphModule, ``planned`` the eager PlannedModule it was built from."""
 
@@ -79,6 +79,7 @@ class CompilablePlan(nn.Module):
         for name, b in planned.named_buffers(recurse=False):
             root.register_buffer(name, b)
         g = fx.Graph()
+        g.call_function(_require_compiling, ())
         env: Dict[str, fx.Node] = {}
         count = [0]
 
@@ -113,16 +114,27 @@ class CompilablePlan(nn.Module):
         object.__setattr__(self, "program", fx.GraphModule(root, g))
 
     def forward(self, x):
-        if not torch.compiler.is_compiling():
-            raise RuntimeError("a CompilablePlan runs only through torch.compile (use compile_plan); "
-                               "for eager execution use apply_plan")
-        return self.program(x)
+        return self.compiled(x)
 
 
-def compile_plan(model: nn.Module, plan: Plan, graph=None, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` of ``model`` trained by ``plan`` (see the module docstring).
+def _require_compiling() -> None:
+    """The program's first node: nothing under Dynamo (it reads ``is_compiling()`` as True while
+    tracing), an error when the program runs eagerly (e.g. Dynamo gave up and fell back)."""
+    if not torch.compiler.is_compiling():
+        raise RuntimeError("a compiled plan's program runs only through torch.compile (use compile_plan); "
+                           "for eager execution use apply_plan")
 
-    The result shares the model's parameters and buffers, so the user's optimizer keeps working;
-    ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ...).  Raises PlanError /
-    RowSegmentError, as :func:`~executor.program.apply_plan` does, when the plan does not fit."""
-    return torch.compile(CompilablePlan(apply_plan(model, plan, graph)), **compile_kwargs)
+
+def compile_plan(model: nn.Module, plan: Plan, graph=None, **compile_kwargs) -> CompilablePlan:
+    """``model`` trained by ``plan``, its program run through ``torch.compile`` (see the module
+    docstring).
+
+    The result is an ordinary module sharing the model's submodules, parameters and buffers (same
+    ``state_dict()`` keys), so the user's optimizer keeps working; ``compile_kwargs`` go to
+    ``torch.compile`` (``backend``, ``mode``, ...).  Each plan's program is its own code, so
+    compiling many plans in one process does not run into Dynamo's recompile limit.  Raises
+    PlanError / RowSegmentError, as :func:`~executor.program.apply_plan` does, when the plan does
+    not fit the model."""
+    cp = CompilablePlan(apply_plan(model, plan, graph))
+    object.__setattr__(cp, "compiled", torch.compile(cp.program, **compile_kwargs))
+    return cp

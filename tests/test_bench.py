@@ -55,6 +55,27 @@ def test_checkpoint_updates_train_bn_twice():
     assert err > 1e-3
 
 
+def test_compiled_methods_small_case(tmp_path, capfd):
+    """torch.compile and lrcnn-compile (the lrcnn plans through ``compile_plan``, Inductor) at CI
+    size in float64: the compiled plans are exact to 1e-10, timed in pairs with compiled plain,
+    their memory measured on the same program run op by op."""
+    rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 1, "--resolution", 32,
+                       "--dtype", "float64", "--methods", "plain,compile,lrcnn-compile", "--compile-budgets", 1,
+                       "--points", 1, "--repeats", 2, "--out-dir", tmp_path, "--no-progress")
+    assert rc == 0, err
+    df = pd.read_csv(tmp_path / "compare-cpu.csv")
+    assert set(df.method) == {"plain", "compile", "lrcnn-compile"}
+    lc = df[df.method == "lrcnn-compile"]
+    assert len(lc) >= 2 and lc.peak_bytes.notna().all(), lc.note.tolist()
+    assert (lc.max_rel_err <= 1e-10).all() and lc.exact.all()
+    assert lc.paired_ratio.notna().all() and (lc.time_ratio == lc.paired_ratio).all()
+    assert lc.note.str.contains("same program run op by op").all()
+    assert (lc.mem_method == "storage").all() and (lc.peak_bytes > 0).all()
+    cp = df[df.method == "compile"].iloc[0]
+    assert cp.time_ratio == 1 and cp.max_rel_err <= 1e-10
+    assert "| lrcnn-compile |" in (tmp_path / "compare-cpu.md").read_text()
+
+
 def test_float32_spread_of_plain_pytorch():
     """float32: plain PyTorch against itself with oneDNN off is the spread a method may show and
     still be exact; a real difference (checkpoint's second BN update) stays far above it."""

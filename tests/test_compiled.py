@@ -15,7 +15,6 @@ import torch
 
 from exactness import Reference, seg_rows
 from executor.compiled import CompilablePlan, compile_plan
-from executor import apply_plan
 from planner import Plan, Segment
 from test_executor import _data, _model
 
@@ -57,7 +56,8 @@ def test_compiled_plan_through_inductor_is_exact(tiny_train_bn):
 def test_compiled_plan_program_and_refusals(tiny_train_bn):
     model = _model("tiny_resnet", torch.float64, bn="train")
     plan = Plan.build(tiny_train_bn.graph, MIXED)
-    cp = CompilablePlan(apply_plan(model, plan, tiny_train_bn.graph))
+    cp = compile_plan(model, plan, tiny_train_bn.graph, backend="aot_eager")
+    assert isinstance(cp, CompilablePlan)
     calls = [n for n in cp.program.graph.nodes if n.op == "call_function" and n.target is torch.utils.checkpoint.checkpoint]
     assert len(calls) == 3  # the checkpoint segment and the store segment's two recomputed nodes
     rows = [n for n in cp.program.graph.nodes if n.op == "call_module" and type(cp.program.get_submodule(n.target)).__name__ == "_EagerRows"]
@@ -66,4 +66,17 @@ def test_compiled_plan_program_and_refusals(tiny_train_bn):
     assert list(cp.state_dict()) == list(model.state_dict())
     assert all(a is b for a, b in zip(cp.parameters(), model.parameters()))
     with pytest.raises(RuntimeError, match="only through torch.compile"):
-        cp(tiny_train_bn.x)
+        cp.program(tiny_train_bn.x)  # the program run eagerly
+
+
+def test_many_compiled_plans_in_one_process(tiny_train_bn):
+    """Each plan's program is its own code: more plans than Dynamo's recompile limit (8 per code
+    object) all compile, none falls back to eager (which the program would refuse)."""
+    torch._dynamo.reset()
+    model = _model("tiny_resnet", torch.float64, bn="train")
+    plans = [Plan.build(tiny_train_bn.graph, [Segment("conv1", "layer1", "checkpoint")]),
+             Plan.build(tiny_train_bn.graph, MIXED)]
+    limit = torch._dynamo.config.recompile_limit
+    for k in range(limit + 2):
+        out = compile_plan(model, plans[k % 2], tiny_train_bn.graph, backend="aot_eager")(tiny_train_bn.x)
+        assert out.shape == (3, 10)
