@@ -21,7 +21,7 @@ BatchNorm running statistics a second time in its recompute).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
 from planner.plan import Plan
-from .program import PlannedModule, apply_plan
+from .program import PlannedModule, adopt, apply_plan
 from .rows import RowSegment, run_rows
 
 
@@ -57,27 +57,17 @@ def _region(root: nn.Module, nodes: List[fx.Node], inputs: List[str]) -> fx.Grap
 
 class CompilablePlan(nn.Module):
     """The plan's program as one fx graph (see the module docstring), run through ``torch.compile``
-    (build it with :func:`compile_plan`; ``compiled`` is the compiled program).  Owns the model's submodules, parameters and buffers
-    (same objects, same ``state_dict()`` keys, row segments' included); ``program`` is the
-    GraphModule, ``planned`` the eager PlannedModule it was built from."""
+    (``compile_kwargs``: its arguments).  Owns the model's submodules, parameters and buffers (same
+    objects, same ``state_dict()`` keys, row segments' included); ``program`` is the GraphModule,
+    ``compiled`` its ``torch.compile``, ``planned`` the eager PlannedModule it was built from."""
 
-    def __init__(self, planned: PlannedModule) -> None:
+    def __init__(self, planned: PlannedModule, **compile_kwargs) -> None:
         super().__init__()
-        for name, child in planned.named_children():
-            self.add_module(name, child)
-        for name, p in planned.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in planned.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        adopt(self, planned)
         object.__setattr__(self, "planned", planned)
         object.__setattr__(self, "plan", planned.plan)
         root = nn.Module()
-        for name, child in planned.named_children():
-            root.add_module(name, child)
-        for name, p in planned.named_parameters(recurse=False):
-            root.register_parameter(name, p)
-        for name, b in planned.named_buffers(recurse=False):
-            root.register_buffer(name, b)
+        adopt(root, planned)
         g = fx.Graph()
         g.call_function(_require_compiling, ())
         env: Dict[str, fx.Node] = {}
@@ -110,8 +100,11 @@ class CompilablePlan(nn.Module):
                     else:
                         env[n.name] = g.node_copy(n, lambda a: env[a.name])
         g.lint()
-        # not a registered submodule: the tensors are this module's, under the model's names
+        # not registered submodules: the tensors are this module's, under the model's names.  The
+        # program's code is its own (fx generates it per GraphModule), so each plan compiles apart
+        # from the others and many plans in one process stay under Dynamo's recompile limit.
         object.__setattr__(self, "program", fx.GraphModule(root, g))
+        object.__setattr__(self, "compiled", torch.compile(self.program, **compile_kwargs))
 
     def forward(self, x):
         return self.compiled(x)
@@ -131,10 +124,6 @@ def compile_plan(model: nn.Module, plan: Plan, graph=None, **compile_kwargs) -> 
 
     The result is an ordinary module sharing the model's submodules, parameters and buffers (same
     ``state_dict()`` keys), so the user's optimizer keeps working; ``compile_kwargs`` go to
-    ``torch.compile`` (``backend``, ``mode``, ...).  Each plan's program is its own code, so
-    compiling many plans in one process does not run into Dynamo's recompile limit.  Raises
-    PlanError / RowSegmentError, as :func:`~executor.program.apply_plan` does, when the plan does
-    not fit the model."""
-    cp = CompilablePlan(apply_plan(model, plan, graph))
-    object.__setattr__(cp, "compiled", torch.compile(cp.program, **compile_kwargs))
-    return cp
+    ``torch.compile`` (``backend``, ``mode``, ...).  Raises PlanError / RowSegmentError, as
+    :func:`~executor.program.apply_plan` does, when the plan does not fit the model."""
+    return CompilablePlan(apply_plan(model, plan, graph), **compile_kwargs)

@@ -131,17 +131,23 @@ def _batch_stats(mod: nn.Module, out) -> Any:
     return mean, invstd
 
 
+def adopt(dst: nn.Module, src: nn.Module) -> None:
+    """Register ``src``'s children, own parameters and own buffers on ``dst``: the same objects
+    under the same names (so ``dst.state_dict()`` has ``src``'s keys)."""
+    for name, child in src.named_children():
+        dst.add_module(name, child)
+    for name, p in src.named_parameters(recurse=False):
+        dst.register_parameter(name, p)
+    for name, b in src.named_buffers(recurse=False):
+        dst.register_buffer(name, b)
+
+
 class PlannedModule(nn.Module):
     """The user's model, trained by a plan.  Same submodules, parameters and buffers."""
 
     def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, p in model.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in model.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        adopt(self, model)
         self.training = model.training  # not train(): that would reset the children's modes
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "graph", graph)

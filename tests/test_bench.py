@@ -59,14 +59,14 @@ def test_compiled_methods_small_case(tmp_path, capfd):
     """torch.compile and lrcnn-compile (the lrcnn plans through ``compile_plan``, Inductor) at CI
     size in float64: the compiled plans are exact to 1e-10, timed in pairs with compiled plain,
     their memory measured on the same program run op by op."""
-    rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 1, "--resolution", 32,
+    rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 2, "--resolution", 64,
                        "--dtype", "float64", "--methods", "plain,compile,lrcnn-compile", "--compile-budgets", 1,
                        "--points", 1, "--repeats", 2, "--out-dir", tmp_path, "--no-progress")
     assert rc == 0, err
     df = pd.read_csv(tmp_path / "compare-cpu.csv")
     assert set(df.method) == {"plain", "compile", "lrcnn-compile"}
     lc = df[df.method == "lrcnn-compile"]
-    assert len(lc) >= 2 and lc.peak_bytes.notna().all(), lc.note.tolist()
+    assert len(lc) >= 1 and lc.peak_bytes.notna().all(), lc.note.tolist()
     assert (lc.max_rel_err <= 1e-10).all() and lc.exact.all()
     assert lc.paired_ratio.notna().all() and (lc.time_ratio == lc.paired_ratio).all()
     assert lc.note.str.contains("same program run op by op").all()
