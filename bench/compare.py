@@ -333,12 +333,13 @@ def measure(case: Case, m: Method, warmup: int = 1, repeats: int = 5,
 # methods
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def compile_settings(activation_memory_budget: Optional[float] = None):
-    """Settings for the compiled methods, restored (and Dynamo's caches dropped) on exit.
-    Inductor draws random numbers its own way on the CPU, so a compiled dropout would drop other
-    units than eager PyTorch does (MobileNetV2's classifier: gradients 0.7 relative apart);
-    ``fallback_random`` makes it use eager's generator, so a compiled step is the same maths and
-    its exactness is judged like any other method's."""
+def compile_settings():
+    """Settings for the compiled methods, restored (and Dynamo's caches dropped) on exit; each
+    compiled method sets its activation-memory budget in its ``setup``.  Inductor draws random
+    numbers its own way on the CPU, so a compiled dropout would drop other units than eager
+    PyTorch does (MobileNetV2's classifier: gradients 0.7 relative apart); ``fallback_random``
+    makes it use eager's generator, so a compiled step is the same maths and its exactness is
+    judged like any other method's."""
     import torch._functorch.config as fconf
     import torch._inductor.config as iconf
 
@@ -346,8 +347,6 @@ def compile_settings(activation_memory_budget: Optional[float] = None):
     try:
         torch._dynamo.reset()
         iconf.fallback_random = True
-        if activation_memory_budget is not None:
-            fconf.activation_memory_budget = activation_memory_budget
         yield
     finally:
         fconf.activation_memory_budget, iconf.fallback_random = old
@@ -362,21 +361,27 @@ def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     guard on the budget, so compiling ``model`` itself at another budget would reuse compiled
     plain's program, and dropping the caches in between would drop compiled plain, the pair every
     other compiled method is timed against."""
-    import torch._functorch.config as fconf
-
     from models.capture import trace
 
     out = []
     on_cuda = case.device.type == "cuda"
     for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
-        def setup(b=b):  # read when the method compiles: at its first call
-            fconf.activation_memory_budget = b
         fwd = torch.compile(trace(case.model))
         mem = None if on_cuda else torch.compile(trace(case.model), backend="aot_eager_decomp_partition")
         note = "" if on_cuda else "memory: same partition run op by op (CPU tracker cannot see Inductor buffers)"
         out.append(Method("compile", f"activation_memory_budget={b:g}", fwd, mem, compiled=True,
-                          note=note, setup=setup))
+                          note=note, setup=_budget_setup(b)))
     return out
+
+
+def _budget_setup(budget: float) -> Callable[[], None]:
+    """A compiled method's ``setup``: the activation-memory budget its partition is made with (read
+    when it compiles, at its first call)."""
+    def setup() -> None:
+        import torch._functorch.config as fconf
+
+        fconf.activation_memory_budget = budget
+    return setup
 
 
 def rockmate_status() -> str:
@@ -451,8 +456,10 @@ class LrcnnPlans:
                                                 backend="aot_eager_decomp_partition")
         if not on_cuda:
             note += "; memory: same program run op by op"
-        # the prediction is for eager execution: not this program's promise
-        return Method(name, setting, fwd, mem, compiled=True, budget_bytes=budget, note=note)
+        # the prediction is for eager execution: not this program's promise.  Budget 1.0: what is
+        # recomputed is the plan's choice
+        return Method(name, setting, fwd, mem, compiled=True, budget_bytes=budget, note=note,
+                      setup=_budget_setup(1.0))
 
 
 def sweep(lo: float, hi: float, points: int) -> List[float]:
@@ -513,46 +520,43 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         fixed.append(Method("checkpoint-sqrt", f"{cs.segments} segments of {len(cs.seq)}", cs))
     plans = [LrcnnPlans(case, policy, profile) for policy, name in (("auto", "lrcnn"), ("checkpoint", "lrcnn-checkpoint"))
              if name in methods]
-    compiled_plain = None  # the pair of compiled methods: torch.compile of the model, activation budget 1.0
+    compiled_plain = None  # the pair of compiled methods: torch.compile of the model at budget 1.0
     n_compile = len(set([1.0] + list(compile_budgets))) if "compile" in methods else 0
     with tqdm(total=len(fixed) + n_compile, desc=case.name, unit="method", disable=not progress,
-              file=sys.stderr) as bar:
+              file=sys.stderr) as bar, compile_settings():
         for m in fixed:
             run(m, bar)
         if "compile" in methods:
-            with compile_settings():
-                for m in compile_methods(case, compile_budgets):
-                    run_compiled(m, bar)
-                    if m.setting.endswith("=1") and m.forward is not None:  # the first: the others' pair
-                        compiled_plain = m.forward
-            compiled_plain = None
+            for m in compile_methods(case, compile_budgets):
+                run_compiled(m, bar)
+                if m.setting.endswith("=1") and m.forward is not None:  # the first: the others' pair
+                    compiled_plain = m.forward
         alt_peaks = [r["peak_bytes"] for r in rows if r["method"] != "plain" and not math.isnan(r["peak_bytes"])]
         if "rockmate" in methods:
             rm = rockmate_methods(case, alt_peaks or [rows[0]["peak_bytes"]])
             bar.total += len(rm)
             for m in rm:
                 run(m, bar)
+        runs = [(pl, False) for pl in plans]
         if "lrcnn-compile" in methods:
-            plans.append(next((pl for pl in plans if pl.policy == "auto"), None) or LrcnnPlans(case, "auto", profile))
-        for k, pl in enumerate(plans):
+            runs.append((next((pl for pl in plans if pl.policy == "auto"), None) or LrcnnPlans(case, "auto", profile),
+                         True))
+            if compiled_plain is None:  # compiled at its first call, under the first plan's setup (1.0)
+                from models.capture import trace
+
+                compiled_plain = torch.compile(trace(case.model))
+        for pl, compiled in runs:
             budgets = sweep(pl.smallest(), max(pl.smallest(), rows[0]["peak_bytes"]), points)
             budgets = sorted(set(int(b) for b in budgets + alt_peaks if b >= pl.smallest()))
             bar.total += len(budgets)
-            compiled = "lrcnn-compile" in methods and k == len(plans) - 1
-            if not compiled:
-                for b in budgets:
-                    run(pl.method(b), bar)
-                continue
-            with compile_settings(activation_memory_budget=1.0):  # what is recomputed is the plan's choice
-                compiled_plain = torch.compile(case.model)
-                for b in budgets:
-                    run_compiled(pl.method(b, compiled=True), bar)
+            for b in budgets:
+                (run_compiled if compiled else run)(pl.method(b, compiled=compiled), bar)
     return _ratios(rows)
 
 
 def _ratios(rows: List[Dict]) -> List[Dict]:
-    """Fill ``mem_ratio``/``time_ratio`` against plain (compile: against compiled plain; a
-    method timed in pairs with plain steps: the median ratio of its pairs)."""
+    """Fill ``mem_ratio``/``time_ratio`` against plain (compile, lrcnn-compile: against compiled
+    plain; a method timed in pairs with plain steps: the median ratio of its pairs)."""
     plain = next(r for r in rows if r["method"] == "plain")
     cplain = next((r for r in rows if r["method"] == "compile" and r["setting"].endswith("=1")), None)
     for r in rows:

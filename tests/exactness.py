@@ -67,13 +67,9 @@ class Reference:
         ``execute(model, plan, graph)``: the module that runs the plan (default ``apply_plan``)."""
         model = copy.deepcopy(self.model0)
         plan = Plan.build(self.graph, segments)
-        if execute is None:
-            pm = apply_plan(model, plan, self.graph)
-            assert list(pm.state_dict().keys()) == list(model.state_dict().keys())
-            assert all(a is b for a, b in zip(pm.parameters(), model.parameters()))
-        else:
-            pm = execute(model, plan, self.graph)
-            assert [id(p) for p in pm.parameters()] == [id(p) for p in model.parameters()]
+        pm = (execute or apply_plan)(model, plan, self.graph)
+        assert list(pm.state_dict().keys()) == list(model.state_dict().keys())
+        assert [id(p) for p in pm.parameters()] == [id(p) for p in model.parameters()]
         records, final = train_steps(pm, self.x, self.y, self.steps, owner=model)
         tol = tol if tol is not None else TOL[self.x.dtype]
         errs: Dict[str, float] = {}
