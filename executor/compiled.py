@@ -8,8 +8,12 @@ becomes one ``torch.fx.GraphModule`` that Dynamo traces whole and AOTAutograd pa
 * ``checkpoint`` segment: a ``torch.utils.checkpoint`` region (non-reentrant).  The partitioner
   recomputes it in the backward graph; a training-mode BatchNorm's running-statistics update is a
   functionalised mutation of the forward graph, so it happens once, as in plain PyTorch;
-* ``store`` segment: every node of its ``recompute`` set is a one-node checkpoint region (its output
-  is recomputed in backward from its stored inputs), every other node runs plainly;
+* ``store`` segment: each run of consecutive nodes of its ``recompute`` set is one checkpoint region
+  (recomputed in backward from the region's inputs: the stored tensors the run reads), every other
+  node runs plainly.  A BatchNorm in a run is split as the eager executor recomputes it: its batch
+  statistics (and the running-statistics update) are computed before the region and saved, the
+  region recomputes only the normalisation, so a conv -> BN -> ReLU chain saves the convolution's
+  output and two per-channel vectors and the backward recomputes one fused pointwise pass;
 * ``rows`` segment: called eagerly (``torch.compiler.disable``: a graph break), exactly as the
   eager executor runs it.
 
@@ -21,7 +25,9 @@ BatchNorm running statistics a second time in its recompute).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -45,14 +51,82 @@ class _EagerRows(nn.Module):
         return run_rows(self.seg, x)
 
 
-def _region(root: nn.Module, nodes: List[fx.Node], inputs: List[str]) -> fx.GraphModule:
-    """``nodes`` (in order) as a GraphModule of their external ``inputs``, returning the last one."""
+def _region(root: nn.Module, nodes: List[fx.Node], inputs: List[str], outputs: Sequence[str] = (),
+            stats: Optional[Dict[str, Tuple[str, str]]] = None,
+            attach: Optional[Callable[[nn.Module], str]] = None) -> fx.GraphModule:
+    """``nodes`` (in order) as a GraphModule of their external ``inputs``, returning the last one,
+    or the tuple of ``outputs``.  ``stats``: BatchNorm node -> the inputs that carry its ``(mean,
+    invstd)``; such a node becomes :func:`_bn_apply` (the normalisation alone).  A BatchNorm with
+    ``momentum=None`` computes its statistics in the region with :class:`_BNStats` (``attach``
+    registers it on ``root``): ``nn.BatchNorm``'s own forward reads the step count as a Python
+    float, a graph break that would run the region eagerly and update the statistics again in its
+    recompute."""
     g = fx.Graph()
     env: Dict[str, fx.Node] = {name: g.placeholder(name) for name in inputs}
     for n in nodes:
-        env[n.name] = g.node_copy(n, lambda a: env[a.name])
-    g.output(env[nodes[-1].name])
+        mod = root.get_submodule(n.target) if n.op == "call_module" else None
+        cumulative = _splittable(mod) and mod.momentum is None and attach is not None
+        if (stats and n.name in stats) or cumulative:
+            w = g.get_attr(f"{n.target}.weight") if mod.weight is not None else None
+            b = g.get_attr(f"{n.target}.bias") if mod.bias is not None else None
+            if stats and n.name in stats:
+                mean, invstd = (env[v] for v in stats[n.name])
+            else:
+                st = g.call_module(attach(_BNStats(mod)), (env[n.args[0].name],))
+                mean, invstd = g.call_function(operator.getitem, (st, 0)), g.call_function(operator.getitem, (st, 1))
+            env[n.name] = g.call_function(_bn_apply, (env[n.args[0].name], mean, invstd, w, b))
+        else:
+            env[n.name] = g.node_copy(n, lambda a: env[a.name])
+    g.output(tuple(env[o] for o in outputs) if outputs else env[nodes[-1].name])
     return fx.GraphModule(root, g)
+
+
+def _bn_apply(x, mean, invstd, weight, bias):
+    """A BatchNorm's normalisation with known ``(mean, invstd)`` (channel dimension 1)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+class _BNStats(nn.Module):
+    """``(mean, invstd)`` a BatchNorm normalises ``x`` with, as its own forward would: in training
+    (or without running statistics) the batch's, the running statistics updated as
+    ``nn.BatchNorm`` updates them (unbiased variance, ``momentum``, ``num_batches_tracked``); in
+    evaluation the running statistics."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.bn = bn  # registered: Dynamo sees its tensors as the model's
+
+    def forward(self, x):
+        m = self.bn
+        if m.training or m.running_mean is None:
+            dims = [0] + list(range(2, x.dim()))
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            if m.training and m.track_running_stats and m.running_mean is not None:
+                with torch.no_grad():
+                    m.num_batches_tracked.add_(1)
+                    n = x.numel() // x.shape[1]
+                    unbiased = var * (n / max(1, n - 1))
+                    if m.momentum is None:  # the cumulative average, as a tensor (no graph break)
+                        f = 1.0 / m.num_batches_tracked.to(mean.dtype)
+                        m.running_mean.mul_(1 - f).add_(mean * f)
+                        m.running_var.mul_(1 - f).add_(unbiased * f)
+                    else:
+                        m.running_mean.mul_(1 - m.momentum).add_(mean, alpha=m.momentum)
+                        m.running_var.mul_(1 - m.momentum).add_(unbiased, alpha=m.momentum)
+        else:
+            mean, var = m.running_mean, m.running_var
+        return mean, torch.rsqrt(var + m.eps)
+
+
+def _splittable(mod: nn.Module) -> bool:
+    """A BatchNorm: :class:`_BNStats` computes its statistics, :func:`_bn_apply` its normalisation."""
+    return isinstance(mod, nn.modules.batchnorm._BatchNorm)
 
 
 class CompilablePlan(nn.Module):
@@ -79,10 +153,35 @@ class CompilablePlan(nn.Module):
             root.add_module(name, mod)
             return name
 
-        def checkpointed(nodes: List[fx.Node], inputs: List[str]) -> fx.Node:
-            sub = attach(_region(root, nodes, inputs))
+        def checkpointed(nodes: List[fx.Node], inputs: List[str], outputs: Sequence[str] = (),
+                         stats: Optional[Dict[str, Tuple[str, str]]] = None) -> fx.Node:
+            sub = attach(_region(root, nodes, inputs, outputs, stats, attach))
             return g.call_function(tcp.checkpoint, (g.get_attr(sub),) + tuple(env[i] for i in inputs),
                                    {"use_reentrant": False})
+
+        def recomputed_run(run: List[fx.Node], later: set) -> None:
+            """One region for a run of recomputed nodes; its BatchNorms' statistics before it."""
+            names = {n.name for n in run}
+            stats: Dict[str, Tuple[str, str]] = {}
+            for n in run:
+                if n.op == "call_module" and _splittable(root.get_submodule(n.target)):
+                    sn = g.call_module(attach(_BNStats(root.get_submodule(n.target))), (env[n.args[0].name],))
+                    key = f"{n.name}__stats"
+                    env[key + "0"] = g.call_function(operator.getitem, (sn, 0))
+                    env[key + "1"] = g.call_function(operator.getitem, (sn, 1))
+                    stats[n.name] = (key + "0", key + "1")
+            inputs: List[str] = []
+            for n in run:
+                need = [a.name for a in n.all_input_nodes]
+                if n.name in stats:
+                    need = [n.args[0].name, *stats[n.name]]
+                for a in need:
+                    if a not in names and a not in inputs:
+                        inputs.append(a)
+            outputs = [n.name for n in run if n.name in later] or [run[-1].name]
+            out = checkpointed(run, inputs, outputs, stats)
+            for k, o in enumerate(outputs):
+                env[o] = g.call_function(operator.getitem, (out, k))
 
         for st in planned._steps:
             kind = st[0]
@@ -94,11 +193,31 @@ class CompilablePlan(nn.Module):
                 env[st[3]] = checkpointed(st[1], [st[2]])
             else:  # store
                 nodes, recompute = st[1], st[4]
-                for n in nodes:
-                    if n.name in recompute:
-                        env[n.name] = checkpointed([n], [a.name for a in n.all_input_nodes])
+                runs: List[List[fx.Node]] = []
+                for k, n in enumerate(nodes):
+                    if n.name not in recompute:
+                        continue
+                    prev = runs[-1] if runs and nodes[k - 1] is runs[-1][-1] else None
+                    # a split BatchNorm's statistics read its input before the region: the input
+                    # must not come from the run itself
+                    if prev is not None and not (n.op == "call_module" and _splittable(root.get_submodule(n.target))
+                                                 and n.args[0].name in {p.name for p in prev}):
+                        prev.append(n)
                     else:
+                        runs.append([n])
+                start = {run[0].name: run for run in runs}
+                skip: set = set()
+                for n in nodes:
+                    if n.name in skip:
+                        continue
+                    run = start.get(n.name)
+                    if run is None:
                         env[n.name] = g.node_copy(n, lambda a: env[a.name])
+                        continue
+                    names = {r.name for r in run}
+                    later = {r.name for r in run if any(u.name not in names for u in r.users)}
+                    recomputed_run(run, later)
+                    skip |= names
         g.lint()
         # not registered submodules: the tensors are this module's, under the model's names.  The
         # program's code is its own (fx generates it per GraphModule), so each plan compiles apart

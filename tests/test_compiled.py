@@ -59,7 +59,9 @@ def test_compiled_plan_program_and_refusals(tiny_train_bn):
     cp = compile_plan(model, plan, tiny_train_bn.graph, backend="aot_eager")
     assert isinstance(cp, CompilablePlan)
     calls = [n for n in cp.program.graph.nodes if n.op == "call_function" and n.target is torch.utils.checkpoint.checkpoint]
-    assert len(calls) == 3  # the checkpoint segment and the store segment's two recomputed nodes
+    assert len(calls) == 2  # the checkpoint segment and the store segment's run bn1 -> relu
+    stats = [n for n in cp.program.graph.nodes if n.op == "call_module" and type(cp.program.get_submodule(n.target)).__name__ == "_BNStats"]
+    assert len(stats) == 1  # layer1_0_bn1's statistics, computed before the region
     rows = [n for n in cp.program.graph.nodes if n.op == "call_module" and type(cp.program.get_submodule(n.target)).__name__ == "_EagerRows"]
     assert len(rows) == 1
     # shares the model's tensors: the user's optimizer keeps working
@@ -80,3 +82,20 @@ def test_many_compiled_plans_in_one_process(tiny_train_bn):
     for k in range(limit + 2):
         out = compile_plan(model, plans[k % 2], tiny_train_bn.graph, backend="aot_eager")(tiny_train_bn.x)
         assert out.shape == (3, 10)
+
+
+def test_compiled_store_runs_exact_with_eval_bn_and_cumulative_momentum():
+    """BatchNorms in evaluation mode (a store recompute applies the running statistics) and in
+    training mode with ``momentum=None`` (the cumulative average; nn.BatchNorm reads its step count
+    as a Python float, which inside a checkpoint region broke the graph, ran the region eagerly and
+    counted the step twice) are as exact, in checkpoint regions and store recomputes alike."""
+    plan = [Segment("conv1", "layer1", "checkpoint"),
+            Segment("layer2", "layer2", "store", recompute=["layer2_0_bn1", "layer2_0_relu", "layer2_0_bn2"])]
+    ev = _model("tiny_resnet", torch.float64, bn="eval")
+    Reference(ev, *_data(3, 45, 33, torch.float64, 10), steps=2).check(plan, execute=_backend("aot_eager"))
+    cum = _model("tiny_resnet", torch.float64, bn="train")
+    for m in cum.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    errs = Reference(cum, *_data(3, 45, 33, torch.float64, 10), steps=2).check(plan, execute=_backend("aot_eager"))
+    assert any("num_batches_tracked" in k or "running_mean" in k for k in errs)
