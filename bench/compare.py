@@ -24,10 +24,12 @@ runs real training steps (cross-entropy, SGD with momentum) on the same model an
 * ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to
   the plain step's peak, plus one plan at each alternative's measured peak (same budget, so the
   Pareto comparison is direct); ``lrcnn-checkpoint``: the same with ``policy='checkpoint'``, so the
-  gain from rows is visible on its own; ``lrcnn-compile``: the ``lrcnn`` plans executed through
-  ``torch.compile`` (:func:`executor.compiled.compile_plan`, Inductor, activation budget 1.0: the
-  plan decides what is recomputed), timed in pairs with compiled plain, its time ratio against
-  compiled plain and its memory measured as for ``compile``.
+  gain from rows is visible on its own; ``lrcnn-compile``: the same sweep solved for compilation
+  (``Solver(compiled=True)``: recomputing BN / ReLU / add in a store segment is fused into the
+  backward, priced free) and executed through ``torch.compile``
+  (:func:`executor.compiled.compile_plan`, Inductor, activation budget 1.0: the plan decides what is
+  recomputed), timed in pairs with compiled plain, its time ratio against compiled plain and its
+  memory measured as for ``compile``.
 
 Per method: absolute peak memory of one step (parameters, gradients, optimizer state, batch,
 activations, transients: CUDA allocator statistics on GPU, storage accounting on CPU), median step
@@ -417,7 +419,7 @@ def rockmate_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
 class LrcnnPlans:
     """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
 
-    def __init__(self, case: Case, policy: str, profile: str) -> None:
+    def __init__(self, case: Case, policy: str, profile: str, compiled: bool = False) -> None:
         from planner.cli import build_and_capture
         from planner.solve import Solver
 
@@ -425,16 +427,18 @@ class LrcnnPlans:
                                           case.dtype, "train")
         self.case = case
         self.policy = policy
+        self.compiled = compiled  # plans priced for compile_plan (fused pointwise recompute is free)
         self.solver = Solver(self.graph, case.model_name, policy=policy, bn="train", optimizer=OPTIMIZER,
-                             device_profile=profile)
+                             device_profile=profile, compiled=compiled)
 
     def smallest(self) -> int:
         return self.solver.smallest_budget()
 
-    def method(self, budget: float, compiled: bool = False) -> Method:
-        """The plan at ``budget``, executed eagerly (``apply_plan``) or, ``compiled``, through
-        ``torch.compile`` (``compile_plan``; memory then measured on the same program run op by op
-        on the CPU, as for ``compile``)."""
+    def method(self, budget: float) -> Method:
+        """The plan at ``budget``, executed eagerly (``apply_plan``) or, for plans priced for
+        compilation, through ``torch.compile`` (``compile_plan``; memory then measured on the same
+        program run op by op on the CPU, as for ``compile``)."""
+        compiled = self.compiled
         name = "lrcnn" if self.policy == "auto" else f"lrcnn-{self.policy}"
         if compiled:
             name = "lrcnn-compile" if self.policy == "auto" else f"{name}-compile"
@@ -537,20 +541,18 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             bar.total += len(rm)
             for m in rm:
                 run(m, bar)
-        runs = [(pl, False) for pl in plans]
         if "lrcnn-compile" in methods:
-            runs.append((next((pl for pl in plans if pl.policy == "auto"), None) or LrcnnPlans(case, "auto", profile),
-                         True))
+            plans.append(LrcnnPlans(case, "auto", profile, compiled=True))
             if compiled_plain is None:  # compiled at its first call, under the first plan's setup (1.0)
                 from models.capture import trace
 
                 compiled_plain = torch.compile(trace(case.model))
-        for pl, compiled in runs:
+        for pl in plans:
             budgets = sweep(pl.smallest(), max(pl.smallest(), rows[0]["peak_bytes"]), points)
             budgets = sorted(set(int(b) for b in budgets + alt_peaks if b >= pl.smallest()))
             bar.total += len(budgets)
             for b in budgets:
-                (run_compiled if compiled else run)(pl.method(b, compiled=compiled), bar)
+                (run_compiled if pl.compiled else run)(pl.method(b), bar)
     return _ratios(rows)
 
 

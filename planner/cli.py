@@ -560,6 +560,10 @@ def _add_solve(sub) -> None:
                         "checkpoint (no row segments) (default auto)")
     p.add_argument("--strips", type=positive_int, default=None, metavar="N",
                    help="force this strip count for row segments")
+    p.add_argument("--compiled", action="store_true",
+                   help="plan for executor.compile_plan (torch.compile): recomputing a store segment's "
+                        "BN/ReLU/add is fused into the backward kernels and priced free (memory is "
+                        "predicted for eager execution; measure the compiled step)")
     p.add_argument("--time-limit", type=_positive_number("a number of seconds"), default=DEFAULT_TIME_LIMIT, metavar="S",
                    help=f"solver time limit in seconds; the best plan found so far is returned with its gap (default {DEFAULT_TIME_LIMIT:g})")
     p.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="G",
@@ -592,7 +596,8 @@ def _solver_for(args, batch: int):
 
     _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes)
     return Solver(graph, args.model, policy=args.policy, bn=args.bn, strips=args.strips,
-                  optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver)
+                  optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver,
+                  compiled=getattr(args, "compiled", False))
 
 
 def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16,

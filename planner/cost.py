@@ -188,15 +188,20 @@ class CostModel:
     """Predicts memory and time of plans for one captured graph.
 
     ``optimizer``: sgd | momentum | adam | adamw (its state is part of the fixed bytes);
-    ``profile``: a :class:`DeviceProfile` or its name / file.
+    ``profile``: a :class:`DeviceProfile` or its name / file; ``compiled``: price plans for
+    :func:`executor.compiled.compile_plan` (``torch.compile``): a store segment's recomputed
+    BN / ReLU / add nodes run inside the backward's fused pointwise kernels that read their inputs
+    anyway, so their recompute costs no time (memory is still predicted for eager execution).
     """
 
-    def __init__(self, graph, optimizer: str = "sgd", profile: Union[str, DeviceProfile, None] = "cpu"):
+    def __init__(self, graph, optimizer: str = "sgd", profile: Union[str, DeviceProfile, None] = "cpu",
+                 compiled: bool = False):
         if optimizer not in OPTIMIZERS:
             raise CostError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         self.graph = graph
         self.optimizer = optimizer
         self.profile = load_profile(profile)
+        self.compiled = bool(compiled)
         self.rg = graph.row_graph()
         self._cache: Dict[tuple, SegmentCost] = {}
         self._consumers = graph.consumers()
@@ -488,8 +493,10 @@ class CostModel:
         if recompute:
             sizes, storage, extra, retain, times = self._recompute_effect(nodes, recompute)
             fpk, keep = self._walk(nodes, {}, store=True, sizes=sizes, storage=storage)
-            # a recomputed train-mode BN applies the statistics its forward saved (executor.program)
-            bwd_s += sum(times[n.name] * self._time(n) for n in nodes if n.name in times)
+            # a recomputed train-mode BN applies the statistics its forward saved (executor.program);
+            # compiled, the recompute is fused into the backward kernels (executor.compiled)
+            if not self.compiled:
+                bwd_s += sum(times[n.name] * self._time(n) for n in nodes if n.name in times)
         else:
             fpk, keep = self._walk(nodes, {}, store=True)
         bpk, _ = self._store_backward(nodes, {}, retain=retain, extra=extra)

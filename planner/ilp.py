@@ -190,7 +190,9 @@ class Problem:
                     c = self._price(i, i, Segment(first, last, "store", recompute=cheap))
                     if c is not None:
                         group.append(c)
-            self.cands.extend(_pareto(group))
+            # the plain store stays even where the recompute beats it (compiled pricing: the
+            # recompute is free): it is the no-plan path (store_path) and the baseline
+            self.cands.extend([group[0]] + [c for c in _pareto(group) if c is not group[0]])
             if not major[i]:
                 continue
             source = g.source_of(first)

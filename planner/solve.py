@@ -107,7 +107,7 @@ class Solver:
     def __init__(self, graph, name: Optional[str] = None, policy: str = "auto", bn: str = "train",
                  strips: Optional[int] = None, optimizer: str = "momentum",
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", headroom: float = HEADROOM,
-                 **problem_kw):
+                 compiled: bool = False, **problem_kw):
         from .cost import CostModel
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
@@ -116,7 +116,8 @@ class Solver:
         self.device_profile = device_profile
         self.headroom = float(headroom)  # share of the budget kept free (see HEADROOM)
         t0 = time.perf_counter()
-        self.cm = CostModel(graph, optimizer=optimizer, profile=device_profile)
+        self.compiled = bool(compiled)  # priced for compile_plan (see CostModel)
+        self.cm = CostModel(graph, optimizer=optimizer, profile=device_profile, compiled=compiled)
         self.strips, self._problem_kw = strips, dict(problem_kw)
         self._problem = None
         self._baseline: Optional[Dict[str, Any]] = None
@@ -215,7 +216,7 @@ class Solver:
             "solver": "none", "status": "optimal", "objective_s": base["time_s"], "bound_s": base["time_s"],
             "gap": 0.0, "solve_s": round(time.perf_counter() - t0, 4), "setup_s": round(self.setup_s, 4),
             "candidates": 0, "units": len(units), "policy": self.policy,
-            "device_profile": self._profile_name(), "min_peak_bytes": None,
+            "device_profile": self._profile_name(), "compiled": self.compiled, "min_peak_bytes": None,
             "baseline_time_s": base["time_s"], "baseline_peak_bytes": base["peak"],
             "note": "the plain step fits the budget: nothing to search",
         }
@@ -244,7 +245,7 @@ class Solver:
             "bound_s": res.bound, "gap": res.gap, "solve_s": round(res.solve_s, 4),
             "setup_s": round(self.setup_s, 4), "candidates": len(p.cands), "priced": p.priced,
             "units": p.U, "quantum_bytes": p.quantum, "policy": self.policy,
-            "device_profile": self._profile_name(),
+            "device_profile": self._profile_name(), "compiled": self.compiled,
             "min_peak_bytes": self.min_peak(), "baseline_time_s": base["time_s"],
             "baseline_peak_bytes": base["peak"], "ilp_peak_bytes": exact["peak"],
             "unit_path": [[c.i, c.j] for c in res.path],
@@ -269,13 +270,15 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
           policy: str = "auto", bn: str = "train", strips: Optional[int] = None, dtype: str = "float32",
           optimizer: str = "momentum", device_profile: Any = DEFAULT_PROFILE,
           time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "auto",
-          num_classes: Optional[int] = None, **problem_kw) -> Plan:
+          num_classes: Optional[int] = None, compiled: bool = False, **problem_kw) -> Plan:
     """Plan one training step of ``model`` at ``input_shape`` within ``budget`` device bytes.
 
     ``model``: a zoo name (``planner models``), a torchvision model or any ``nn.Module`` the capture
     supports.  ``input_shape``: (N, C, H, W); for a zoo name it defaults to batch 32 at the model's
     resolution.  Returns a validated :class:`Plan` with ``plan.predicted`` (the cost model's
     prediction) and ``plan.solver`` (status, gap, objective, solve time, candidate count).
+    ``compiled``: the plan will run through :func:`executor.compiled.compile_plan` (recomputing a
+    store segment's BN / ReLU / add is then free: see :class:`planner.cost.CostModel`).
     """
     if budget is None:
         raise ValueError("a budget is needed, e.g. budget='8GB'")
@@ -284,7 +287,7 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     t0 = time.perf_counter()
     name, graph = capture_model(model, input_shape, dtype, bn, num_classes)
     s = Solver(graph, name, policy=policy, bn=bn, strips=strips, optimizer=optimizer,
-               device_profile=device_profile, solver=solver, **problem_kw)
+               device_profile=device_profile, solver=solver, compiled=compiled, **problem_kw)
     plan = s.solve(budget, time_limit=time_limit, gap=gap)
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
     return plan

@@ -56,8 +56,8 @@ def test_checkpoint_updates_train_bn_twice():
 
 
 def test_compiled_methods_small_case(tmp_path, capfd):
-    """torch.compile and lrcnn-compile (the lrcnn plans through ``compile_plan``, Inductor) at CI
-    size in float64: the compiled plans are exact to 1e-10, timed in pairs with compiled plain,
+    """torch.compile and lrcnn-compile (lrcnn plans solved for compilation, through ``compile_plan``,
+    Inductor) at CI size in float64: the compiled plans are exact to 1e-10, timed in pairs with compiled plain,
     their memory measured on the same program run op by op."""
     rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 2, "--resolution", 64,
                        "--dtype", "float64", "--methods", "plain,compile,lrcnn-compile", "--compile-budgets", 1,

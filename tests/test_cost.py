@@ -335,3 +335,23 @@ def test_train_bn_rows_priced_safely(policy):
     pred = cm.predict(plan)["peak_bytes"]
     sim = train_step_memory(apply_plan(m, plan, g), g.input_shape, "momentum", fake=True).absolute_peak
     assert 0.99 * sim <= pred <= 1.03 * sim, (pred, sim)
+
+
+def test_compiled_pricing_makes_store_recompute_free():
+    """``CostModel(compiled=True)`` (plans for executor.compile_plan): a store segment's recomputed
+    BN / ReLU run inside the backward's fused kernels, so the recompute adds no time; the memory
+    prediction and every other segment are priced as for eager execution."""
+    m = set_bn_mode(get_model("tiny_resnet", num_classes=10, device="meta"), "train")
+    g = capture(m, (2, 3, 32, 32))
+    eager, comp = CostModel(g, optimizer="momentum"), CostModel(g, optimizer="momentum", compiled=True)
+    first, last = "layer1_0_conv1", "layer1_0_relu_2"
+    rec = [n.name for n in g.span(first, last)[:-1] if n.op in ("batchnorm2d", "relu")]
+    store = Segment(first, last, "store")
+    dropped = Segment(first, last, "store", recompute=rec)
+    e, c = eager.segment(dropped), comp.segment(dropped)
+    assert e.bwd_s > eager.segment(store).bwd_s  # eager: the recompute is paid
+    assert c.bwd_s == pytest.approx(comp.segment(store).bwd_s)  # compiled: fused, free
+    assert (c.keep, c.fwd_peak, c.bwd_peak) == (e.keep, e.fwd_peak, e.bwd_peak)
+    assert c.keep < comp.segment(store).keep
+    for seg in (store, Segment(first, last, "checkpoint")):
+        assert comp.segment(seg).bwd_s == pytest.approx(eager.segment(seg).bwd_s)

@@ -341,3 +341,22 @@ def test_cli_main_job(capfd):
     assert so.startswith("resnet50: input 32x3x224x224 float32, optimizer momentum, BatchNorm train, "
                          "device profile h100")
     assert "budget 8.00 GB (7.45 GiB)" in so and "predicted peak" in so and "solver" in so
+
+
+def test_compiled_solver_recomputes_pointwise_before_it_checkpoints(capfd, tmp_path):
+    """Priced for compile_plan, dropping BN / ReLU outputs is free: at a budget between the two
+    plans' peaks the compiled plan recomputes them and predicts less time than the eager plan,
+    which pays for every recompute; the plan records how it was priced (API and CLI)."""
+    eager = _solver("tiny_resnet", bn="train")
+    comp = _solver("tiny_resnet", bn="train", compiled=True)
+    b = _budgets(eager, 4)[2]
+    pe, pc = eager.solve(b), comp.solve(b)
+    assert pc.solver["compiled"] is True and pe.solver["compiled"] is False
+    assert pc.predicted["peak_bytes"] <= b
+    assert any(s.mode == "store" and s.recompute for s in pc.segments)
+    assert comp.cm.predict(pc)["time_s"] <= comp.cm.predict(pe)["time_s"] * (1 + 1e-12)
+    out = tmp_path / "plan.json"
+    rc, so, se = run(capfd, "solve", "--model", "tiny_resnet", "--budget", str(b), "--batch", "2",
+                     "--resolution", "32", "--device-profile", "cpu", "--compiled", "-o", out)
+    assert rc == 0, se
+    assert Plan.load(str(out)).solver["compiled"] is True
