@@ -217,3 +217,26 @@ def test_study_max_resolution_small_budget(tmp_path, capfd):
     assert lr["x_best_alternative"] == lr["largest"] / best
     md = (tmp_path / "study-cpu.md").read_text()
     assert "resnet18" in md and "max batch: elsewhere; 2026-01-01" in md
+
+
+def test_pareto_targets_count_beaten_and_matched_alternatives():
+    """The targets table: an alternative is beaten when an exact lrcnn row has no more peak and no
+    more time ratio; one that is not, but whose time ratio an exact lrcnn row's lowest paired
+    ratio reaches at no more peak, is counted apart (within noise); inexact rows count for nothing."""
+    from bench.compare import markdown, targets
+
+    def row(method, setting, peak, ratio, pair_min=math.nan, exact=True):
+        return dict(case="c", model="m", batch=1, resolution=8, dtype="float32", noise_floor=0.0,
+                    method=method, setting=setting, peak_bytes=peak, step_bytes=peak / 2, mem_ratio=peak / 100,
+                    step_s=ratio, time_ratio=ratio, paired_ratio=ratio, pair_min=pair_min, pair_max=ratio,
+                    max_rel_err=0.0, exact=exact, note="", mem_method="storage", budget_bytes=math.nan,
+                    predicted_peak_bytes=math.nan, simulated=False)
+
+    df = pd.DataFrame([row("plain", "-", 100, 1.0), row("compile", "b=1", 90, 1.0), row("compile", "b=0.5", 60, 1.2),
+                       row("checkpoint-blocks", "-", 50, 1.3),
+                       row("lrcnn", "a", 80, 1.03, pair_min=0.95), row("lrcnn-compile", "b", 55, 1.1, pair_min=1.0),
+                       row("lrcnn", "x", 10, 0.5, exact=False)])
+    (t,) = targets(df)
+    assert t["pareto"] == "1/3" and t["pareto_ties"] == 1  # b=0.5 beaten, b=1 matched, checkpoint neither
+    assert t["lrcnn_min_bytes"] == 55
+    assert "| 1/3 (+1) |" in markdown(df, [t], torch.device("cpu"))
