@@ -755,7 +755,8 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     pred, info = plan.predicted, plan.solver
     budget = plan.budget_bytes
     lines = [f"{plan.model}: input {_shape(plan.input_shape)} {plan.dtype}, optimizer {plan.training.get('optimizer')}, "
-             f"BatchNorm {plan.training.get('bn')}, device profile {info.get('device_profile')}, policy {info.get('policy')}"]
+             f"BatchNorm {plan.training.get('bn')}, device profile {info.get('device_profile')}, policy {info.get('policy')}"
+             + (", priced for torch.compile (compile_plan)" if info.get("compiled") else "")]
     if note:
         lines.append(note)
     lines.append(f"budget {fmt_both(budget)}")

@@ -359,4 +359,5 @@ def test_compiled_solver_recomputes_pointwise_before_it_checkpoints(capfd, tmp_p
     rc, so, se = run(capfd, "solve", "--model", "tiny_resnet", "--budget", str(b), "--batch", "2",
                      "--resolution", "32", "--device-profile", "cpu", "--compiled", "-o", out)
     assert rc == 0, se
+    assert "priced for torch.compile" in so.splitlines()[0]
     assert Plan.load(str(out)).solver["compiled"] is True
