@@ -99,3 +99,21 @@ def test_compiled_store_runs_exact_with_eval_bn_and_cumulative_momentum():
             m.momentum = None
     errs = Reference(cum, *_data(3, 45, 33, torch.float64, 10), steps=2).check(plan, execute=_backend("aot_eager"))
     assert any("num_batches_tracked" in k or "running_mean" in k for k in errs)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="Inductor needs a C++ compiler")
+def test_compiled_checkpoint_region_replays_dropout():
+    """MobileNetV2's classifier dropout inside a checkpoint region, through Inductor with eager's
+    generator (``fallback_random``, as the bench compiles): the region's backward recompute uses
+    the forward's mask, so the step matches plain PyTorch in float64 (``bench.compare.rel_errs``:
+    the gradient of a BN bias the next train-mode BN cancels is rounding and compared as such)."""
+    from bench.compare import _budget_setup, compile_settings, is_exact, make_case, rel_errs
+    from planner.cli import build_and_capture
+
+    case = make_case("t", "mobilenet_v2", 2, 64, torch.device("cpu"), "float64")
+    _, g = build_and_capture("mobilenet_v2", 2, (64, 64), "float64", "train")
+    plan = Plan.build(g, [Segment("flatten", "classifier_1", "checkpoint")])
+    with compile_settings():
+        _budget_setup(1.0)()
+        errs = rel_errs(case, compile_plan(case.model, plan, g))
+    assert is_exact(case, errs) and max(errs.values()) <= 1e-10, max(errs.items(), key=lambda kv: kv[1])
