@@ -35,7 +35,7 @@ import torch.utils.checkpoint as tcp
 
 from planner.plan import Plan
 from .program import PlannedModule, adopt, apply_plan
-from .rows import RowSegment, run_rows
+from .rows import RowSegment, bn_normalise, run_rows, update_running_stats
 
 
 class _EagerRows(nn.Module):
@@ -50,52 +50,44 @@ class _EagerRows(nn.Module):
         return run_rows(self.seg, x)
 
 
-def _region(root: nn.Module, nodes: List[fx.Node], inputs: List[str], outputs: Sequence[str] = (),
-            stats: Optional[Dict[str, Tuple[str, str]]] = None,
-            attach: Optional[Callable[[nn.Module], str]] = None) -> fx.GraphModule:
+def _region(root: nn.Module, attach: Callable[[nn.Module], str], nodes: List[fx.Node], inputs: List[str],
+            outputs: Sequence[str] = (), stats: Optional[Dict[str, Tuple[str, str]]] = None) -> fx.GraphModule:
     """``nodes`` (in order) as a GraphModule of their external ``inputs``, returning the last one,
     or the tuple of ``outputs``.  ``stats``: BatchNorm node -> the inputs that carry its ``(mean,
-    invstd)``; such a node becomes :func:`_bn_apply` (the normalisation alone).  A BatchNorm with
-    ``momentum=None`` computes its statistics in the region with :class:`_BNStats` (``attach``
-    registers it on ``root``): ``nn.BatchNorm``'s own forward reads the step count as a Python
-    float, a graph break that would run the region eagerly and update the statistics again in its
-    recompute."""
+    invstd)``; such a node becomes :func:`~executor.rows.bn_normalise` (the normalisation alone).
+    A BatchNorm with ``momentum=None`` computes its statistics in the region
+    (:func:`_stats_nodes`; ``attach`` registers a module on ``root``): ``nn.BatchNorm``'s own forward reads
+    the step count as a Python float, a graph break that would run the region eagerly and update
+    the statistics again in its recompute."""
     g = fx.Graph()
     env: Dict[str, fx.Node] = {name: g.placeholder(name) for name in inputs}
     for n in nodes:
         mod = root.get_submodule(n.target) if n.op == "call_module" else None
-        cumulative = _splittable(mod) and mod.momentum is None and attach is not None
+        cumulative = _is_bn(mod) and mod.momentum is None
         if (stats and n.name in stats) or cumulative:
             w = g.get_attr(f"{n.target}.weight") if mod.weight is not None else None
             b = g.get_attr(f"{n.target}.bias") if mod.bias is not None else None
             if stats and n.name in stats:
                 mean, invstd = (env[v] for v in stats[n.name])
             else:
-                st = g.call_module(attach(_BNStats(mod)), (env[n.args[0].name],))
-                mean, invstd = g.call_function(operator.getitem, (st, 0)), g.call_function(operator.getitem, (st, 1))
-            env[n.name] = g.call_function(_bn_apply, (env[n.args[0].name], mean, invstd, w, b))
+                mean, invstd = _stats_nodes(g, attach, mod, env[n.args[0].name])
+            env[n.name] = g.call_function(bn_normalise, (env[n.args[0].name], mean, invstd, w, b))
         else:
             env[n.name] = g.node_copy(n, lambda a: env[a.name])
     g.output(tuple(env[o] for o in outputs) if outputs else env[nodes[-1].name])
     return fx.GraphModule(root, g)
 
 
-def _bn_apply(x, mean, invstd, weight, bias):
-    """A BatchNorm's normalisation with known ``(mean, invstd)`` (channel dimension 1)."""
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    y = (x - mean.view(shape)) * invstd.view(shape)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
+def _stats_nodes(g: fx.Graph, attach: Callable[[nn.Module], str], bn: nn.Module, x: fx.Node) -> Tuple[fx.Node, fx.Node]:
+    """Nodes of ``g`` computing ``(mean, invstd)`` of BatchNorm ``bn`` on ``x`` (:class:`_BNStats`)."""
+    st = g.call_module(attach(_BNStats(bn)), (x,))
+    return g.call_function(operator.getitem, (st, 0)), g.call_function(operator.getitem, (st, 1))
 
 
 class _BNStats(nn.Module):
     """``(mean, invstd)`` a BatchNorm normalises ``x`` with, as its own forward would: in training
-    (or without running statistics) the batch's, the running statistics updated as
-    ``nn.BatchNorm`` updates them (unbiased variance, ``momentum``, ``num_batches_tracked``); in
-    evaluation the running statistics."""
+    (or without running statistics) the batch's, the running statistics updated
+    (:func:`~executor.rows.update_running_stats`); in evaluation the running statistics."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
@@ -106,25 +98,13 @@ class _BNStats(nn.Module):
         if m.training or m.running_mean is None:
             dims = [0] + list(range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=dims, correction=0)
-            if m.training and m.track_running_stats and m.running_mean is not None:
-                with torch.no_grad():
-                    m.num_batches_tracked.add_(1)
-                    n = x.numel() // x.shape[1]
-                    unbiased = var * (n / max(1, n - 1))
-                    if m.momentum is None:  # the cumulative average, as a tensor (no graph break)
-                        f = 1.0 / m.num_batches_tracked.to(mean.dtype)
-                        m.running_mean.mul_(1 - f).add_(mean * f)
-                        m.running_var.mul_(1 - f).add_(unbiased * f)
-                    else:
-                        m.running_mean.mul_(1 - m.momentum).add_(mean, alpha=m.momentum)
-                        m.running_var.mul_(1 - m.momentum).add_(unbiased, alpha=m.momentum)
+            update_running_stats(m, mean, var, x.numel() // x.shape[1])
         else:
             mean, var = m.running_mean, m.running_var
         return mean, torch.rsqrt(var + m.eps)
 
 
-def _splittable(mod: nn.Module) -> bool:
-    """A BatchNorm: :class:`_BNStats` computes its statistics, :func:`_bn_apply` its normalisation."""
+def _is_bn(mod: Optional[nn.Module]) -> bool:
     return isinstance(mod, nn.modules.batchnorm._BatchNorm)
 
 
@@ -154,7 +134,7 @@ class CompilablePlan(nn.Module):
 
         def checkpointed(nodes: List[fx.Node], inputs: List[str], outputs: Sequence[str] = (),
                          stats: Optional[Dict[str, Tuple[str, str]]] = None) -> fx.Node:
-            sub = attach(_region(root, nodes, inputs, outputs, stats, attach))
+            sub = attach(_region(root, attach, nodes, inputs, outputs, stats))
             return g.call_function(tcp.checkpoint, (g.get_attr(sub),) + tuple(env[i] for i in inputs),
                                    {"use_reentrant": False})
 
@@ -163,12 +143,10 @@ class CompilablePlan(nn.Module):
             names = {n.name for n in run}
             stats: Dict[str, Tuple[str, str]] = {}
             for n in run:
-                if n.op == "call_module" and _splittable(root.get_submodule(n.target)):
-                    sn = g.call_module(attach(_BNStats(root.get_submodule(n.target))), (env[n.args[0].name],))
-                    key = f"{n.name}__stats"
-                    env[key + "0"] = g.call_function(operator.getitem, (sn, 0))
-                    env[key + "1"] = g.call_function(operator.getitem, (sn, 1))
-                    stats[n.name] = (key + "0", key + "1")
+                if n.op == "call_module" and _is_bn(root.get_submodule(n.target)):
+                    key = (f"{n.name}__mean", f"{n.name}__invstd")
+                    env[key[0]], env[key[1]] = _stats_nodes(g, attach, root.get_submodule(n.target), env[n.args[0].name])
+                    stats[n.name] = key
             inputs: List[str] = []
             for n in run:
                 need = [a.name for a in n.all_input_nodes]
@@ -199,7 +177,7 @@ class CompilablePlan(nn.Module):
                     prev = runs[-1] if runs and nodes[k - 1] is runs[-1][-1] else None
                     # a split BatchNorm's statistics read its input before the region: the input
                     # must not come from the run itself
-                    if prev is not None and not (n.op == "call_module" and _splittable(root.get_submodule(n.target))
+                    if prev is not None and not (n.op == "call_module" and _is_bn(root.get_submodule(n.target))
                                                  and n.args[0].name in {p.name for p in prev}):
                         prev.append(n)
                     else:

@@ -28,7 +28,7 @@ from models.ops import out_of_place_call, out_of_place_module
 from models.capture import capture, trace
 from planner.plan import Plan, PlanError
 from .memory import mark as _mark, measuring as _measuring
-from .rows import RowSegment, run_rows
+from .rows import RowSegment, bn_normalise, run_rows
 from .state import StateSlots
 
 
@@ -72,14 +72,11 @@ class _NodeRunner:
 
     def normalise(self, n: fx.Node, x, stats) -> Any:
         """BatchNorm node ``n`` applied to ``x`` with the forward's batch ``stats`` =
-        ``(mean, invstd)``: its normalisation again, without computing the statistics or touching
-        running statistics (a store-segment recompute).  The variance is rebuilt from the inverse
-        std in float64, so ``1 / sqrt(var + eps)`` gives the forward's inverse std back to within
-        rounding: the result differs from the forward's output by a few units in the last place."""
+        ``(mean, invstd)``: its normalisation again (:func:`~executor.rows.bn_normalise`), without
+        computing the statistics or touching running statistics (a store-segment recompute); the
+        result differs from the forward's output by a few units in the last place."""
         m = self._root().get_submodule(n.target)
-        mean, invstd = stats
-        var = (invstd.double().reciprocal().square() - m.eps).to(invstd.dtype)
-        return F.batch_norm(x, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+        return bn_normalise(x, *stats, m.weight, m.bias)
 
     def _variant(self, n: fx.Node, mod: nn.Module, mode: str):
         key = (n.name, mode)

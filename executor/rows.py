@@ -266,22 +266,9 @@ class RowSegment:
         return bn
 
     def _update_running(self, bn: Dict[str, "_BNStat"]) -> None:
-        """Running statistics, once per step, exactly as ``nn.BatchNorm2d.forward`` updates them."""
-        with torch.no_grad():
-            for n, st in bn.items():
-                m = self.ops[n].module
-                if not (m.training and m.track_running_stats):
-                    continue
-                eaf = 0.0 if m.momentum is None else m.momentum
-                if m.num_batches_tracked is not None:
-                    m.num_batches_tracked.add_(1)
-                    if m.momentum is None:  # cumulative average: 1/num_batches_tracked (no .item())
-                        eaf = 1.0 / m.num_batches_tracked.to(st.mean.dtype)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(eaf * st.mean + (1 - eaf) * m.running_mean)
-                if m.running_var is not None:
-                    unbiased = st.var * (st.count / max(st.count - 1, 1))
-                    m.running_var.copy_(eaf * unbiased + (1 - eaf) * m.running_var)
+        """Running statistics, once per step (:func:`update_running_stats`)."""
+        for n, st in bn.items():
+            update_running_stats(self.ops[n].module, st.mean, st.var, st.count)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, list, Optional[Dict[str, "_BNStat"]]]:
@@ -497,6 +484,47 @@ class RowSegment:
                 "state_bytes": int(state * self.itemsize)}
 
 
+def update_running_stats(m: nn.Module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """Update BatchNorm ``m``'s running statistics with a batch's ``mean`` and biased ``var`` over
+    ``count`` values per channel, exactly as ``nn.BatchNorm2d.forward`` does (nothing when ``m`` is
+    not training or keeps no running statistics).  ``momentum=None``'s cumulative average is a
+    tensor expression (no ``.item()``: no host sync, no graph break under ``torch.compile``)."""
+    if not (m.training and m.track_running_stats):
+        return
+    with torch.no_grad():
+        eaf = 0.0 if m.momentum is None else m.momentum
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            if m.momentum is None:
+                eaf = 1.0 / m.num_batches_tracked.to(mean.dtype)
+        if m.running_mean is not None:
+            m.running_mean.copy_(eaf * mean + (1 - eaf) * m.running_mean)
+        if m.running_var is not None:
+            unbiased = var * (count / max(count - 1, 1))
+            m.running_var.copy_(eaf * unbiased + (1 - eaf) * m.running_var)
+
+
+def bn_normalise(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    """A BatchNorm's normalisation with known per-channel ``mean`` and ``invstd`` (channel dimension
+    1): ``(x - mean) * invstd * weight + bias``.  With autograd off, in place on the one new tensor
+    (no temporaries); with it on, out of place (differentiable in every argument)."""
+    shp = [1, -1] + [1] * (x.dim() - 2)
+    if not torch.is_grad_enabled():
+        y = x - mean.view(shp)
+        y.mul_(invstd.view(shp))
+        if weight is not None:
+            y.mul_(weight.view(shp))
+        if bias is not None:
+            y.add_(bias.view(shp))
+        return y
+    y = (x - mean.view(shp)) * invstd.view(shp)
+    if weight is not None:
+        y = y * weight.view(shp)
+    if bias is not None:
+        y = y + bias.view(shp)
+    return y
+
+
 def _add_dy_sums(sums: Dict[str, list], targets: List[str], grads, bn_io: dict, bn: Dict[str, "_BNStat"]) -> None:
     """Add one strip's sums of dy and dy * xhat (per channel) at each target BN's output to
     ``sums`` (a function, so none of the strip's bands outlives the call)."""
@@ -560,14 +588,7 @@ class _BNStrip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, st: _BNStat, own0: int):
-        shp = (1, -1, 1, 1)
-        # in place on one new band (no grad mode here): the same operations, no temporaries
-        y = x - st.mean.view(shp)
-        y.mul_(st.invstd.view(shp))
-        if weight is not None:
-            y.mul_(weight.view(shp))
-        if bias is not None:
-            y.add_(bias.view(shp))
+        y = bn_normalise(x, st.mean, st.invstd, weight, bias)  # no grad mode here: in place
         ctx.save_for_backward(x, weight)
         ctx.st, ctx.own0 = st, own0
         ctx.set_materialize_grads(False)
