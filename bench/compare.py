@@ -366,14 +366,21 @@ def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     from models.capture import trace
 
     out = []
-    on_cuda = case.device.type == "cuda"
     for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
-        fwd = torch.compile(trace(case.model))
-        mem = None if on_cuda else torch.compile(trace(case.model), backend="aot_eager_decomp_partition")
-        note = "" if on_cuda else "memory: same partition run op by op (CPU tracker cannot see Inductor buffers)"
+        fwd, mem, note = _compiled(case, lambda **kw: torch.compile(trace(case.model), **kw))
         out.append(Method("compile", f"activation_memory_budget={b:g}", fwd, mem, compiled=True,
                           note=note, setup=_budget_setup(b)))
     return out
+
+
+def _compiled(case: Case, compile_: Callable[..., Callable]) -> Tuple[Callable, Optional[Callable], str]:
+    """``(forward, memory_forward, note)`` of a compiled method: ``compile_(**kwargs)`` with
+    Inductor, and on the CPU again with ``aot_eager_decomp_partition`` (the same partition run op
+    by op: the storage tracker cannot see inside Inductor's kernels) for the memory step."""
+    if case.device.type == "cuda":
+        return compile_(), None, ""
+    return (compile_(), compile_(backend="aot_eager_decomp_partition"),
+            "memory: same partition run op by op (CPU tracker cannot see Inductor buffers)")
 
 
 def _budget_setup(budget: float) -> Callable[[], None]:
@@ -454,16 +461,11 @@ class LrcnnPlans:
                           predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note=note)
         from executor.compiled import compile_plan
 
-        on_cuda = self.case.device.type == "cuda"
-        fwd = compile_plan(self.case.model, plan, self.graph)
-        mem = None if on_cuda else compile_plan(self.case.model, plan, self.graph,
-                                                backend="aot_eager_decomp_partition")
-        if not on_cuda:
-            note += "; memory: same program run op by op"
+        fwd, mem, how = _compiled(self.case, lambda **kw: compile_plan(self.case.model, plan, self.graph, **kw))
         # the prediction is for eager execution: not this program's promise.  Budget 1.0: what is
         # recomputed is the plan's choice
-        return Method(name, setting, fwd, mem, compiled=True, budget_bytes=budget, note=note,
-                      setup=_budget_setup(1.0))
+        return Method(name, setting, fwd, mem, compiled=True, budget_bytes=budget,
+                      note="; ".join(filter(None, [note, how])), setup=_budget_setup(1.0))
 
 
 def sweep(lo: float, hi: float, points: int) -> List[float]:

@@ -58,7 +58,7 @@ def test_checkpoint_updates_train_bn_twice():
 def test_compiled_methods_small_case(tmp_path, capfd):
     """torch.compile and lrcnn-compile (lrcnn plans solved for compilation, through ``compile_plan``,
     Inductor) at CI size in float64: the compiled plans are exact to 1e-10, timed in pairs with compiled plain,
-    their memory measured on the same program run op by op."""
+    their memory measured on the same partition run op by op."""
     rc, out, err = run(capfd, "bench", "--model", "resnet18", "--batch", 2, "--resolution", 64,
                        "--dtype", "float64", "--methods", "plain,compile,lrcnn-compile", "--compile-budgets", 1,
                        "--points", 1, "--repeats", 2, "--out-dir", tmp_path, "--no-progress")
@@ -69,7 +69,7 @@ def test_compiled_methods_small_case(tmp_path, capfd):
     assert len(lc) >= 1 and lc.peak_bytes.notna().all(), lc.note.tolist()
     assert (lc.max_rel_err <= 1e-10).all() and lc.exact.all()
     assert lc.paired_ratio.notna().all() and (lc.time_ratio == lc.paired_ratio).all()
-    assert lc.note.str.contains("same program run op by op").all()
+    assert lc.note.str.contains("same partition run op by op").all()
     assert (lc.mem_method == "storage").all() and (lc.peak_bytes > 0).all()
     cp = df[df.method == "compile"].iloc[0]
     assert cp.time_ratio == 1 and cp.max_rel_err <= 1e-10
