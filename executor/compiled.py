@@ -62,9 +62,8 @@ def _region(root: nn.Module, attach: Callable[[nn.Module], str], nodes: List[fx.
     g = fx.Graph()
     env: Dict[str, fx.Node] = {name: g.placeholder(name) for name in inputs}
     for n in nodes:
-        mod = root.get_submodule(n.target) if n.op == "call_module" else None
-        cumulative = _is_bn(mod) and mod.momentum is None
-        if (stats and n.name in stats) or cumulative:
+        mod = _bn_of(root, n)
+        if mod is not None and ((stats and n.name in stats) or mod.momentum is None):
             w = g.get_attr(f"{n.target}.weight") if mod.weight is not None else None
             b = g.get_attr(f"{n.target}.bias") if mod.bias is not None else None
             if stats and n.name in stats:
@@ -104,8 +103,10 @@ class _BNStats(nn.Module):
         return mean, torch.rsqrt(var + m.eps)
 
 
-def _is_bn(mod: Optional[nn.Module]) -> bool:
-    return isinstance(mod, nn.modules.batchnorm._BatchNorm)
+def _bn_of(root: nn.Module, n: fx.Node) -> Optional[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm module node ``n`` calls, or None when it calls none."""
+    mod = root.get_submodule(n.target) if n.op == "call_module" else None
+    return mod if isinstance(mod, nn.modules.batchnorm._BatchNorm) else None
 
 
 class CompilablePlan(nn.Module):
@@ -138,14 +139,16 @@ class CompilablePlan(nn.Module):
             return g.call_function(tcp.checkpoint, (g.get_attr(sub),) + tuple(env[i] for i in inputs),
                                    {"use_reentrant": False})
 
-        def recomputed_run(run: List[fx.Node], later: set) -> None:
-            """One region for a run of recomputed nodes; its BatchNorms' statistics before it."""
+        def recomputed_run(run: List[fx.Node]) -> None:
+            """One region for a run of recomputed nodes (its outputs: the nodes read after it);
+            its BatchNorms' statistics before it."""
             names = {n.name for n in run}
             stats: Dict[str, Tuple[str, str]] = {}
             for n in run:
-                if n.op == "call_module" and _is_bn(root.get_submodule(n.target)):
+                bn = _bn_of(root, n)
+                if bn is not None:
                     key = (f"{n.name}__mean", f"{n.name}__invstd")
-                    env[key[0]], env[key[1]] = _stats_nodes(g, attach, root.get_submodule(n.target), env[n.args[0].name])
+                    env[key[0]], env[key[1]] = _stats_nodes(g, attach, bn, env[n.args[0].name])
                     stats[n.name] = key
             inputs: List[str] = []
             for n in run:
@@ -155,7 +158,7 @@ class CompilablePlan(nn.Module):
                 for a in need:
                     if a not in names and a not in inputs:
                         inputs.append(a)
-            outputs = [n.name for n in run if n.name in later] or [run[-1].name]
+            outputs = [n.name for n in run if any(u.name not in names for u in n.users)] or [run[-1].name]
             out = checkpointed(run, inputs, outputs, stats)
             for k, o in enumerate(outputs):
                 env[o] = g.call_function(operator.getitem, (out, k))
@@ -177,24 +180,17 @@ class CompilablePlan(nn.Module):
                     prev = runs[-1] if runs and nodes[k - 1] is runs[-1][-1] else None
                     # a split BatchNorm's statistics read its input before the region: the input
                     # must not come from the run itself
-                    if prev is not None and not (n.op == "call_module" and _is_bn(root.get_submodule(n.target))
+                    if prev is not None and not (_bn_of(root, n) is not None
                                                  and n.args[0].name in {p.name for p in prev}):
                         prev.append(n)
                     else:
                         runs.append([n])
                 start = {run[0].name: run for run in runs}
-                skip: set = set()
                 for n in nodes:
-                    if n.name in skip:
-                        continue
-                    run = start.get(n.name)
-                    if run is None:
+                    if n.name in start:
+                        recomputed_run(start[n.name])
+                    elif n.name not in recompute:
                         env[n.name] = g.node_copy(n, lambda a: env[a.name])
-                        continue
-                    names = {r.name for r in run}
-                    later = {r.name for r in run if any(u.name not in names for u in r.users)}
-                    recomputed_run(run, later)
-                    skip |= names
         g.lint()
         # not registered submodules: the tensors are this module's, under the model's names.  The
         # program's code is its own (fx generates it per GraphModule), so each plan compiles apart
