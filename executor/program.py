@@ -47,7 +47,8 @@ class _NodeRunner:
         """Evaluate node ``n``.
 
         ``mode``: ``plain`` (the model's own call), ``noinplace`` (same, but activations do not
-        overwrite their input), ``pure`` (recomputation: no in-place, no BN running-stat update).
+        overwrite their input), ``pure`` (recomputation: no in-place; run it with the segment's
+        buffers bound to copies, :meth:`StateSlots.replay`, so no state is written twice).
         """
         args = fx.node.map_arg(n.args, lambda a: env[a.name])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
@@ -79,22 +80,12 @@ class _NodeRunner:
         return bn_normalise(x, *stats, m.weight, m.bias)
 
     def _variant(self, n: fx.Node, mod: nn.Module, mode: str):
+        # ``pure``: the module's own call, out of place; the caller binds copies of its buffers
+        # (StateSlots.replay), so state it writes (BN running statistics, ...) is thrown away
         key = (n.name, mode)
         f = self._cache.get(key)
         if f is None:
-            if mode == "pure" and isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                def f(x, m=mod):
-                    if m.training or not m.track_running_stats:
-                        # Same batch statistics and the same saved tensors as the forward pass
-                        # (checkpoint compares them), but the running statistics are not touched:
-                        # the update goes to throw-away copies.
-                        rm = None if m.running_mean is None else m.running_mean.clone()
-                        rv = None if m.running_var is None else m.running_var.clone()
-                        return F.batch_norm(x, rm, rv, m.weight, m.bias, True, 0.0, m.eps)
-                    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-            else:
-                f = out_of_place_module(mod)
-            self._cache[key] = f
+            f = self._cache[key] = out_of_place_module(mod)
         return f
 
 
@@ -115,8 +106,8 @@ def _batch_stats(mod: nn.Module, out) -> Any:
     """``(mean, invstd)`` of the batch a train-mode BatchNorm ``mod`` just normalised into ``out``:
     the tensors its autograd node saved (nothing is computed or allocated); None when ``out`` is not
     such a BatchNorm's output."""
-    if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return None
+    if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or _ops.module_refusal(mod):
+        return None  # (a hook or an own forward: only the module's own call recomputes it)
     fn = getattr(out, "grad_fn", None)
     # NativeBatchNormBackward0 (CPU, and CUDA without cuDNN): result1 = batch mean, result2 = its
     # inverse std.  Other backends (cuDNN, MIOpen) keep the full recompute.
@@ -142,16 +133,35 @@ def adopt(dst: nn.Module, src: nn.Module) -> None:
 class PlannedModule(nn.Module):
     """The user's model, trained by a plan.  Same submodules, parameters and buffers."""
 
+    # built from the model, plan and graph: not copied, pickled or saved, but built again
+    _DERIVED = ("_fx", "_runner", "_steps", "_last", "_seg_index")
+
     def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule):
         super().__init__()
         adopt(self, model)
         self.training = model.training  # not train(): that would reset the children's modes
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "graph", graph)
+        # the user's model (its submodules are ours): its forward is traced again when a copy
+        # (copy.deepcopy, swa_utils.AveragedModel, pickle, torch.save) is built
+        object.__setattr__(self, "_model", model)
+        self._program(gm)
+
+    def _program(self, gm: fx.GraphModule) -> None:
         object.__setattr__(self, "_fx", gm.graph)
         object.__setattr__(self, "_runner", _NodeRunner(self))
-        fxnodes = {n.name: n for n in gm.graph.nodes}
-        self._build_steps(fxnodes)
+        self._build_steps({n.name: n for n in gm.graph.nodes})
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = {k: v for k, v in state.items() if k not in self._DERIVED}
+        return state
+
+    def __setstate__(self, state):
+        # a copy: its own modules (shared with its own copy of the model), the same plan; the
+        # program is built for them, so the copy trains its own parameters
+        super().__setstate__(state)
+        self._program(trace(self._model))
 
     # -- program --------------------------------------------------------------------------------
     def _build_steps(self, fxnodes: Dict[str, fx.Node]) -> None:
@@ -178,8 +188,7 @@ class PlannedModule(nn.Module):
                 seg = RowSegment(self, graph, fxnodes, s)
                 steps.append(("rows", seg, src, s.last))
             elif s.mode == "checkpoint":
-                mods = [self.get_submodule(n.target) for n in nodes if n.op == "call_module"]
-                steps.append(("checkpoint", nodes, src, s.last, StateSlots(mods)))
+                steps.append(("checkpoint", nodes, src, s.last, StateSlots(self._modules_of(nodes))))
             else:
                 rec = set(s.recompute)
                 for r in rec:
@@ -187,8 +196,7 @@ class PlannedModule(nn.Module):
                     if gn.kind not in (_ops.POINTWISE, _ops.NORM, _ops.JOIN):
                         raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op}; "
                                         f"only cheap pointwise/BN/add/concat outputs can be recomputed")
-                mods = [self.get_submodule(graph_n.target) for graph_n in nodes
-                        if graph_n.op == "call_module" and graph_n.name in rec]
+                mods = self._modules_of([n for n in nodes if n.name in rec])
                 steps.append(("store", nodes, src, s.last, rec, StateSlots(mods)))
             i = j + 1
         # last use of every value, for freeing
@@ -199,6 +207,17 @@ class PlannedModule(nn.Module):
         object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_last", last)
         object.__setattr__(self, "_seg_index", seg_index)
+
+    def _modules_of(self, nodes: List[fx.Node]) -> List[nn.Module]:
+        """The modules ``nodes`` call, and the owners of the tensors they read by attribute."""
+        mods = []
+        for n in nodes:
+            if n.op == "call_module":
+                mods.append(self.get_submodule(n.target))
+            elif n.op == "get_attr":
+                owner = str(n.target).rpartition(".")[0]
+                mods.append(self.get_submodule(owner) if owner else self)
+        return mods
 
     @staticmethod
     def _step_inputs(st) -> List[str]:
@@ -288,15 +307,15 @@ class PlannedModule(nn.Module):
     def _run_checkpoint(self, nodes, x, src, slots: StateSlots):
         if not torch.is_grad_enabled():
             return self._run_nodes(nodes, x, src)
-        state = slots.capture()
+        snap = slots.snapshot()  # before the forward writes any state
         calls = [0]
 
         def fn(inp):
             calls[0] += 1
             if calls[0] == 1:  # the forward pass
                 return self._run_nodes(nodes, inp, src, "plain")
-            # a recomputation: the forward's tensors, no side effects (BN running stats)
-            with slots.bound(*state):
+            # a recomputation: the forward's tensors and state; what it writes is thrown away
+            with slots.replay(snap):
                 return self._run_nodes(nodes, inp, src, "pure")
 
         return tcp.checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True)
@@ -305,7 +324,7 @@ class PlannedModule(nn.Module):
         if not recompute or not torch.is_grad_enabled():
             return self._run_nodes(nodes, x, src)
         runner = self._runner
-        state = slots.capture()  # the recompute uses the tensors this forward used
+        snap = slots.snapshot()  # the recompute uses the tensors and state this forward used
         env: Dict[str, Any] = {src: x}
         registry: Dict[int, tuple] = {}  # storage id -> (weakref to output, recipe)
 
@@ -327,8 +346,11 @@ class PlannedModule(nn.Module):
         def materialise(v):
             if isinstance(v, _Recipe):
                 ins = {k: materialise(a) for k, a in v.inputs.items()}
-                with torch.no_grad(), slots.bound(*state):
-                    if v.stats is not None:
+                # a backward with create_graph=True differentiates the recompute too: then it is
+                # recorded, and a BN recomputes its statistics (the saved ones carry no graph)
+                graph = torch.is_grad_enabled()
+                with torch.set_grad_enabled(graph), slots.replay(snap):
+                    if v.stats is not None and not graph:
                         return runner.normalise(v.node, *ins.values(), v.stats)
                     return runner.run(v.node, ins, "pure")
             return v

@@ -24,6 +24,7 @@ so one ``loss.backward()`` drives everything, parameter gradients arrive through
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,7 +35,7 @@ from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, defau
                              max_strips, propagate_heights, segment_ancestors, strip_schedule)
 from . import memory
 from .state import StateSlots
-from .strips import Band, RowSegmentError, StripOp, build_strip_op
+from .strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
 
 BN_STRATEGIES = ("sweeps", "layerwise")
 
@@ -61,6 +62,9 @@ class RowSegment:
                                  {n: graph[n].inputs for n in names},
                                  {n: graph[n].geom for n in names if graph[n].geom is not None},
                                  {})
+        # for a backward with create_graph=True: the segment's nodes run plainly (whole maps)
+        self._root = weakref.ref(root)
+        self._fxnodes = [fxnodes[n] for n in names]
         self.ops: Dict[str, StripOp] = {}
         for n in names:
             fxn = fxnodes[n]
@@ -428,6 +432,18 @@ class RowSegment:
             memory.mark(f"rows {self.name} backward strip {i}")
         return gx, gparams, sums
 
+    def plain_backward(self, x: torch.Tensor, gy: torch.Tensor, need_gx: bool, params: List[torch.Tensor]):
+        """Backward with ``create_graph=True`` (a gradient penalty, double backward): the segment's
+        nodes run once more as plain whole-map autograd (the forward's parameters and state; BN
+        running statistics are not touched again) and are differentiated with a graph, so the
+        gradients are exact and differentiable again.  Whole maps: this backward does not keep
+        the plan's memory bound.  Call it with the forward's parameters and copies of its buffers
+        bound.  Returns (grad_x, grads of ``params``)."""
+        y = self._root()._run_nodes(self._fxnodes, x, self.source, "pure")
+        ins = ([x] if need_gx else []) + list(params)
+        got = torch.autograd.grad(y, ins, gy, create_graph=True, allow_unused=True)
+        return (got[0] if need_gx else None), list(got[1 if need_gx else 0:])
+
     # -- cost ------------------------------------------------------------------------------------
     def bn_cost(self, in_h: Optional[int] = None) -> Dict[str, object]:
         """Predicted extra work and memory of the training-mode BN handling for one step.
@@ -639,15 +655,35 @@ class _RowFunction(torch.autograd.Function):
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
         seg: RowSegment = ctx.seg
-        with seg.state.bound(ctx.params, ctx.buffers):
-            gx, gparams = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1], list(ctx.params),
-                                       ctx.bn)
-        ctx.carries = ctx.params = ctx.buffers = ctx.bn = None
+        if ctx.params is None:
+            raise RowSegmentError(f"row segment {seg.name}: a second backward through the same forward "
+                                  f"(retain_graph=True) is not supported in row strips; run the forward again, "
+                                  f"or plan this part as checkpoint/store")
+        # frozen parameters (requires_grad False) are neither differentiated nor given a gradient
+        want = [k for k in range(len(ctx.params)) if ctx.needs_input_grad[2 + k]]
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            with seg.state.bound(ctx.params, [b.clone() for b in ctx.buffers]):
+                gx, got = seg.plain_backward(x, gy, ctx.needs_input_grad[1], [ctx.params[k] for k in want])
+        else:
+            with seg.state.bound(ctx.params, ctx.buffers):
+                gx, got = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1],
+                                       [ctx.params[k] for k in want], ctx.bn)
+        gparams: List[Optional[torch.Tensor]] = [None] * len(ctx.params)
+        for k, g in zip(want, got):
+            gparams[k] = g
+        if not torch.is_grad_enabled():
+            # the strips' state is not needed again (a create_graph backward leaves it: the
+            # first-order backward that usually follows runs the strips)
+            ctx.carries = ctx.params = ctx.buffers = ctx.bn = None
         return (None, gx, *gparams)
 
 
 def run_rows(seg: RowSegment, x: torch.Tensor) -> torch.Tensor:
-    """Apply a row segment to its input map (differentiable)."""
+    """Apply a row segment to its input map (differentiable).  Refuses (RowSegmentError) a module
+    that got a hook, a parametrization or the like after the plan was applied."""
+    for n, op in seg.ops.items():
+        if op.module is not None:
+            check_module(n, op.module, seg.name)
     params = seg.params
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         with torch.no_grad():

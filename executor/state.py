@@ -3,6 +3,13 @@
 Backward (and so every recomputation) runs after ``torch.func.functional_call`` or a fake-tensor
 simulation has put the module's own tensors back.  A recompute must use the tensors the forward
 pass used, so segments capture them when they run forward and bind them again while recomputing.
+
+State is found, not named: whatever a module writes into its buffers during forward (BatchNorm
+running statistics and counters, a spectral norm's power-iteration vectors, a fake-quant
+observer's ranges, a user's EMA buffer) is written once, by the forward pass.  A recomputation
+runs the same module calls on copies of the buffers as they were before that forward
+(:meth:`StateSlots.snapshot`, :meth:`StateSlots.replay`), so it computes exactly what the forward
+computed and its writes are thrown away.
 """
 from __future__ import annotations
 
@@ -14,27 +21,43 @@ import torch.nn as nn
 
 
 class StateSlots:
-    """(module, name) of every parameter and buffer of some modules, in a fixed order."""
+    """(module, name) of every parameter and buffer of some modules and their submodules (a
+    parametrization's original tensors, an observer's buffers), in a fixed order."""
 
     def __init__(self, modules: Iterable[nn.Module]):
-        mods = list(dict.fromkeys(m for m in modules if m is not None))
+        mods = list(dict.fromkeys(sub for m in modules if m is not None for sub in m.modules()))
         self.params: List[Tuple[nn.Module, str]] = []
+        self.buffers: List[Tuple[nn.Module, str]] = []
         seen = set()
         for m in mods:
             for name, p in m.named_parameters(recurse=False):
                 if id(p) not in seen:
                     seen.add(id(p))
                     self.params.append((m, name))
-        self.buffers: List[Tuple[nn.Module, str]] = [(m, b) for m in mods for b, _ in m.named_buffers(recurse=False)]
+            for name, b in m.named_buffers(recurse=False):
+                if b is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    self.buffers.append((m, name))
 
     def current_params(self) -> List[torch.Tensor]:
-        return [getattr(m, n) for m, n in self.params]
+        return [m._parameters[n] for m, n in self.params]
 
     def current_buffers(self) -> List[torch.Tensor]:
-        return [getattr(m, n) for m, n in self.buffers]
+        return [m._buffers[n] for m, n in self.buffers]
 
     def capture(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         return self.current_params(), self.current_buffers()
+
+    def snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The parameters, and copies of the buffers as they are now (before a forward pass that
+        may write them)."""
+        return self.current_params(), [b.detach().clone() for b in self.current_buffers()]
+
+    def replay(self, snap: Tuple[List[torch.Tensor], List[torch.Tensor]]):
+        """Bind a :meth:`snapshot` for a recomputation: its parameters and fresh copies of its
+        buffers (so the recompute's own writes touch neither the module nor the snapshot)."""
+        params, buffers = snap
+        return self.bound(params, [b.clone() for b in buffers])
 
     @contextlib.contextmanager
     def bound(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]):

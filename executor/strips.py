@@ -24,6 +24,20 @@ class RowSegmentError(ValueError):
     """A row segment contains something that cannot run exactly in row strips."""
 
 
+# what to do when a node cannot run in row strips (planner solve, given the model as it is, never
+# puts such a node in a row segment)
+ROWS_FIX = ("end the row segment before it or plan that part as checkpoint/store (re-run planner solve on the "
+            "model as it is now: it never puts such a node in rows), or remove the feature")
+
+
+def check_module(node: str, module: nn.Module, segment: str) -> None:
+    """RowSegmentError if ``module`` (node ``node`` of row segment ``segment``) has acquired
+    something row strips cannot run since it was planned (:func:`models.ops.module_refusal`)."""
+    why = _ops.module_refusal(module)
+    if why:
+        raise RowSegmentError(f"row segment {segment}: node {node!r} ({module.__class__.__name__}): {why}; {ROWS_FIX}")
+
+
 @dataclass
 class Band:
     start: int          # first full-map row held
@@ -129,7 +143,7 @@ def build_strip_op(fxnode: fx.Node, graph_node, module: Optional[nn.Module], in_
     """StripOp for a captured node, or RowSegmentError naming the node and op if it cannot run in rows."""
     if not graph_node.rowwise:
         raise RowSegmentError(f"node {graph_node.name!r} (op {graph_node.op}, {graph_node.target}) cannot run "
-                              f"in a row segment: {graph_node.reason or 'not row-local'}; end the row segment before it")
+                              f"in a row segment: {graph_node.reason or 'not row-local'}; {ROWS_FIX}")
     if fxnode.op == "call_module":
         info = _ops.classify_module(module)
     else:

@@ -210,11 +210,59 @@ class LayerGraph:
 
 # ------------------------------------------------------------------------------------------------
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, changed so that tracing never runs the model's own code on its real state
+    and a module that keeps state runs its own forward: buffers read by traced code are graph
+    inputs (``get_attr``, never written at trace time); every BatchNorm subclass is a leaf (timm's
+    ``BatchNormAct2d``: its forward would otherwise advance ``num_batches_tracked`` and freeze its
+    momentum factor at trace time); and so is every module in ``stateful``."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, stateful=()):
+        super().__init__()
+        self.stateful = set(stateful)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (isinstance(m, nn.modules.batchnorm._BatchNorm) or qualname in self.stateful
+                or super().is_leaf_module(m, qualname))
+
+
+def _buffer_writers(graph: fx.Graph, buffers: set) -> set:
+    """Owners (module paths) of the buffers the traced ``graph`` writes in place: an in-place
+    tensor method or function (``add_``, ``copy_``, ...) applied to a ``get_attr`` of a buffer.
+    Traced code loses ``torch.no_grad()`` blocks and the like, so such a module is traced again
+    as a leaf: its own forward keeps its own semantics."""
+    owners = set()
+    for n in graph.nodes:
+        if n.op == "get_attr" and n.target in buffers:
+            for u in n.users:
+                name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+                if u.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+                        and not name.startswith("__") and u.args and u.args[0] is n:
+                    owners.add(str(n.target).rpartition(".")[0])
+    return owners
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (stock nn layers stay leaf modules)."""
+    """Symbolically trace ``model`` (stock nn layers, BatchNorm subclasses and modules that write
+    their own buffers stay leaf modules; the model's parameters and buffers are never written)."""
     try:
-        tracer = fx.Tracer()  # stock nn layers stay leaf modules
-        graph = tracer.trace(model)
+        buffers = {k for k, _ in model.named_buffers()}
+        stateful: set = set()
+        while True:
+            tracer = _Tracer(stateful)
+            graph = tracer.trace(model)
+            writers = _buffer_writers(graph, buffers) - stateful
+            if not writers:
+                break
+            if "" in writers:
+                raise CaptureError(f"{type(model).__name__}.forward writes one of its own buffers in place; "
+                                   f"lrcnn runs such state updates only inside a submodule: move the update "
+                                   f"into a module of its own")
+            stateful |= writers
+    except CaptureError:
+        raise
     except Exception as e:  # torch.fx raises many types
         raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); lrcnn needs an fx-traceable model") from e

@@ -99,8 +99,58 @@ def _avgpool_info(m: nn.AvgPool2d) -> OpInfo:
     return OpInfo("avgpool2d", SPATIAL, HGeom(k, s, p, 1, bool(m.ceil_mode), 0.0), True)
 
 
+# Stock classes whose computation row strips and the store recompute reimplement (they call
+# F.conv2d, F.batch_norm, ... with the module's tensors): a subclass that overrides one of these
+# methods computes something else, and is run only as a whole module call.
+_STOCK_METHODS = ((nn.Conv2d, ("forward", "_conv_forward")), (nn.MaxPool2d, ("forward",)),
+                  (nn.AvgPool2d, ("forward",)), (nn.modules.batchnorm._BatchNorm, ("forward",)),
+                  (nn.Identity, ("forward",))) + tuple((c, ("forward",)) for c in _ACT_MODULES)
+
+_HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a forward hook"),
+          ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook"))
+
+
+def module_refusal(m: nn.Module) -> str:
+    """Why lrcnn cannot run module ``m`` piecewise (row strips, which reimplement its computation
+    on bands of rows): a hook on it (or a global module hook: hooks see whole-map tensors once per
+    call; pruning masks and the old ``weight_norm`` are hooks too), a parametrization
+    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal), or a subclass of a
+    stock layer that overrides its computation (torch.ao QAT convolutions, fused norm+activation
+    layers).  '' when none applies.  Whole-module calls (plain, checkpoint, store segments) run
+    all of these exactly; only row strips refuse them."""
+    from torch.nn.modules import module as _module
+    from torch.nn.utils import parametrize
+
+    found = [what for attr, what in _HOOKS if getattr(m, attr, None)]
+    if any(getattr(_module, g, None) for g in ("_global_forward_pre_hooks", "_global_forward_hooks",
+                                                "_global_backward_pre_hooks", "_global_backward_hooks")):
+        found.append("a global module hook (torch.nn.modules.module.register_module_*_hook)")
+    if found:
+        return f"{type(m).__name__} has {' and '.join(found)}, which row strips cannot run"
+    if parametrize.is_parametrized(m):
+        names = ", ".join(sorted(m.parametrizations.keys()))
+        return f"{type(m).__name__} has a parametrization of {names}, which row strips cannot run"
+    for cls, methods in _STOCK_METHODS:
+        if isinstance(m, cls):
+            own = [f for f in methods if getattr(type(m), f) is not getattr(cls, f)]
+            if own:
+                return (f"{type(m).__name__} subclasses {cls.__name__} with its own {own[0]}(), "
+                        f"which row strips cannot reproduce")
+    return ""
+
+
 def classify_module(m: nn.Module) -> OpInfo:
-    """Classify a leaf module called by an fx node."""
+    """Classify a leaf module called by an fx node (a module lrcnn cannot run piecewise,
+    :func:`module_refusal`, keeps its kind but is not row-wise)."""
+    info = _classify_module(m)
+    if info.rowwise:
+        why = module_refusal(m)
+        if why:
+            return OpInfo(info.op, info.kind, info.geom, False, why)
+    return info
+
+
+def _classify_module(m: nn.Module) -> OpInfo:
     t = type(m)
     if isinstance(m, nn.Conv2d):
         return _conv_info(m)

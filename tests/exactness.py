@@ -25,6 +25,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / nb
 
 
+# A gradient that is zero by the maths (a conv bias before a train-mode BN) is rounding noise on
+# both sides (about the dtype's epsilon x the norm of the step's whole gradient): it is compared
+# against this fraction of that whole norm.
+GRAD_FLOOR = {torch.float64: 1e-4, torch.float32: 1e-1}
+
+
+def rel_floor(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
+    """Norm-wise error of a against reference b, relative to max(|b|, floor)."""
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
+
+
 def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-4,
                 owner: nn.Module = None):
     """Run ``steps`` SGD+momentum steps; return per-step records of everything exactness covers.

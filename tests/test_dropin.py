@@ -1,0 +1,341 @@
+"""Drop-in exactness: PyTorch training features crossed with every segment mode.
+
+Each cell of the matrix (feature x mode) is either *exact* (float64: output, loss, input gradient,
+every parameter gradient, parameters after an SGD step and every buffer within 1e-10 of plain
+PyTorch; a gradient that is zero by the maths is compared against 1e-10 of the whole gradient
+vector's norm) or *refused* with the project's own error naming the module.  ``EXPECTED`` is the
+matrix; README's "Compatibility" table is checked against it (``test_readme_table``).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrizations, prune
+
+from exactness import GRAD_FLOOR, rel_floor
+from executor import RowSegmentError, apply_plan
+from models import capture
+from planner import Plan, PlanError, Segment
+
+TOL = 1e-10
+
+
+class Net(nn.Module):
+    """conv-BN-ReLU stem, a strided conv-BN-ReLU, a residual conv-BN block, a classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(6, 6, 3, 2, 1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(6, 6, 3, 1, 1)
+        self.bn3 = nn.BatchNorm2d(6)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(x)))
+        y = torch.relu(self.bn3(self.conv3(y)) + y)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+class EmaScale(nn.Module):
+    """A user's stateful layer: scales by an exponential moving average it updates in forward."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.register_buffer("ema", torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(0.1 * x.mean((0, 2, 3), keepdim=True))
+        return x * self.ema
+
+
+class BNAct(nn.BatchNorm2d):
+    """A fused norm+activation layer as timm writes it: a BatchNorm2d subclass with its own forward."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+SHAPE = (2, 3, 12, 10)
+
+# -- segment modes -------------------------------------------------------------------------------
+# rows over the whole trunk (train-mode or eval-mode BN), checkpoint, store recomputing BN/ReLU/add
+MODES = {
+    "rows 2PS": ([Segment("conv1", "relu", "rows", policy="2ps", strips=2)], "train"),
+    "rows OverL": ([Segment("conv1", "relu", "rows", policy="overl", strips=3)], "train"),
+    "rows eval-BN": ([Segment("conv1", "relu", "rows", policy="2ps", strips=3)], "eval"),
+    "checkpoint": ([Segment("conv1", "relu", "checkpoint")], "train"),
+    # (recompute: every pointwise / BN / add node but the last, as the model's graph has them)
+    "store+recompute": ([Segment("conv1", "relu", "store", recompute=["*"])], "train"),
+}
+
+
+# -- features: (prepare(model) -> model, step kind) -----------------------------------------------
+def _freeze(m):
+    for p in list(m.conv1.parameters()) + list(m.bn1.parameters()) + [m.conv3.weight]:
+        p.requires_grad_(False)
+    return m
+
+
+def _fwd_hook(m):
+    m.conv2.register_forward_hook(lambda mod, inp, out: out * 1.5)
+    return m
+
+
+def _pre_hook(m):
+    m.bn2.register_forward_pre_hook(lambda mod, inp: (inp[0] + 0.25,))
+    return m
+
+
+def _bwd_hook(m):
+    m.conv2.register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 0.5,))
+    return m
+
+
+def _weight_norm(m):
+    parametrizations.weight_norm(m.conv2)
+    return m
+
+
+def _spectral_norm(m):
+    parametrizations.spectral_norm(m.conv3)
+    return m
+
+
+def _orthogonal(m):
+    parametrizations.orthogonal(m.conv1)
+    return m
+
+
+def _prune(m):
+    prune.l1_unstructured(m.conv2, "weight", amount=0.3)
+    return m
+
+
+def _qat(m):
+    qat = torch.ao.nn.qat.Conv2d(6, 6, 3, 2, 1, qconfig=torch.ao.quantization.get_default_qat_qconfig("x86"))
+    with torch.no_grad():
+        qat.weight.copy_(m.conv2.weight)
+        qat.bias.copy_(m.conv2.bias)
+    m.conv2 = qat
+    return m
+
+
+def _ema(m):
+    m.relu1 = nn.Sequential(nn.ReLU(), EmaScale(6))
+    return m
+
+
+def _bnact(m):
+    new = BNAct(6)
+    new.load_state_dict(m.bn2.state_dict())
+    m.bn2, m.relu2 = new, nn.Identity()
+    return m
+
+
+FEATURES = {
+    "plain training": (None, "step"),
+    "frozen parameters": (_freeze, "step"),
+    "input without grad": (None, "step-nograd-input"),
+    "forward hook": (_fwd_hook, "step"),
+    "forward pre-hook": (_pre_hook, "step"),
+    "full backward hook": (_bwd_hook, "step"),
+    "weight_norm (parametrization)": (_weight_norm, "step"),
+    "spectral_norm": (_spectral_norm, "step"),
+    "orthogonal": (_orthogonal, "step"),
+    "pruning mask": (_prune, "step"),
+    "torch.ao QAT conv": (_qat, "step"),
+    "stateful custom layer (EMA buffer)": (_ema, "step"),
+    "BatchNorm2d subclass (norm+act)": (_bnact, "step"),
+    "double backward (gradient penalty)": (None, "penalty"),
+    "no_grad inference": (None, "no_grad"),
+    "eval() inference": (None, "eval"),
+    "copy.deepcopy": (None, "deepcopy"),
+    "swa_utils.AveragedModel": (None, "averaged"),
+    "torch.save / torch.load": (None, "save"),
+    "state_dict round trip": (None, "state_dict"),
+}
+
+# PyTorch's fake quantization runs in float32 only: the QAT cells compare in float32, where the
+# same ops in the same order must agree to float32 rounding of the few BN values a store
+# recompute renormalises
+DTYPE = {f: torch.float32 if f == "torch.ao QAT conv" else torch.float64 for f in FEATURES}
+TOLS = {torch.float64: TOL, torch.float32: 1e-6}
+
+# what each cell must do: "exact" or "refused"
+ROWS = ("rows 2PS", "rows OverL", "rows eval-BN")
+_ROWS_REFUSE = {"forward hook", "forward pre-hook", "full backward hook", "weight_norm (parametrization)",
+                "spectral_norm", "orthogonal", "pruning mask", "torch.ao QAT conv",
+                "stateful custom layer (EMA buffer)", "BatchNorm2d subclass (norm+act)"}
+EXPECTED = {(f, m): ("refused" if m in ROWS and f in _ROWS_REFUSE else "exact") for f in FEATURES for m in MODES}
+
+
+def _net(feature: str, bn: str) -> nn.Module:
+    torch.manual_seed(0)
+    m = Net()
+    prep = FEATURES[feature][0]
+    if prep is not None:
+        m = prep(m)
+    m.to(DTYPE[feature]).train()
+    with torch.no_grad():  # running statistics away from 0/1, so eval BN is not the identity
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5) if mod.weight.requires_grad else None
+    if bn == "eval":
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.eval()
+    return m
+
+
+def _data(dtype):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(*SHAPE, generator=g, dtype=dtype), torch.randint(0, 5, (SHAPE[0],), generator=g)
+
+
+def _loss(model, x, y, kind):
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    if kind == "penalty":  # gradient penalty on the input: needs a backward that is differentiable
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        loss = loss + 0.3 * g.pow(2).sum()
+    return out, loss
+
+
+def _step(model, owner, kind):
+    """One SGD+momentum step (or an inference pass); everything exactness covers."""
+    x, y = _data(next(owner.parameters()).dtype)
+    opt = torch.optim.SGD([p for p in owner.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    if kind == "no_grad":
+        with torch.no_grad():
+            return {"out": model(x)}, {}
+    if kind == "eval":
+        model.eval()
+        return {"out": model(x)}, {}
+    if kind != "step-nograd-input":
+        x.requires_grad_(True)
+    rec = {}
+    for it in range(2):  # two steps: the second sees the first's state (running statistics, EMA)
+        opt.zero_grad(set_to_none=True)
+        out, loss = _loss(model, x, y, kind)
+        loss.backward()
+        rec[f"out@{it}"], rec[f"loss@{it}"] = out.detach().clone(), loss.detach().clone()
+        if x.requires_grad:
+            rec[f"xgrad@{it}"] = x.grad.clone()
+            x.grad = None
+        for k, p in owner.named_parameters():
+            if p.grad is not None:
+                rec[f"grad:{k}@{it}"] = p.grad.clone()
+        opt.step()
+    state = {f"param:{k}": p.detach().clone() for k, p in owner.named_parameters()}
+    state.update({f"buffer:{k}": b.detach().clone() for k, b in owner.named_buffers()})
+    return rec, state
+
+
+def _compare(ours: dict, ref: dict) -> dict:
+    """Relative error of every quantity; gradients against max(own norm, GRAD_FLOOR x the norm of
+    that step's whole gradient)."""
+    assert set(ours) == set(ref), f"different quantities: {sorted(set(ours) ^ set(ref))}"
+    whole = {}
+    for k, r in ref.items():
+        if k.startswith("grad:"):
+            step = k.rpartition("@")[2]
+            whole[step] = whole.get(step, 0.0) + r.double().norm().item() ** 2
+    errs = {}
+    for k, r in ref.items():
+        a = ours[k]
+        if not r.is_floating_point():
+            assert torch.equal(a, r), f"{k} differs: {a} vs {r}"
+            continue
+        floor = GRAD_FLOOR[r.dtype] * whole[k.rpartition("@")[2]] ** 0.5 if k.startswith("grad:") else 0.0
+        errs[k] = rel_floor(a, r, floor)
+    return errs
+
+
+def _planned(model, segments):
+    g = capture(model, SHAPE, next(model.parameters()).dtype)
+    segs = []
+    for s in segments:
+        if s.recompute == ["*"]:
+            span = g.span(g.resolve(s.first), g.resolve(s.last, "last"))
+            s = Segment(s.first, s.last, "store", recompute=[n.name for n in span[:-1]
+                                                               if n.kind in ("pointwise", "norm", "join")])
+        segs.append(s)
+    return apply_plan(model, Plan.build(g, segs), g)
+
+
+def _run_cell(feature: str, mode: str) -> dict:
+    segments, bn = MODES[mode]
+    kind = FEATURES[feature][1]
+    plain = _net(feature, bn)
+    ref = _step(plain, plain, "step" if kind in ("deepcopy", "averaged", "save", "state_dict") else kind)
+    model = _net(feature, bn)
+    before = copy.deepcopy(model.state_dict())
+    pm = _planned(model, segments)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "planning changed the model's state"
+    owner = model
+    if kind == "deepcopy":
+        pm = copy.deepcopy(pm)
+        owner = pm
+    elif kind == "averaged":
+        avg = torch.optim.swa_utils.AveragedModel(pm)
+        ours = _step(avg.module, avg.module, "step")
+        assert all(p.grad is None for p in model.parameters()), "the averaged copy trained the original"
+        avg.update_parameters(avg.module)
+        return _compare(_flat(ours), _flat(ref))
+    elif kind == "save":
+        buf = io.BytesIO()
+        torch.save(pm, buf)
+        buf.seek(0)
+        pm = torch.load(buf, weights_only=False)
+        owner = pm
+    elif kind == "state_dict":
+        sd = copy.deepcopy(pm.state_dict())
+        fresh = _net(feature, bn)
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.add_(1.0)
+        pm2 = _planned(fresh, segments)
+        pm2.load_state_dict(sd)
+        pm, owner = pm2, fresh
+    ours = _step(pm, owner, "step" if kind in ("deepcopy", "save", "state_dict") else kind)
+    if kind == "deepcopy":
+        assert all(p.grad is None for p in model.parameters()), "the copy trained the original's parameters"
+    return _compare(_flat(ours), _flat(ref))
+
+
+def _flat(pair):
+    rec, state = pair
+    return {**rec, **state}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_in_mode(feature, mode):
+    if EXPECTED[(feature, mode)] == "refused":
+        with pytest.raises((RowSegmentError, PlanError)) as e:
+            _run_cell(feature, mode)
+        msg = str(e.value)
+        assert "row" in msg and ("checkpoint" in msg or "store" in msg), msg
+        return
+    errs = _run_cell(feature, mode)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= TOLS[DTYPE[feature]], f"{worst}: relative error {errs[worst]:.3e}"
