@@ -29,7 +29,7 @@ from models.capture import capture, trace
 from planner.plan import Plan, PlanError
 from .memory import mark as _mark, measuring as _measuring
 from .rows import RowSegment, bn_normalise, run_rows
-from .state import StateSlots
+from .state import StateSlots, amp_replay, amp_state
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -325,6 +325,7 @@ class PlannedModule(nn.Module):
             return self._run_nodes(nodes, x, src)
         runner = self._runner
         snap = slots.snapshot()  # the recompute uses the tensors and state this forward used
+        amp = amp_state()  # ... and runs each op in the dtype this forward ran it in
         env: Dict[str, Any] = {src: x}
         registry: Dict[int, tuple] = {}  # storage id -> (weakref to output, recipe)
 
@@ -349,7 +350,7 @@ class PlannedModule(nn.Module):
                 # a backward with create_graph=True differentiates the recompute too: then it is
                 # recorded, and a BN recomputes its statistics (the saved ones carry no graph)
                 graph = torch.is_grad_enabled()
-                with torch.set_grad_enabled(graph), slots.replay(snap):
+                with torch.set_grad_enabled(graph), slots.replay(snap), amp_replay(amp):
                     if v.stats is not None and not graph:
                         return runner.normalise(v.node, *ins.values(), v.stats)
                     return runner.run(v.node, ins, "pure")

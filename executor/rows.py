@@ -24,6 +24,7 @@ so one ``loss.backward()`` drives everything, parameter gradients arrive through
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -34,7 +35,7 @@ import torch.nn as nn
 from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
                              max_strips, propagate_heights, segment_ancestors, strip_schedule)
 from . import memory
-from .state import StateSlots
+from .state import StateSlots, amp_replay, amp_state
 from .strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
 
 BN_STRATEGIES = ("sweeps", "layerwise")
@@ -522,8 +523,10 @@ def update_running_stats(m: nn.Module, mean: torch.Tensor, var: torch.Tensor, co
 
 def bn_normalise(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
     """A BatchNorm's normalisation with known per-channel ``mean`` and ``invstd`` (channel dimension
-    1): ``(x - mean) * invstd * weight + bias``.  With autograd off, in place on the one new tensor
-    (no temporaries); with it on, out of place (differentiable in every argument)."""
+    1): ``(x - mean) * invstd * weight + bias``, in ``x``'s dtype as BatchNorm returns it (a half
+    precision map under autocast is normalised in its statistics' float32 and rounded once).  With
+    autograd off, in place on the one new tensor (no temporaries); with it on, out of place
+    (differentiable in every argument)."""
     shp = [1, -1] + [1] * (x.dim() - 2)
     if not torch.is_grad_enabled():
         y = x - mean.view(shp)
@@ -532,13 +535,13 @@ def bn_normalise(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weig
             y.mul_(weight.view(shp))
         if bias is not None:
             y.add_(bias.view(shp))
-        return y
+        return y.to(x.dtype)
     y = (x - mean.view(shp)) * invstd.view(shp)
     if weight is not None:
         y = y * weight.view(shp)
     if bias is not None:
         y = y + bias.view(shp)
-    return y
+    return y.to(x.dtype)
 
 
 def _add_dy_sums(sums: Dict[str, list], targets: List[str], grads, bn_io: dict, bn: Dict[str, "_BNStat"]) -> None:
@@ -575,6 +578,8 @@ class _BNStat:
 def _chan(prev: Optional[tuple], xr: torch.Tensor) -> tuple:
     """(count, mean, M2) per channel of ``prev`` combined with the rows ``xr`` (Chan et al.)."""
     xr = xr.detach()
+    if xr.dtype in (torch.float16, torch.bfloat16):  # (as BatchNorm: statistics in float32)
+        xr = xr.float()
     cnt = xr.shape[0] * xr.shape[2] * xr.shape[3]
     var, mean = torch.var_mean(xr, dim=(0, 2, 3), unbiased=False)
     m2 = var * cnt
@@ -639,10 +644,17 @@ class _BNStrip(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+AMP_ROWS_NOTE = ("lrcnn: row strips under autocast run every op in the forward's dtype and their forward is "
+                 "bit-identical to plain autocast, but a gradient summed over strips (weight gradients, halo "
+                 "rows) adds per-strip half-precision partials: it differs from plain autocast at half-precision "
+                 "rounding (README, Compatibility); checkpoint and store segments are bit-identical")
+
+
 class _RowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seg: RowSegment, x: torch.Tensor, *params):
         y, carries, bn = seg.forward(x)
+        ctx.amp = amp_state()  # the backward's strip recompute runs each op in the forward's dtype
         ctx.seg = seg
         ctx.carries = carries
         ctx.bn = bn
@@ -662,10 +674,12 @@ class _RowFunction(torch.autograd.Function):
         # frozen parameters (requires_grad False) are neither differentiated nor given a gradient
         want = [k for k in range(len(ctx.params)) if ctx.needs_input_grad[2 + k]]
         if torch.is_grad_enabled():  # backward(create_graph=True)
-            with seg.state.bound(ctx.params, [b.clone() for b in ctx.buffers]):
+            with seg.state.bound(ctx.params, [b.clone() for b in ctx.buffers]), amp_replay(ctx.amp):
                 gx, got = seg.plain_backward(x, gy, ctx.needs_input_grad[1], [ctx.params[k] for k in want])
         else:
-            with seg.state.bound(ctx.params, ctx.buffers):
+            if any(enabled for _, enabled, _ in ctx.amp):
+                warnings.warn(AMP_ROWS_NOTE, stacklevel=2)
+            with seg.state.bound(ctx.params, ctx.buffers), amp_replay(ctx.amp):
                 gx, got = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1],
                                        [ctx.params[k] for k in want], ctx.bn)
         gparams: List[Optional[torch.Tensor]] = [None] * len(ctx.params)

@@ -76,3 +76,21 @@ class StateSlots:
         finally:
             for d, name, v in saved:
                 d[name] = v
+
+
+def amp_state() -> tuple:
+    """The autocast settings in force now (per device type: enabled, dtype), to be replayed by a
+    recomputation that runs later (in backward, where they are not in force): each op of a
+    recompute then runs in the dtype the forward ran it in, as ``torch.utils.checkpoint`` does."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)
+
+
+@contextlib.contextmanager
+def amp_replay(state: tuple):
+    """Run the block under the autocast settings :func:`amp_state` recorded."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state:
+            if enabled != torch.is_autocast_enabled(device) or (enabled and dtype != torch.get_autocast_dtype(device)):
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
