@@ -9,7 +9,9 @@ running statistics and counters, a spectral norm's power-iteration vectors, a fa
 observer's ranges, a user's EMA buffer) is written once, by the forward pass.  A recomputation
 runs the same module calls on copies of the buffers as they were before that forward
 (:meth:`StateSlots.snapshot`, :meth:`StateSlots.replay`), so it computes exactly what the forward
-computed and its writes are thrown away.
+computed and its writes are thrown away.  A stock BatchNorm's output never depends on the
+statistics it writes (training: batch statistics; eval: nothing written), so its buffers are not
+copied before the forward, and copied for a recompute only when it would write them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from models.ops import module_refusal
 
 
 class StateSlots:
@@ -28,6 +32,7 @@ class StateSlots:
         mods = list(dict.fromkeys(sub for m in modules if m is not None for sub in m.modules()))
         self.params: List[Tuple[nn.Module, str]] = []
         self.buffers: List[Tuple[nn.Module, str]] = []
+        self._bn: List[bool] = []  # the buffer is a stock BatchNorm's
         seen = set()
         for m in mods:
             for name, p in m.named_parameters(recurse=False):
@@ -38,6 +43,7 @@ class StateSlots:
                 if b is not None and id(b) not in seen:
                     seen.add(id(b))
                     self.buffers.append((m, name))
+                    self._bn.append(isinstance(m, nn.modules.batchnorm._BatchNorm) and not module_refusal(m))
 
     def current_params(self) -> List[torch.Tensor]:
         return [m._parameters[n] for m, n in self.params]
@@ -50,14 +56,17 @@ class StateSlots:
 
     def snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """The parameters, and copies of the buffers as they are now (before a forward pass that
-        may write them)."""
-        return self.current_params(), [b.detach().clone() for b in self.current_buffers()]
+        may write them; a stock BatchNorm's are not copied)."""
+        return self.current_params(), [b if bn else b.detach().clone()
+                                       for b, bn in zip(self.current_buffers(), self._bn)]
 
     def replay(self, snap: Tuple[List[torch.Tensor], List[torch.Tensor]]):
         """Bind a :meth:`snapshot` for a recomputation: its parameters and fresh copies of its
-        buffers (so the recompute's own writes touch neither the module nor the snapshot)."""
+        buffers (so the recompute's own writes touch neither the module nor the snapshot; an
+        eval-mode stock BatchNorm writes nothing and keeps its own)."""
         params, buffers = snap
-        return self.bound(params, [b.clone() for b in buffers])
+        return self.bound(params, [b if bn and not (m.training and m.track_running_stats) else b.clone()
+                                   for b, bn, (m, _) in zip(buffers, self._bn, self.buffers)])
 
     @contextlib.contextmanager
     def bound(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]):

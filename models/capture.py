@@ -46,6 +46,10 @@ class Node:
     rowwise: bool = False
     reason: str = ""          # why the node cannot run in a row segment
     param_bytes: int = 0
+    grad_bytes: int = 0       # bytes of the parameters that get a gradient (not frozen)
+    # autograd records the node in training (a trainable parameter at or upstream of it; the input
+    # batch needs no gradient): False on a frozen stem, where every mode runs a plain forward
+    needs_grad: bool = True
     param_tensors: int = 0    # parameter tensors of the node's module (weight, bias)
     groups: int = 1           # convolution groups (depthwise convolutions time differently)
     receptive_field: int = 1  # input rows one interior output row depends on
@@ -184,6 +188,11 @@ class LayerGraph:
     def param_bytes(self) -> int:
         return sum(n.param_bytes for n in self.nodes)
 
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the trainable parameters (their gradients, and what an optimizer keeps)."""
+        return sum(n.grad_bytes for n in self.nodes)
+
     def fingerprint(self) -> str:
         """Hash of the graph structure, shapes and dtype (not of the weights)."""
         canon = [(n.name, n.op, n.target, n.inputs, list(n.shape)) for n in self.nodes]
@@ -267,6 +276,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); lrcnn needs an fx-traceable model") from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _tensor_args(n: fx.Node) -> List[str]:
@@ -543,18 +559,26 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             elif info.kind != _ops.SPATIAL and any(s[2] != shape[2] for s in in_shapes):
                 rowwise, reason, geom = False, "broadcasts a global value over rows", None
         fl = _ops.flops(info.op, mod, in_shapes, shape) if n.op not in ("placeholder", "output") else (0, 0)
-        pbytes = sum(p.numel() for p in mod.parameters(recurse=False)) * esize if mod is not None else 0
+        # the parameters the node reads: its module's (a parametrization's originals included),
+        # or the one a get_attr node reads; frozen ones (requires_grad False) get no gradient
+        params = list(mod.parameters()) if mod is not None else []
+        if n.op == "get_attr" and isinstance(_attr(gm, str(n.target)), nn.Parameter):
+            params = [_attr(gm, str(n.target))]
+        pbytes = sum(p.numel() for p in params) * esize
+        gbytes = sum(p.numel() for p in params if p.requires_grad) * esize
         node = Node(
             name=n.name, op=info.op, kind=info.kind, target=target, module=_owner(n), inputs=ins,
             shape=shape, out_bytes=int(rec.get("bytes", 0)) if n.op != "output" else 0,
             saved_bytes=int(rec.get("saved", 0)), flops_fwd=int(fl[0]), flops_bwd=int(fl[1]),
-            geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes),
+            geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes), grad_bytes=int(gbytes),
             groups=int(getattr(mod, "groups", 1)) if info.op == "conv2d" else 1,
-            param_tensors=len(list(mod.parameters(recurse=False))) if mod is not None else 0,
+            param_tensors=len(params),
             batch_stats=bool(isinstance(mod, nn.modules.batchnorm._BatchNorm)
                              and (mod.training or not mod.track_running_stats)),
             **profile.get(n.name, {}),
         )
+        node.needs_grad = n.op != "placeholder" and (gbytes > 0 or any(nodes_by[u].needs_grad for u in ins
+                                                                          if u in nodes_by))
         nodes.append(node)
         nodes_by[node.name] = node
 

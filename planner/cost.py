@@ -229,7 +229,7 @@ class CostModel:
         return {
             "params": self.param_bytes,
             "buffers": getattr(g, "buffer_bytes", 0),
-            "optimizer": OPTIMIZERS[self.optimizer] * self.param_bytes,
+            "optimizer": OPTIMIZERS[self.optimizer] * self.graph.grad_bytes,  # trainable only
             "input": g.input_node.out_bytes + 8 * batch,
             "loss": out.extra_saved + self._last_model_node().out_bytes,
             "workspace": self.profile.workspace,
@@ -242,10 +242,10 @@ class CostModel:
     def optimizer_peak(self) -> int:
         """Transient bytes of ``optimizer.step()`` beyond the gradients and the state."""
         if self.optimizer in ("adam", "adamw"):
-            biggest = max((n.param_bytes for n in self.graph.nodes), default=0)
+            biggest = max((n.grad_bytes for n in self.graph.nodes), default=0)
             # foreach (CUDA): one params-sized list for the denominators; single-tensor loop
             # (CPU): sqrt() and its division alive together for the largest parameter
-            return self.param_bytes if self.profile.kind == "cuda" else 2 * biggest
+            return self.graph.grad_bytes if self.profile.kind == "cuda" else 2 * biggest
         return 0
 
     def _last_model_node(self):
@@ -272,7 +272,7 @@ class CostModel:
         return 0 if n.alias else self._round(n.out_bytes * f)
 
     def _grads(self, nodes) -> int:
-        return sum(self._round(n.param_bytes) for n in nodes if n.param_bytes)
+        return sum(self._round(n.grad_bytes) for n in nodes if n.grad_bytes)  # frozen: none
 
     def _saved_value(self, n, q: str) -> str:
         """The value (a node name) node ``n`` saves of the plain step's storage ``q`` (the capture
@@ -359,7 +359,7 @@ class CostModel:
             if not f:  # (a strip that computes no rows of the node)
                 continue
             run -= release.pop(n.name, 0)  # its gradient is complete: the bands summed into it
-            pg = self._round(n.param_bytes) if n.param_bytes else 0
+            pg = self._round(n.grad_bytes) if n.grad_bytes else 0
             act_peak = (n.bwd_peak - pg) * f + pg if n.bwd_peak > pg else n.bwd_peak
             act_net = (n.bwd_net - pg) * f + pg
             if not params:
@@ -462,8 +462,8 @@ class CostModel:
         fit = self.profile.op_costs.get("optimizer", {}).get(self.optimizer)
         if fit:
             tensors = sum(n.param_tensors for n in self.graph.nodes)
-            return fit[0] + fit[1] * tensors + fit[2] * self.param_bytes
-        return (OPTIMIZERS[self.optimizer] + 2) * 2 * self.param_bytes / self.profile.bandwidth
+            return fit[0] + fit[1] * tensors + fit[2] * self.graph.grad_bytes
+        return (OPTIMIZERS[self.optimizer] + 2) * 2 * self.graph.grad_bytes / self.profile.bandwidth
 
     # -- segments ---------------------------------------------------------------------------------
     def segment(self, seg: Segment) -> SegmentCost:
@@ -473,7 +473,11 @@ class CostModel:
         hit = self._cache.get(key)
         if hit is None:
             nodes = self.graph.span(seg.first, seg.last)
-            if seg.mode == "rows" and (seg.options or {}).get("bn") == "layerwise":
+            if not any(n.needs_grad for n in nodes):
+                # frozen and upstream of every trainable parameter: autograd records nothing and
+                # every mode runs a plain forward (row strips a little less transient: an upper bound)
+                hit = self._store(nodes, set())
+            elif seg.mode == "rows" and (seg.options or {}).get("bn") == "layerwise":
                 base = Segment(seg.first, seg.last, "rows", seg.policy, seg.strips, seg.bounds)
                 hit = self._layerwise(seg, nodes, self.segment(base))
             elif seg.mode == "rows":
@@ -655,7 +659,7 @@ class CostModel:
         # reaches a parameter hands over its gradient, the second adds into a new tensor (the
         # sum), later ones add in place.  Per strip: the sums live before it, and the parameters
         # it reaches for the first time after that
-        pgrad = {n: self._round(by[n].param_bytes) for n in names if by[n].param_bytes}
+        pgrad = {n: self._round(by[n].grad_bytes) for n in names if by[n].grad_bytes}
         seen: Dict[str, int] = {}
         acc_before: List[int] = [0] * sched.strips
         acc_new: List[int] = [0] * sched.strips

@@ -62,6 +62,37 @@ def test_store_and_checkpoint_bytes_compose_exactly():
             assert abs(pred["phases"][ph] - sim[ph]) <= 0.005 * sim[ph], (segs, ph, pred["phases"][ph], sim[ph])
 
 
+def test_frozen_parameters_cost_no_gradient_or_optimizer_bytes():
+    """Fine-tuning: the stem and layer1 of resnet18 frozen (requires_grad False).  The capture
+    counts no gradient bytes for them, so the optimizer state and the parameter gradients the
+    cost model prices shrink by exactly their size, and the prediction still composes to the
+    simulated step (plain, checkpoint and row plans) within 0.5 % per phase."""
+    from executor import apply_plan
+    from executor.measure import train_step_memory
+
+    def model(frozen: bool):
+        m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "eval")
+        if frozen:
+            for p in list(m.conv1.parameters()) + list(m.bn1.parameters()) + list(m.layer1.parameters()):
+                p.requires_grad_(False)
+        return m
+
+    full, tuned = capture(model(False), (4, 3, 96, 96)), capture(model(True), (4, 3, 96, 96))
+    m = model(True)
+    frozen_bytes = sum(p.numel() * 4 for p in m.parameters() if not p.requires_grad)
+    assert tuned.param_bytes == full.param_bytes and tuned.grad_bytes == full.grad_bytes - frozen_bytes
+    a, b = CostModel(full, optimizer="adam"), CostModel(tuned, optimizer="adam")
+    assert a.fixed_breakdown()["optimizer"] - b.fixed_breakdown()["optimizer"] == 2 * frozen_bytes
+    for segs in ([], [Segment("layer1", "layer2", "checkpoint")],
+                 [Segment("conv1", "layer1", "rows", policy="2ps", strips=3)]):
+        plan = Plan.build(tuned, segs, training={"optimizer": "adam", "bn": "eval"})
+        pred = b.predict(plan)
+        assert pred["peak_bytes"] < a.predict(Plan.build(full, segs, training={"optimizer": "adam", "bn": "eval"}))["peak_bytes"]
+        sim = train_step_memory(apply_plan(m, plan, tuned), tuned.input_shape, "adam", fake=True).absolute_phase_peaks()
+        for ph in ("forward", "backward", "optimizer"):
+            assert abs(pred["phases"][ph] - sim[ph]) <= 0.005 * sim[ph], (segs, ph, pred["phases"][ph], sim[ph])
+
+
 def test_store_recompute_sets_priced_as_run():
     """Store segments with recompute sets (ResNet-50 layer3, train-mode BN): the executor
     replaces each saved value of a recomputed node by a recipe and recomputes it when a backward
