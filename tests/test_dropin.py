@@ -22,7 +22,7 @@ from torch.nn.utils import parametrizations, prune
 from exactness import GRAD_FLOOR, rel_floor
 from executor import RowSegmentError, apply_plan
 from models import capture
-from planner import Plan, PlanError, Segment
+from planner import Plan, Segment
 
 TOL = 1e-10
 
@@ -163,6 +163,7 @@ FEATURES = {
     "stateful custom layer (EMA buffer)": (_ema, "step"),
     "BatchNorm2d subclass (norm+act)": (_bnact, "step"),
     "double backward (gradient penalty)": (None, "penalty"),
+    "backward twice (retain_graph=True)": (None, "twice"),
     "no_grad inference": (None, "no_grad"),
     "eval() inference": (None, "eval"),
     "copy.deepcopy": (None, "deepcopy"),
@@ -179,10 +180,26 @@ TOLS = {torch.float64: TOL, torch.float32: 1e-6}
 
 # what each cell must do: "exact" or "refused"
 ROWS = ("rows 2PS", "rows OverL", "rows eval-BN")
-_ROWS_REFUSE = {"forward hook", "forward pre-hook", "full backward hook", "weight_norm (parametrization)",
+_ROWS_REFUSE = {"backward twice (retain_graph=True)", "forward hook", "forward pre-hook", "full backward hook", "weight_norm (parametrization)",
                 "spectral_norm", "orthogonal", "pruning mask", "torch.ao QAT conv",
                 "stateful custom layer (EMA buffer)", "BatchNorm2d subclass (norm+act)"}
-EXPECTED = {(f, m): ("refused" if m in ROWS and f in _ROWS_REFUSE else "exact") for f in FEATURES for m in MODES}
+# what the refusal says (RowSegmentError: the node, its module class, this, and what to do)
+REASON = {
+    "backward twice (retain_graph=True)": "a second backward through the same forward (retain_graph=True) is not supported",
+    "forward hook": "has a forward hook, which row strips cannot run",
+    "forward pre-hook": "has a forward pre-hook, which row strips cannot run",
+    "full backward hook": "has a backward hook, which row strips cannot run",
+    "weight_norm (parametrization)": "has a parametrization of weight, which row strips cannot run",
+    "spectral_norm": "has a parametrization of weight, which row strips cannot run",
+    "orthogonal": "has a parametrization of weight, which row strips cannot run",
+    "pruning mask": "has a forward pre-hook, which row strips cannot run",
+    "torch.ao QAT conv": "subclasses Conv2d with its own forward(), which row strips cannot reproduce",
+    "stateful custom layer (EMA buffer)": "module type EmaScale is not supported in row segments",
+    "BatchNorm2d subclass (norm+act)": "subclasses _BatchNorm with its own forward(), which row strips cannot reproduce",
+}
+assert set(REASON) == _ROWS_REFUSE
+EXPECTED = {(f, m): (f"refused: {REASON[f]}" if m in ROWS and f in _ROWS_REFUSE else "exact")
+            for f in FEATURES for m in MODES}
 
 
 def _net(feature: str, bn: str) -> nn.Module:
@@ -235,6 +252,8 @@ def _step(model, owner, kind):
     for it in range(2):  # two steps: the second sees the first's state (running statistics, EMA)
         opt.zero_grad(set_to_none=True)
         out, loss = _loss(model, x, y, kind)
+        if kind == "twice":
+            loss.backward(retain_graph=True)
         loss.backward()
         rec[f"out@{it}"], rec[f"loss@{it}"] = out.detach().clone(), loss.detach().clone()
         if x.requires_grad:
@@ -330,11 +349,11 @@ def _flat(pair):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_feature_in_mode(feature, mode):
-    if EXPECTED[(feature, mode)] == "refused":
-        with pytest.raises((RowSegmentError, PlanError)) as e:
+    if EXPECTED[(feature, mode)].startswith("refused"):
+        with pytest.raises(RowSegmentError) as e:
             _run_cell(feature, mode)
         msg = str(e.value)
-        assert "row" in msg and ("checkpoint" in msg or "store" in msg), msg
+        assert REASON[feature] in msg and "checkpoint/store" in msg, msg
         return
     errs = _run_cell(feature, mode)
     worst = max(errs, key=errs.get)
@@ -394,3 +413,26 @@ def test_autocast_recompute_runs_the_forwards_dtypes(mode):
         floor = GRAD_FLOOR[torch.float32] * whole if k.startswith("grad:") else 0.0
         e_ours, e_plain = rel_floor(ours[k], truth[k], floor), rel_floor(ref[k], truth[k], floor)
         assert e_ours <= max(20 * e_plain, 1e-6), f"{k}: {e_ours:.2e} vs plain autocast's {e_plain:.2e}"
+
+
+# -- README: the compatibility table is this matrix ----------------------------------------------
+AMP_CELLS = {m: ("forward bit-identical; gradients at half-precision rounding (warns)" if m in ROWS
+                 else "exact (bit-identical to plain autocast)") for m in MODES}
+
+
+def compat_table() -> str:
+    """The README's compatibility table, made from EXPECTED (and AMP_CELLS for autocast)."""
+    lines = ["| feature | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
+    for f in FEATURES:
+        lines.append(f"| {f} | " + " | ".join(EXPECTED[(f, m)] for m in MODES) + " |")
+    lines.append("| torch.autocast (bfloat16 on CPU) | " + " | ".join(AMP_CELLS[m] for m in MODES) + " |")
+    return "\n".join(lines)
+
+
+def test_readme_table(repo_root):
+    """README's Compatibility table is generated from this file's matrix: print it with
+    ``python -c 'import sys; sys.path[:0] = ["tests", "."]; import test_dropin; print(test_dropin.compat_table())'``."""
+    text = open(os.path.join(repo_root, "README.md")).read()
+    block = re.search(r"<!-- compat-table -->\n(.*?)\n<!-- /compat-table -->", text, re.S)
+    assert block, "README.md has no <!-- compat-table --> block"
+    assert block.group(1).strip() == compat_table(), "README's compatibility table is out of date: regenerate it"
