@@ -134,7 +134,7 @@ class PlannedModule(nn.Module):
     """The user's model, trained by a plan.  Same submodules, parameters and buffers."""
 
     # built from the model, plan and graph: not copied, pickled or saved, but built again
-    _DERIVED = ("_fx", "_runner", "_steps", "_last", "_seg_index")
+    _DERIVED = ("_fx", "_runner", "_steps", "_last", "_seg_index", "_modes", "_code", "_by_modes")
 
     def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule):
         super().__init__()
@@ -148,6 +148,11 @@ class PlannedModule(nn.Module):
         self._program(gm)
 
     def _program(self, gm: fx.GraphModule) -> None:
+        # the train/eval modes the program was traced in: traced code keeps the branches it took
+        # (``if self.training:``), so another mode is traced again before it runs (_mode_program)
+        object.__setattr__(self, "_modes", self._mode_key())
+        object.__setattr__(self, "_code", gm.code)
+        object.__setattr__(self, "_by_modes", {})
         object.__setattr__(self, "_fx", gm.graph)
         object.__setattr__(self, "_runner", _NodeRunner(self))
         self._build_steps({n.name: n for n in gm.graph.nodes})
@@ -225,12 +230,37 @@ class PlannedModule(nn.Module):
             return [a.name for a in st[1].all_input_nodes]
         return [st[2]]
 
+    def _mode_key(self) -> tuple:
+        self._model.training = self.training  # (train()/eval() on us reach its children, not it)
+        return tuple(m.training for m in self._model.modules())
+
+    def _mode_program(self):
+        """None when the model's traced code in its current train/eval modes is the planned
+        program's; else the model itself (its code differs in these modes: eval-mode inference
+        runs it as written) or PlanError (training: the plan is for other code)."""
+        key = self._mode_key()
+        if key == self._modes:
+            return None
+        hit = self._by_modes.get(key)
+        if hit is None:
+            hit = self._by_modes[key] = trace(self._model).code == self._code
+        if hit:
+            return None
+        if self.training:
+            raise PlanError("the model's traced code differs in its current train/eval modes from the code "
+                            "the plan was made for (a forward that branches on self.training); capture and "
+                            "solve again with the modules in these modes")
+        return self._model
+
     @property
     def row_segments(self) -> List[RowSegment]:
         return [st[1] for st in self._steps if st[0] == "rows"]
 
     # -- execution ----------------------------------------------------------------------------
     def forward(self, x):
+        other = self._mode_program()
+        if other is not None:
+            return other(x)
         env: Dict[str, Any] = {}
         runner = self._runner
         result = None

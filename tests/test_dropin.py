@@ -436,3 +436,27 @@ def test_readme_table(repo_root):
     block = re.search(r"<!-- compat-table -->\n(.*?)\n<!-- /compat-table -->", text, re.S)
     assert block, "README.md has no <!-- compat-table --> block"
     assert block.group(1).strip() == compat_table(), "README's compatibility table is out of date: regenerate it"
+
+
+class Branchy(Net):
+    """Traced code that branches on self.training (fx keeps the branch taken at trace time)."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * 0.5 if self.training else y + 1.0
+
+
+@pytest.mark.parametrize("mode", ["rows 2PS", "checkpoint"])
+def test_eval_runs_the_code_of_the_eval_mode(mode):
+    """A planned module switched to eval() runs the model's eval-mode code (here a different
+    branch), not the training branch the plan was traced with; back in train() the plan runs."""
+    torch.manual_seed(0)
+    model = Branchy().double()
+    pm = _planned(model, MODES[mode][0])
+    x, _ = _data(torch.float64)
+    pm.eval()
+    with torch.no_grad():
+        assert torch.equal(pm(x), model(x))
+    pm.train()
+    ref = copy.deepcopy(model).train()
+    assert rel_floor(pm(x), ref(x), 0.0) <= TOL
