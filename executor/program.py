@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 
 from models import ops as _ops
-from models.ops import out_of_place_call, out_of_place_module
+from models.ops import call, out_of_place_call, out_of_place_module
 from models.capture import capture, trace
 from planner.plan import Plan, PlanError
 from .memory import mark as _mark, measuring as _measuring
@@ -56,13 +56,11 @@ class _NodeRunner:
             if mode != "plain":
                 mod = self._variant(n, mod, mode)
             return mod(*args, **kwargs)
-        if n.op == "call_function":
+        if n.op in ("call_function", "call_method"):
             target = n.target
             if mode != "plain":
                 target, kwargs = out_of_place_call(target, kwargs)
-            return target(*args, **kwargs)
-        if n.op == "call_method":
-            return getattr(args[0], n.target)(*args[1:], **kwargs)
+            return call(n.op, target, args, kwargs)
         if n.op == "get_attr":
             obj = self._root()
             for part in str(n.target).split("."):
