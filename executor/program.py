@@ -182,9 +182,10 @@ class PlannedModule(nn.Module):
                 rec = set(s.recompute)
                 for r in rec:
                     gn = graph[r]
-                    if gn.kind not in (_ops.POINTWISE, _ops.NORM, _ops.JOIN):
-                        raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op}; "
-                                        f"only cheap pointwise/BN/add/concat outputs can be recomputed")
+                    if not _ops.recomputable(gn):
+                        raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op} "
+                                        f"({gn.kind}); only activation, BatchNorm and add outputs can be "
+                                        f"recomputed ({', '.join(sorted(_ops.RECOMPUTE_OPS))})")
                 mods = [self.get_submodule(graph_n.target) for graph_n in nodes
                         if graph_n.op == "call_module" and graph_n.name in rec]
                 steps.append(("store", nodes, src, s.last, rec, StateSlots(mods)))

@@ -192,6 +192,18 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
     return OpInfo(name, GLOBAL, None, False, f"function {name} is not supported in row segments")
 
 
+# Ops whose output a store segment may drop after its forward and recompute when backward needs it
+# (``Segment.recompute``): cheap, deterministic maps of one step's values (activations, BatchNorm,
+# residual add), whatever their spelling (module, function, tensor method).
+RECOMPUTE_OPS = ACTIVATIONS | frozenset({"batchnorm2d", "add"})
+
+
+def recomputable(node) -> bool:
+    """Whether a captured node may be in a store segment's recompute set: the one rule the plan
+    search proposes sets by (planner.ilp) and ``apply_plan`` accepts them by (executor.program)."""
+    return node.kind in (POINTWISE, NORM, JOIN) and node.op in RECOMPUTE_OPS
+
+
 # --------------------------------------------------------------------------------------------
 # time classes
 

@@ -367,6 +367,8 @@ def test_tensor_methods_classified_as_their_functions():
     """``x.sigmoid()``, ``y.add_(x)``, ``x.relu_()`` ... are the ops ``torch.sigmoid``, ``torch.add``,
     ``torch.relu`` are: same op, kind, geometry, row-wise flag, inputs and FLOPs, node by node; a
     node that reads a tensor after a method overwrote it in place reads the in-place node."""
+    from models.ops import recomputable
+
     meth = capture(MethodNet(), (2, 3, 16, 16))
     func = capture(MethodNet(functions=True), (2, 3, 16, 16))
     assert len(meth) == len(func)
@@ -375,6 +377,7 @@ def test_tensor_methods_classified_as_their_functions():
         assert (a.op, a.kind, a.geom, a.rowwise, a.shape, a.flops_fwd, a.flops_bwd) == \
                (b.op, b.kind, b.geom, b.rowwise, b.shape, b.flops_fwd, b.flops_bwd), (a.name, b.name)
         assert [index[u] for u in a.inputs] == b.inputs, (a.name, a.inputs, b.inputs)
+        assert recomputable(a) == recomputable(b)
     assert meth.cut_points() == [a.name for a in meth.nodes if index[a.name] in set(func.cut_points())]
     ops = {n.target: (n.op, n.kind) for n in meth.nodes}
     assert ops["relu"] == ops["relu_"] == ("relu", "pointwise")
