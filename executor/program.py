@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 
 from models import ops as _ops
-from models.ops import out_of_place_call, out_of_place_module
+from models.ops import call, out_of_place_call, out_of_place_module
 from models.capture import capture, trace
 from planner.plan import Plan, PlanError
 from .memory import mark as _mark, measuring as _measuring
@@ -57,13 +57,11 @@ class _NodeRunner:
             if mode != "plain":
                 mod = self._variant(n, mod, mode)
             return mod(*args, **kwargs)
-        if n.op == "call_function":
+        if n.op in ("call_function", "call_method"):
             target = n.target
             if mode != "plain":
                 target, kwargs = out_of_place_call(target, kwargs)
-            return target(*args, **kwargs)
-        if n.op == "call_method":
-            return getattr(args[0], n.target)(*args[1:], **kwargs)
+            return call(n.op, target, args, kwargs)
         if n.op == "get_attr":
             obj = self._root()
             for part in str(n.target).split("."):
@@ -198,9 +196,10 @@ class PlannedModule(nn.Module):
                 rec = set(s.recompute)
                 for r in rec:
                     gn = graph[r]
-                    if gn.kind not in (_ops.POINTWISE, _ops.NORM, _ops.JOIN):
-                        raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op}; "
-                                        f"only cheap pointwise/BN/add/concat outputs can be recomputed")
+                    if not _ops.recomputable(gn):
+                        raise PlanError(f"segment {s.first}..{s.last}: recompute node {r!r} is a {gn.op} "
+                                        f"({gn.kind}); only activation, BatchNorm and add outputs can be "
+                                        f"recomputed ({', '.join(sorted(_ops.RECOMPUTE_OPS))})")
                 mods = self._modules_of([n for n in nodes if n.name in rec])
                 steps.append(("store", nodes, src, s.last, rec, StateSlots(mods)))
             i = j + 1

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ops as _ops
-from models.ops import out_of_place_call, out_of_place_module, pair
+from models.ops import call, out_of_place_call, out_of_place_module, pair
 from models.geometry import HGeom, input_rows
 
 
@@ -100,17 +100,16 @@ class StripOp:
                 return lambda bands, lo, hi: bands[0].rows(lo, hi)
             mod = out_of_place_module(m)
             return lambda bands, lo, hi: mod(bands[0].rows(lo, hi))
-        # call_function: pointwise or join; substitute row slices for node arguments
+        # call_function / call_method: pointwise or join; substitute row slices for node arguments
+        op = self.node.op
         target, kwargs = out_of_place_call(self.node.target, dict(self.node.kwargs))
         index = {name: i for i, name in enumerate(self.inputs)}
 
-        def call(bands, lo, hi):
+        def run(bands, lo, hi):
             sub = lambda a: bands[index[a.name]].rows(lo, hi)  # noqa: E731
-            args = fx.node.map_arg(self.node.args, sub)
-            kw = fx.node.map_arg(kwargs, sub)
-            return target(*args, **kw)
+            return call(op, target, fx.node.map_arg(self.node.args, sub), fx.node.map_arg(kwargs, sub))
 
-        return call
+        return run
 
     def _spatial(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
         m, g = self.module, self.geom

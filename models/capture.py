@@ -275,7 +275,31 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as e:  # torch.fx raises many types
         raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); lrcnn needs an fx-traceable model") from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _read_overwritten(gm)
+    return gm
+
+
+def _read_overwritten(gm: fx.GraphModule) -> None:
+    """After a node that overwrites its first argument in place (``y.add_(x)``, ``F.relu_(y)``, an
+    ``inplace=True`` activation), nodes that read that argument read the node instead: the same
+    tensor when the graph runs as the model does, and the overwritten value when an executor runs
+    the op out of place (row strips, recomputation: ``models.ops.out_of_place_call``).  fx records
+    ``y.add_(x); return y`` as an ``add_`` node nobody reads and an output that reads ``y``."""
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = False
+    for n in gm.graph.nodes:
+        mod = modules.get(n.target) if n.op == "call_module" else None
+        if not n.args or not isinstance(n.args[0], fx.Node) or not _ops.overwrites_input(n.op, n.target, n.kwargs, mod):
+            continue
+        y = n.args[0]
+        for user in list(y.users):
+            if order[user] > order[n]:
+                user.replace_input_with(y, n)
+                changed = True
+    if changed:
+        gm.recompile()
 
 
 def _attr(root: nn.Module, target: str):
@@ -543,10 +567,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             info = _ops.classify_module(mod)
             target = str(n.target)
         elif n.op in ("call_function", "call_method"):
-            if n.op == "call_method":
-                info = _ops.OpInfo(str(n.target), _ops.GLOBAL, None, False, f"tensor method .{n.target}()")
-            else:
-                info = _ops.classify_function(n.target, n.args, n.kwargs)
+            info = _ops.classify_function(n.target, n.args, n.kwargs)
             target = getattr(n.target, "__name__", str(n.target))
         else:  # get_attr
             info = _ops.OpInfo("get_attr", _ops.GLOBAL, None, False, "attribute access")

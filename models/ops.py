@@ -35,11 +35,20 @@ _ACT_FUNCS = {
     F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid",
     torch.tanh: "tanh", F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
-    F.relu_: "relu", torch.relu_: "relu",
+    F.relu_: "relu", torch.relu_: "relu", torch.sigmoid_: "sigmoid", torch.tanh_: "tanh",
 }
 ACTIVATIONS = frozenset(_ACT_MODULES.values()) | frozenset(_ACT_FUNCS.values())
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCS = {torch.cat, torch.concat} if hasattr(torch, "concat") else {torch.cat}
+# Tensor methods that are spellings of the functions above, with the tensor as first argument
+# (``x.sigmoid()`` is ``torch.sigmoid(x)``, ``x.add(y, alpha=a)`` is ``torch.add(x, y, alpha=a)``);
+# their in-place spellings (``x.add_(y)``) are the same ops (see out_of_place_call)
+_METHOD_FUNCS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "add": torch.add,
+                 "mul": torch.mul}
+_MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
+# in-place functions and the functions that compute the same without overwriting their input
+_INPLACE_FUNCS = {operator.iadd: operator.add, operator.imul: operator.mul, F.relu_: torch.relu,
+                  torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh}
 
 
 @dataclass(frozen=True)
@@ -66,15 +75,40 @@ def out_of_place_module(m: nn.Module) -> nn.Module:
     return m
 
 
+def _inplace_method(name: str) -> bool:
+    """``name`` is the in-place spelling of a tensor method (``add_`` of ``add``)."""
+    return name.endswith("_") and not name.endswith("__") and callable(getattr(torch.Tensor, name[:-1], None))
+
+
+def overwrites_input(op: str, target: Any, kwargs: dict, module: Optional[nn.Module] = None) -> bool:
+    """Whether an fx node (``op``: call_function / call_method / call_module) overwrites its first
+    argument in place (and returns it): ``x.add_(y)``, ``x += y``, ``F.relu_(x)``, ``inplace=True``."""
+    if op == "call_module":
+        return bool(getattr(module, "inplace", False))
+    if op == "call_method":
+        return _inplace_method(target)
+    return op == "call_function" and (target in _INPLACE_FUNCS or bool(kwargs.get("inplace")))
+
+
 def out_of_place_call(target: Any, kwargs: dict) -> tuple:
-    """(target, kwargs) of a call_function node, rewritten not to overwrite its inputs."""
-    if target is operator.iadd:
-        target = operator.add
-    elif target in (F.relu_, torch.relu_):
-        target = torch.relu
+    """(target, kwargs) of a call_function node, or of a call_method node (``target`` the method's
+    name), rewritten not to overwrite its inputs (``x.add_(y)`` runs as ``x.add(y)``)."""
+    if isinstance(target, str):
+        if _inplace_method(target):
+            target = target[:-1]
+    else:
+        target = _INPLACE_FUNCS.get(target, target)
     if kwargs.get("inplace"):
         kwargs = dict(kwargs, inplace=False)
     return target, kwargs
+
+
+def call(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """Evaluate a call_function node (``target`` the function) or a call_method node (``target`` the
+    method's name, ``args[0]`` the tensor it is called on) on argument values."""
+    if op == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    return target(*args, **kwargs)
 
 
 def _conv_info(m: nn.Conv2d) -> OpInfo:
@@ -178,7 +212,13 @@ def _classify_module(m: nn.Module) -> OpInfo:
 
 
 def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
-    """Classify a call_function / call_method node."""
+    """Classify a call_function node, or a call_method node (``target`` the method's name): a tensor
+    method that spells a supported function is classified as that function."""
+    if isinstance(target, str):
+        fn = _METHOD_FUNCS.get(target[:-1] if _inplace_method(target) else target)
+        if fn is None:
+            return OpInfo(target, GLOBAL, None, False, f"tensor method .{target}() is not supported in row segments")
+        target = fn
     if target in _ACT_FUNCS:
         return OpInfo(_ACT_FUNCS[target], POINTWISE, IDENTITY, True)
     if target in _ADD_FUNCS:
@@ -188,7 +228,7 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
         if dim in (1, -3):
             return OpInfo("cat", JOIN, IDENTITY, True)
         return OpInfo("cat", GLOBAL, None, False, f"concat along dim {dim} (only channel concat is row-local)")
-    if target in (operator.mul, torch.mul):
+    if target in _MUL_FUNCS:
         # elementwise product: row-local only between maps of the same height (excite scaling
         # with a global vector is not); the capture refines this with shapes.
         return OpInfo("mul", JOIN, IDENTITY, True)
@@ -200,6 +240,18 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
         return OpInfo("dropout", POINTWISE, IDENTITY, False, "dropout is random")
     name = getattr(target, "__name__", str(target))
     return OpInfo(name, GLOBAL, None, False, f"function {name} is not supported in row segments")
+
+
+# Ops whose output a store segment may drop after its forward and recompute when backward needs it
+# (``Segment.recompute``): cheap, deterministic maps of one step's values (activations, BatchNorm,
+# residual add), whatever their spelling (module, function, tensor method).
+RECOMPUTE_OPS = ACTIVATIONS | frozenset({"batchnorm2d", "add"})
+
+
+def recomputable(node) -> bool:
+    """Whether a captured node may be in a store segment's recompute set: the one rule the plan
+    search proposes sets by (planner.ilp) and ``apply_plan`` accepts them by (executor.program)."""
+    return node.kind in (POINTWISE, NORM, JOIN) and node.op in RECOMPUTE_OPS
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from models.ops import recomputable
+
 from .plan import Segment
 
 MODES_BY_POLICY = {
@@ -57,7 +59,6 @@ MODES_BY_POLICY = {
     "checkpoint": ("store", "checkpoint"),
 }
 ROW_POLICIES = {"auto": ("2ps", "overl"), "2ps": ("2ps",), "overl": ("overl",), "checkpoint": ()}
-CHEAP_OPS = ("relu", "relu6", "batchnorm2d", "add", "hardswish", "silu", "sigmoid", "hardsigmoid")
 MAX_AUTO_STRIPS = 64
 LIGHT_KINDS = ("pointwise", "norm", "join")  # ReLU, BN, add: units of only these are not "major"
 
@@ -185,7 +186,7 @@ class Problem:
                                  f"{self.cm.segment(Segment(first, last, 'store')).why}")
             group.append(c)
             if self.recompute:
-                cheap = [n.name for n in self.unit_nodes[i][:-1] if n.op in CHEAP_OPS]
+                cheap = [n.name for n in self.unit_nodes[i][:-1] if recomputable(n)]
                 if cheap:
                     c = self._price(i, i, Segment(first, last, "store", recompute=cheap))
                     if c is not None:

@@ -3,8 +3,9 @@
 A plan is an ordered list of segments over the captured graph.  Each segment is a contiguous run
 of nodes between two cut points (places where one tensor alone crosses) with a mode:
 
-* ``store``      plain autograd; optionally a ``recompute`` set of cheap nodes (ReLU, BN, add) whose
-                 outputs are dropped after forward and recomputed when backward needs them;
+* ``store``      plain autograd; optionally a ``recompute`` set of cheap nodes (activations, BN, add:
+                 ``models.ops.recomputable``) whose outputs are dropped after forward and recomputed
+                 when backward needs them;
 * ``checkpoint`` keep only the segment input, recompute the segment in backward;
 * ``rows``       row-centric: run in horizontal strips (``policy`` ``2ps`` or ``overl``), either
                  ``strips`` (a count, split evenly) or explicit ``bounds``.  OverL strips split the

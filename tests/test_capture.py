@@ -318,3 +318,70 @@ def test_too_small_input_is_a_capture_error():
         capture(get_model("tiny_vgg", device="meta"), (1, 3, 0, 16))
     with pytest.raises(CaptureError, match=r"must be \(N, C, H, W\)"):
         capture(get_model("tiny_vgg", device="meta"), (3, 16, 16))
+
+
+# -- tensor-method spellings ---------------------------------------------------------------------
+
+class MethodNet(nn.Module):
+    """A small CNN written as timm writes its blocks: activations, a squeeze-excite gate and
+    residual adds as tensor methods, some in place with the result read through the argument
+    (``y.add_(x)``, then ``y``).  ``functions=True``: the same network with function spellings."""
+
+    def __init__(self, functions: bool = False, c: int = 8, classes: int = 10):
+        super().__init__()
+        self.functions = functions
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+        self.conv4 = nn.Conv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        if self.functions:
+            x = torch.relu(self.bn1(self.conv1(x)))
+            y = torch.relu(torch.add(self.bn2(self.conv2(x)), x))
+            z = self.conv3(y)
+            z = torch.tanh(torch.mul(z, torch.sigmoid(z)))
+            s = torch.sigmoid(self.fc2(torch.relu(self.fc1(z.mean((2, 3), keepdim=True)))))
+            z = z * s
+            w = torch.sigmoid(torch.add(self.conv4(z), z, alpha=0.5))
+            return self.head(w.mean((2, 3)))
+        x = self.bn1(self.conv1(x)).relu()
+        y = self.bn2(self.conv2(x))
+        y.add_(x)               # in place; the sum is read through y
+        y = y.relu_()
+        z = self.conv3(y)
+        z = z.mul(z.sigmoid())  # swish, row-local
+        z.tanh_()
+        s = self.fc2(self.fc1(z.mean((2, 3), keepdim=True)).relu_()).sigmoid()  # SE gate
+        z = z * s
+        w = self.conv4(z).add(z, alpha=0.5).sigmoid_()
+        return self.head(w.mean((2, 3)))
+
+
+def test_tensor_methods_classified_as_their_functions():
+    """``x.sigmoid()``, ``y.add_(x)``, ``x.relu_()`` ... are the ops ``torch.sigmoid``, ``torch.add``,
+    ``torch.relu`` are: same op, kind, geometry, row-wise flag, inputs and FLOPs, node by node; a
+    node that reads a tensor after a method overwrote it in place reads the in-place node."""
+    from models.ops import recomputable
+
+    meth = capture(MethodNet(), (2, 3, 16, 16))
+    func = capture(MethodNet(functions=True), (2, 3, 16, 16))
+    assert len(meth) == len(func)
+    index = {a.name: b.name for a, b in zip(meth.nodes, func.nodes)}
+    for a, b in zip(meth.nodes, func.nodes):
+        assert (a.op, a.kind, a.geom, a.rowwise, a.shape, a.flops_fwd, a.flops_bwd) == \
+               (b.op, b.kind, b.geom, b.rowwise, b.shape, b.flops_fwd, b.flops_bwd), (a.name, b.name)
+        assert [index[u] for u in a.inputs] == b.inputs, (a.name, a.inputs, b.inputs)
+        assert recomputable(a) == recomputable(b)
+    assert meth.cut_points() == [a.name for a in meth.nodes if index[a.name] in set(func.cut_points())]
+    ops = {n.target: (n.op, n.kind) for n in meth.nodes}
+    assert ops["relu"] == ops["relu_"] == ("relu", "pointwise")
+    assert ops["sigmoid"] == ops["sigmoid_"] == ("sigmoid", "pointwise")
+    assert ops["add_"] == ops["add"] == ("add", "join") and ops["tanh_"] == ("tanh", "pointwise")
+    assert meth["relu_"].inputs == ["add_"]  # y.add_(x); y.relu_(): the sum, not bn2's output
+    assert meth["mean"].kind == "global" and "tensor method .mean()" in meth["mean"].reason

@@ -103,14 +103,14 @@ def test_store_recompute_sets_priced_as_run():
     segment's backward: holding them cost more than the set saved)."""
     from executor import apply_plan
     from executor.measure import train_step_memory
-    from planner.ilp import CHEAP_OPS
+    from models.ops import recomputable
 
     m = set_bn_mode(get_model("resnet50", num_classes=10, device="meta"), "train")
     g = capture(m, (1, 3, 512, 512))
     cm = CostModel(g, optimizer="momentum")
     first, last = "layer3_0_conv1", "layer3_5_relu_2"
     nodes = g.span(first, last)
-    cheap = [n.name for n in nodes[:-1] if n.op in CHEAP_OPS]
+    cheap = [n.name for n in nodes[:-1] if recomputable(n)]
     sets = {"none": [], "all": cheap, "pair": ["layer3_1_bn1", "layer3_1_relu"]}
     sets.update({r: [r] for r in ("layer3_0_bn1", "layer3_0_relu", "layer3_0_downsample_1",
                                   "layer3_5_bn2", "layer3_5_bn3")})

@@ -224,3 +224,41 @@ def test_segment_not_at_cut_point_is_refused():
     ref = Reference(m, *_data(1, 45, 33, torch.float64, 10))
     with pytest.raises(PlanError, match="more than one tensor"):
         ref.check([seg_rows("conv1", "layer1_0_conv2", "2ps", 2)])
+
+
+# -- tensor-method spellings (timm's blocks: x.sigmoid(), y.add_(x), x.relu_()) ------------------
+
+@pytest.fixture(scope="module")
+def method_net():
+    from test_capture import MethodNet
+
+    torch.manual_seed(0)
+    m = MethodNet().to(torch.float64).train()  # train-mode BN
+    return Reference(m, *_data(2, 19, 13, torch.float64, 10), steps=2)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_tensor_methods_in_rows_store_recompute_and_checkpoint(method_net, policy):
+    """Activations, adds and an SE gate written as tensor methods (in-place ones included) run
+    exactly in row strips (both policies), in a store segment that recomputes every node the
+    plan search may recompute (models.ops.recomputable: the methods' outputs among them) and in a
+    checkpoint (its recompute runs the in-place methods out of place)."""
+    from models.ops import recomputable
+
+    g = method_net.graph
+    rec = lambda a, b: [n.name for n in g.span(a, b)[:-1] if recomputable(n)]  # noqa: E731
+    assert {"relu_", "add_", "sigmoid", "tanh_", "relu__1", "sigmoid_1", "add"} <= set(rec("conv1", "sigmoid_"))
+    method_net.check([seg_rows("conv1", "tanh_", policy, 3),
+                      Segment("mean", "sigmoid_", "store", recompute=rec("mean", "sigmoid_"))])
+    method_net.check([Segment("conv1", "sigmoid_", "store", recompute=rec("conv1", "sigmoid_"))])
+    method_net.check([Segment("conv1", "relu_", "checkpoint"), seg_rows("conv3", "tanh_", policy, 2),
+                      Segment("mean", "mul_1", "checkpoint"), seg_rows("conv4", "sigmoid_", policy, 4)])
+
+
+def test_recompute_outside_the_rule_is_refused(method_net):
+    """apply_plan accepts a recompute set exactly when models.ops.recomputable does (the rule the
+    plan search proposes sets by): a tensor method that is no supported op, a broadcasting product
+    and a convolution are refused."""
+    for name in ("mean", "mul_1", "conv4"):
+        with pytest.raises(PlanError, match=rf"recompute node '{name}' is a"):
+            method_net.check([Segment("conv1", "sigmoid_", "store", recompute=[name])])

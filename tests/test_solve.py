@@ -361,3 +361,32 @@ def test_compiled_solver_recomputes_pointwise_before_it_checkpoints(capfd, tmp_p
     assert rc == 0, se
     assert "priced for torch.compile" in so.splitlines()[0]
     assert Plan.load(str(out)).solver["compiled"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# Models written with tensor methods (timm): the plans the search proposes are the plans apply_plan runs
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["rexnet_100", "nf_regnet_b0"])
+def test_timm_solved_plans_are_accepted(name):
+    """timm writes SE gates and activations as tensor methods (``x.sigmoid()``); the plan search
+    proposes store recompute sets by the rule apply_plan accepts them by (models.ops.recomputable),
+    so every solved plan over a budget sweep is accepted, and so is a store plan recomputing every
+    recomputable node of every unit (the SE gates' ``x.sigmoid()`` among them).  (Exactness of
+    method spellings: tests/test_executor.py, a float64 step of these nets takes too long here.)"""
+    timm = pytest.importorskip("timm")
+    from executor import apply_plan
+    from models.ops import recomputable
+    from planner import Segment
+
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=10).train()
+    _, g = capture_model(m, (2, 3, 64, 64), bn="train")
+    s = Solver(g, name, bn="train", optimizer="momentum")
+    lo, hi = s.smallest_budget(), int(s.baseline()["peak"] / (1 - s.headroom)) + 1
+    for k in range(4):
+        apply_plan(m, s.solve(lo + (hi - lo) * k // 4), g)  # PlanError on a set it refuses
+    units = s.cm.units()
+    sets = [[n.name for n in g.span(a, b)[:-1] if recomputable(n)] for a, b in units]
+    assert any(g[r].target == "sigmoid" for rec in sets for r in rec), "x.sigmoid() is recomputable"
+    apply_plan(m, Plan.build(g, [Segment(a, b, "store", recompute=rec) for (a, b), rec in zip(units, sets)]), g)
