@@ -201,8 +201,9 @@ class RowSegment:
                         xr = bands[op.inputs[0]].rows(r.start, r.hi)
                         m = op.module
                         new, tok = _BNStrip.apply(xr, m.weight, m.bias, st, sched.own[n][i][0] - r.start)
-                        if bn_io is not None:
+                        if bn_io is not None:  # (the normalised rows: the BN's own output)
                             bn_io[n] = (xr, new, tok) if bn_hold and n in bn_hold else (None, None, tok)
+                        new = op.finish(new)
                         del xr, tok
                     else:
                         new = op([bands[u] for u in op.inputs], r.start, r.hi)

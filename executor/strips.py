@@ -86,6 +86,9 @@ class StripOp:
         self.in_heights = in_heights
         self.inputs = [a.name for a in fxnode.all_input_nodes]
         self.geom: HGeom = info.geom
+        # a fused norm + activation layer: the modules applied after the normalisation
+        tail = _ops.norm_act_tail(module) if module is not None else None
+        self.tail = [out_of_place_module(t) for t in tail or ()]
         self.fn = self._build()
 
     # A callable (inputs: list[Band], lo, hi) -> tensor of rows [lo, hi)
@@ -131,8 +134,14 @@ class StripOp:
 
     def _norm(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
         m = self.module  # eval mode with running statistics (training-mode BN: executor.rows._BNStrip)
-        return F.batch_norm(bands[0].rows(lo, hi), m.running_mean, m.running_var, m.weight, m.bias,
-                            False, 0.0, m.eps)
+        return self.finish(F.batch_norm(bands[0].rows(lo, hi), m.running_mean, m.running_var, m.weight, m.bias,
+                                         False, 0.0, m.eps))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """A norm node's normalised rows through its fused tail (activation), if it has one."""
+        for t in self.tail:
+            y = t(y)
+        return y
 
     def __call__(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
         return self.fn(bands, lo, hi)

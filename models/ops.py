@@ -144,6 +144,31 @@ _HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a fo
           ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook"))
 
 
+# Fused norm + activation layers known to compute exactly "BatchNorm, then their ``drop`` and ``act``
+# submodules" (their forward is a copy of BatchNorm's followed by those two calls): class path ->
+# names of the submodules applied after the normalisation, in order.
+_NORM_ACT = {"timm.layers.norm_act.BatchNormAct2d": ("drop", "act")}
+
+
+def norm_act_tail(m: nn.Module) -> Optional[list]:
+    """For a known fused BatchNorm + activation layer (timm's ``BatchNormAct2d``, exactly that
+    class) whose tail modules are stock row-wise pointwise layers (an activation, ``Identity``):
+    those modules, which row strips and recomputes apply after the normalisation; else None."""
+    cls = type(m)
+    names = _NORM_ACT.get(f"{cls.__module__}.{cls.__qualname__}")
+    if names is None or not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return None
+    tail = [getattr(m, k, None) for k in names]
+    for t in tail:
+        if not isinstance(t, nn.Module):
+            return None
+        info = _classify_module(t)
+        if info.kind != POINTWISE or not info.rowwise or list(t.children()) or any(
+                getattr(t, h, None) for h, _ in _HOOKS):
+            return None
+    return tail
+
+
 def module_refusal(m: nn.Module) -> str:
     """Why lrcnn cannot run module ``m`` piecewise (row strips, which reimplement its computation
     on bands of rows): a hook on it (or a global module hook: hooks see whole-map tensors once per
@@ -164,6 +189,8 @@ def module_refusal(m: nn.Module) -> str:
     if parametrize.is_parametrized(m):
         names = ", ".join(sorted(m.parametrizations.keys()))
         return f"{type(m).__name__} has a parametrization of {names}, which row strips cannot run"
+    if norm_act_tail(m) is not None:
+        return ""
     for cls, methods in _STOCK_METHODS:
         if isinstance(m, cls):
             own = [f for f in methods if getattr(type(m), f) is not getattr(cls, f)]

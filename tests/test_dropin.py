@@ -22,6 +22,7 @@ from torch.nn.utils import parametrizations, prune
 from exactness import GRAD_FLOOR, rel_floor
 from executor import RowSegmentError, apply_plan
 from models import capture
+from models.ops import recomputable
 from planner import Plan, Segment
 
 TOL = 1e-10
@@ -80,7 +81,7 @@ MODES = {
     "rows OverL": ([Segment("conv1", "relu", "rows", policy="overl", strips=3)], "train"),
     "rows eval-BN": ([Segment("conv1", "relu", "rows", policy="2ps", strips=3)], "eval"),
     "checkpoint": ([Segment("conv1", "relu", "checkpoint")], "train"),
-    # (recompute: every pointwise / BN / add node but the last, as the model's graph has them)
+    # (recompute: every node but the last that may be recomputed, as the model's graph has them)
     "store+recompute": ([Segment("conv1", "relu", "store", recompute=["*"])], "train"),
 }
 
@@ -202,13 +203,13 @@ EXPECTED = {(f, m): (f"refused: {REASON[f]}" if m in ROWS and f in _ROWS_REFUSE 
             for f in FEATURES for m in MODES}
 
 
-def _net(feature: str, bn: str) -> nn.Module:
+def _net(feature: str, bn: str, prep=None) -> nn.Module:
     torch.manual_seed(0)
     m = Net()
-    prep = FEATURES[feature][0]
+    prep = prep or FEATURES.get(feature, (None,))[0]
     if prep is not None:
         m = prep(m)
-    m.to(DTYPE[feature]).train()
+    m.to(DTYPE.get(feature, torch.float64)).train()
     with torch.no_grad():  # running statistics away from 0/1, so eval BN is not the identity
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -294,18 +295,17 @@ def _planned(model, segments):
     for s in segments:
         if s.recompute == ["*"]:
             span = g.span(g.resolve(s.first), g.resolve(s.last, "last"))
-            s = Segment(s.first, s.last, "store", recompute=[n.name for n in span[:-1]
-                                                               if n.kind in ("pointwise", "norm", "join")])
+            s = Segment(s.first, s.last, "store", recompute=[n.name for n in span[:-1] if recomputable(n)])
         segs.append(s)
     return apply_plan(model, Plan.build(g, segs), g)
 
 
-def _run_cell(feature: str, mode: str) -> dict:
+def _run_cell(feature: str, mode: str, prep=None) -> dict:
     segments, bn = MODES[mode]
-    kind = FEATURES[feature][1]
-    plain = _net(feature, bn)
+    kind = FEATURES[feature][1] if prep is None else "step"
+    plain = _net(feature, bn, prep)
     ref = _step(plain, plain, "step" if kind in ("deepcopy", "averaged", "save", "state_dict") else kind)
-    model = _net(feature, bn)
+    model = _net(feature, bn, prep)
     before = copy.deepcopy(model.state_dict())
     pm = _planned(model, segments)
     after = model.state_dict()
@@ -460,3 +460,22 @@ def test_eval_runs_the_code_of_the_eval_mode(mode):
     pm.train()
     ref = copy.deepcopy(model).train()
     assert rel_floor(pm(x), ref(x), 0.0) <= TOL
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("act", ["ReLU", "SiLU", "Identity"])
+def test_timm_batchnorm_act_runs_in_every_mode(mode, act):
+    """timm's fused BatchNormAct2d (a BatchNorm2d subclass whose forward is BN, then its ``drop``
+    and ``act`` modules) runs in row strips as a BN followed by its activation, and exactly in
+    every mode: two SGD steps, float64, buffers included."""
+    timm_layers = pytest.importorskip("timm.layers")
+
+    def prep(m):
+        new = timm_layers.BatchNormAct2d(6, act_layer=getattr(nn, act))
+        new.load_state_dict(m.bn2.state_dict())
+        m.bn2, m.relu2 = new, nn.Identity()
+        return m
+
+    errs = _run_cell("timm BatchNormAct2d", mode, prep)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= TOL, f"{worst}: relative error {errs[worst]:.3e}"
