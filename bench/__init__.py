@@ -2,7 +2,8 @@
 
 ``python -m bench compare ...`` (also ``planner bench ...``) runs lrcnn against the alternatives
 (:mod:`bench.compare`); ``python -m bench.cost_grid``, ``bench.solve_time`` and
-``bench.memory_rows`` are the cost-model, solver and row-memory benchmarks.
+``bench.memory_rows`` are the cost-model, solver and row-memory benchmarks; ``python -m
+bench.timm_sweep`` checks plans of many timm CNNs for exactness (needs timm).
 
 This module holds only what the command lines share and is light to import (no torch).
 """
