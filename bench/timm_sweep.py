@@ -451,7 +451,7 @@ def markdown(rows: List[Dict[str, Any]], settings: str, runtime_s: float) -> str
         f"{settings}. Runtime {runtime_s / 60:.1f} min.", "",
         f"Models: {len(models)}; all plans exact: {sum(v == 'exact' for v in per_model.values())}; "
         f"worst status per model: " + ", ".join(f"{k} {v}" for k, v in Counter(per_model.values()).most_common())
-        + f". Plan records: " + ", ".join(f"{k} {v}" for k, v in plans.most_common())
+        + ". Plan records: " + ", ".join(f"{k} {v}" for k, v in plans.most_common())
         + f". Model state kept by capture/solve/apply: {kept} of {len(models)}.", "",
         "Budget: the plan's budget; peak: its predicted peak; plain: the plain step's predicted peak "
         "(a budget keeps the solver's 2.5% headroom free, so a budget may exceed the plain peak).", "",

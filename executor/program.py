@@ -20,7 +20,6 @@ from typing import Any, Dict, List
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as tcp
 
 from models import ops as _ops
