@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from models import ops
@@ -45,17 +45,8 @@ OUT_SIZE_CEIL_EDGE_ALLOWED = False
 def known_out_size_edge(geo: HGeom, h: int) -> bool:
     return OUT_SIZE_CEIL_EDGE_ALLOWED and geo.ceil_mode and h + 2 * geo.padding < geo.span
 
-PROPERTY = settings(max_examples=300, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 convolutions: one intra-op thread is 10-1000x faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +183,6 @@ def check_band(net: Net, g: RowGraph, x: torch.Tensor, a: int, b: int, gen: torc
 # Property tests
 # ------------------------------------------------------------------------------------------------
 
-@PROPERTY
 @given(specs=st.lists(layer_spec, min_size=1, max_size=4), h=st.integers(5, 40), cin=st.integers(1, 2),
        seed=st.integers(0, 2**31 - 1), data=st.data())
 def test_stack_rows_sound_and_minimal(specs, h, cin, seed, data):
@@ -240,7 +230,6 @@ def same_spec(draw):
     return kind, dict(k=k, s=s, p=k // 2, ceil=False, cip=draw(st.booleans()))
 
 
-@PROPERTY
 @given(main=st.lists(same_spec(), min_size=1, max_size=3), short_k=st.sampled_from([1, 3]),
        post=st.booleans(), h=st.integers(5, 40), seed=st.integers(0, 2**31 - 1), data=st.data())
 def test_residual_rows_sound_and_minimal(main, short_k, post, h, seed, data):

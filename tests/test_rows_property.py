@@ -1,12 +1,17 @@
 """Property test: random conv/pool/activation/residual/concat trunks, random geometry, heights,
-strip counts and both policies; the row-segment training step equals plain PyTorch (float64)."""
+strip counts and both policies; the row-segment training step equals plain PyTorch (float64).
+
+Examples and their count come from the hypothesis profile (tests/conftest.py: "ci" by default,
+``--hypothesis-profile=long`` for a long random search); every failing case found is kept below as
+an explicit ``@example``."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 from models import capture
@@ -14,6 +19,8 @@ from models.geometry import max_strips
 from planner import Plan, Segment
 from executor import apply_plan
 from exactness import rel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACTS = [nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Identity]
 
@@ -89,12 +96,14 @@ def case(draw):
     return layers, (n, 3, h, w), policy, frac, seed
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case())
 def test_random_trunks_exact(c):
     layers, shape, policy, frac, seed = c
-    torch.manual_seed(seed)
-    model = Trunk(layers).double()
+    torch.manual_seed(seed)  # weights from the seed too (not from when the layers were drawn)
+    model = Trunk(copy.deepcopy(layers)).double()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
     try:
         with torch.no_grad():
             out = model(torch.zeros(shape, dtype=torch.float64))
