@@ -203,9 +203,8 @@ class RowSegment:
                         new = op([bands[u] for u in op.inputs], r.start, r.hi)
                     if count is not None:
                         count[n] = count.get(n, 0) + (r.hi - r.start)
-                else:
-                    ref = bands[op.inputs[0]].t
-                    new = ref.new_empty((ref.shape[0], 0, 0, 0))
+                else:  # no rows here, but consumers may still read its (empty) band
+                    new = op.empty([bands[u] for u in op.inputs])
                 if on_new is not None and r.hi > r.start:
                     on_new(n, new, r.start)
                 c0, c1 = r.carried
@@ -639,10 +638,16 @@ class _RowFunction(torch.autograd.Function):
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
         seg: RowSegment = ctx.seg
+        params = ctx.params
         with seg.state.bound(ctx.params, ctx.buffers):
             gx, gparams = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1], list(ctx.params),
                                        ctx.bn)
         ctx.carries = ctx.params = ctx.buffers = ctx.bn = None
+        # a parameter of a node no strip computes a row of (every output row reads only border
+        # padding of it) gets no gradient from the strips; plain PyTorch gives it zeros, and
+        # None would make an optimizer skip it (no weight decay, no momentum step)
+        gparams = [torch.zeros_like(p) if g is None and need else g
+                   for g, p, need in zip(gparams, params, ctx.needs_input_grad[2:])]
         return (None, gx, *gparams)
 
 

@@ -25,7 +25,8 @@ Range = Tuple[int, int]
 
 @dataclass(frozen=True)
 class HGeom:
-    """Geometry of an op along the H axis."""
+    """Geometry of an op along the H axis (along W, :func:`models.ops.window_geom` gives the same
+    description, whose ``out_size`` is then the output width)."""
 
     kernel: int = 1
     stride: int = 1
