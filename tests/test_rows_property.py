@@ -64,7 +64,8 @@ def layer(draw, c):
     if kind == "conv":
         k = draw(st.integers(1, 5))
         groups = draw(st.sampled_from([1, c]))
-        return nn.Conv2d(c, c, k, draw(st.integers(1, 3)), draw(st.integers(0, k // 2)),
+        # (a conv may pad more than its window: its border output rows then read padding alone)
+        return nn.Conv2d(c, c, k, draw(st.integers(1, 3)), draw(st.integers(0, k)),
                          dilation=draw(st.integers(1, 2)), groups=groups, bias=draw(st.booleans()))
     if kind == "maxpool":
         k = draw(st.integers(1, 4))
@@ -105,12 +106,17 @@ PAD_ONLY = [nn.Conv2d(3, 2, 1, 1, 1), nn.Conv2d(2, 2, 3, 2, 0, dilation=2), nn.C
 # The same with max-pools making the 1-row map (found by the "ci" profile).
 PAD_ONLY_POOLS = [nn.Conv2d(3, 2, 1, 1, 1), nn.MaxPool2d(1, 2), nn.MaxPool2d(1, 3),
                   nn.Conv2d(2, 2, 2, 1, 1, dilation=2, bias=False)]
+# A 1x1 conv with padding 2: its top and bottom output rows read only the padding row beyond the
+# first (or last), where models.geometry.input_rows gave a negative filler count.
+WIDE_PAD = [nn.Conv2d(3, 2, 1, 1, 1), nn.Conv2d(2, 2, 1, 1, 2)]
 
 
 @given(case())
 @example((PAD_ONLY, (1, 3, 4, 3), "overl", 0.0, 0))
 @example((PAD_ONLY, (1, 3, 4, 3), "2ps", 1.0, 0))
 @example((PAD_ONLY_POOLS, (1, 3, 4, 3), "overl", 0.0, 0))
+@example((WIDE_PAD, (1, 3, 4, 3), "overl", 1.0, 0))
+@example((WIDE_PAD, (1, 3, 4, 3), "2ps", 0.0, 0))
 def test_random_trunks_exact(c):
     layers, shape, policy, frac, seed = c
     torch.manual_seed(seed)  # weights from the seed too (not from when the layers were drawn)
