@@ -209,9 +209,8 @@ class RowSegment:
                         new = op([bands[u] for u in op.inputs], r.start, r.hi)
                     if count is not None:
                         count[n] = count.get(n, 0) + (r.hi - r.start)
-                else:
-                    ref = bands[op.inputs[0]].t
-                    new = ref.new_empty((ref.shape[0], 0, 0, 0))
+                else:  # no rows here, but consumers may still read its (empty) band
+                    new = op.empty([bands[u] for u in op.inputs])
                 if on_new is not None and r.hi > r.start:
                     on_new(n, new, r.start)
                 c0, c1 = r.carried
@@ -683,9 +682,12 @@ class _RowFunction(torch.autograd.Function):
             with seg.state.bound(ctx.params, ctx.buffers), amp_replay(ctx.amp):
                 gx, got = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1],
                                        [ctx.params[k] for k in want], ctx.bn)
+        # a parameter of a node no strip computes a row of (every output row reads only border
+        # padding of it) gets no gradient from the strips; plain PyTorch gives it zeros, and
+        # None would make an optimizer skip it (no weight decay, no momentum step)
         gparams: List[Optional[torch.Tensor]] = [None] * len(ctx.params)
         for k, g in zip(want, got):
-            gparams[k] = g
+            gparams[k] = torch.zeros_like(ctx.params[k]) if g is None else g
         if not torch.is_grad_enabled():
             # the strips' state is not needed again (a create_graph backward leaves it: the
             # first-order backward that usually follows runs the strips)

@@ -89,6 +89,7 @@ class StripOp:
         # a fused norm + activation layer: the modules applied after the normalisation
         tail = _ops.norm_act_tail(module) if module is not None else None
         self.tail = [out_of_place_module(t) for t in tail or ()]
+        self.wgeom: Optional[HGeom] = _ops.window_geom(module, 1) if info.kind == _ops.SPATIAL else None
         self.fn = self._build()
 
     # A callable (inputs: list[Band], lo, hi) -> tensor of rows [lo, hi)
@@ -145,6 +146,22 @@ class StripOp:
 
     def __call__(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
         return self.fn(bands, lo, hi)
+
+    def empty(self, bands: List[Band]) -> torch.Tensor:
+        """This node's output with no rows: (N, C, 0, W) as its full map has, nothing computed.
+
+        A strip may compute no row of a node and still run a consumer of it: an output row whose
+        window reads only border padding (e.g. a dilated conv on a 1-row map) needs no input row,
+        but the padded input it is computed from has the input's channels and width.  Windowed
+        ops get their output width from their W geometry; the others are evaluated on zero rows
+        (a normalisation keeps its input's shape)."""
+        x = bands[0].t
+        if self.info.kind == _ops.SPATIAL:
+            c = self.module.out_channels if isinstance(self.module, nn.Conv2d) else x.shape[1]
+            return x.new_empty((x.shape[0], c, 0, self.wgeom.out_size(x.shape[3])))
+        if self.info.kind == _ops.NORM:
+            return x[:, :, :0]
+        return self.fn(bands, 0, 0)
 
 
 def build_strip_op(fxnode: fx.Node, graph_node, module: Optional[nn.Module], in_heights: List[int]) -> StripOp:

@@ -25,7 +25,8 @@ Range = Tuple[int, int]
 
 @dataclass(frozen=True)
 class HGeom:
-    """Geometry of an op along the H axis."""
+    """Geometry of an op along the H axis (along W, :func:`models.ops.window_geom` gives the same
+    description, whose ``out_size`` is then the output width)."""
 
     kernel: int = 1
     stride: int = 1
@@ -83,7 +84,8 @@ def input_rows(geom: HGeom, a: int, b: int, in_h: int) -> InputRows:
     ``lo``/``hi`` is the smallest range of real input rows the windows read (with dilation a
     window skips rows, so a clipped window may start or end further in); ``pad_top`` and
     ``pad_bottom`` are the filler rows that complete the windows at the true borders: padding, and
-    any skipped real rows between the padding and ``lo``/``hi``, which the kernel never reads.
+    any skipped real rows between the padding and ``lo``/``hi``, which the kernel never reads:
+    ``pad_top + rows + pad_bottom`` is the window's length, every term >= 0.
     ``in_h`` is the height of the input map.  An empty band (``a >= b``) needs nothing.
     """
     if a >= b:
@@ -99,11 +101,12 @@ def input_rows(geom: HGeom, a: int, b: int, in_h: int) -> InputRows:
         r1 = min(b - 1, (in_h - 1 - off) // s)  # last output row whose tap j is inside the map
         if r1 >= a and r1 * s + off >= 0:
             last = r1 * s + off if last is None else max(last, r1 * s + off)
-    if first is None or last is None:  # only padding is read
+    if first is None or last is None:  # only padding (and skipped rows) is read: all filler
         lo = hi = min(max(lo_u, 0), in_h)
-    else:
-        lo, hi = first, last + 1
-    return InputRows(lo, hi, lo - lo_u, hi_u - hi)
+        # (a window wholly above or below the map, e.g. padding > span, lies on one side of lo)
+        top = min(max(lo - lo_u, 0), hi_u - lo_u)
+        return InputRows(lo, hi, top, hi_u - lo_u - top)
+    return InputRows(first, last + 1, first - lo_u, hi_u - last - 1)
 
 
 def union(r1: Optional[Range], r2: Optional[Range]) -> Optional[Range]:

@@ -111,26 +111,39 @@ def call(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
     return target(*args, **kwargs)
 
 
+def window_geom(m: nn.Module, axis: int = 0) -> HGeom:
+    """The window geometry of a conv / max-pool / avg-pool module along H (``axis=0``: its
+    :class:`HGeom`, what row strips reason with) or W (``axis=1``: the same formulas then give
+    output widths, e.g. of a band with no rows)."""
+    if isinstance(m, nn.Conv2d):
+        k, s, p, d = (pair(v)[axis] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+        return HGeom(k, s, p, d, False, 0.0)
+    if isinstance(m, nn.MaxPool2d):
+        k, s, p, d = (pair(v)[axis] for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+        return HGeom(k, s, p, d, bool(m.ceil_mode), -math.inf)
+    if isinstance(m, nn.AvgPool2d):
+        k, s, p = (pair(v)[axis] for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
+        return HGeom(k, s, p, 1, bool(m.ceil_mode), 0.0)
+    raise TypeError(f"{type(m).__name__} has no window geometry")
+
+
 def _conv_info(m: nn.Conv2d) -> OpInfo:
     if isinstance(m.padding, str) or m.padding_mode != "zeros":
         return OpInfo("conv2d", SPATIAL, None, False,
                       f"padding={m.padding!r}, padding_mode={m.padding_mode!r} (row strips need numeric zero padding)")
-    k, s, p, d = pair(m.kernel_size)[0], pair(m.stride)[0], pair(m.padding)[0], pair(m.dilation)[0]
-    return OpInfo("conv2d", SPATIAL, HGeom(k, s, p, d, False, 0.0), True)
+    return OpInfo("conv2d", SPATIAL, window_geom(m), True)
 
 
 def _maxpool_info(m: nn.MaxPool2d) -> OpInfo:
     if m.return_indices:
         return OpInfo("maxpool2d", SPATIAL, None, False, "return_indices=True")
-    k, s, p, d = pair(m.kernel_size)[0], pair(m.stride or m.kernel_size)[0], pair(m.padding)[0], pair(m.dilation)[0]
-    return OpInfo("maxpool2d", SPATIAL, HGeom(k, s, p, d, bool(m.ceil_mode), -math.inf), True)
+    return OpInfo("maxpool2d", SPATIAL, window_geom(m), True)
 
 
 def _avgpool_info(m: nn.AvgPool2d) -> OpInfo:
     if m.divisor_override is not None:
         return OpInfo("avgpool2d", SPATIAL, None, False, "divisor_override is set")
-    k, s, p = pair(m.kernel_size)[0], pair(m.stride or m.kernel_size)[0], pair(m.padding)[0]
-    return OpInfo("avgpool2d", SPATIAL, HGeom(k, s, p, 1, bool(m.ceil_mode), 0.0), True)
+    return OpInfo("avgpool2d", SPATIAL, window_geom(m), True)
 
 
 # Stock classes whose computation row strips and the store recompute reimplement (they call

@@ -1,4 +1,4 @@
-"""Shared test setup: repository root on sys.path, cached meta-device captures."""
+"""Shared test setup: repository root on sys.path, hypothesis profiles, cached meta-device captures."""
 from __future__ import annotations
 
 import functools
@@ -6,10 +6,21 @@ import os
 import sys
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Hypothesis profiles, for every property test (tests set no max_examples / derandomize of their
+# own).  "ci", the default: the same examples on every run (derandomized, no example database),
+# so a test run passes or fails the same way everywhere.  "long": many more random examples, to
+# look for new failures: ``pytest --hypothesis-profile=long tests/test_rows_property.py``; keep
+# every failing case it finds as an explicit ``@example`` of its test.
+_PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+settings.register_profile("ci", max_examples=300, derandomize=True, database=None, **_PROPERTY)
+settings.register_profile("long", max_examples=2000, derandomize=False, print_blob=True, **_PROPERTY)
+settings.load_profile("ci")  # (pytest's --hypothesis-profile, applied after this, overrides it)
 
 @functools.lru_cache(maxsize=32)
 def _captured(name: str, shape: tuple, dtype: str = "float32", training: bool = True,
@@ -28,6 +39,18 @@ def captured():
     """``captured(name, shape, dtype='float32', training=True, num_classes=None)``: a LayerGraph of
     a zoo model built on the meta device, cached for the whole session (treat it as read-only)."""
     return _captured
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny float64 convolutions (property tests): one intra-op thread is 10-1000x faster than two
+    here.  Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

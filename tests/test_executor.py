@@ -262,3 +262,52 @@ def test_recompute_outside_the_rule_is_refused(method_net):
     for name in ("mean", "mul_1", "conv4"):
         with pytest.raises(PlanError, match=rf"recompute node '{name}' is a"):
             method_net.check([Segment("conv1", "sigmoid_", "store", recompute=[name])])
+
+
+# -- strips that compute no row of some nodes ------------------------------------------------------
+
+class _Branchy(torch.nn.Module):
+    """Pointwise, eval BN, a strided W window, channel concat and a residual add, all upstream of
+    a 1x1 conv with padding 1, whose top and bottom output rows read border padding alone."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Conv2d(3, 3, (3, 3), (1, 2), (1, 1))
+        self.bn = nn.BatchNorm2d(3).eval()
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.AvgPool2d((1, 3), (1, 2), (0, 1), ceil_mode=True, count_include_pad=False)
+        self.a, self.b = nn.Conv2d(3, 1, 1), nn.Conv2d(3, 2, 3, 1, 1)
+        self.last = nn.Conv2d(3, 2, 1, 1, 1)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.bn(self.conv(x))))
+        x = torch.cat([self.a(x), self.b(x)], 1) + x
+        return self.last(x)
+
+
+def _pad_only():  # the property test's first failing case (test_rows_property.PAD_ONLY)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 2, 1, 1, 1), nn.Conv2d(2, 2, 3, 2, 0, dilation=2),
+                         nn.Conv2d(2, 2, 2, 1, 1, dilation=2))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("make,h", [(_pad_only, 4), (_Branchy, 9)])
+def test_strips_with_no_rows_of_a_node(make, h):
+    """A strip may compute no row of a node (OverL: its output rows read only border padding of
+    it; 2PS: early strips) while a consumer still reads the node's empty band and pads it; nodes
+    no strip computes a row of still get a (zero) parameter gradient, as in plain PyTorch."""
+    torch.manual_seed(0)
+    m = make().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, h, 7, generator=g, dtype=torch.float64)
+    out = m(x)
+    y = torch.randint(0, out.shape[1], (out.shape[0],) + tuple(out.shape[2:]), generator=g)
+    ref = Reference(m, x, y, steps=2)
+    names = [n.name for n in ref.graph.nodes if n.kind not in ("input", "output")]
+    for policy in POLICIES:
+        rows = ref.graph[names[-1]].height if policy == "overl" else h
+        # (_Branchy, OverL with one strip per output row: the first and last compute no row upstream)
+        for strips in sorted({1, min(2, rows), min(3, rows), rows}):
+            ref.check([seg_rows(names[0], names[-1], policy, strips)])
