@@ -184,19 +184,17 @@ def norm_act_tail(m: nn.Module) -> Optional[list]:
 
 def module_refusal(m: nn.Module) -> str:
     """Why lrcnn cannot run module ``m`` piecewise (row strips, which reimplement its computation
-    on bands of rows): a hook on it (or a global module hook: hooks see whole-map tensors once per
-    call; pruning masks and the old ``weight_norm`` are hooks too), a parametrization
+    on bands of rows): a hook on it (hooks see whole-map tensors once per call; pruning masks and
+    the old ``weight_norm`` are hooks too), a parametrization
     (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal), or a subclass of a
     stock layer that overrides its computation (torch.ao QAT convolutions, fused norm+activation
     layers).  '' when none applies.  Whole-module calls (plain, checkpoint, store segments) run
     all of these exactly; only row strips refuse them."""
-    from torch.nn.modules import module as _module
     from torch.nn.utils import parametrize
 
+    # (global module hooks, register_module_forward_hook, are tools' observers: FlopCounterMode
+    # and the profilers' module trackers; row strips call no module, so those see none of them)
     found = [what for attr, what in _HOOKS if getattr(m, attr, None)]
-    if any(getattr(_module, g, None) for g in ("_global_forward_pre_hooks", "_global_forward_hooks",
-                                                "_global_backward_pre_hooks", "_global_backward_hooks")):
-        found.append("a global module hook (torch.nn.modules.module.register_module_*_hook)")
     if found:
         return f"{type(m).__name__} has {' and '.join(found)}, which row strips cannot run"
     if parametrize.is_parametrized(m):
