@@ -479,3 +479,37 @@ def test_timm_batchnorm_act_runs_in_every_mode(mode, act):
     errs = _run_cell("timm BatchNormAct2d", mode, prep)
     worst = max(errs, key=errs.get)
     assert errs[worst] <= TOL, f"{worst}: relative error {errs[worst]:.3e}"
+
+
+def test_solve_never_proposes_what_apply_plan_refuses():
+    """The capture marks modules row strips cannot run (a hook, a parametrization, a QAT-style
+    subclass) as not row-wise, so every plan planner.solve makes for such a model, from the
+    smallest feasible budget to the plain step's, is accepted by apply_plan, keeps those modules
+    out of row segments, and trains exactly."""
+    from planner.solve import Solver, capture_model
+
+    torch.manual_seed(0)
+    model = _spectral_norm(_fwd_hook(Net())).double().train()
+    name, g = capture_model(model, (2, 3, 48, 40), dtype="float64", bn="train")
+    s = Solver(g, name, bn="train", device_profile="cpu", headroom=0.0)
+    lo, hi = s.smallest_budget(), s.baseline()["peak"]
+    kinds = set()
+    for budget in (lo, (lo + hi) // 2, hi):
+        plan = s.solve(budget)
+        kinds |= {seg.mode for seg in plan.segments}
+        for seg in plan.segments:
+            if seg.mode == "rows":
+                assert not {"conv2", "conv3"} & {n.name for n in g.span(seg.first, seg.last)}, seg
+        x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+        y = torch.randint(0, 5, (2,))
+        ref = copy.deepcopy(model)
+        pm = apply_plan(copy.deepcopy(model), plan, g)
+        a, b = F.cross_entropy(pm(x), y), F.cross_entropy(ref(x), y)
+        a.backward()
+        b.backward()
+        assert rel_floor(a, b, 0.0) <= TOL
+        grads = {k: p.grad for k, p in ref.named_parameters()}
+        whole = sum(v.norm().item() ** 2 for v in grads.values()) ** 0.5
+        for (k, p), q in zip(pm.named_parameters(), grads.values()):
+            assert rel_floor(p.grad, q, GRAD_FLOOR[torch.float64] * whole) <= TOL, k
+    assert "rows" in kinds  # (the stem is still planned in rows)
