@@ -81,7 +81,7 @@ DEFAULT_MODELS = [
     "nf_resnet26", "convnext_atto", "convnext_femto",
 ]
 TOL = 1e-10
-FLOOR = 1e-4  # as tests/exactness.GRAD_FLOOR (float64): zero-by-the-maths gradients are rounding noise
+FLOOR = 1e-4  # = executor.exactness.GRAD_FLOOR[float64] (torch imported lazily): zero-by-the-maths gradients are noise
 FIELDS = ["model", "params_M", "graph_params_M", "nodes", "plan", "budget_bytes", "predicted_peak_bytes", "plain_peak_bytes",
           "segments", "status", "stage", "worst", "detail", "over_kinds", "max_err", "err_out", "err_loss", "err_xgrad",
           "err_grad", "err_param", "err_buffer", "state", "state_kinds", "capture_s", "solve_s", "step_s", "seconds"]
@@ -152,84 +152,6 @@ def _state_text(diff: Optional[List[str]]) -> str:
     return f"changed: {', '.join(diff[:3])}" + (f" (+{len(diff) - 3})" if len(diff) > 3 else "")
 
 
-def train_step(module, owner, x, y, lr: float = 0.1, seed: int = 1234, steps: int = 1) -> Dict[str, Any]:
-    """``steps`` training steps of ``module`` on the batch ``(x, y)`` (``owner``: the module holding
-    the parameters and buffers, whose names label the record): everything the exactness check
-    compares, ``{"steps": [{"out", "loss", "xgrad", "grads"}, ...], "params", "buffers"}`` (the
-    parameters and buffers after the last step)."""
-    import torch
-    import torch.nn.functional as F
-
-    opt = torch.optim.SGD(owner.parameters(), lr=lr, momentum=0.9)
-    torch.manual_seed(seed)  # same dropout / drop-path draws in the plain and the planned step
-    recs = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        xin = x.clone().requires_grad_(True)
-        out = module(xin)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        recs.append({"out": out.detach().clone(), "loss": loss.detach().clone(),
-                     "xgrad": None if xin.grad is None else xin.grad.clone(),
-                     "grads": {k: (None if p.grad is None else p.grad.clone()) for k, p in owner.named_parameters()}})
-        opt.step()
-    return {"steps": recs, "params": {k: p.detach().clone() for k, p in owner.named_parameters()},
-            "buffers": {k: b.detach().clone() for k, b in owner.named_buffers()}}
-
-
-def _norm(t) -> float:
-    import torch
-
-    return float(torch.linalg.vector_norm(t.detach().double())) if t.numel() else 0.0
-
-
-def rel(a, b, floor: float = 0.0) -> float:
-    """Norm-wise relative difference of ``a`` from the reference ``b``: ``|a - b| / max(|b|,
-    floor)`` (``floor`` 0 and ``b`` zero: the absolute difference); shapes must match."""
-    if a is None or b is None:
-        return 0.0 if a is None and b is None else math.inf
-    if a.shape != b.shape:
-        return math.inf
-    d = _norm(a.double() - b.double())
-    s = max(_norm(b), floor)
-    if d == 0.0:
-        return 0.0
-    return d / s if s > 0 else d
-
-
-def compare(got: Dict[str, Any], ref: Dict[str, Any], floor: float = FLOOR) -> Dict[str, float]:
-    """Every compared quantity's relative error, records of :func:`train_step`.  Keys: ``out``,
-    ``loss``, ``xgrad``, ``grad:<p>`` (``@<i>`` appended from the second step on), ``param:<p>``,
-    ``buffer:<b>`` (after the last step).  Gradients, parameters and floating buffers are measured
-    against at least ``floor`` x the norm of all of their kind (see the module docstring)."""
-    import torch
-
-    def whole(ts) -> float:
-        return math.sqrt(sum(_norm(t) ** 2 for t in ts if t is not None and t.is_floating_point()))
-
-    errs: Dict[str, float] = {}
-    if len(got["steps"]) != len(ref["steps"]):
-        errs["steps"] = math.inf
-    for i, (g, r) in enumerate(zip(got["steps"], ref["steps"])):
-        at = f"@{i}" if i else ""
-        for q in ("out", "loss", "xgrad"):
-            errs[q + at] = rel(g[q], r[q])
-        fl = floor * whole(r["grads"].values())
-        for k in sorted(set(r["grads"]) | set(g["grads"])):
-            errs[f"grad:{k}{at}"] = rel(g["grads"].get(k), r["grads"].get(k), fl)
-    fl = floor * whole(ref["params"].values())
-    for k in sorted(set(ref["params"]) | set(got["params"])):
-        errs[f"param:{k}"] = rel(got["params"].get(k), ref["params"].get(k), fl)
-    fl = floor * whole(ref["buffers"].values())
-    for k in sorted(set(ref["buffers"]) | set(got["buffers"])):
-        a, b = got["buffers"].get(k), ref["buffers"].get(k)
-        if a is not None and b is not None and not b.is_floating_point():
-            errs[f"buffer:{k}"] = rel(a.to(torch.float64), b.to(torch.float64))  # counters: no floor
-        else:
-            errs[f"buffer:{k}"] = rel(a, b, fl)
-    return errs
-
-
 def _group_max(errs: Dict[str, float], prefix: str) -> float:
     vals = [v for k, v in errs.items() if k.split("@")[0] == prefix or k.startswith(prefix + ":")]
     return max(vals) if vals else float("nan")
@@ -276,6 +198,7 @@ def sweep_model(name: str, batch: int = 2, resolution: int = 64, tol: float = TO
     import torch
 
     from executor import apply_plan
+    from executor.exactness import compare, train_step
     from planner.solve import Solver, capture_model
 
     t_model = time.perf_counter()

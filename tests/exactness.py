@@ -7,62 +7,27 @@ from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models import capture
 from planner import Plan, Segment
 from executor import apply_plan
+from executor.exactness import GRAD_FLOOR, rel, train_step  # noqa: F401 (rel, GRAD_FLOOR: for the tests)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-wise relative error of a against reference b."""
-    a, b = a.detach().double(), b.detach().double()
-    nb = b.norm().item()
-    if nb == 0.0:
-        return a.norm().item()
-    return (a - b).norm().item() / nb
-
-
-# A gradient that is zero by the maths (a conv bias before a train-mode BN) is rounding noise on
-# both sides (about the dtype's epsilon x the norm of the step's whole gradient): it is compared
-# against this fraction of that whole norm.
-GRAD_FLOOR = {torch.float64: 1e-4, torch.float32: 1e-1}
-
-
-def rel_floor(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
-    """Norm-wise error of a against reference b, relative to max(|b|, floor)."""
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor, 1e-300)
-
-
 def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-4,
                 owner: nn.Module = None):
-    """Run ``steps`` SGD+momentum steps; return per-step records of everything exactness covers.
-    ``owner``: the module whose parameter and buffer names label the records, if ``model`` (a
-    wrapper sharing its tensors) names them otherwise."""
-    owner = model if owner is None else owner
-    opt = torch.optim.SGD(owner.parameters(), lr=lr, momentum=0.9)
-    torch.manual_seed(1234)  # same dropout masks in the plain and the planned run
-    records = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        xin = x.clone().requires_grad_(True)
-        out = model(xin)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        assert torch.isfinite(loss), "training diverged: the comparison would prove nothing"
-        records.append({
-            "out": out.detach().clone(), "loss": loss.detach().clone(), "xgrad": xin.grad.clone(),
-            "grads": {k: p.grad.clone() for k, p in owner.named_parameters() if p.grad is not None},
-        })
-        opt.step()
-    final = {
-        "params": {k: p.detach().clone() for k, p in owner.named_parameters()},
-        "buffers": {k: b.detach().clone() for k, b in owner.named_buffers()},
-    }
-    return records, final
+    """Run ``steps`` SGD+momentum steps (:func:`executor.exactness.train_step`); return per-step
+    records of everything exactness covers (the gradients autograd made) and the final parameters
+    and buffers.  ``owner``: the module whose parameter and buffer names label the records, if
+    ``model`` (a wrapper sharing its tensors) names them otherwise."""
+    rec = train_step(model, model if owner is None else owner, x, y, lr=lr, steps=steps)
+    for r in rec["steps"]:
+        assert torch.isfinite(r["loss"]), "training diverged: the comparison would prove nothing"
+        assert r["xgrad"] is not None
+        r["grads"] = {k: g for k, g in r["grads"].items() if g is not None}
+    return rec["steps"], {"params": rec["params"], "buffers": rec["buffers"]}
 
 
 class Reference:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, prune
 
-from exactness import GRAD_FLOOR, rel_floor
+from exactness import GRAD_FLOOR, rel
 from executor import RowSegmentError, apply_plan
 from models import capture
 from models.ops import recomputable
@@ -285,7 +285,7 @@ def _compare(ours: dict, ref: dict) -> dict:
             assert torch.equal(a, r), f"{k} differs: {a} vs {r}"
             continue
         floor = GRAD_FLOOR[r.dtype] * whole[k.rpartition("@")[2]] ** 0.5 if k.startswith("grad:") else 0.0
-        errs[k] = rel_floor(a, r, floor)
+        errs[k] = rel(a, r, floor)
     return errs
 
 
@@ -411,7 +411,7 @@ def test_autocast_recompute_runs_the_forwards_dtypes(mode):
     whole = sum(v.double().norm().item() ** 2 for k, v in truth.items() if k.startswith("grad:")) ** 0.5
     for k in truth:
         floor = GRAD_FLOOR[torch.float32] * whole if k.startswith("grad:") else 0.0
-        e_ours, e_plain = rel_floor(ours[k], truth[k], floor), rel_floor(ref[k], truth[k], floor)
+        e_ours, e_plain = rel(ours[k], truth[k], floor), rel(ref[k], truth[k], floor)
         assert e_ours <= max(20 * e_plain, 1e-6), f"{k}: {e_ours:.2e} vs plain autocast's {e_plain:.2e}"
 
 
@@ -459,7 +459,7 @@ def test_eval_runs_the_code_of_the_eval_mode(mode):
         assert torch.equal(pm(x), model(x))
     pm.train()
     ref = copy.deepcopy(model).train()
-    assert rel_floor(pm(x), ref(x), 0.0) <= TOL
+    assert rel(pm(x), ref(x), 0.0) <= TOL
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -507,9 +507,9 @@ def test_solve_never_proposes_what_apply_plan_refuses():
         a, b = F.cross_entropy(pm(x), y), F.cross_entropy(ref(x), y)
         a.backward()
         b.backward()
-        assert rel_floor(a, b, 0.0) <= TOL
+        assert rel(a, b, 0.0) <= TOL
         grads = {k: p.grad for k, p in ref.named_parameters()}
         whole = sum(v.norm().item() ** 2 for v in grads.values()) ** 0.5
         for (k, p), q in zip(pm.named_parameters(), grads.values()):
-            assert rel_floor(p.grad, q, GRAD_FLOOR[torch.float64] * whole) <= TOL, k
+            assert rel(p.grad, q, GRAD_FLOOR[torch.float64] * whole) <= TOL, k
     assert "rows" in kinds  # (the stem is still planned in rows)

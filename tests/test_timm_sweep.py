@@ -75,20 +75,22 @@ def test_sweep_two_models(tmp_path):
 def test_compare_floor_and_missing_gradients():
     import torch
 
+    from executor.exactness import compare
+
     step = {"out": torch.ones(2), "loss": torch.tensor(1.0), "xgrad": torch.ones(3),
             "grads": {"w": torch.full((4,), 1.0), "b": torch.zeros(2)}}
     ref = {"steps": [step, step], "params": {"w": torch.ones(4), "b": torch.zeros(2)},
            "buffers": {"n": torch.tensor(1)}}
     noisy = {**step, "grads": {"w": torch.full((4,), 1.0), "b": torch.full((2,), 1e-25)}}
     got = {**ref, "steps": [step, noisy], "buffers": {"n": torch.tensor(2)}}
-    e = ts.compare(got, ref, floor=1e-10)
+    e = compare(got, ref, floor=1e-10)
     # a zero reference gradient: measured against 1e-10 x |G| (|G| = 2), never skipped
     assert e["grad:b@1"] == pytest.approx(math.sqrt(2) * 1e-25 / 2e-10)
     assert e["grad:b"] == 0.0 and e["buffer:n"] == 1.0 and e["out"] == 0.0 and e["out@1"] == 0.0
     assert ts._group_max(e, "grad") == e["grad:b@1"] and ts._kinds(["grad:x.b@1", "buffer:y.n"]) == "buffer:n grad:b"
     got["steps"] = [{**step, "grads": {"w": None, "b": step["grads"]["b"]}}, step]
-    assert ts.compare(got, ref)["grad:w"] == math.inf
-    assert ts.compare({**ref, "steps": [step]}, ref)["steps"] == math.inf
+    assert compare(got, ref)["grad:w"] == math.inf
+    assert compare({**ref, "steps": [step]}, ref)["steps"] == math.inf
 
 
 def test_state_diff_sees_buffers_and_flags():
