@@ -24,7 +24,7 @@ import torch.utils.checkpoint as tcp
 
 from models import ops as _ops
 from models.ops import call, out_of_place_call, out_of_place_module
-from models.capture import capture, trace
+from models.capture import capture, fetch_attr, trace
 from planner.plan import Plan, PlanError
 from .memory import mark as _mark, measuring as _measuring
 from .rows import RowSegment, bn_normalise, run_rows
@@ -40,7 +40,7 @@ class _NodeRunner:
 
     def __init__(self, root: nn.Module):
         self._root = weakref.ref(root)  # no reference cycle: a dropped model is freed at once
-        self._cache: Dict[tuple, Any] = {}
+        self._cache: Dict[str, nn.Module] = {}  # node -> its module, out of place
 
     def run(self, n: fx.Node, env: Dict[str, Any], mode: str = "plain") -> Any:
         """Evaluate node ``n``.
@@ -53,8 +53,10 @@ class _NodeRunner:
         kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
         if n.op == "call_module":
             mod = self._root().get_submodule(n.target)
-            if mode != "plain":
-                mod = self._variant(n, mod, mode)
+            if mode != "plain":  # (``pure``: the caller binds copies of the buffers, StateSlots.replay)
+                if n.name not in self._cache:
+                    self._cache[n.name] = out_of_place_module(mod)
+                mod = self._cache[n.name]
             return mod(*args, **kwargs)
         if n.op in ("call_function", "call_method"):
             target = n.target
@@ -62,10 +64,7 @@ class _NodeRunner:
                 target, kwargs = out_of_place_call(target, kwargs)
             return call(n.op, target, args, kwargs)
         if n.op == "get_attr":
-            obj = self._root()
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part)
-            return obj
+            return fetch_attr(self._root(), str(n.target))
         raise RuntimeError(f"internal: cannot run node {n.name} ({n.op})")
 
     def normalise(self, n: fx.Node, x, stats) -> Any:
@@ -75,15 +74,6 @@ class _NodeRunner:
         result differs from the forward's output by a few units in the last place."""
         m = self._root().get_submodule(n.target)
         return bn_normalise(x, *stats, m.weight, m.bias)
-
-    def _variant(self, n: fx.Node, mod: nn.Module, mode: str):
-        # ``pure``: the module's own call, out of place; the caller binds copies of its buffers
-        # (StateSlots.replay), so state it writes (BN running statistics, ...) is thrown away
-        key = (n.name, mode)
-        f = self._cache.get(key)
-        if f is None:
-            f = self._cache[key] = out_of_place_module(mod)
-        return f
 
 
 class _Recipe:

@@ -51,9 +51,6 @@ class StateSlots:
     def current_buffers(self) -> List[torch.Tensor]:
         return [m._buffers[n] for m, n in self.buffers]
 
-    def capture(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        return self.current_params(), self.current_buffers()
-
     def snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """The parameters, and copies of the buffers as they are now (before a forward pass that
         may write them; a stock BatchNorm's are not copied)."""

@@ -302,7 +302,8 @@ def _read_overwritten(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _attr(root: nn.Module, target: str):
+def fetch_attr(root: nn.Module, target: str):
+    """The object a ``get_attr`` node reads: ``root`` followed along the dotted ``target``."""
     obj = root
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -583,8 +584,8 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         # the parameters the node reads: its module's (a parametrization's originals included),
         # or the one a get_attr node reads; frozen ones (requires_grad False) get no gradient
         params = list(mod.parameters()) if mod is not None else []
-        if n.op == "get_attr" and isinstance(_attr(gm, str(n.target)), nn.Parameter):
-            params = [_attr(gm, str(n.target))]
+        if n.op == "get_attr" and isinstance(fetch_attr(gm, str(n.target)), nn.Parameter):
+            params = [fetch_attr(gm, str(n.target))]
         pbytes = sum(p.numel() for p in params) * esize
         gbytes = sum(p.numel() for p in params if p.requires_grad) * esize
         node = Node(
