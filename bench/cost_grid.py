@@ -4,6 +4,7 @@
     python -m bench.cost_grid --models resnet18 --sizes small
     python -m bench.cost_grid --csv grid.csv --profile profile.json
     python -m bench.cost_grid --bn train --no-time # training-mode BN (simulator only, no VGG)
+    python -m bench.cost_grid --amp bf16 --no-time # mixed precision: captured and run under autocast
 
 For every model, plan kind (plain, checkpoint, rows-2PS, rows-OverL, mixed) and size:
 
@@ -18,6 +19,8 @@ activations, gradients and transients.  BatchNorm runs in eval mode (frozen) so 
 applies to every model.  ``--bn train``: BatchNorm in training mode (batch statistics; inside row
 segments by strip sweeps, executor.rows._BNStrip), models with BN only, predicted against the
 simulator at both sizes (the real step is skipped: simulator and real step agree, see tests).
+``--amp bf16|fp16``: the plans are captured, priced and run under CPU autocast in that dtype
+(float32 parameters), as ``planner solve --amp`` plans them.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from models import capture, get_model, set_bn_mode
 from planner import Plan, Segment
 from planner.cost import CostModel, load_profile
 from executor import apply_plan
-from executor.measure import make_optimizer, train_step_memory
+from executor.measure import autocast, make_optimizer, train_step_memory
 
 MODELS = ["vgg16", "resnet50", "resnet18", "mobilenet_v2"]
 KINDS = ["plain", "checkpoint", "2ps", "overl", "mixed"]
@@ -80,7 +83,7 @@ def grid_plan(cm: CostModel, kind: str, strips: int = 4, bn: str = "eval") -> Li
     return segs
 
 
-def _step_time(model, shape, optimizer: str, steps: int = 5, warmup: int = 2) -> float:
+def _step_time(model, shape, optimizer: str, steps: int = 5, warmup: int = 2, amp=None) -> float:
     """Median seconds of a training step after ``warmup`` steps (the first steps after the first
     one still run up to 1.5x slower on a CPU while allocator and oneDNN caches settle)."""
     opt = make_optimizer(model.parameters(), optimizer)
@@ -90,7 +93,9 @@ def _step_time(model, shape, optimizer: str, steps: int = 5, warmup: int = 2) ->
     for i in range(steps + warmup):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast("cpu", amp):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -99,12 +104,12 @@ def _step_time(model, shape, optimizer: str, steps: int = 5, warmup: int = 2) ->
 
 def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentum",
              real: Optional[bool] = None, timing: bool = True, bn: str = "eval",
-             sim_cache: Optional[dict] = None) -> Dict:
+             sim_cache: Optional[dict] = None, amp: Optional[str] = None) -> Dict:
     batch, res = SIZES[size]
     shape = (batch, 3, res, res)
     real = (size == "small" and bn == "eval") if real is None else real
     model = set_bn_mode(get_model(name, num_classes=10, device=None if real else "meta"), bn)
-    graph = capture(model, shape, model_name=name)
+    graph = capture(model, shape, model_name=name, amp=amp)
     cm = CostModel(graph, optimizer=optimizer, profile=profile)
     segs = grid_plan(cm, kind, bn=bn)
     plan = Plan.build(graph, segs, training={"optimizer": optimizer, "bn": bn})
@@ -113,22 +118,22 @@ def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentu
     row = {"model": name, "plan": kind, "size": f"{batch}x{res}x{res}",
            "segments": " ".join(f"{s.mode[0]}{(s.policy or '')[:1]}{s.strips or ''}" for s in segs) or "-",
            "predicted_MiB": pred["peak_bytes"] / 2**20}
-    key = f"{name} {kind} {size} {bn} {optimizer} {row['segments']}"
+    key = f"{name} {kind} {size} {bn} {optimizer} {row['segments']}" + (f" amp:{amp}" if amp else "")
     if sim_cache is not None and key in sim_cache:
         sim_peak = sim_cache[key]
     else:
-        sim_peak = train_step_memory(planned, shape, optimizer, fake=True).absolute_peak
+        sim_peak = train_step_memory(planned, shape, optimizer, fake=True, amp=amp).absolute_peak
         if sim_cache is not None:
             sim_cache[key] = sim_peak
     row["simulated_MiB"] = sim_peak / 2**20
     row["err_sim_%"] = (pred["peak_bytes"] - sim_peak) / sim_peak * 100
     if real:
-        meas = train_step_memory(planned, shape, optimizer, fake=False)
+        meas = train_step_memory(planned, shape, optimizer, fake=False, amp=amp)
         row["measured_MiB"] = meas.absolute_peak / 2**20
         row["err_meas_%"] = (pred["peak_bytes"] - meas.absolute_peak) / meas.absolute_peak * 100
         row["sim_vs_meas_%"] = (sim_peak - meas.absolute_peak) / meas.absolute_peak * 100
         if timing:
-            t = _step_time(planned, shape, optimizer)
+            t = _step_time(planned, shape, optimizer, amp=amp)
             row["predicted_ms"] = pred["time_s"] * 1e3
             row["measured_ms"] = t * 1e3
             row["err_time_%"] = (pred["time_s"] - t) / t * 100
@@ -146,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-time", action="store_true", help="skip the step-time measurements")
     ap.add_argument("--bn", default="eval", choices=["eval", "train"],
                     help="BatchNorm mode (train: batch statistics, simulator only)")
+    ap.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                    help="mixed precision: capture, price and run under CPU autocast in this dtype")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--sim-cache", default=None,
                     help="JSON file of simulated peaks (read and extended): re-running the cost model "
@@ -176,7 +183,7 @@ def main(argv=None) -> int:
     cases = [(m, k, s) for s in args.sizes for m in args.models for k in args.plans]
     for m, k, s in tqdm(cases, desc="grid", file=sys.stderr):
         rows.append(run_case(m, k, s, profile, timing=not args.no_time and args.bn == "eval", bn=args.bn,
-                             sim_cache=cache))
+                             sim_cache=cache, amp=args.amp))
         if cache is not None:
             write_json_atomic(cache, args.sim_cache, "simulation cache")
     df = pd.DataFrame(rows)

@@ -8,6 +8,7 @@ counted.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -93,15 +94,40 @@ def make_optimizer(params, name: str, lr: Optional[float] = None, momentum: floa
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
-def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def autocast(device_type: str, amp: Optional[str]):
+    """``torch.autocast`` on ``device_type`` in the dtype ``amp`` names (``"bf16"``/``"fp16"``),
+    a no-op context for ``amp=None``."""
+    from models.capture import amp_dtype
+
+    dtype = amp_dtype(amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def grad_scaler(device_type: str, amp: Optional[str]):
+    """The ``torch.amp.GradScaler`` an ``amp`` step needs: one for float16 (whose gradients
+    underflow without loss scaling), ``None`` for bfloat16 and float32 steps."""
+    return torch.amp.GradScaler(device_type) if amp == "fp16" else None
+
+
+def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               amp: Optional[str] = None, scaler=None) -> torch.Tensor:
     """One training step (cross-entropy) marking its phases ``forward``, ``backward``,
     ``optimizer`` for :mod:`executor.memory`; the gradients are released at the end
-    (``zero_grad(set_to_none=True)``), so every step starts without them.  Returns the loss."""
-    loss = F.cross_entropy(forward(x), y)
+    (``zero_grad(set_to_none=True)``), so every step starts without them.  Returns the loss.
+
+    ``amp``: forward and loss under :func:`autocast` in that dtype (backward and optimizer step
+    outside it, as PyTorch's recipe has it); ``scaler``: a ``GradScaler`` scales the loss, unscales
+    and checks the gradients before the optimizer step and updates its scale."""
+    with autocast(x.device.type, amp):
+        loss = F.cross_entropy(forward(x), y)
     memory.mark("forward")
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     memory.mark("backward")
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     memory.mark("optimizer")
     return loss.detach()
@@ -114,13 +140,16 @@ def opt_state(opt: torch.optim.Optimizer) -> list:
 
 def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: str = "sgd",
                       fake: bool = True, dtype: torch.dtype = torch.float32,
-                      device: Optional[str] = None, warmup: int = 1) -> memory.MemoryReport:
+                      device: Optional[str] = None, warmup: int = 1,
+                      amp: Optional[str] = None) -> memory.MemoryReport:
     """Absolute peak device bytes of one whole training step, as the cost model predicts it.
 
     Counts everything live: parameters, buffers, optimizer state, input batch and labels,
     activations, gradients and transients, through one :func:`train_step`.  ``warmup`` steps run first (optimizer state then exists).
     Phases in the report: ``forward`` (model + loss), ``backward``, ``optimizer``.
-    ``fake=True`` runs the same code under ``FakeTensorMode`` (any size, no memory).
+    ``fake=True`` runs the same code under ``FakeTensorMode`` (any size, no memory).  ``amp``: the
+    step's forward and loss under autocast in that dtype (:func:`train_step`); a model on the meta
+    device is then simulated with fake CPU tensors, where CPU autocast applies.
     """
     n_cls = _classes(model)
     ctx = memory.fake_mode() if fake else None
@@ -131,7 +160,9 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
             if device is None:
                 first = next(iter(model.parameters()), None)
                 device = "meta" if first is not None and first.is_meta else None
-            state = memory.fake_state(model)
+            if amp is not None and device == "meta":
+                device = "cpu"
+            state = memory.fake_state(model, device=device if amp is not None else None)
             params = [v for v in state.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
             def run(x):
@@ -147,8 +178,8 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
 
         opt.zero_grad(set_to_none=True)  # gradients are made by the step, not pre-existing
         for _ in range(warmup):
-            train_step(run, opt, x, y)
-        return memory.measure_step(lambda: train_step(run, opt, x, y), device=device,
+            train_step(run, opt, x, y, amp)
+        return memory.measure_step(lambda: train_step(run, opt, x, y, amp), device=device,
                                    track_existing=existing + [x, y] + opt_state(opt))
     finally:
         if ctx is not None:

@@ -339,17 +339,26 @@ def fake_mode(**kwargs) -> FakeTensorMode:
     return FakeTensorMode(**kwargs)
 
 
-def fake_state(module: nn.Module, mode: Optional[FakeTensorMode] = None) -> Dict[str, torch.Tensor]:
+def fake_state(module: nn.Module, mode: Optional[FakeTensorMode] = None,
+               device: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Fake copies of ``module``'s parameters and buffers, for ``torch.func.functional_call``.
 
     Parameters stay leaves with their ``requires_grad``, so backward fills their ``.grad`` as in
     a real step.  An existing ``.grad`` is carried over (fake) like the rest of the state, so the
     fake step then accumulates into it in place, as the real one would: call
     ``module.zero_grad(set_to_none=True)`` first to simulate a step that creates the gradients.
-    ``mode`` defaults to the active fake mode (call inside ``with fake_mode():``).
+    ``mode`` defaults to the active fake mode (call inside ``with fake_mode():``).  ``device``: make
+    the fake copies on this device instead of the module's (a model on the meta device simulated
+    under CPU autocast, which applies to CPU tensors only; ``.grad`` is then not carried over).
     """
     mode = mode or active_fake_mode()
     if mode is None:
         raise RuntimeError("fake_state needs a FakeTensorMode: call it inside `with fake_mode():`")
-    return {name: mode.from_tensor(t)  # a leaf with the same requires_grad
-            for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if device is None or t.device == torch.device(device):
+            return mode.from_tensor(t)  # a leaf with the same requires_grad
+        with mode:
+            f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+        return f.requires_grad_(t.requires_grad)
+    return {name: fake(t) for name, t in list(module.named_parameters()) + list(module.named_buffers())}

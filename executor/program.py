@@ -28,7 +28,7 @@ from models.capture import capture, fetch_attr, trace
 from planner.plan import Plan, PlanError
 from .memory import mark as _mark, measuring as _measuring
 from .rows import RowSegment, bn_normalise, run_rows
-from .state import StateSlots, amp_replay, amp_state
+from .state import StateSlots, amp_replay, amp_state, no_cast_cache
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -330,8 +330,9 @@ class PlannedModule(nn.Module):
 
         def fn(inp):
             calls[0] += 1
-            if calls[0] == 1:  # the forward pass
-                return self._run_nodes(nodes, inp, src, "plain")
+            if calls[0] == 1:  # the forward pass (keeping no autocast weight copies: see no_cast_cache)
+                with no_cast_cache():
+                    return self._run_nodes(nodes, inp, src, "plain")
             # a recomputation: the forward's tensors and state; what it writes is thrown away
             with slots.replay(snap):
                 return self._run_nodes(nodes, inp, src, "pure")
@@ -412,7 +413,8 @@ def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
     """Return a module that computes exactly what ``model`` computes, with the plan's memory use.
 
     The result shares the model's submodules, parameters and buffers; train it with your own loop
-    (``loss = crit(m(x), y); loss.backward(); opt.step()``).  ``graph``: a capture of the model at
+    (``loss = crit(m(x), y); loss.backward(); opt.step()``; a plan with ``training.amp`` is priced for
+    that step's forward and loss under ``torch.autocast`` in its dtype).  ``graph``: a capture of the model at
     the plan's input shape, if you already have one.  Raises PlanError / RowSegmentError with a
     message naming the node when the plan does not fit the model.
     """
@@ -420,6 +422,7 @@ def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
         raise TypeError("apply_plan needs a planner.Plan (use Plan.load(path) for a JSON file)")
     gm = trace(model)
     if graph is None:
-        graph = capture(model, plan.input_shape, _dtype(plan.dtype), model_name=plan.model, gm=gm)
+        graph = capture(model, plan.input_shape, _dtype(plan.dtype), model_name=plan.model, gm=gm,
+                        amp=plan.training.get("amp"))
     plan.validate(graph)
     return PlannedModule(model, plan, graph, gm)

@@ -35,7 +35,7 @@ import torch.nn as nn
 from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
                              max_strips, propagate_heights, segment_ancestors, strip_schedule)
 from . import memory
-from .state import StateSlots, amp_replay, amp_state
+from .state import StateSlots, amp_replay, amp_state, no_cast_cache
 from .strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
 
 BN_STRATEGIES = ("sweeps", "layerwise")
@@ -91,7 +91,8 @@ class RowSegment:
                                   f"{', '.join(BN_STRATEGIES)}")
         self.row_bytes = {n: graph[n].out_bytes // max(1, graph[n].height) for n in names}  # at the plan's shape
         first = graph[names[0]]
-        self.itemsize = first.out_bytes // max(1, math.prod(first.shape))
+        # bytes of one BN statistic: float32 at least (half-precision maps keep float32 statistics)
+        self.itemsize = max(4, first.out_bytes // max(1, math.prod(first.shape)))
         # what the last step's training-mode BN handling did (see bn_cost for the prediction)
         self.bn_sweeps: Dict[str, int] = {"forward": 0, "backward": 0}
         self.bn_rows: Dict[str, Dict[str, int]] = {"forward": {}, "backward": {}}
@@ -653,7 +654,8 @@ AMP_ROWS_NOTE = ("lrcnn: row strips under autocast run every op in the forward's
 class _RowFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seg: RowSegment, x: torch.Tensor, *params):
-        y, carries, bn = seg.forward(x)
+        with no_cast_cache():  # (the strips keep no autocast weight copies for later)
+            y, carries, bn = seg.forward(x)
         ctx.amp = amp_state()  # the backward's strip recompute runs each op in the forward's dtype
         ctx.seg = seg
         ctx.carries = carries

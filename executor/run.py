@@ -52,7 +52,8 @@ from planner.cli import write_csv_atomic
 from planner.files import atomic_write, check_output_path
 
 from . import memory
-from .measure import DEFAULT_LR, OPTIMIZERS, make_optimizer as _make_optimizer, opt_state, train_step
+from .measure import (DEFAULT_LR, OPTIMIZERS, autocast, grad_scaler, make_optimizer as _make_optimizer, opt_state,
+                      train_step)
 
 PHASES = ("forward", "backward", "optimizer")
 #: norm-wise relative tolerance of --check-grads per dtype.  float32: 1e-4, not 1e-5: plain float32
@@ -64,7 +65,7 @@ COLUMNS = [
     "run_id", "rank", "world_size", "step", "tracked", "scope", "name", "phase", "segment", "mode", "order",
     "predicted_peak_bytes", "actual_peak_bytes", "actual_live_bytes", "predicted_s", "actual_s", "loss",
     "device", "device_name", "torch_version", "cudnn_version", "cudnn_benchmark", "cudnn_deterministic",
-    "mem_method", "plan_path", "plan_fingerprint", "model", "batch", "resolution", "dtype", "optimizer",
+    "mem_method", "plan_path", "plan_fingerprint", "model", "batch", "resolution", "dtype", "amp", "optimizer",
     "lr", "budget_bytes", "data", "started",
 ]
 
@@ -295,13 +296,15 @@ class StepMeasure:
         return peak, self.entries[j][3] - t0
 
 
-def measure_memory_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float, str]:
+def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
+                        scaler=None) -> Tuple[StepMeasure, float, str]:
     """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
-    state and batch included).  Returns (timeline, loss, method)."""
+    state and batch included).  ``amp``, ``scaler``: see :func:`executor.measure.train_step`.
+    Returns (timeline, loss, method)."""
     state = opt_state(opt)
     loss = []
     t0 = time.perf_counter()
-    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y)), device=device,
+    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler)), device=device,
                               track_existing=[model, state, x, y])
     wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
     b = rep.baseline_bytes
@@ -312,10 +315,11 @@ def measure_memory_step(model, opt, x, y, device: torch.device) -> Tuple[StepMea
     return StepMeasure(entries, float(b)), float(loss[0]), rep.method
 
 
-def measure_time_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasure, float]:
+def measure_time_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
+                      scaler=None) -> Tuple[StepMeasure, float]:
     clock = _Clock(device)
     with clock:
-        loss = train_step(model, opt, x, y)
+        loss = train_step(model, opt, x, y, amp, scaler)
     secs = clock.seconds()
     entries = [(lab, math.nan, math.nan, t) for (lab, _, _), t in zip(clock.timeline, secs)]
     return StepMeasure(entries), float(loss)
@@ -325,14 +329,19 @@ def measure_time_step(model, opt, x, y, device: torch.device) -> Tuple[StepMeasu
 # --check-grads
 # ------------------------------------------------------------------------------------------------
 
-def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str) -> Tuple[bool, str]:
+def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
+                amp: Optional[str] = None) -> Tuple[bool, str]:
     """One forward+backward of the plain model and the planned one on the same input: loss and
-    every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype."""
-    tol = GRAD_TOL[dtype]
+    every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype (with
+    ``amp``: both under autocast, within the tolerance of its half-precision dtype)."""
+    from models.capture import compute_dtype
+
+    tol = GRAD_TOL[compute_dtype(dtype, amp)]
     results = []
     for m in (plain, planned):
         m.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(m(x), y)
+        with autocast(x.device.type, amp):
+            loss = F.cross_entropy(m(x), y)
         loss.backward()
         grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in m.named_parameters()}
         m.zero_grad(set_to_none=True)
@@ -354,7 +363,7 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str) -> Tuple
             worst = (name, r)
     ok = worst[1] <= tol
     return ok, (f"worst norm-wise relative difference {worst[1]:.3g} at {worst[0]!r} "
-                f"(tolerance {tol:g} for {dtype})")
+                f"(tolerance {tol:g} for {dtype}{' under autocast ' + amp if amp else ''})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,11 +438,26 @@ def _rows_for_step(step: int, tracked: bool, meas: StepMeasure, loss: float, pla
     return rows
 
 
+def plan_precision(plan, amp: Optional[str] = None) -> Optional[str]:
+    """The plan's mixed precision (``training.amp``); RunError when ``amp`` (``--amp``) asks for
+    another one."""
+    plan_amp = plan.training.get("amp")
+    if amp is not None and amp != plan_amp:
+        raise RunError(f"--amp {amp}: the plan was solved {'for --amp ' + plan_amp if plan_amp else 'without --amp'}, "
+                       f"and its memory prediction holds only for that precision; solve again with --amp {amp}")
+    return plan_amp
+
+
 def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "auto",
              data: str = "synthetic", lr: Optional[float] = None, check: bool = False,
              out: Optional[str] = None, seed: int = 0, progress: bool = True,
-             dist_info=None) -> RunResult:
+             dist_info=None, amp: Optional[str] = None) -> RunResult:
     """Run a plan for real and return its records (see the module docstring).
+
+    Mixed precision is the plan's (``training.amp``, set by ``planner solve --amp``): forward and
+    loss under ``torch.autocast`` in that dtype, float16 with a ``torch.amp.GradScaler``.
+    ``amp`` (``--amp``) states the precision expected: a plan solved for another one is refused,
+    since its memory prediction holds only for the precision it was priced at.
 
     ``dist_info``: this process's :class:`executor.distributed.DistInfo` when it is one rank of a
     distributed run (the process group already initialised, see :func:`run_command`): the planned
@@ -457,6 +481,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     _check_out(out)
     dev = D.rank_device(resolve_device(device), info)
     plan = Plan.load(plan_path)
+    plan_amp = plan_precision(plan, amp)
     planned_world = plan.training.get("world_size")
     if planned_world is not None and planned_world != info.world_size and info.is_main:
         print(f"planner: warning: the plan was made for {planned_world} process(es), this run has "
@@ -476,6 +501,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     plain = copy.deepcopy(model) if check else None
     planned = apply_plan(model, plan, graph)
     opt, opt_name, lr = make_optimizer(plan, planned.parameters(), lr)
+    scaler = grad_scaler(dev.type, plan_amp)  # float16 only: loss scaling against underflow
     failures: List[str] = []
     trained = D.wrap(planned, dev, info)  # DDP with default settings, or planned itself
 
@@ -483,7 +509,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
         x, y = next(batches)
         x, y = x.to(dev), y.to(dev)
         saved = copy.deepcopy(planned.state_dict())  # the check must not move BN running stats
-        ok, msg = check_grads(plain, planned, x, y, plan.dtype)
+        ok, msg = check_grads(plain, planned, x, y, plan.dtype, plan_amp)
         planned.load_state_dict(saved)
         del plain, saved
         if info.enabled and not all(D.all_gather(ok, info)):  # every rank stops, or none does
@@ -499,7 +525,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
         run_id = f"{run_id}-r{info.rank}"
     base = dict(run_id=run_id, rank=info.rank, world_size=info.world_size, plan_path=os.path.abspath(plan_path),
                 plan_fingerprint=plan.fingerprint, model=plan.model, batch=n, resolution=f"{h}x{w}",
-                dtype=plan.dtype, optimizer=opt_name, lr=lr, budget_bytes=_num(plan.budget_bytes),
+                dtype=plan.dtype, amp=plan_amp or "", optimizer=opt_name, lr=lr, budget_bytes=_num(plan.budget_bytes),
                 data=data_label, started=D.broadcast(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), info),
                 mem_method="cuda" if dev.type == "cuda" else "storage", **device_info(dev))
     rows: List[Dict[str, Any]] = []
@@ -508,15 +534,15 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     try:
         for _ in range(warmup):
             x, y = next(batches)
-            train_step(trained, opt, x.to(dev), y.to(dev))
+            train_step(trained, opt, x.to(dev), y.to(dev), plan_amp, scaler)
             bar.update(1)
         for s in range(1, steps + 1):
             x, y = next(batches)
             x, y = x.to(dev), y.to(dev)
             if s == 1:
-                meas, loss, _ = measure_memory_step(trained, opt, x, y, dev)
+                meas, loss, _ = measure_memory_step(trained, opt, x, y, dev, plan_amp, scaler)
             else:
-                meas, loss = measure_time_step(trained, opt, x, y, dev)
+                meas, loss = measure_time_step(trained, opt, x, y, dev, plan_amp, scaler)
             rows += _rows_for_step(s, s == 1, meas, loss, plan, pred, base)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
@@ -582,7 +608,8 @@ def summarize(df) -> str:
     if multi:
         steps = steps[steps["rank"] == first["rank"]]
     losses = steps["loss"]
-    info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']} on {first['device']} "
+    amp = first.get("amp")  # (absent in older records; NaN when read back from CSV)
+    info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']}{' + autocast ' + amp if isinstance(amp, str) and amp else ''} on {first['device']} "
             f"({first['device_name']}, torch {first['torch_version']}), {first['optimizer']} lr {first['lr']:g}, "
             f"{losses.size} step(s), loss {losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}")
     if multi:
@@ -604,7 +631,7 @@ def run_command(args) -> int:
     try:
         res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
                        lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,
-                       progress=not args.quiet, dist_info=info)
+                       progress=not args.quiet, dist_info=info, amp=getattr(args, "amp", None))
     finally:
         D.shutdown(info)
     if res.records is not None and info.is_main:
@@ -628,6 +655,8 @@ def launch_argv(args) -> List[str]:
     if args.out is not None:
         argv += ["--out", args.out]
     argv += ["--check-grads"] * bool(args.check_grads) + ["--quiet"] * bool(args.quiet)
+    if getattr(args, "amp", None):
+        argv += ["--amp", args.amp]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
             "-m", "executor.run", *argv]
 
@@ -646,7 +675,7 @@ def launch(args) -> int:
     if dev.type == "cuda" and args.nproc > torch.cuda.device_count():
         raise RunError(f"--nproc {args.nproc}: only {torch.cuda.device_count()} CUDA GPU(s); one process per GPU")
     _check_out(args.out)
-    Plan.load(args.plan)
+    plan_precision(Plan.load(args.plan), getattr(args, "amp", None))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

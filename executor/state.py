@@ -93,6 +93,20 @@ def amp_state() -> tuple:
 
 
 @contextlib.contextmanager
+def no_cast_cache():
+    """Run the block without autocast's cast cache.  Autocast keeps the half-precision copy of
+    every parameter it casts until the outermost autocast region ends; a segment that keeps no
+    activations (checkpoint, row strips) would otherwise keep those copies through the rest of
+    the forward.  The casts are the same with or without the cache (only reused or not)."""
+    cached = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(cached)
+
+
+@contextlib.contextmanager
 def amp_replay(state: tuple):
     """Run the block under the autocast settings :func:`amp_state` recorded."""
     with contextlib.ExitStack() as stack:

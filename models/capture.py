@@ -69,6 +69,9 @@ class Node:
     # place, the two are different tensors (a ReLU's output and the next op's input band)
     also_saves: List[str] = field(default_factory=list)
     extra_saved: int = 0
+    # the part of ``extra_saved`` that is the size of a parameter, not of the map (autocast's
+    # half-precision copy of a weight): a row strip saves it whole, not a share of it
+    extra_fixed: int = 0
     fwd_work: int = 0
     bwd_peak: int = 0
     bwd_net: int = 0
@@ -86,6 +89,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+#: mixed precision as users run it: ``torch.autocast`` with these half-precision dtypes over
+#: float32 parameters (``--amp``)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: Optional[str], dtype: torch.dtype = torch.float32) -> Optional[torch.dtype]:
+    """The autocast dtype of ``amp`` (``None`` for none); ``ValueError`` unless ``amp`` is one of
+    :data:`AMP_DTYPES` over float32 parameters."""
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}")
+    if dtype != torch.float32:
+        raise ValueError(f"--amp {amp} runs float32 parameters under autocast: use --dtype float32, "
+                         f"not {_dtype_name(dtype)}")
+    return AMP_DTYPES[amp]
+
+
+def compute_dtype(dtype: str, amp: Optional[str]) -> str:
+    """The dtype name convolutions run in: ``dtype``, or under autocast ``amp``'s half one."""
+    return _dtype_name(AMP_DTYPES[amp]) if amp else dtype
+
+
 @dataclass
 class LayerGraph:
     """Captured layer graph of a model at one input shape."""
@@ -95,6 +121,7 @@ class LayerGraph:
     dtype: str
     model_name: str = ""
     training: bool = True
+    amp: Optional[str] = None  # captured under autocast (a key of AMP_DTYPES): half-precision activations
     by_name: Dict[str, Node] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -196,7 +223,8 @@ class LayerGraph:
     def fingerprint(self) -> str:
         """Hash of the graph structure, shapes and dtype (not of the weights)."""
         canon = [(n.name, n.op, n.target, n.inputs, list(n.shape)) for n in self.nodes]
-        blob = json.dumps([list(self.input_shape), self.dtype, canon], sort_keys=True)
+        dtype = self.dtype + (f"+amp:{self.amp}" if self.amp else "")
+        blob = json.dumps([list(self.input_shape), dtype, canon], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dataframe(self):
@@ -353,13 +381,15 @@ class _Runner(nn.Module):
 
 
 def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor], input_shape, dtype,
-                    param_keys: set) -> Dict[str, dict]:
+                    param_keys: set, autocast: Optional[torch.dtype] = None) -> Dict[str, dict]:
     """Per-node memory events of one plain training step (forward, loss, backward), simulated.
 
     Runs the traced graph under ``fake_mode`` with storage accounting (the same tracker the
     executor's measurements use): marks before and after every node in forward, and a pre-hook
     on each node's gradient function in backward, so each node's allocations are attributed to it.
-    The input batch does not require grad (as in training).  Returns the Node profile fields.
+    The input batch does not require grad (as in training).  With ``autocast`` the forward and
+    the loss run under CPU autocast in that dtype, the backward after it (as users write it).
+    Returns the Node profile fields.
     """
     from torch.func import functional_call
 
@@ -385,7 +415,7 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
 
     def rec(name):
         return prof.setdefault(name, {"alias": False, "saves": [], "also_saves": [], "extra_saved": 0,
-                                      "fwd_work": 0, "bwd_peak": 0, "bwd_net": 0})
+                                      "extra_fixed": 0, "fwd_work": 0, "bwd_peak": 0, "bwd_net": 0})
 
     def pack(t):
         key = _storage_key(t)
@@ -402,6 +432,8 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
         prod = producer_of(t)
         if prod is None:
             r["extra_saved"] += t.untyped_storage().nbytes()
+            if autocast is not None and tuple(t.shape) in current["param_shapes"]:
+                r["extra_fixed"] += t.untyped_storage().nbytes()  # a cast copy of a parameter
         elif prod != "__input__" and prod not in r["saves"]:
             r["saves"].append(prod)
         return t
@@ -414,6 +446,8 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     class _Interp(fx.Interpreter):
         def run_node(self, n):
             current["node"] = n.name
+            current["param_shapes"] = ({tuple(p.shape) for p in gm.get_submodule(n.target).parameters()}
+                                       if n.op == "call_module" else set())
             ins = {_storage_key(a) for a in tree_flatten([self.env.get(u) for u in n.all_input_nodes])[0]
                    if isinstance(a, torch.Tensor)}
             tracker.mark(("pre", n.name))
@@ -432,17 +466,20 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
             return out
 
     runner = _Runner(gm, _Interp)
+    device = "meta" if autocast is None else "cpu"
     with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
-        x = torch.empty(input_shape, dtype=dtype, device="meta")
+        x = torch.empty(input_shape, dtype=dtype, device=device)
         set_producer(x, "__input__")
-        out = functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                current["node"] = "output"
+                if out.dim() == 2:
+                    y = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
+                    loss = nn.functional.cross_entropy(out, y)
+                else:
+                    loss = out.sum()
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            current["node"] = "output"
-            if out.dim() == 2:
-                y = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
-                loss = nn.functional.cross_entropy(out, y)
-            else:
-                loss = out.sum()
             tracker.mark(("bwd", "output"))
             loss.backward()
             tracker.mark(("end", ""))
@@ -461,29 +498,41 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
 
 
 def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-            model_name: str = "", gm: Optional[fx.GraphModule] = None) -> LayerGraph:
+            model_name: str = "", gm: Optional[fx.GraphModule] = None, amp: Optional[str] = None) -> LayerGraph:
     """Capture ``model`` at ``input_shape`` (N, C, H, W) into a :class:`LayerGraph`.
 
     No real memory is allocated for activations: the traced graph runs once under
     ``FakeTensorMode`` with autograd enabled.  The model's train/eval mode is respected (it
     decides, for instance, what BatchNorm saves).  ``model`` may live on the meta device.
+    ``amp`` (``"bf16"`` or ``"fp16"``, float32 ``dtype``): capture mixed precision as it runs, the
+    forward under ``torch.autocast`` in that dtype, so every node's output and saved bytes are
+    those autocast gives (convolutions and linear layers in half precision, what follows them in
+    their output's dtype, losses in float32).  Fake tensors then live on the CPU device, whose
+    autocast rules are the ones applied; for the convolution, linear, norm, pooling and pointwise
+    ops of a CNN, CUDA's autocast casts the same ops to the same dtypes.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4 or any(s < 1 for s in input_shape):
         raise CaptureError(f"input shape {input_shape} must be (N, C, H, W) with positive sizes")
+    autocast = amp_dtype(amp, dtype)
     gm = gm if gm is not None else trace(model)
     modules = dict(gm.named_modules())
     esize = torch.empty((), dtype=dtype, device="meta").element_size()
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    device = "meta" if autocast is None else "cpu"  # (autocast applies to CPU tensors, fake or not)
     state = {}
     for k, v in list(gm.named_parameters()) + list(gm.named_buffers()):
         mv = v.detach().to("meta")
         if mv.is_floating_point():
             mv = mv.to(dtype)
-        fv = fake_mode.from_tensor(mv)
+        if autocast is None:
+            fv = fake_mode.from_tensor(mv)
+        else:
+            with fake_mode:
+                fv = torch.empty_strided(mv.shape, mv.stride(), dtype=mv.dtype, device=device)
         if isinstance(v, nn.Parameter):
             fv.requires_grad_(v.requires_grad)
         state[k] = fv
@@ -531,11 +580,12 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     for m in cumulative:
         m.momentum = 0.0
     try:
-        with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x = torch.empty(input_shape, dtype=dtype, device="meta").requires_grad_(True)
+        with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            x = torch.empty(input_shape, dtype=dtype, device=device).requires_grad_(True)
             input_key.add(_storage_key(x))
             functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
-        profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys)
+        profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = current["node"]
@@ -605,7 +655,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         nodes_by[node.name] = node
 
     graph = LayerGraph(nodes, input_shape, _dtype_name(dtype), model_name or type(model).__name__,
-                       training=model.training)
+                       training=model.training, amp=amp)
     rg = graph.row_graph()
     cs = cumulative_strides(rg)
     rf = receptive_fields(rg)

@@ -29,7 +29,7 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 
 from planner.files import check_output_path
-from planner.plan import BN_MODES, DTYPES  # one list of each, shared with the plan format
+from planner.plan import AMP_DTYPES, BN_MODES, DTYPES  # one list of each, shared with the plan format
 DEFAULT_BATCH = 32
 
 _RES_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
@@ -144,6 +144,13 @@ def quiet_torch_logs() -> Iterator[None]:
 # Model + capture, shared by every verb that works on a model
 # ------------------------------------------------------------------------------------------------
 
+def add_amp_arg(p: argparse.ArgumentParser) -> None:
+    """``--amp bf16|fp16``: mixed precision as ``torch.autocast`` runs it."""
+    p.add_argument("--amp", choices=AMP_DTYPES, default=None,
+                   help="mixed precision: activations in bf16 or fp16 as torch.autocast makes them, float32 "
+                        "parameters, gradients and optimizer state (needs --dtype float32; default: none)")
+
+
 def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATCH) -> None:
     """The options that say which model to capture, at which shape (shared by later verbs)."""
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'planner models')")
@@ -154,6 +161,7 @@ def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATC
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="data type (default float32)")
     p.add_argument("--bn", choices=BN_MODES, default="train",
                    help="BatchNorm mode during capture: train (batch statistics) or eval (default train)")
+    add_amp_arg(p)
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="local state dict to load (torch.save(model.state_dict(), PATH)); "
                         "without it the model is built on the meta device (no memory)")
@@ -163,8 +171,8 @@ def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATC
 
 def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int]] = None,
                       dtype: str = "float32", bn: str = "train", weights: Optional[str] = None,
-                      num_classes: Optional[int] = None, real: bool = False):
-    """Build a zoo model and capture it.  Returns ``(model, graph)``.
+                      num_classes: Optional[int] = None, real: bool = False, amp: Optional[str] = None):
+    """Build a zoo model and capture it (under autocast with ``amp``).  Returns ``(model, graph)``.
 
     The model lives on the meta device unless ``weights`` is given or ``real`` (then on the CPU
     in ``dtype``, random weights unless ``weights``).  The model is in training mode with
@@ -183,8 +191,13 @@ def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int
         resolution = (r, r)
     h, w = resolution
     with quiet_torch_logs():
-        graph = capture(model, (batch, 3, h, w), tdtype, model_name=name)
+        graph = capture(model, (batch, 3, h, w), tdtype, model_name=name, amp=amp)
     return model, graph
+
+
+def precision(dtype: str, amp: Optional[str]) -> str:
+    """``float32``, or ``float32 + autocast bf16`` for a mixed-precision graph or plan."""
+    return f"{dtype} + autocast {amp}" if amp else dtype
 
 
 def _shape(s) -> str:
@@ -267,7 +280,7 @@ def inspect_frame(graph):
 def cmd_inspect(args) -> int:
     """``planner inspect``: aligned per-layer table and totals, optional CSV."""
     model, graph = build_and_capture(args.model, args.batch, args.resolution, args.dtype, args.bn,
-                                     args.weights, args.num_classes)
+                                     args.weights, args.num_classes, amp=args.amp)
     df = inspect_frame(graph)
     if args.csv:
         write_csv_atomic(df, args.csv)
@@ -280,7 +293,7 @@ def cmd_inspect(args) -> int:
     nparams = sum(p.numel() for p in model.parameters())
     saved = graph.total_saved_bytes
     inp = graph.input_node.out_bytes
-    print(f"{args.model}: input {_shape(graph.input_shape)} {graph.dtype}, BatchNorm {args.bn} mode, "
+    print(f"{args.model}: input {_shape(graph.input_shape)} {precision(graph.dtype, graph.amp)}, BatchNorm {args.bn} mode, "
           f"{len(rows)} layers")
     print()
     print(format_table(INSPECT_COLUMNS, rows, "llllrrrrrrl"))
@@ -326,7 +339,8 @@ def plan_model(plan, real: bool = False, num_classes: Optional[int] = None):
         raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
                         f"re-create the plan for this model")
     model, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, plan.training.get("bn", "train"),
-                                     None, num_classes or plan.training.get("num_classes"), real=real)
+                                     None, num_classes or plan.training.get("num_classes"), real=real,
+                                     amp=plan.training.get("amp"))
     plan.validate(graph)
     return model, graph
 
@@ -341,7 +355,7 @@ def cmd_check_plan(args) -> int:
     for s in plan.segments:
         modes[s.mode] = modes.get(s.mode, 0) + 1
     seg = ", ".join(f"{k} {v}" for k, v in sorted(modes.items())) or "none"
-    print(f"OK: {args.plan}: {plan.schema} plan for {plan.model} at {_shape(graph.input_shape)} {graph.dtype}, "
+    print(f"OK: {args.plan}: {plan.schema} plan for {plan.model} at {_shape(graph.input_shape)} {precision(graph.dtype, graph.amp)}, "
           f"fingerprint {plan.fingerprint} matches; {len(plan.segments)} segment(s) ({seg})")
     return EXIT_OK
 
@@ -457,6 +471,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "1e-3 for adam/adamw)")
     p.add_argument("--check-grads", action="store_true",
                    help="first compare one step's loss and gradients with the plain model (exit 1 on mismatch)")
+    p.add_argument("--amp", choices=AMP_DTYPES, default=None,
+                   help="mixed precision to run; the plan's own (planner solve --amp) is used either way, "
+                        "and a plan solved for another precision is refused (default: the plan's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--out", default=None, metavar="RECORDS.parquet",
                    help="write the records (.parquet, or .csv by the name's extension)")
@@ -551,6 +568,7 @@ def _add_solve(sub) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
                    help="optimizer whose state is budgeted (default momentum)")
     p.add_argument("--bn", choices=BN_MODES, default="train", help="BatchNorm mode (default train)")
+    add_amp_arg(p)
     p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                    help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
     p.add_argument("--device-profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
@@ -594,7 +612,8 @@ def _check_profile(profile: str) -> None:
 def _solver_for(args, batch: int):
     from planner.solve import Solver
 
-    _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes)
+    _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes,
+                                 amp=args.amp)
     return Solver(graph, args.model, policy=args.policy, bn=args.bn, strips=args.strips,
                   optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver,
                   compiled=getattr(args, "compiled", False))
@@ -754,7 +773,7 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     unit_last = {b: i for i, (_, b) in enumerate(units)}
     pred, info = plan.predicted, plan.solver
     budget = plan.budget_bytes
-    lines = [f"{plan.model}: input {_shape(plan.input_shape)} {plan.dtype}, optimizer {plan.training.get('optimizer')}, "
+    lines = [f"{plan.model}: input {_shape(plan.input_shape)} {precision(plan.dtype, plan.training.get('amp'))}, optimizer {plan.training.get('optimizer')}, "
              f"BatchNorm {plan.training.get('bn')}, device profile {info.get('device_profile')}, policy {info.get('policy')}"
              + (", priced for torch.compile (compile_plan)" if info.get("compiled") else "")]
     if note:

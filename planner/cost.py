@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from models import ops as _ops
+from models.capture import compute_dtype
 from models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
                              segment_ancestors, strip_schedule)
 from .plan import Plan, PlanError, Segment
@@ -60,6 +61,11 @@ __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostMode
            "CostError"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
+# A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
+# BatchNorm does, but on whole bands (executor.rows.bn_normalise, _BNStrip.backward): float32
+# temporaries beyond the captured BN's, in bands of its output (an element 2 bytes, float32 4):
+BN_HALF_FWD = 2   # the normalised band before it is rounded
+BN_HALF_BWD = 2   # xhat and the input gradient in float32, with a float32 product: 3 bands beyond the captured gradient
 
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
@@ -176,12 +182,13 @@ class SegmentCost:
 class _StripNode:
     """A tensor of one strip, as :meth:`CostModel._walk` reads a node (see ``_strip_graph``)."""
 
-    __slots__ = ("name", "inputs", "saves", "extra_saved", "fwd_work", "alias")
+    __slots__ = ("name", "inputs", "saves", "extra_saved", "extra_fixed", "fwd_work", "alias")
 
     def __init__(self, name: str, inputs: List[str], saves: Sequence[str] = (), extra_saved: int = 0,
-                 fwd_work: int = 0):
+                 fwd_work: int = 0, extra_fixed: int = 0):
         self.name, self.inputs, self.saves = name, inputs, list(saves)
         self.extra_saved, self.fwd_work, self.alias = extra_saved, fwd_work, False
+        self.extra_fixed = extra_fixed
 
 
 class CostModel:
@@ -207,6 +214,8 @@ class CostModel:
         self._consumers = graph.consumers()
         nodes = graph.nodes
         self._esize = max(1, nodes[0].out_bytes // max(1, math.prod(nodes[0].shape)))
+        # the dtype convolutions run in: the graph's, or under autocast (graph.amp) the half one
+        self._compute_dtype = compute_dtype(graph.dtype, graph.amp)
         # storage owner of every node (in-place/view results share their input's storage)
         self._owner: Dict[str, str] = {}
         for n in nodes:
@@ -324,12 +333,17 @@ class CostModel:
             f = scale.get(n.name, 1.0)
             o = owner[n.name]
             new = self._out(n, f) if sizes is None else sizes[n.name]
-            peak = max(peak, live + new + self._round(n.fwd_work * f))
+            # what the op keeps besides its output (BN statistics, pooling indices, autocast's
+            # half-precision weight copy) exists as it returns, saved (store) or not
+            # (a parameter's cast copy is whole in every strip: extra_fixed is not scaled)
+            fixed = n.extra_fixed
+            extra = self._round((n.extra_saved - fixed) * f) + self._round(fixed)
+            peak = max(peak, live + new + extra + self._round(n.fwd_work * f))
             if new:
                 size[o] = size.get(o, 0) + new
                 live += new
-            if store and n.extra_saved:
-                live += self._round(n.extra_saved * f)
+            if store:
+                live += extra
             if not keep_output and i == len(nodes) - 1:
                 last_use[owner[last]] = i  # freed at once unless saved
             for key in {owner.get(u, u) for u in n.inputs} | {o}:
@@ -436,9 +450,9 @@ class CostModel:
         fit = self._fit(_ops.time_class(n.op, n.groups, stats), backward, warm)
         if fit:
             work = flops if n.op in ("conv2d", "linear") else \
-                n.out_bytes / max(1, self._esize) * f * (2 if backward else 1)
+                math.prod(n.shape) * f * (2 if backward else 1)
             return fit[0] + fit[1] * work + fit[2] * moved
-        t = max(flops / (p.flops_for(self.graph.dtype) * p.efficiency), moved / p.bandwidth)
+        t = max(flops / (p.flops_for(self._compute_dtype) * p.efficiency), moved / p.bandwidth)
         return t + p.launch_s * (2 if backward else 1)
 
     def _fit(self, cls: str, backward: bool, warm: bool = False) -> Optional[List[float]]:
@@ -715,7 +729,7 @@ class CostModel:
             # scalar token): its backward holds xhat next to the input gradient (one band of the
             # rows it computes; the constant part of the rows it owns is made in place on xhat),
             # where the captured BN backward makes the input gradient only
-            bnx = {b: sizes[b] for b in bns}
+            bnx = {b: sizes[b] * (1 + BN_HALF_BWD * self._half_bn(by[b])) for b in bns}
             # (only the last sweep makes the gradient of the strip's input band)
             part_gx = self._partial_reads(g, nodes, by, strip, sizes, source if need_gx else None)
             part = {n: [e for e in v if e[0] != source] for n, v in part_gx.items()}
@@ -776,7 +790,8 @@ class CostModel:
                 stat_s += sum(self._time(by[n], sched.computed_rows(n) / max(1, by[n].height))
                               for n in names if n in active)
             bn_s = stat_s + levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
-            bn_state = sum(4 * self._round(by[b].shape[1] * self._esize) for b in bns)
+            # (statistics in float32 at least, as executor.rows keeps them for half-precision maps)
+            bn_state = sum(4 * self._round(by[b].shape[1] * max(4, self._esize)) for b in bns)
         grads = self._grads(nodes)
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
@@ -788,6 +803,12 @@ class CostModel:
                            detail={"strips": sched.strips, "carries": carries_total, "bn_levels": levels,
                                    "bn_extra_s": bn_s, "bn_stat_s": stat_s, "out_full": out_full,
                                    "bn_state": bn_state, "strip_bwd": strip_bwd})
+
+    @staticmethod
+    def _half_bn(n) -> int:
+        """1 for a node whose output is half precision (2 bytes an element; under autocast), else 0:
+        executor.rows normalises and differentiates such a BatchNorm's rows in float32."""
+        return int(n.out_bytes == 2 * math.prod(n.shape)) if n.batch_stats else 0
 
     def _strip_key(self, nodes, by, sched, i: int) -> tuple:
         """Every row position strip ``i``'s costs depend on, relative to the strip itself: per
@@ -924,7 +945,9 @@ class CostModel:
                 extra = 0
             if name in keep:
                 saves.append(name)
-            out.append(_StripNode(name, ins, saves, extra, n.fwd_work))
+            # a half-precision map's BN normalises its rows in float32 (one float32 temporary)
+            work = n.fwd_work + (n.out_bytes * BN_HALF_FWD * self._half_bn(n) if n.batch_stats else 0)
+            out.append(_StripNode(name, ins, saves, extra, work, n.extra_fixed if extra else 0))
             sizes[name] = self._round(row * r.computed) if r.computed else 0
             c0, c1 = r.carried
             if c1 > c0 and r.computed:  # 2PS: carried rows concatenated with the new ones

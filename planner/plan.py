@@ -16,7 +16,10 @@ of nodes between two cut points (places where one tensor alone crosses) with a m
                  strip pass per BN level) or ``"layerwise"`` (one full-map pass); see
                  ``executor.rows.RowSegment.bn_cost`` for what each costs.
 
-Nodes not covered by any segment run as ``store``.  Hand-written plans are made with
+Nodes not covered by any segment run as ``store``.  ``training`` says how the step runs:
+``optimizer``, ``bn`` (BatchNorm mode), ``num_classes``, ``world_size`` and ``amp`` (``"bf16"`` or
+``"fp16"``: captured, priced and run under ``torch.autocast`` in that dtype over float32
+parameters; absent: no autocast).  Hand-written plans are made with
 :meth:`Plan.build`::
 
     plan = Plan.build(graph, [
@@ -34,6 +37,7 @@ SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BN_MODES = ("train", "eval")
+AMP_DTYPES = ("bf16", "fp16")  # training.amp: autocast dtypes (models.capture.AMP_DTYPES, tested equal)
 POLICIES = ("2ps", "overl")
 BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
 
@@ -140,6 +144,8 @@ class Plan:
             segs.append(Segment(first, last, s.mode, s.policy, s.strips,
                                 list(s.bounds) if s.bounds else None, list(s.recompute), dict(s.options)))
         train = dict(training or {"optimizer": "sgd", "bn": "train" if graph.training else "eval"})
+        if getattr(graph, "amp", None):
+            train["amp"] = graph.amp  # mixed precision the graph was captured (and priced) under
         out_shape = graph.output_node.shape
         if len(out_shape) == 2:  # classifier: the model is rebuilt with this many classes
             train.setdefault("num_classes", int(out_shape[-1]))
@@ -157,6 +163,11 @@ class Plan:
         if list(graph.input_shape) != list(self.input_shape) or graph.dtype != self.dtype:
             raise PlanError(f"plan is for input {tuple(self.input_shape)} {self.dtype}, the model was captured at "
                             f"{tuple(graph.input_shape)} {graph.dtype}")
+        amp, captured = self.training.get("amp"), getattr(graph, "amp", None)
+        if amp != captured:
+            raise PlanError(f"plan is for {'--amp ' + amp if amp else 'no autocast'}, the model was captured "
+                            f"{'under --amp ' + captured if captured else 'without autocast'}: capture and "
+                            f"apply it with the plan's amp (apply_plan does), or solve again")
         fp = graph.fingerprint()
         if fp != self.fingerprint:
             raise PlanError(f"plan fingerprint {self.fingerprint} does not match the model's graph ({fp}): "
@@ -247,6 +258,11 @@ class Plan:
         nc = training.get("num_classes")
         if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
             raise PlanError(f"plan training.num_classes {nc!r} must be a positive integer")
+        amp = training.get("amp")
+        if amp is not None and amp not in AMP_DTYPES:
+            raise PlanError(f"plan training.amp {amp!r} is not one of {', '.join(AMP_DTYPES)} (or absent: no autocast)")
+        if amp is not None and dtype != "float32":
+            raise PlanError(f"plan training.amp {amp!r} needs float32 parameters, the plan's dtype is {dtype}")
         ws = training.get("world_size")  # DDP processes the plan was made for; input_shape[0] is per rank
         if ws is not None and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 1):
             raise PlanError(f"plan training.world_size {ws!r} must be a positive integer (the number of "

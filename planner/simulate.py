@@ -32,7 +32,8 @@ def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -
     pred = cm.predict(plan)
     planned = apply_plan(model, plan, graph)
     t0 = time.perf_counter()
-    rep = train_step_memory(planned, plan.input_shape, optimizer, fake=True, dtype=getattr(torch, plan.dtype))
+    rep = train_step_memory(planned, plan.input_shape, optimizer, fake=True, dtype=getattr(torch, plan.dtype),
+                            amp=plan.training.get("amp"))
     sim_s = time.perf_counter() - t0
     sim = rep.absolute_phase_peaks()
     rows = []
@@ -41,6 +42,6 @@ def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -
     rows.append(("peak", pred["peak_bytes"], rep.absolute_peak))
     df = pd.DataFrame(rows, columns=["phase", "predicted_bytes", "simulated_bytes"])
     df["error_pct"] = (df.predicted_bytes - df.simulated_bytes) / df.simulated_bytes * 100
-    info = {"model": plan.model, "shape": "x".join(map(str, plan.input_shape)), "dtype": plan.dtype,
+    info = {"model": plan.model, "shape": "x".join(map(str, plan.input_shape)), "dtype": plan.dtype + (f" + autocast {plan.training['amp']}" if plan.training.get("amp") else ""),
             "optimizer": optimizer, "profile": cm.profile.name, "sim_s": sim_s}
     return df, info

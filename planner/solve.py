@@ -52,8 +52,10 @@ def _check_options(policy, bn, strips, dtype, optimizer, solver) -> None:
 
 
 def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "float32",
-                  bn: str = "train", num_classes: Optional[int] = None, batch: int = 32):
-    """``(name, graph)`` for a zoo name (built on the meta device) or an ``nn.Module``.
+                  bn: str = "train", num_classes: Optional[int] = None, batch: int = 32,
+                  amp: Optional[str] = None):
+    """``(name, graph)`` for a zoo name (built on the meta device) or an ``nn.Module``, captured
+    under autocast with ``amp`` (``"bf16"``/``"fp16"``).
 
     A module's BatchNorm layers are put in ``bn`` mode for the capture and restored afterwards.
     """
@@ -69,7 +71,7 @@ def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "flo
         n, c, h, w = _shape4(input_shape)
         if c != 3:
             raise ValueError(f"input shape {tuple(input_shape)}: zoo models take 3 channels")
-        _, graph = build_and_capture(model, n, (h, w), dtype, bn, None, num_classes)
+        _, graph = build_and_capture(model, n, (h, w), dtype, bn, None, num_classes, amp=amp)
         return model, graph
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a zoo name or a torch.nn.Module, got {type(model).__name__}")
@@ -84,7 +86,7 @@ def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "flo
         for m in bns:
             m.train(bn == "train")
         with quiet_torch_logs():
-            graph = capture(model, shape, getattr(torch, dtype), model_name=type(model).__name__)
+            graph = capture(model, shape, getattr(torch, dtype), model_name=type(model).__name__, amp=amp)
     finally:
         for m, t in zip(bns, saved):
             m.train(t)
@@ -270,7 +272,8 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
           policy: str = "auto", bn: str = "train", strips: Optional[int] = None, dtype: str = "float32",
           optimizer: str = "momentum", device_profile: Any = DEFAULT_PROFILE,
           time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "auto",
-          num_classes: Optional[int] = None, compiled: bool = False, **problem_kw) -> Plan:
+          num_classes: Optional[int] = None, compiled: bool = False, amp: Optional[str] = None,
+          **problem_kw) -> Plan:
     """Plan one training step of ``model`` at ``input_shape`` within ``budget`` device bytes.
 
     ``model``: a zoo name (``planner models``), a torchvision model or any ``nn.Module`` the capture
@@ -279,13 +282,16 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     prediction) and ``plan.solver`` (status, gap, objective, solve time, candidate count).
     ``compiled``: the plan will run through :func:`executor.compiled.compile_plan` (recomputing a
     store segment's BN / ReLU / add is then free: see :class:`planner.cost.CostModel`).
+    ``amp``: ``"bf16"`` or ``"fp16"`` plans mixed precision as ``torch.autocast`` runs it (float32
+    ``dtype``: parameters, gradients and optimizer state in float32, activations as autocast makes
+    them); the plan records it in ``training.amp`` and ``apply_plan`` captures the same way.
     """
     if budget is None:
         raise ValueError("a budget is needed, e.g. budget='8GB'")
     budget = parse_bytes(budget)
     _check_options(policy, bn, strips, dtype, optimizer, solver)
     t0 = time.perf_counter()
-    name, graph = capture_model(model, input_shape, dtype, bn, num_classes)
+    name, graph = capture_model(model, input_shape, dtype, bn, num_classes, amp=amp)
     s = Solver(graph, name, policy=policy, bn=bn, strips=strips, optimizer=optimizer,
                device_profile=device_profile, solver=solver, compiled=compiled, **problem_kw)
     plan = s.solve(budget, time_limit=time_limit, gap=gap)
