@@ -112,7 +112,8 @@ def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentu
     graph = capture(model, shape, model_name=name, amp=amp)
     cm = CostModel(graph, optimizer=optimizer, profile=profile)
     segs = grid_plan(cm, kind, bn=bn)
-    plan = Plan.build(graph, segs, training={"optimizer": optimizer, "bn": bn})
+    # (under autocast, row strips train only where the plan accepts their rounding: --amp-rows)
+    plan = Plan.build(graph, segs, training={"optimizer": optimizer, "bn": bn, **({"amp_rows": True} if amp else {})})
     pred = cm.predict(plan)
     planned = apply_plan(model, plan, graph)
     row = {"model": name, "plan": kind, "size": f"{batch}x{res}x{res}",

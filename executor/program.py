@@ -178,6 +178,7 @@ class PlannedModule(nn.Module):
             src = order[i - 1].name
             if s.mode == "rows":
                 seg = RowSegment(self, graph, fxnodes, s)
+                seg.allow_amp = bool(plan.training.get("amp_rows"))
                 steps.append(("rows", seg, src, s.last))
             elif s.mode == "checkpoint":
                 steps.append(("checkpoint", nodes, src, s.last, StateSlots(self._modules_of(nodes))))

@@ -24,7 +24,6 @@ so one ``loss.backward()`` drives everything, parameter gradients arrive through
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -53,6 +52,8 @@ class RowSegment:
         self.policy = seg.policy
         self.strips = seg.strips
         self.bounds = list(seg.bounds) if seg.bounds else None
+        # trained under autocast only where the plan accepts its rounding (training.amp_rows)
+        self.allow_amp = False
         self.plan_height = graph[self.source].height
         members = set(names) | {self.source}
         for n in names:
@@ -645,10 +646,13 @@ class _BNStrip(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-AMP_ROWS_NOTE = ("lrcnn: row strips under autocast run every op in the forward's dtype and their forward is "
-                 "bit-identical to plain autocast, but a gradient summed over strips (weight gradients, halo "
-                 "rows) adds per-strip half-precision partials: it differs from plain autocast at half-precision "
-                 "rounding (README, Compatibility); checkpoint and store segments are bit-identical")
+def amp_refusal(seg_name: str) -> str:
+    """Why a row segment is not trained under autocast unless the plan allows it, and the fix."""
+    return (f"row segment {seg_name} runs under torch.autocast: its forward is bit-identical to plain "
+            f"autocast, but a gradient summed over strips (weight gradients, halo rows) adds per-strip "
+            f"half-precision partials and differs from plain autocast at half-precision rounding; plan this "
+            f"part as checkpoint/store (`planner solve --amp bf16|fp16` does: both are bit-identical), or "
+            f"accept the difference with `planner solve --amp-rows` (plan training.amp_rows = true)")
 
 
 class _RowFunction(torch.autograd.Function):
@@ -679,8 +683,6 @@ class _RowFunction(torch.autograd.Function):
             with seg.state.bound(ctx.params, [b.clone() for b in ctx.buffers]), amp_replay(ctx.amp):
                 gx, got = seg.plain_backward(x, gy, ctx.needs_input_grad[1], [ctx.params[k] for k in want])
         else:
-            if any(enabled for _, enabled, _ in ctx.amp):
-                warnings.warn(AMP_ROWS_NOTE, stacklevel=2)
             with seg.state.bound(ctx.params, ctx.buffers), amp_replay(ctx.amp):
                 gx, got = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1],
                                        [ctx.params[k] for k in want], ctx.bn)
@@ -699,7 +701,8 @@ class _RowFunction(torch.autograd.Function):
 
 def run_rows(seg: RowSegment, x: torch.Tensor) -> torch.Tensor:
     """Apply a row segment to its input map (differentiable).  Refuses (RowSegmentError) a module
-    that got a hook, a parametrization or the like after the plan was applied."""
+    that got a hook, a parametrization or the like after the plan was applied, and a forward that
+    will be differentiated under autocast unless the plan allows it (:func:`amp_refusal`)."""
     for n, op in seg.ops.items():
         if op.module is not None:
             check_module(n, op.module, seg.name)
@@ -707,4 +710,6 @@ def run_rows(seg: RowSegment, x: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         with torch.no_grad():
             return seg.forward(x)[0]
+    if not seg.allow_amp and any(enabled for _, enabled, _ in amp_state()):
+        raise RowSegmentError(amp_refusal(seg.name))
     return _RowFunction.apply(seg, x, *params)

@@ -569,6 +569,9 @@ def _add_solve(sub) -> None:
                    help="optimizer whose state is budgeted (default momentum)")
     p.add_argument("--bn", choices=BN_MODES, default="train", help="BatchNorm mode (default train)")
     add_amp_arg(p)
+    p.add_argument("--amp-rows", action="store_true",
+                   help="with --amp: also plan row segments, whose gradients differ from plain autocast at "
+                        "half-precision rounding (forward bit-identical); recorded as training.amp_rows")
     p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                    help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
     p.add_argument("--device-profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
@@ -616,7 +619,7 @@ def _solver_for(args, batch: int):
                                  amp=args.amp)
     return Solver(graph, args.model, policy=args.policy, bn=args.bn, strips=args.strips,
                   optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver,
-                  compiled=getattr(args, "compiled", False))
+                  compiled=getattr(args, "compiled", False), amp_rows=getattr(args, "amp_rows", False))
 
 
 def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16,
@@ -702,14 +705,14 @@ def cmd_solve(args) -> int:
 
         batch = max_batch(fits_at, budget)
         if batch == 0:
-            raise InfeasibleError(budget, cache[1].smallest_budget() + reserve(cache[1]))
+            raise InfeasibleError(budget, cache[1].smallest_budget() + reserve(cache[1]), cache[1].hint)
         solver = cache[batch]
         note = f"largest {'per-process ' if world else ''}batch that fits: {batch} ({len(cache)} captures)"
     else:
         solver = _solver_for(args, batch)
     held = reserve(solver)
     if held and budget - held < solver.smallest_budget():
-        raise InfeasibleError(budget, solver.smallest_budget() + held)
+        raise InfeasibleError(budget, solver.smallest_budget() + held, solver.hint)
     plan = solver.solve(budget - held, time_limit=args.time_limit, gap=args.gap)
     if world is not None:
         plan.budget_bytes = budget
@@ -778,6 +781,9 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
              + (", priced for torch.compile (compile_plan)" if info.get("compiled") else "")]
     if note:
         lines.append(note)
+    if plan.training.get("amp") and not plan.training.get("amp_rows"):
+        lines.append("no row segments under --amp (their gradients would differ from plain autocast at "
+                     "half-precision rounding): --amp-rows allows them")
     lines.append(f"budget {fmt_both(budget)}")
     lines.append("")
     rows = []

@@ -66,12 +66,12 @@ LIGHT_KINDS = ("pointwise", "norm", "join")  # ReLU, BN, add: units of only thes
 class InfeasibleError(ValueError):
     """No plan fits the budget; ``min_peak`` is the smallest predicted peak any plan reaches."""
 
-    def __init__(self, budget: int, min_peak: int):
+    def __init__(self, budget: int, min_peak: int, hint: str = ""):
         from .units import fmt_both
 
         self.budget, self.min_peak = budget, min_peak
         super().__init__(f"infeasible: the smallest plan needs {fmt_both(min_peak)}; "
-                         f"the budget is {fmt_both(budget)}: raise --budget or lower --batch/--resolution")
+                         f"the budget is {fmt_both(budget)}: raise --budget or lower --batch/--resolution{hint}")
 
 
 @dataclass

@@ -19,7 +19,9 @@ of nodes between two cut points (places where one tensor alone crosses) with a m
 Nodes not covered by any segment run as ``store``.  ``training`` says how the step runs:
 ``optimizer``, ``bn`` (BatchNorm mode), ``num_classes``, ``world_size`` and ``amp`` (``"bf16"`` or
 ``"fp16"``: captured, priced and run under ``torch.autocast`` in that dtype over float32
-parameters; absent: no autocast).  Hand-written plans are made with
+parameters; absent: no autocast) and ``amp_rows`` (true: row segments may be trained under
+autocast, accepting gradients that differ from plain autocast at half-precision rounding; else
+``apply_plan`` refuses that).  Hand-written plans are made with
 :meth:`Plan.build`::
 
     plan = Plan.build(graph, [
@@ -263,6 +265,8 @@ class Plan:
             raise PlanError(f"plan training.amp {amp!r} is not one of {', '.join(AMP_DTYPES)} (or absent: no autocast)")
         if amp is not None and dtype != "float32":
             raise PlanError(f"plan training.amp {amp!r} needs float32 parameters, the plan's dtype is {dtype}")
+        if not isinstance(training.get("amp_rows", False), bool):
+            raise PlanError(f"plan training.amp_rows {training['amp_rows']!r} must be true or false")
         ws = training.get("world_size")  # DDP processes the plan was made for; input_shape[0] is per rank
         if ws is not None and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 1):
             raise PlanError(f"plan training.world_size {ws!r} must be a positive integer (the number of "

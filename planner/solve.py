@@ -109,10 +109,21 @@ class Solver:
     def __init__(self, graph, name: Optional[str] = None, policy: str = "auto", bn: str = "train",
                  strips: Optional[int] = None, optimizer: str = "momentum",
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", headroom: float = HEADROOM,
-                 compiled: bool = False, **problem_kw):
+                 compiled: bool = False, amp_rows: bool = False, **problem_kw):
         from .cost import CostModel
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
+        # under autocast, row strips differ from plain autocast at half-precision rounding
+        # (executor.rows.amp_refusal): planned only where the user accepts that (--amp-rows)
+        self.amp_rows = bool(amp_rows)
+        if graph.amp and not self.amp_rows:
+            if policy in ("2ps", "overl"):
+                raise ValueError(f"--policy {policy} plans row segments, whose gradients under --amp differ from "
+                                 f"plain autocast at half-precision rounding: add --amp-rows to accept that, or "
+                                 f"use --policy auto|checkpoint")
+            policy = "checkpoint"  # (no row segments: checkpoint and store are bit-identical)
+        # what a budget no plan fits could still try
+        self.hint = ", or allow row segments with --amp-rows" if graph.amp and not self.amp_rows else ""
         self.graph, self.name = graph, name or graph.model_name
         self.policy, self.bn, self.optimizer, self.solver_name = policy, bn, optimizer, solver
         self.device_profile = device_profile
@@ -126,6 +137,13 @@ class Solver:
         self.setup_s = time.perf_counter() - t0
         self._min_peak: Optional[int] = None
         self.last_path: List = []
+
+    def training(self) -> Dict[str, Any]:
+        """The plan's ``training`` block (``Plan.build`` adds ``amp`` from the graph)."""
+        t: Dict[str, Any] = {"optimizer": self.optimizer, "bn": self.bn}
+        if self.amp_rows:
+            t["amp_rows"] = True
+        return t
 
     @property
     def problem(self):
@@ -175,7 +193,7 @@ class Solver:
         smallest = self.smallest_budget()
         cap = p.cap(budget)
         if cap < 0 or not p._min_keep_feasible(cap):
-            raise InfeasibleError(user_budget, smallest)
+            raise InfeasibleError(user_budget, smallest, self.hint)
         t0 = time.perf_counter()
         if p.path_fits(p.store_path(), cap):
             greedy = p.store_path()  # nothing to trade: the plain step fits and nothing is faster
@@ -196,7 +214,7 @@ class Solver:
                 ilp = "cbc" if self.solver_name == "auto" else self.solver_name
                 res = p.solve_ilp(budget, time_limit=time_limit, gap=gap, warm=greedy, solver=ilp)
                 if res.status == "infeasible":
-                    raise InfeasibleError(user_budget, smallest)
+                    raise InfeasibleError(user_budget, smallest, self.hint)
                 if exact and res.status != "optimal" and res.objective <= dp_obj * (1 + 1e-12):
                     # the solver stopped early on the DP's plan, which the exact DP proves optimal
                     res.extra["ilp_gap"] = res.gap
@@ -210,7 +228,7 @@ class Solver:
         t0 = time.perf_counter()
         units = self.cm.units()
         plan = Plan.build(self.graph, [Segment(units[0][0], units[-1][1], "store")], model=self.name,
-                          training={"optimizer": self.optimizer, "bn": self.bn}, budget_bytes=budget)
+                          training=self.training(), budget_bytes=budget)
         plan.predicted = self.cm.predict(plan)
         base = self.baseline()
         self.last_path = []
@@ -238,8 +256,7 @@ class Solver:
             comp = cm.compose(costs)
             if comp["peak"] <= max(exact["peak"], budget) and abs(comp["time_s"] - exact["time_s"]) <= 1e-9 * max(1.0, exact["time_s"]):
                 segs = merged
-        training = {"optimizer": self.optimizer, "bn": self.bn}
-        plan = Plan.build(self.graph, segs, model=self.name, training=training, budget_bytes=budget)
+        plan = Plan.build(self.graph, segs, model=self.name, training=self.training(), budget_bytes=budget)
         plan.predicted = cm.predict(plan)
         base = self.baseline()
         plan.solver = {
@@ -273,7 +290,7 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
           optimizer: str = "momentum", device_profile: Any = DEFAULT_PROFILE,
           time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP, solver: str = "auto",
           num_classes: Optional[int] = None, compiled: bool = False, amp: Optional[str] = None,
-          **problem_kw) -> Plan:
+          amp_rows: bool = False, **problem_kw) -> Plan:
     """Plan one training step of ``model`` at ``input_shape`` within ``budget`` device bytes.
 
     ``model``: a zoo name (``planner models``), a torchvision model or any ``nn.Module`` the capture
@@ -285,6 +302,8 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     ``amp``: ``"bf16"`` or ``"fp16"`` plans mixed precision as ``torch.autocast`` runs it (float32
     ``dtype``: parameters, gradients and optimizer state in float32, activations as autocast makes
     them); the plan records it in ``training.amp`` and ``apply_plan`` captures the same way.
+    Under ``amp`` row segments are planned only with ``amp_rows=True`` (their gradients differ
+    from plain autocast at half-precision rounding; recorded as ``training.amp_rows``).
     """
     if budget is None:
         raise ValueError("a budget is needed, e.g. budget='8GB'")
@@ -293,7 +312,7 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     t0 = time.perf_counter()
     name, graph = capture_model(model, input_shape, dtype, bn, num_classes, amp=amp)
     s = Solver(graph, name, policy=policy, bn=bn, strips=strips, optimizer=optimizer,
-               device_profile=device_profile, solver=solver, compiled=compiled, **problem_kw)
+               device_profile=device_profile, solver=solver, compiled=compiled, amp_rows=amp_rows, **problem_kw)
     plan = s.solve(budget, time_limit=time_limit, gap=gap)
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
     return plan

@@ -94,20 +94,11 @@ def test_cost_model_prices_autocast_steps(kind, amp):
 
     model = _model(device="meta")
     graph = capture(model, SHAPE, amp=amp)
-    plan = Plan.build(graph, PLANS[kind], training={"optimizer": "momentum", "bn": "train"})
+    plan = Plan.build(graph, PLANS[kind], training={"optimizer": "momentum", "bn": "train", "amp_rows": True})
     pred = CostModel(graph, optimizer="momentum", profile="cpu").predict(plan)
-    with pytest.warns() if kind.startswith("rows") or kind == "mixed" else _nothing():
-        sim = train_step_memory(apply_plan(model, plan, graph), SHAPE, "momentum", fake=True, amp=amp)
+    sim = train_step_memory(apply_plan(model, plan, graph), SHAPE, "momentum", fake=True, amp=amp)
     err = (pred["peak_bytes"] - sim.absolute_peak) / sim.absolute_peak
     assert -0.01 <= err <= HEADROOM, f"{kind}: predicted {pred['peak_bytes']} vs simulated {sim.absolute_peak}"
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_simulated_autocast_step_is_the_real_one():
@@ -117,11 +108,10 @@ def test_simulated_autocast_step_is_the_real_one():
     model = _model("resnet18", bn="eval")
     graph = capture(model, SHAPE, amp="bf16")
     plan = Plan.build(graph, [Segment("conv1", "maxpool", "rows", policy="overl", strips=2)] + PLANS["checkpoint"],
-                      training={"optimizer": "sgd", "bn": "eval"})
+                      training={"optimizer": "sgd", "bn": "eval", "amp_rows": True})
     planned = apply_plan(model, plan, graph)
-    with pytest.warns(UserWarning, match="row strips under autocast"):
-        sim = train_step_memory(planned, SHAPE, "sgd", fake=True, amp="bf16")
-        real = train_step_memory(planned, SHAPE, "sgd", fake=False, amp="bf16")
+    sim = train_step_memory(planned, SHAPE, "sgd", fake=True, amp="bf16")
+    real = train_step_memory(planned, SHAPE, "sgd", fake=False, amp="bf16")
     assert sim.absolute_peak == real.absolute_peak
     pred = CostModel(graph, optimizer="sgd", profile="cpu").predict(plan)
     assert abs(pred["peak_bytes"] - real.absolute_peak) <= 0.01 * real.absolute_peak
@@ -147,12 +137,14 @@ def test_fp16_step_with_grad_scaler_trains():
 
 def test_cli_solve_and_run_with_amp(tmp_path, capsys):
     path = str(tmp_path / "p.json")
-    rc = main(["solve", "--model", "tiny_resnet", "--batch", "4", "--resolution", "48", "--budget", "0.9MB",
-               "--amp", "bf16", "--device-profile", "cpu", "-o", path])
+    rc = main(["solve", "--model", "tiny_resnet", "--batch", "8", "--resolution", "64", "--budget", "1.2MB",
+               "--amp", "bf16", "--amp-rows", "--device-profile", "cpu", "-o", path])
     out = capsys.readouterr().out
     assert rc == 0 and "autocast bf16" in out
     with open(path) as f:
-        assert json.load(f)["training"]["amp"] == "bf16"
+        plan = json.load(f)
+    assert plan["training"]["amp"] == "bf16" and plan["training"]["amp_rows"] is True
+    assert any(s["mode"] == "rows" for s in plan["segments"])
     rc = main(["run", path, "--steps", "1", "--warmup", "0", "--device", "cpu", "--check-grads", "--quiet",
                "--out", str(tmp_path / "r.csv")])
     out = capsys.readouterr().out
@@ -182,3 +174,46 @@ def test_cli_run_refuses_another_precision(tmp_path, capsys):
     rc = main(["run", path, "--amp", "bf16", "--steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "solve again with --amp bf16" in err[0]
+
+
+def test_solve_plans_rows_under_amp_only_when_accepted():
+    """Under --amp, row segments (gradients at half-precision rounding) are planned only with
+    amp_rows; without it the planner says so where rows would have fitted the budget."""
+    from planner.ilp import InfeasibleError
+    from planner.solve import Solver, capture_model
+
+    _, graph = capture_model("resnet18", (8, 3, 160, 160), amp="bf16")
+    with_rows = Solver(graph, amp_rows=True, device_profile="cpu")
+    without = Solver(graph, device_profile="cpu")
+    lo_rows, lo = with_rows.smallest_budget(), without.smallest_budget()
+    assert lo_rows < lo
+    budget = (lo_rows + lo) // 2
+    plan = with_rows.solve(budget)
+    assert plan.training["amp_rows"] is True and plan.training["amp"] == "bf16"
+    assert any(s.mode == "rows" for s in plan.segments)
+    with pytest.raises(InfeasibleError, match="--amp-rows"):
+        without.solve(budget)
+    plan = without.solve(lo)
+    assert "amp_rows" not in plan.training and all(s.mode != "rows" for s in plan.segments)
+    with pytest.raises(ValueError, match="--amp-rows"):
+        Solver(graph, policy="2ps", device_profile="cpu")
+
+
+def test_rows_refused_under_autocast_unless_the_plan_accepts():
+    """A row segment trained under autocast is refused with the project's error (its gradients
+    differ from plain autocast at half-precision rounding), whatever plan it came from; no-grad
+    forwards run (bit-identical)."""
+    from executor import RowSegmentError
+
+    torch.manual_seed(0)
+    model = _model("tiny_resnet")
+    graph = capture(model, SHAPE)  # a float32 plan, then trained under the user's own autocast
+    plan = Plan.build(graph, [Segment("conv1", "relu", "rows", policy="2ps", strips=2)])
+    planned = apply_plan(model, plan, graph)
+    x = torch.randn(SHAPE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RowSegmentError, match=r"conv1..relu runs under torch.autocast.*--amp-rows"):
+            planned(x)
+        with torch.no_grad():
+            planned.eval(), model.eval()
+            assert torch.equal(planned(x), model(x))

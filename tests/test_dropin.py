@@ -289,7 +289,7 @@ def _compare(ours: dict, ref: dict) -> dict:
     return errs
 
 
-def _planned(model, segments):
+def _planned(model, segments, training=None):
     g = capture(model, SHAPE, next(model.parameters()).dtype)
     segs = []
     for s in segments:
@@ -297,7 +297,7 @@ def _planned(model, segments):
             span = g.span(g.resolve(s.first), g.resolve(s.last, "last"))
             s = Segment(s.first, s.last, "store", recompute=[n.name for n in span[:-1] if recomputable(n)])
         segs.append(s)
-    return apply_plan(model, Plan.build(g, segs), g)
+    return apply_plan(model, Plan.build(g, segs, training=training), g)
 
 
 def _run_cell(feature: str, mode: str, prep=None) -> dict:
@@ -390,18 +390,26 @@ def test_autocast_recompute_runs_the_forwards_dtypes(mode):
     """Under torch.autocast every recompute runs each op in the dtype its forward used: the
     forward (output, loss) is bit-identical to plain autocast in every mode, and so is every
     gradient of checkpoint and store segments.  Row strips sum gradients from per-strip half
-    precision partials (PyTorch's kernels round each strip's weight gradient to bfloat16): they
-    warn, and stay as accurate against the float32 step as plain autocast is (within 20x its
-    error on a quantity, measured up to 17x on a bias that is zero by the maths)."""
+    precision partials (PyTorch's kernels round each strip's weight gradient to bfloat16), so a
+    row segment's training forward under autocast is refused, naming the fix, unless the plan
+    accepts that (training.amp_rows, ``planner solve --amp-rows``); its no-grad forward is
+    bit-identical.  Accepted, they stay as accurate against the float32 step as plain autocast
+    is (within 20x its error on a quantity, measured up to 17x on a bias that is zero by the
+    maths)."""
     segments, bn = MODES[mode]
     ref = _amp_step(_amp_net(bn))
     model = _amp_net(bn)
-    pm = _planned(model, segments)
     if mode in ROWS:
-        with pytest.warns(UserWarning, match="row strips under autocast"):
-            ours = _amp_step(pm)
+        pm = _planned(model, segments)
+        with pytest.raises(RowSegmentError, match=r"under torch.autocast.*checkpoint/store.*--amp-rows"):
+            _amp_step(pm)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            x, _ = _data(torch.float32)
+            assert torch.equal(pm(x), _amp_net(bn)(x))
+        pm = _planned(_amp_net(bn), segments, {"optimizer": "sgd", "bn": bn, "amp_rows": True})
     else:
-        ours = _amp_step(pm)
+        pm = _planned(model, segments)
+    ours = _amp_step(pm)
     assert torch.equal(ours["out"], ref["out"]) and torch.equal(ours["loss"], ref["loss"])
     if mode not in ROWS:
         for k in ref:
@@ -416,8 +424,9 @@ def test_autocast_recompute_runs_the_forwards_dtypes(mode):
 
 
 # -- README: the compatibility table is this matrix ----------------------------------------------
-AMP_CELLS = {m: ("forward bit-identical; gradients at half-precision rounding (warns)" if m in ROWS
-                 else "exact (bit-identical to plain autocast)") for m in MODES}
+AMP_CELLS = {m: ("refused in training: under torch.autocast ... plan this part as checkpoint/store or accept the "
+                 "difference with --amp-rows (then gradients at half-precision rounding); forward bit-identical"
+                 if m in ROWS else "exact (bit-identical to plain autocast)") for m in MODES}
 
 
 def compat_table() -> str:
