@@ -85,8 +85,7 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("kind", list(PLANS))
+@pytest.mark.parametrize("kind,amp", [(k, "bf16") for k in PLANS] + [("mixed", "fp16")])
 def test_cost_model_prices_autocast_steps(kind, amp):
     """Predicted whole-step peak against the simulated step under autocast (train-mode BN, in
     rows by strip sweeps): within the solver's headroom, and never more than 1% below."""
