@@ -553,8 +553,10 @@ def _add_dy_sums(sums: Dict[str, list], targets: List[str], grads, bn_io: dict, 
         if g is None:
             continue
         xr = bn_io[n][0].detach()
-        xhat = (xr - bn[n].mean.view(1, -1, 1, 1)) * bn[n].invstd.view(1, -1, 1, 1)
-        s1, s2 = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+        # one temporary band (in place: the same operations as (xr - mean) * invstd * g)
+        xhat = xr - bn[n].mean.view(1, -1, 1, 1)
+        xhat.mul_(bn[n].invstd.view(1, -1, 1, 1))
+        s1, s2 = g.sum((0, 2, 3)), xhat.mul_(g).sum((0, 2, 3))
         if n in sums:
             sums[n][0] = sums[n][0] + s1
             sums[n][1] = sums[n][1] + s2

@@ -448,11 +448,12 @@ def plan_precision(plan, amp: Optional[str] = None) -> Optional[str]:
     return plan_amp
 
 
-def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "auto",
+def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
              data: str = "synthetic", lr: Optional[float] = None, check: bool = False,
              out: Optional[str] = None, seed: int = 0, progress: bool = True,
              dist_info=None, amp: Optional[str] = None) -> RunResult:
-    """Run a plan for real and return its records (see the module docstring).
+    """Run a plan (a path, or a :class:`planner.Plan`) for real and return its records (see the
+    module docstring).
 
     Mixed precision is the plan's (``training.amp``, set by ``planner solve --amp``): forward and
     loss under ``torch.autocast`` in that dtype, float16 with a ``torch.amp.GradScaler``.
@@ -480,7 +481,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
         raise RunError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     _check_out(out)
     dev = D.rank_device(resolve_device(device), info)
-    plan = Plan.load(plan_path)
+    plan = plan_path if isinstance(plan_path, Plan) else Plan.load(plan_path)
     plan_amp = plan_precision(plan, amp)
     planned_world = plan.training.get("world_size")
     if planned_world is not None and planned_world != info.world_size and info.is_main:
@@ -523,7 +524,7 @@ def run_plan(plan_path: str, steps: int = 20, warmup: int = 2, device: str = "au
     run_id = D.broadcast(uuid.uuid4().hex[:12], info)
     if info.enabled:
         run_id = f"{run_id}-r{info.rank}"
-    base = dict(run_id=run_id, rank=info.rank, world_size=info.world_size, plan_path=os.path.abspath(plan_path),
+    base = dict(run_id=run_id, rank=info.rank, world_size=info.world_size, plan_path=os.path.abspath(plan_path) if isinstance(plan_path, str) else "",
                 plan_fingerprint=plan.fingerprint, model=plan.model, batch=n, resolution=f"{h}x{w}",
                 dtype=plan.dtype, amp=plan_amp or "", optimizer=opt_name, lr=lr, budget_bytes=_num(plan.budget_bytes),
                 data=data_label, started=D.broadcast(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), info),

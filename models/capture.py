@@ -72,6 +72,9 @@ class Node:
     # the part of ``extra_saved`` that is the size of a parameter, not of the map (autocast's
     # half-precision copy of a weight): a row strip saves it whole, not a share of it
     extra_fixed: int = 0
+    # the part of ``extra_saved`` shaped like one of the node's inputs (autocast's half-precision
+    # copy of a float32 input): a row strip saves the input band's share of it
+    extra_input: int = 0
     fwd_work: int = 0
     bwd_peak: int = 0
     bwd_net: int = 0
@@ -415,7 +418,8 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
 
     def rec(name):
         return prof.setdefault(name, {"alias": False, "saves": [], "also_saves": [], "extra_saved": 0,
-                                      "extra_fixed": 0, "fwd_work": 0, "bwd_peak": 0, "bwd_net": 0})
+                                      "extra_fixed": 0, "extra_input": 0, "fwd_work": 0, "bwd_peak": 0,
+                                      "bwd_net": 0})
 
     def pack(t):
         key = _storage_key(t)
@@ -434,6 +438,8 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
             r["extra_saved"] += t.untyped_storage().nbytes()
             if autocast is not None and tuple(t.shape) in current["param_shapes"]:
                 r["extra_fixed"] += t.untyped_storage().nbytes()  # a cast copy of a parameter
+            elif autocast is not None and tuple(t.shape) in current["input_shapes"]:
+                r["extra_input"] += t.untyped_storage().nbytes()  # a cast copy of an input
         elif prod != "__input__" and prod not in r["saves"]:
             r["saves"].append(prod)
         return t
@@ -448,8 +454,10 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
             current["node"] = n.name
             current["param_shapes"] = ({tuple(p.shape) for p in gm.get_submodule(n.target).parameters()}
                                        if n.op == "call_module" else set())
-            ins = {_storage_key(a) for a in tree_flatten([self.env.get(u) for u in n.all_input_nodes])[0]
-                   if isinstance(a, torch.Tensor)}
+            in_tensors = [a for a in tree_flatten([self.env.get(u) for u in n.all_input_nodes])[0]
+                          if isinstance(a, torch.Tensor)]
+            ins = {_storage_key(a) for a in in_tensors}
+            current["input_shapes"] = {tuple(a.shape) for a in in_tensors}
             tracker.mark(("pre", n.name))
             out = super().run_node(n)
             tracker.mark(("post", n.name))

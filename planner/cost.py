@@ -64,8 +64,8 @@ ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segm
 # A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
 # BatchNorm does, but on whole bands (executor.rows.bn_normalise, _BNStrip.backward): float32
 # temporaries beyond the captured BN's, in bands of its output (an element 2 bytes, float32 4):
-BN_HALF_FWD = 2   # the normalised band before it is rounded
-BN_HALF_BWD = 2   # xhat and the input gradient in float32, with a float32 product: 3 bands beyond the captured gradient
+BN_HALF_FWD = 2   # the normalised band in float32 before it is rounded
+BN_HALF_BWD = 2   # xhat and a product (or the input gradient) in float32: 3 bands where the captured BN backward makes 1
 
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
@@ -939,7 +939,12 @@ class CostModel:
                     saves.append(name)  # its own output (out of place in a strip)
                 else:
                     saves.append(pad if (pad is not None and u == n.inputs[0]) else band_key.get(u, u))
-            extra = n.extra_saved
+            extra, fixed = n.extra_saved, n.extra_fixed
+            if n.extra_input:  # (a cast copy of the input: the band it read, pad rows included)
+                spatial = n.kind == _ops.SPATIAL and n.geom is not None and r.computed  # (ir made above)
+                in_rows = ir.hi - ir.lo + ir.pad_top + ir.pad_bottom if spatial else r.hi - r.lo
+                share = self._round(n.extra_input * in_rows / max(1, g[n.inputs[0]].height))
+                extra, fixed = extra - n.extra_input + share, fixed + share
             if n.alias and extra:  # an in-place op keeps a copy of its input; out of place, the input
                 saves.append(band_key.get(n.inputs[0], n.inputs[0]))
                 extra = 0
@@ -947,7 +952,7 @@ class CostModel:
                 saves.append(name)
             # a half-precision map's BN normalises its rows in float32 (one float32 temporary)
             work = n.fwd_work + (n.out_bytes * BN_HALF_FWD * self._half_bn(n) if n.batch_stats else 0)
-            out.append(_StripNode(name, ins, saves, extra, work, n.extra_fixed if extra else 0))
+            out.append(_StripNode(name, ins, saves, extra, work, fixed if extra else 0))
             sizes[name] = self._round(row * r.computed) if r.computed else 0
             c0, c1 = r.carried
             if c1 > c0 and r.computed:  # 2PS: carried rows concatenated with the new ones

@@ -1,0 +1,57 @@
+"""``planner validate`` (issue 26): plans across the budget range, each run for real on the CPU here,
+predicted against measured; bad input one line, exit 2, no file."""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from executor.validate import budget_points
+from planner.cli import main
+
+
+def test_budget_points_run_from_the_plain_step_down_to_the_smallest_plan():
+    assert budget_points(100, 200, 3) == [200, 150, 100]
+    assert budget_points(100, 200, 1) == [200]
+    assert budget_points(100, 100, 4) == [100]  # nothing to trade: one plan
+    assert budget_points(10, 12, 5) == [12, 11, 10]  # distinct budgets only
+    with pytest.raises(ValueError, match="--points"):
+        budget_points(1, 2, 0)
+
+
+def test_validate_end_to_end_on_cpu(tmp_path, capsys):
+    out, png, csv = str(tmp_path / "r.csv"), str(tmp_path / "v.png"), str(tmp_path / "t.csv")
+    rc = main(["validate", "--model", "resnet18", "--batch", "2", "--resolution", "96", "--device", "cpu",
+               "--steps", "2", "--out", out, "--png", png, "--csv", csv, "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "plans within budget" in text and "budget_MiB" in text
+    table = pd.read_csv(csv)
+    assert len(table) >= 3 and table.within_budget.all()
+    assert table.budget_bytes.is_monotonic_decreasing  # the plain step's budget first
+    assert table.segments.iloc[0] == "store" and any("rows" in s for s in table.segments)
+    # the CPU cost model against storage accounting, real steps of real plans
+    assert (table.peak_err.abs() <= 0.025).all(), table[["budget_bytes", "peak_err"]]
+    assert (table.measured_peak_bytes <= table.budget_bytes).all()
+    rec = pd.read_csv(out)
+    assert set(rec.validate_point) == set(table.point) and set(rec.run_id) == set(table.run_id)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "nosuchnet"], "nosuchnet"),
+    (["--model", "tiny_resnet", "--points", "0"], "--points"),
+    (["--model", "tiny_resnet", "--out", "{tmp}/missing/r.parquet"], "missing"),
+    (["--model", "tiny_resnet", "--out", "{tmp}/r.txt"], ".parquet or .csv"),
+    (["--model", "tiny_resnet", "--png", "{tmp}/plot.jpg"], ".png"),
+    (["--model", "tiny_resnet", "--device-profile", "{tmp}/nope.json"], "nope.json"),
+] + ([] if torch.cuda.is_available() else [(["--model", "tiny_resnet", "--device", "cuda"], "no CUDA GPU")]))
+def test_validate_bad_input(argv, msg, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = main(["validate", *argv, "--quiet", "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0] and "Traceback" not in err[0], err
+    assert os.listdir(tmp_path) == []  # no file written
