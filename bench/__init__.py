@@ -18,8 +18,8 @@ CASES = {  # name: (model, batch, square resolution)
     "resnet50-1024": ("resnet50", 1, 1024),
     "mobilenet_v2": ("mobilenet_v2", 16, 224),
 }
-METHODS = ("plain", "checkpoint-blocks", "checkpoint-sqrt", "compile", "rockmate", "lrcnn", "lrcnn-checkpoint",
-           "lrcnn-compile")
+METHODS = ("plain", "checkpoint-blocks", "checkpoint-sqrt", "compile", "rockmate", "lightstream", "lrcnn",
+           "lrcnn-checkpoint", "lrcnn-compile")
 
 
 def _methods(text: str) -> List[str]:

@@ -21,6 +21,9 @@ runs real training steps (cross-entropy, SGD with momentum) on the same model an
   sees the real compiled step.  Compiled methods draw dropout masks from eager's generator
   (:func:`compile_settings`);
 * ``rockmate``: the PyPI package, if it imports and runs here; otherwise one row saying why;
+* ``lightstream``: StreamingCNN (PyPI ``lightstream``, ``pip install -e '.[bench]'``) streaming the
+  case's ResNet trunk (``conv1..layer4``, eval-mode BN: it freezes normalization) in tiles of half
+  the input; this run records whether it can stream that trunk on this device, and why not;
 * ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to
   the plain step's peak, plus one plan at each alternative's measured peak (same budget, so the
   Pareto comparison is direct); ``lrcnn-checkpoint``: the same with ``policy='checkpoint'``, so the
@@ -423,6 +426,42 @@ def rockmate_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     return out
 
 
+def lightstream_status(case: Case) -> str:
+    """Why lightstream cannot stream the case's trunk on its device ('' if it can): imports the
+    package and builds a StreamingCNN over ``conv1..layer4`` (eval BN) in tiles of half the input,
+    as its own ResNet example does; the first line of whatever fails."""
+    try:
+        from lightstream.core.constructor import StreamingConstructor
+    except ImportError as e:
+        return f"import lightstream fails: {e} (pip install -e '.[bench]')".replace("\n", " ")
+    except Exception as e:  # a broken install raises anything
+        return f"import lightstream fails: {type(e).__name__}: {e}".replace("\n", " ")
+    import copy
+    import contextlib
+    import io
+
+    model = copy.deepcopy(case.model).eval()
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    if not all(hasattr(model, n) for n in names):
+        return f"lightstream streams ResNet-type trunks (conv1..layer4); {case.model_name} is not one"
+    trunk = nn.Sequential(*[getattr(model, n) for n in names])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
+            StreamingConstructor(trunk, max(1, case.resolution // 2), verbose=False,
+                                 copy_to_gpu=case.device.type == "cuda", statistics_on_cpu=True,
+                                 normalize_on_gpu=False).prepare_streaming_model()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"lightstream cannot build its StreamingCNN here: {type(e).__name__}: {first}"[:300]
+    return ""
+
+
+def lightstream_methods(case: Case) -> List[Method]:
+    why = lightstream_status(case)
+    return [Method("lightstream", f"tile {case.resolution // 2}",
+                   note=why or "builds on this device; its measured step is issue 26's GPU work, not written yet")]
+
+
 class LrcnnPlans:
     """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
 
@@ -542,6 +581,11 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             rm = rockmate_methods(case, alt_peaks or [rows[0]["peak_bytes"]])
             bar.total += len(rm)
             for m in rm:
+                run(m, bar)
+        if "lightstream" in methods:
+            ls = lightstream_methods(case)
+            bar.total += len(ls)
+            for m in ls:
                 run(m, bar)
         if "lrcnn-compile" in methods:
             plans.append(LrcnnPlans(case, "auto", profile, compiled=True))
