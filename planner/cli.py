@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -398,8 +399,9 @@ def _add_simulate(sub) -> None:
                     "FakeTensorMode (no real memory, full size in seconds) and print the cost model's "
                     "predicted peak per phase next to the simulated one.")
     p.add_argument("plan", metavar="PLAN.json", help="plan file")
-    p.add_argument("--device-profile", default="cpu", metavar="NAME|FILE",
-                   help="device profile for the prediction (default cpu; see 'planner calibrate')")
+    p.add_argument("--device-profile", default=None, metavar="NAME|FILE",
+                   help="device profile for the prediction (default: the one the plan was solved with, else "
+                        "cpu; a profile's workspace reserve is left out of the comparison)")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default=None,
                    help="optimizer (default: the plan's training.optimizer)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
@@ -416,6 +418,9 @@ def cmd_simulate(args) -> int:
             for r in df.itertuples()]
     print(f"{info['model']} {info['shape']} {info['dtype']}, optimizer {info['optimizer']}, "
           f"profile {info['profile']}: simulated in {info['sim_s']:.1f} s")
+    if info.get("workspace"):
+        print(f"(predicted without the profile's {info['workspace'] / 2**20:.0f} MiB workspace reserve, which the "
+              f"simulated step does not allocate)")
     print(format_table(["phase", "predicted MiB", "simulated MiB", "error"], rows, "lrrr"))
     if args.csv:
         write_csv_atomic(df, args.csv)
@@ -600,6 +605,17 @@ def _batch_arg(text: str):
         raise argparse.ArgumentTypeError(f"batch {text!r} must be a positive integer or 'max'") from None
 
 
+def _gap_arg(text: str) -> float:
+    try:
+        g = float(text)
+    except ValueError:
+        g = math.nan
+    if not 0 <= g < 1:
+        raise argparse.ArgumentTypeError(f"--gap {text!r}: give a relative gap from 0 (prove optimal) to below 1, "
+                                         f"e.g. 0.005")
+    return g
+
+
 def _budget_arg(text: str) -> int:
     from planner.units import parse_bytes
 
@@ -655,7 +671,7 @@ def _add_solve(sub) -> None:
                         "predicted for eager execution; measure the compiled step)")
     p.add_argument("--time-limit", type=_positive_number("a number of seconds"), default=DEFAULT_TIME_LIMIT, metavar="S",
                    help=f"solver time limit in seconds; the best plan found so far is returned with its gap (default {DEFAULT_TIME_LIMIT:g})")
-    p.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="G",
+    p.add_argument("--gap", type=_gap_arg, default=DEFAULT_GAP, metavar="G",
                    help=f"relative optimality gap at which the solver stops (default {DEFAULT_GAP:g})")
     p.add_argument("--solver", choices=SOLVERS, default="auto",
                    help="auto: the exact label-setting DP where it applies (mode-independent gradient "
@@ -880,7 +896,8 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     over = f"{100 * (t / base_t - 1) + 0.0:+.1f}%".replace("-0.0%", "+0.0%") if base_t else "n/a"
     lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})")
     mp = info.get("min_peak_bytes")
-    lines.append(f"smallest plan    {fmt_both(mp)}" if mp is not None
+    lines.append(f"smallest plan    needs --budget {fmt_both(solver.budget_for(mp))} (its peak {fmt_both(mp)} "
+                 f"plus the {solver.headroom:.1%} kept free)" if mp is not None
                  else "smallest plan    not searched: the plain step fits the budget")
     gap = info.get("gap")
     gap_s = "n/a" if gap is None or gap != gap else f"{100 * gap:.2f}%"

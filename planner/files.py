@@ -21,6 +21,8 @@ def check_output_path(path: Optional[str], what: str) -> None:
     """Refuse an output path that cannot be written (ValueError, one line), before any work."""
     if path is None:
         return
+    if not str(path).strip():
+        raise ValueError(f"the {what} path is empty: give a file name")
     if os.path.isdir(path):
         raise ValueError(f"cannot write {what} {path!r}: it is a folder; give a file path")
     folder = os.path.dirname(os.path.abspath(path))

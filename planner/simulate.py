@@ -15,8 +15,13 @@ import torch
 __all__ = ["simulate_plan"]
 
 
-def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -> Tuple["object", dict]:
-    """Predicted vs simulated absolute peak per phase.  Returns (DataFrame, info)."""
+def simulate_plan(path, profile: Optional[str] = None, optimizer: Optional[str] = None) -> Tuple["object", dict]:
+    """Predicted vs simulated absolute peak per phase.  Returns (DataFrame, info).
+
+    ``profile``: the cost model's device profile; default the one the plan was solved with
+    (``solver.device_profile``), else ``cpu``.  A profile's workspace reserve (cuDNN/cuBLAS
+    scratch on a GPU profile) is left out of the predicted side: the simulated step does not
+    allocate it, so like is compared with like (``info['workspace']`` says how much)."""
     import pandas as pd
 
     from executor import apply_plan
@@ -28,8 +33,17 @@ def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -
     plan = Plan.load(path) if isinstance(path, str) else path
     optimizer = optimizer or plan.training.get("optimizer", "sgd")
     model, graph = plan_model(plan)
+    if profile is None:
+        from planner.cost import CostError, load_profile
+
+        profile = (plan.solver or {}).get("device_profile") or "cpu"
+        try:
+            load_profile(profile)
+        except (CostError, ValueError, OSError):
+            profile = "cpu"  # (a profile file that is gone: the CPU's)
     cm = CostModel(graph, optimizer=optimizer, profile=profile)
     pred = cm.predict(plan)
+    ws = int(cm.fixed_breakdown().get("workspace", 0))
     planned = apply_plan(model, plan, graph)
     t0 = time.perf_counter()
     rep = train_step_memory(planned, plan.input_shape, optimizer, fake=True, dtype=getattr(torch, plan.dtype),
@@ -38,10 +52,10 @@ def simulate_plan(path, profile: str = "cpu", optimizer: Optional[str] = None) -
     sim = rep.absolute_phase_peaks()
     rows = []
     for ph in ("forward", "backward", "optimizer"):
-        rows.append((ph, pred["phases"][ph], sim.get(ph, 0)))
-    rows.append(("peak", pred["peak_bytes"], rep.absolute_peak))
+        rows.append((ph, pred["phases"][ph] - ws, sim.get(ph, 0)))
+    rows.append(("peak", pred["peak_bytes"] - ws, rep.absolute_peak))
     df = pd.DataFrame(rows, columns=["phase", "predicted_bytes", "simulated_bytes"])
     df["error_pct"] = (df.predicted_bytes - df.simulated_bytes) / df.simulated_bytes * 100
     info = {"model": plan.model, "shape": "x".join(map(str, plan.input_shape)), "dtype": plan.dtype + (f" + autocast {plan.training['amp']}" if plan.training.get("amp") else ""),
-            "optimizer": optimizer, "profile": cm.profile.name, "sim_s": sim_s}
+            "optimizer": optimizer, "profile": cm.profile.name, "sim_s": sim_s, "workspace": ws}
     return df, info

@@ -168,8 +168,11 @@ class Solver:
 
     def smallest_budget(self) -> int:
         """The smallest budget a plan fits: the smallest predicted peak plus the headroom."""
-        mp = self.min_peak()
-        return mp if self.headroom <= 0 else int(mp / (1 - self.headroom)) + 1
+        return self.budget_for(self.min_peak())
+
+    def budget_for(self, peak: int) -> int:
+        """The budget a plan of predicted ``peak`` bytes needs: the peak plus the headroom."""
+        return int(peak) if self.headroom <= 0 else int(peak / (1 - self.headroom)) + 1
 
     def baseline(self) -> Dict[str, Any]:
         """compose() of the plan-less step (every unit stored, nothing recomputed)."""

@@ -11,6 +11,9 @@ _UNITS = {
 _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
+MAX_BYTES = 10**15  # a size above a petabyte is a typo, not a device
+
+
 def parse_bytes(text) -> int:
     """Bytes from a size: an int, or a string with unit B, KB, MB, GB, TB (powers of 1000) or
     KiB, MiB, GiB, TiB (powers of 1024).  Raises ValueError with a one-line reason."""
@@ -26,6 +29,10 @@ def parse_bytes(text) -> int:
     value = float(m.group(1)) * _UNITS[m.group(2).upper()]
     if value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")
+    if value < 1:
+        raise ValueError(f"size {text!r} is less than one byte: give a unit (e.g. 8GB, 512MiB)")
+    if value > MAX_BYTES:
+        raise ValueError(f"size {text!r} is beyond any device ({MAX_BYTES // 10**15} PB): check the unit (e.g. 8GB)")
     return int(round(value))
 
 

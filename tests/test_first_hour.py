@@ -1,0 +1,68 @@
+"""Issue 25, first items: what a new user's first solve/simulate prints and refuses."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from planner.cli import main
+from planner.units import parse_bytes
+
+
+def run(capfd, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--budget", "0.5"], "less than one byte"),
+    (["--budget", "1e30GB"], "beyond any device"),
+    (["--budget", "8GB", "--gap", "-1"], "--gap"),
+    (["--budget", "8GB", "--gap", "1.5"], "--gap"),
+    (["--budget", "8GB", "-o", ""], "path is empty"),
+])
+def test_solve_bad_input_before_any_work(capfd, tmp_path, argv, needle):
+    os.chdir(tmp_path)
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", *argv)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_parse_bytes_bounds():
+    assert parse_bytes("1B") == 1 and parse_bytes("8GB") == 8 * 10**9
+    with pytest.raises(ValueError, match="less than one byte"):
+        parse_bytes("0.5")
+    with pytest.raises(ValueError, match="beyond any device"):
+        parse_bytes("1e30GB")
+
+
+def test_solve_prints_the_budget_the_smallest_plan_needs(capfd, tmp_path):
+    """The summary's smallest plan is the budget to pass (its peak plus the headroom), and a plan
+    solves at exactly that budget."""
+    from planner.solve import Solver, capture_model
+
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget", "1.2MB",
+                       "--device-profile", "cpu")
+    assert rc == 0, err
+    line = next(l for l in out.splitlines() if l.startswith("smallest plan"))
+    assert "needs --budget" in line and "kept free" in line, line
+    s = Solver(capture_model("tiny_resnet", (8, 3, 64, 64))[1], device_profile="cpu")
+    need = s.smallest_budget()
+    assert need == s.budget_for(s.min_peak()) > s.min_peak()
+    assert s.solve(need).predicted["peak_bytes"] <= need
+
+
+def test_simulate_uses_the_plans_profile_like_with_like(capfd, tmp_path):
+    """A plan solved for h100 is simulated against the h100 prediction without its workspace
+    reserve (fake tensors allocate none): the error is the cost model's, not the profile's."""
+    plan = str(tmp_path / "p.json")
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget", "1GB",
+                       "-o", plan)
+    assert rc == 0, err
+    rc, out, err = run(capfd, "simulate", plan)
+    assert rc == 0, err
+    assert "profile h100" in out and "workspace reserve" in out
+    peak = next(l for l in out.splitlines() if l.startswith("peak"))
+    assert abs(float(peak.split()[-1].rstrip("%"))) < 1.0, out
