@@ -36,15 +36,28 @@ def parse_bytes(text) -> int:
     return int(round(value))
 
 
+def _sig3(n: float, units) -> str:
+    """``n`` bytes in the largest of ``units`` ((name, scale), largest first) it reaches, with three
+    significant digits: 8.00 GB, 12.3 MB, 778 kB, 512 B."""
+    for unit, scale in units:
+        x = n / scale
+        if abs(x) >= 1 or scale == 1:
+            if scale == 1:
+                return f"{int(round(n))} B"
+            digits = 0 if abs(x) >= 99.95 else 1 if abs(x) >= 9.995 else 2
+            return f"{x:.{digits}f} {unit}"
+    return f"{int(round(n))} B"
+
+
+_BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+_DECIMAL = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3), ("B", 1))
+
+
 def fmt_bytes(n: float) -> str:
-    """Human form in binary units: '1.23 GiB'."""
-    n = float(n)
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    """Human form in binary units, three significant digits: '1.23 GiB', '759 KiB'."""
+    return _sig3(float(n), _BINARY)
 
 
 def fmt_both(n: float) -> str:
-    """Both forms: '8.00 GB (7.45 GiB)'."""
-    return f"{n / 1e9:.2f} GB ({n / 2**30:.2f} GiB)"
+    """Both forms, three significant digits each: '8.00 GB (7.45 GiB)', '778 kB (759 KiB)'."""
+    return f"{_sig3(float(n), _DECIMAL)} ({_sig3(float(n), _BINARY)})"
