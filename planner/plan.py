@@ -82,12 +82,18 @@ class Segment:
                 raise PlanError(f"{w}rows segment needs policy '2ps' or 'overl', got {self.policy!r}")
             if self.strips is None and not self.bounds:
                 raise PlanError(f"{w}rows segment needs 'strips' (a count) or 'bounds'")
-            if self.strips is not None and (not isinstance(self.strips, int) or self.strips < 1):
+            if self.strips is not None and (not isinstance(self.strips, int) or isinstance(self.strips, bool)
+                                            or self.strips < 1):
                 raise PlanError(f"{w}strips must be a positive integer, got {self.strips!r}")
         elif self.policy is not None or self.strips is not None or self.bounds:
             raise PlanError(f"{w}policy/strips/bounds are only meaningful for rows segments")
         if not isinstance(self.options, dict):
             raise PlanError(f"{w}options must be an object, got {type(self.options).__name__}")
+        if not isinstance(self.recompute, list) or not all(isinstance(r, str) for r in self.recompute):
+            raise PlanError(f"{w}recompute must be a list of node names, got {self.recompute!r}")
+        if self.bounds is not None and (not isinstance(self.bounds, list) or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in self.bounds)):
+            raise PlanError(f"{w}bounds must be a list of row indices, got {self.bounds!r}")
         if "bn" in self.options:
             if self.mode != "rows":
                 raise PlanError(f"{w}options.bn (training-mode BatchNorm strategy) is only meaningful for rows segments")
@@ -260,6 +266,20 @@ class Plan:
         nc = training.get("num_classes")
         if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
             raise PlanError(f"plan training.num_classes {nc!r} must be a positive integer")
+        from .cost import OPTIMIZERS  # (the cost model's list: what a plan can be priced for)
+
+        opt = training.get("optimizer")
+        if opt is not None and opt not in OPTIMIZERS:
+            raise PlanError(f"plan training.optimizer {opt!r} is not one of {', '.join(OPTIMIZERS)}")
+        for k, lo, hi in (("lr", 0.0, None), ("momentum", 0.0, 1.0), ("weight_decay", 0.0, None)):
+            v = training.get(k)
+            if v is None:
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf")
+            ok = ok and (v > lo if k == "lr" else v >= lo) and (hi is None or v < hi)
+            if not ok:
+                bound = "a positive number" if k == "lr" else f"a number in [{lo:g}, {hi:g})" if hi else "a number >= 0"
+                raise PlanError(f"plan training.{k} {v!r} must be {bound}")
         amp = training.get("amp")
         if amp is not None and amp not in AMP_DTYPES:
             raise PlanError(f"plan training.amp {amp!r} is not one of {', '.join(AMP_DTYPES)} (or absent: no autocast)")

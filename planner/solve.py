@@ -122,8 +122,7 @@ class Solver:
                                  f"plain autocast at half-precision rounding: add --amp-rows to accept that, or "
                                  f"use --policy auto|checkpoint")
             policy = "checkpoint"  # (no row segments: checkpoint and store are bit-identical)
-        # what a budget no plan fits could still try
-        self.hint = ", or allow row segments with --amp-rows" if graph.amp and not self.amp_rows else ""
+
         self.graph, self.name = graph, name or graph.model_name
         self.policy, self.bn, self.optimizer, self.solver_name = policy, bn, optimizer, solver
         self.device_profile = device_profile
@@ -137,6 +136,31 @@ class Solver:
         self.setup_s = time.perf_counter() - t0
         self._min_peak: Optional[int] = None
         self.last_path: List = []
+
+    @property
+    def hint(self) -> str:
+        """What a budget no plan fits could still try, and the floor no plan goes under (the tail
+        of :class:`planner.ilp.InfeasibleError`'s message)."""
+        from .cost import OPTIMIZERS
+        from .units import fmt_bytes
+
+        g, cm = self.graph, self.cm
+        levers = []
+        if g.amp and not self.amp_rows:
+            levers.append("allow row segments with --amp-rows")
+        if OPTIMIZERS[self.optimizer]:
+            levers.append("--optimizer sgd")
+        if self.bn == "train" and any(n.batch_stats for n in g.nodes):
+            levers.append("--bn eval")
+        if not g.amp and g.dtype == "float32":
+            levers.append("--amp bf16")
+        fixed = cm.fixed_breakdown()
+        if fixed["workspace"]:
+            levers.append(f"a device profile with less workspace ({cm.profile.name} reserves {fmt_bytes(fixed['workspace'])})")
+        floor = {"parameters": fixed["params"], "gradients": g.grad_bytes, "optimizer state": fixed["optimizer"],
+                 "workspace": fixed["workspace"]}
+        text = (", or try " + ", ".join(levers)) if levers else ""
+        return text + "; every plan keeps " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in floor.items() if v)
 
     def training(self) -> Dict[str, Any]:
         """The plan's ``training`` block (``Plan.build`` adds ``amp`` from the graph)."""

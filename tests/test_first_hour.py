@@ -66,3 +66,45 @@ def test_simulate_uses_the_plans_profile_like_with_like(capfd, tmp_path):
     assert "profile h100" in out and "workspace reserve" in out
     peak = next(l for l in out.splitlines() if l.startswith("peak"))
     assert abs(float(peak.split()[-1].rstrip("%"))) < 1.0, out
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["training"].__setitem__("optimizer", "lion"), "training.optimizer"),
+    (lambda d: d["training"].__setitem__("lr", "fast"), "training.lr"),
+    (lambda d: d["training"].__setitem__("lr", -1), "training.lr"),
+    (lambda d: d["training"].__setitem__("momentum", 1.5), "training.momentum"),
+    (lambda d: d["segments"][0].__setitem__("strips", True), "strips"),
+    (lambda d: d["segments"][0].__setitem__("recompute", "layer1_0_relu"), "recompute"),
+])
+def test_check_plan_refuses_hand_edited_training_fields(capfd, tmp_path, edit, needle):
+    """A hand-edited plan that run would misread is refused by check-plan (and run), one line."""
+    import json
+
+    plan = str(tmp_path / "p.json")
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget", "1.2MB",
+                       "--device-profile", "cpu", "-o", plan)
+    assert rc == 0, err
+    with open(plan) as f:
+        d = json.load(f)
+    d["segments"] = [s for s in d["segments"] if s["mode"] == "rows"] or d["segments"]
+    edit(d)
+    with open(plan, "w") as f:
+        json.dump(d, f)
+    for verb in (["check-plan", plan], ["run", plan, "--steps", "1", "--quiet"]):
+        rc, out, err = run(capfd, *verb)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (verb, err)
+
+
+def test_infeasible_names_the_levers_and_the_floor(capfd):
+    """No plan fits: the message names what else to try and what no plan goes under (here the
+    h100 profile's workspace is almost all of the smallest plan)."""
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "50KB", "--batch", 2)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1
+    for needle in ("--optimizer sgd", "--bn eval", "--amp bf16", "less workspace (h100 reserves 256 MiB)",
+                   "every plan keeps parameters", "workspace 256 MiB"):
+        assert needle in lines[0], lines[0]
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "50KB", "--batch", 2, "--optimizer", "sgd",
+                       "--bn", "eval", "--device-profile", "cpu")
+    assert rc == 2 and "--optimizer sgd" not in err and "--bn eval" not in err and "workspace" not in err
