@@ -6,17 +6,17 @@
 * :func:`draw_report` -- the PNG (memory timeline, per-segment peaks);
 * :func:`report` -- what ``planner report`` prints.
 """
-from .compare import compare, phase_table, runs_summary, segment_table, timeline
-from .records import RecordsError, load_records
+from lrcnn.analysis.compare import compare, phase_table, runs_summary, segment_table, timeline
+from lrcnn.analysis.records import RecordsError, load_records
 
 
 def draw_report(df, path):
-    from .plot import draw_report as _draw  # matplotlib only when drawing
+    from lrcnn.analysis.plot import draw_report as _draw  # matplotlib only when drawing
     return _draw(df, path)
 
 
 def report(paths, csv=None, png=None):
-    from .report import report as _report
+    from lrcnn.analysis.report import report as _report
     return _report(paths, csv=csv, png=png)
 
 

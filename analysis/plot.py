@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compare import segment_table, timeline
+from lrcnn.analysis.compare import segment_table, timeline
 
 MiB = 2 ** 20
 
@@ -68,7 +68,7 @@ def draw_report(df, path: str) -> None:
     ax2.set_title("per-segment peak: predicted vs actual (relative error above the bars)")
     fig.tight_layout()
 
-    from planner.files import atomic_write
+    from lrcnn.planner.files import atomic_write
 
     try:
         atomic_write(path, "PNG", lambda tmp: fig.savefig(tmp, dpi=100, format="png"), ".png")

@@ -17,7 +17,7 @@ def load_records(paths: Union[str, Iterable[str]]):
     """One DataFrame from one or more records files (.parquet, or .csv by extension)."""
     import pandas as pd
 
-    from planner.files import read_table
+    from lrcnn.planner.files import read_table
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

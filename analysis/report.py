@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import os
 
-from .compare import compare, runs_summary
-from .records import RecordsError, load_records
+from lrcnn.analysis.compare import compare, runs_summary
+from lrcnn.analysis.records import RecordsError, load_records
 
 
 def _mib(v) -> str:
@@ -32,7 +32,8 @@ def _check_target(path, ext):
 
 def report(paths, csv=None, png=None) -> str:
     """Tables as text; writes the comparison CSV / PNG when asked (atomically)."""
-    from planner.cli import format_table, write_csv_atomic
+    from lrcnn.planner.units import format_table
+    from lrcnn.planner.files import write_csv_atomic
 
     _check_target(csv, ".csv")
     _check_target(png, ".png")
@@ -61,7 +62,7 @@ def report(paths, csv=None, png=None) -> str:
         write_csv_atomic(cmp, csv)
         out.append(f"\nwrote {csv} ({len(cmp)} rows)")
     if png:
-        from .plot import draw_report
+        from lrcnn.analysis.plot import draw_report
         draw_report(df, png)
         out.append(f"wrote {png}")
     return "\n".join(out)

@@ -33,9 +33,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
-from planner.plan import Plan
-from .program import PlannedModule, adopt, apply_plan
-from .rows import RowSegment, bn_normalise, run_rows, update_running_stats
+from lrcnn.planner.plan import Plan
+from lrcnn.executor.program import PlannedModule, adopt, apply_plan
+from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows, update_running_stats
 
 
 class _EagerRows(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import memory
+from lrcnn.models import memory
 
 
 def _classes(model: nn.Module) -> int:
@@ -97,7 +97,7 @@ def make_optimizer(params, name: str, lr: Optional[float] = None, momentum: floa
 def autocast(device_type: str, amp: Optional[str]):
     """``torch.autocast`` on ``device_type`` in the dtype ``amp`` names (``"bf16"``/``"fp16"``),
     a no-op context for ``amp=None``."""
-    from models.capture import amp_dtype
+    from lrcnn.models.capture import amp_dtype
 
     dtype = amp_dtype(amp)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)

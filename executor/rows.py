@@ -31,11 +31,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
+from lrcnn.models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
                              max_strips, propagate_heights, segment_ancestors, strip_schedule)
-from . import memory
-from .state import StateSlots, amp_replay, amp_state, no_cast_cache
-from .strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
+from lrcnn.models import memory
+from lrcnn.executor.state import StateSlots, amp_replay, amp_state, no_cast_cache
+from lrcnn.executor.strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
 
 BN_STRATEGIES = ("sweeps", "layerwise")
 

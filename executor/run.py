@@ -48,11 +48,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from planner.cli import write_csv_atomic
-from planner.files import atomic_write, check_output_path
+from lrcnn.planner.files import write_csv_atomic
+from lrcnn.planner.files import atomic_write, check_output_path
 
-from . import memory
-from .measure import (DEFAULT_LR, OPTIMIZERS, autocast, grad_scaler, make_optimizer as _make_optimizer, opt_state,
+from lrcnn.models import memory
+from lrcnn.executor.measure import (DEFAULT_LR, OPTIMIZERS, autocast, grad_scaler, make_optimizer as _make_optimizer, opt_state,
                       train_step)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -90,7 +90,7 @@ def predicted_for(plan, graph, device_kind: str = "cpu") -> Dict[str, Any]:
     made for this kind of device (``cpu`` / ``cuda``), else a fresh prediction with the matching
     profile (a plan solved for an H100 carries CUDA workspace and timings: on the CPU it is
     re-predicted with the ``cpu`` profile).  ``{}`` (NaN in the records) if that fails."""
-    from planner.cost import CostError, CostModel, load_profile
+    from lrcnn.planner.cost import CostError, CostModel, load_profile
 
     pred = dict(plan.predicted or {})
     prof = pred.get("device_profile")
@@ -154,7 +154,7 @@ def device_info(device: torch.device) -> Dict[str, Any]:
 def build_model(plan, seed: int = 0):
     """The plan's model with random weights (``seed``) on the CPU, and its capture, checked
     against the plan (:func:`planner.cli.plan_model`)."""
-    from planner.cli import plan_model
+    from lrcnn.planner.plan import plan_model
 
     torch.manual_seed(seed)
     return plan_model(plan, real=True)
@@ -334,7 +334,7 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
     """One forward+backward of the plain model and the planned one on the same input: loss and
     every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype (with
     ``amp``: both under autocast, within the tolerance of its half-precision dtype)."""
-    from models.capture import compute_dtype
+    from lrcnn.models.capture import compute_dtype
 
     tol = GRAD_TOL[compute_dtype(dtype, amp)]
     results = []
@@ -472,9 +472,9 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     import pandas as pd
     from tqdm import tqdm
 
-    from planner.plan import Plan
-    from . import distributed as D
-    from .program import apply_plan
+    from lrcnn.planner.plan import Plan
+    from lrcnn.executor import distributed as D
+    from lrcnn.executor.program import apply_plan
 
     info = dist_info or D.DistInfo()
     if steps < 1 or warmup < 0:
@@ -590,8 +590,8 @@ def _rel(p, a) -> str:
 
 def summarize(df) -> str:
     """Short table: step, phases and segments, predicted vs actual peak MiB and median ms."""
-    from analysis.compare import compare
-    from planner.cli import format_table
+    from lrcnn.analysis.compare import compare
+    from lrcnn.planner.units import format_table
 
     cmp = compare(df)
     ranks = dict(zip(df["run_id"], df["rank"])) if "rank" in df else {}
@@ -624,7 +624,7 @@ def run_command(args) -> int:
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) this process joins the process group first and
     is one rank of a distributed run; only rank 0 prints."""
-    from . import distributed as D
+    from lrcnn.executor import distributed as D
 
     if getattr(args, "nproc", 1) > 1:
         return launch(args)
@@ -659,16 +659,16 @@ def launch_argv(args) -> List[str]:
     if getattr(args, "amp", None):
         argv += ["--amp", args.amp]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-            "-m", "executor.run", *argv]
+            "-m", "lrcnn", "run", *argv]
 
 
 def launch(args) -> int:
     """``--nproc N``: check the input here (bad input: exit 2, one line), then run torchrun."""
     import subprocess
 
-    from planner.plan import Plan
+    from lrcnn.planner.plan import Plan
 
-    from . import distributed as D
+    from lrcnn.executor import distributed as D
 
     if D.env_info() is not None:
         raise RunError("--nproc: this process is already one rank of a torchrun launch; drop --nproc")
@@ -677,9 +677,7 @@ def launch(args) -> int:
         raise RunError(f"--nproc {args.nproc}: only {torch.cuda.device_count()} CUDA GPU(s); one process per GPU")
     _check_out(args.out)
     plan_precision(Plan.load(args.plan), getattr(args, "amp", None))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(launch_argv(args), env=env)
 
@@ -690,7 +688,7 @@ def main(argv=None) -> int:
 
         torchrun --nproc-per-node 4 -m executor.run plan.json --steps 20 --out rec.parquet
     """
-    from planner.cli import _Parser, add_run_args, run_parser
+    from lrcnn.planner.cli import _Parser, add_run_args, run_parser
 
     p = _Parser(prog="python -m executor.run",
                 description="Run a plan for real (the arguments of 'planner run').  Under torchrun each "

@@ -21,7 +21,7 @@ from typing import Iterable, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models.ops import module_refusal
+from lrcnn.models.ops import module_refusal
 
 
 class StateSlots:

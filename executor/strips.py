@@ -15,9 +15,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import ops as _ops
-from models.ops import call, out_of_place_call, out_of_place_module, pair
-from models.geometry import HGeom, input_rows
+from lrcnn.models import ops as _ops
+from lrcnn.models.ops import call, out_of_place_call, out_of_place_module, pair
+from lrcnn.models.geometry import HGeom, input_rows
 
 
 class RowSegmentError(ValueError):

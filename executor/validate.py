@@ -65,9 +65,9 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
     import pandas as pd
     from tqdm import tqdm
 
-    from planner.cli import build_and_capture, quiet_torch_logs
-    from planner.solve import Solver
-    from .run import resolve_device, run_plan
+    from lrcnn.models.capture import build_and_capture, quiet_torch_logs
+    from lrcnn.planner.solve import Solver
+    from lrcnn.executor.run import resolve_device, run_plan
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
@@ -124,7 +124,7 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
 
 def format_validate(res: ValidateResult) -> str:
     """The validate table: one row per plan, MiB and ms, errors in percent."""
-    from planner.cli import format_table
+    from lrcnn.planner.units import format_table
 
     def mib(v):
         return "-" if v is None or math.isnan(v) else f"{v / 2**20:.1f}"
@@ -156,7 +156,7 @@ def draw_validate(res: ValidateResult, path: str) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from planner.files import atomic_write
+    from lrcnn.planner.files import atomic_write
 
     t = res.table.sort_values("budget_bytes")
     x = t.budget_bytes / 2**20

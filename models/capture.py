@@ -8,19 +8,22 @@ H-geometry.  The result, :class:`LayerGraph`, is what the planner and executor w
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from . import ops as _ops
-from .geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
+from lrcnn.models import ops as _ops
+from lrcnn.models.zoo import BN_MODES, default_resolution, get_model, parse_dtype, set_bn_mode
+from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
 
 
 class CaptureError(ValueError):
@@ -396,7 +399,7 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     """
     from torch.func import functional_call
 
-    from executor.memory import StorageTracker
+    from lrcnn.models.memory import StorageTracker
 
     prof: Dict[str, dict] = {}
     # storage key -> (node whose output it is, weak reference to that storage): a key is the
@@ -680,3 +683,40 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
                              for b in gm.buffers())
     graph.saved_input_bytes = sum(r.get("saved_input", 0) for r in records.values())
     return graph
+
+
+@contextlib.contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's fake-tensor logger, which logs a full traceback when a meta kernel rejects
+    a shape (e.g. a resolution too small for the network); the CLI reports that as one line."""
+    names = ("torch._subclasses.fake_tensor",)
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, lvl in saved:
+            lg.setLevel(lvl)
+
+
+def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int]] = None,
+                      dtype: str = "float32", bn: str = "train", weights: Optional[str] = None,
+                      num_classes: Optional[int] = None, real: bool = False, amp: Optional[str] = None):
+    """Build a zoo model and capture it (under autocast with ``amp``).  Returns ``(model, graph)``.
+
+    The model lives on the meta device unless ``weights`` is given or ``real`` (then on the CPU
+    in ``dtype``, random weights unless ``weights``).  The model is in training mode with
+    BatchNorm in ``bn`` mode (:func:`lrcnn.models.set_bn_mode`).
+    """
+    tdtype = parse_dtype(dtype)
+    model = get_model(name, num_classes=num_classes, weights=weights,
+                      device=None if (weights is not None or real) else "meta").to(tdtype)
+    set_bn_mode(model, bn)
+    if resolution is None:
+        r = default_resolution(name)
+        resolution = (r, r)
+    h, w = resolution
+    with quiet_torch_logs():
+        graph = capture(model, (batch, 3, h, w), tdtype, model_name=name, amp=amp)
+    return model, graph

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .geometry import HGeom, IDENTITY
+from lrcnn.models.geometry import HGeom, IDENTITY
 
 # kinds
 SPATIAL = "spatial"      # windowed along H (conv, pool): rows need a halo

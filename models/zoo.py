@@ -13,6 +13,10 @@ import torch
 import torch.nn as nn
 
 
+DTYPES = ("float32", "float64", "bfloat16", "float16")  # the dtypes a model is built and planned in
+BN_MODES = ("train", "eval")  # BatchNorm in training (batch statistics) or eval (running statistics) mode
+
+
 class ModelError(ValueError):
     """Unknown model name or unusable weights file."""
 
@@ -188,11 +192,18 @@ def set_bn_mode(model: nn.Module, bn: str) -> nn.Module:
     ``train``: batch statistics (what people train with); ``eval``: frozen BN (running
     statistics), everything else (dropout) still training.  Returns the model.
     """
-    if bn not in ("train", "eval"):
-        raise ModelError(f"BatchNorm mode {bn!r} is not 'train' or 'eval'")
+    if bn not in BN_MODES:
+        raise ModelError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
     model.train()
     if bn == "eval":
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     return model
+
+
+def parse_dtype(name: str):
+    """The torch dtype for one of :data:`DTYPES` (:class:`ModelError` otherwise)."""
+    if name not in DTYPES:
+        raise ModelError(f"dtype {name!r} is not supported: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)

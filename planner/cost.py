@@ -51,11 +51,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from models import ops as _ops
-from models.capture import compute_dtype
-from models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
+from lrcnn.models import ops as _ops
+from lrcnn.models.capture import compute_dtype
+from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
                              segment_ancestors, strip_schedule)
-from .plan import Plan, PlanError, Segment
+from lrcnn.planner.plan import Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
            "CostError"]
@@ -397,7 +397,7 @@ class CostModel:
         (no new bytes), so the whole band is new; a spatial op's captured backward already makes
         the gradient of the rows it reads.  ``source``: the segment input, when the strip's
         backward makes the gradient of its input band (the rows it sliced from the input map)."""
-        from models.geometry import input_rows
+        from lrcnn.models.geometry import input_rows
 
         out: Dict[str, list] = {}
         for n in nodes:
@@ -817,7 +817,7 @@ class CostModel:
         two strips against the strip before them (2PS carries), the output rows, and whether the
         strip is the first (cold weights).  Two strips with equal keys cost the same
         (:meth:`_rows` prices one and reuses it)."""
-        from models.geometry import input_rows
+        from lrcnn.models.geometry import input_rows
 
         parts: List = [i > 0]
         for k in range(i, min(i + 3, sched.strips) if sched.policy == "2ps" else i + 1):
@@ -909,7 +909,7 @@ class CostModel:
         ``keep``: nodes whose new rows stay live anyway (autograd roots of a backward strip).
         Returns (the graph, ``sizes``).
         """
-        from models.geometry import input_rows
+        from lrcnn.models.geometry import input_rows
 
         out: List[_StripNode] = []
         sizes: Dict[str, int] = {}
@@ -1034,3 +1034,14 @@ class CostModel:
                           "optimizer": fb["optimizer"], "input": fb["input"] + fb["loss"],
                           "activations": acts, "workspace": fb["workspace"]},
         }
+
+
+def check_profile(profile: str) -> None:
+    """Load ``profile`` once to check it; an unknown name or a broken file is one :class:`CostError`."""
+    try:
+        load_profile(profile)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # KeyError and friends: one line
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise CostError(f"unknown device profile {profile!r} ({text}); give a profile name or a JSON file") from None

@@ -81,3 +81,9 @@ def read_table(path: str, required, what: str, fix: str, error: type = ValueErro
     if missing:
         raise error(f"{path!r} is not a {what} (missing column(s) {', '.join(missing)}); {fix}")
     return df
+
+
+def write_csv_atomic(df, path: str) -> None:
+    """Write a DataFrame as CSV atomically: the file at ``path`` is either the complete new CSV
+    or untouched (:func:`atomic_write`)."""
+    atomic_write(path, "CSV", lambda tmp: df.to_csv(tmp, index=False), ".csv")

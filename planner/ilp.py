@@ -48,9 +48,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from models.ops import recomputable
+from lrcnn.models.ops import recomputable
 
-from .plan import Segment
+from lrcnn.planner.plan import Segment
 
 MODES_BY_POLICY = {
     "auto": ("store", "checkpoint", "rows"),
@@ -67,7 +67,7 @@ class InfeasibleError(ValueError):
     """No plan fits the budget; ``min_peak`` is the smallest predicted peak any plan reaches."""
 
     def __init__(self, budget: int, min_peak: int, hint: str = ""):
-        from .units import fmt_both
+        from lrcnn.planner.units import fmt_both
 
         self.budget, self.min_peak = budget, min_peak
         super().__init__(f"infeasible: the smallest plan needs {fmt_both(min_peak)}; "
@@ -220,7 +220,7 @@ class Problem:
     def _row_candidates(self, i, j, first, last, source, pol, rg) -> List[Candidate]:
         """Row candidates of one range and policy: the forced strip count, or 2, 4, 8, ... while
         doubling the strips still lowers the segment's peak by ``strip_gain`` (and rows allow)."""
-        from models.geometry import max_strips
+        from lrcnn.models.geometry import max_strips
 
         top = max_strips(rg, source, last, pol)
         if self.strips is not None:

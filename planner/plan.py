@@ -35,18 +35,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
+from lrcnn.models.zoo import BN_MODES, DTYPES
+
 SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-BN_MODES = ("train", "eval")
-AMP_DTYPES = ("bf16", "fp16")  # training.amp: autocast dtypes (models.capture.AMP_DTYPES, tested equal)
+AMP_DTYPES = tuple(_AMP)  # training.amp: the autocast dtypes capture knows
 POLICIES = ("2ps", "overl")
 BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
 
 
 def write_json_atomic(data, path: str, what: str = "plan") -> None:
     """Write ``data`` as indented JSON to ``path``, atomically (:func:`planner.files.atomic_write`)."""
-    from .files import atomic_write
+    from lrcnn.planner.files import atomic_write
 
     def write(tmp):
         with open(tmp, "w") as f:  # streamed: a failure while writing leaves no file behind
@@ -211,7 +212,7 @@ class Plan:
 
     @staticmethod
     def _check_strips(graph, s: Segment, where: str) -> None:
-        from models.geometry import check_bounds
+        from lrcnn.models.geometry import check_bounds
 
         source = graph.source_of(s.first)
         rows = source.height if s.policy == "2ps" else graph[s.last].height
@@ -266,7 +267,7 @@ class Plan:
         nc = training.get("num_classes")
         if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
             raise PlanError(f"plan training.num_classes {nc!r} must be a positive integer")
-        from .cost import OPTIMIZERS  # (the cost model's list: what a plan can be priced for)
+        from lrcnn.planner.cost import OPTIMIZERS  # (the cost model's list: what a plan can be priced for)
 
         opt = training.get("optimizer")
         if opt is not None and opt not in OPTIMIZERS:
@@ -320,3 +321,23 @@ class Plan:
         if graph is not None:
             plan.validate(graph)
         return plan
+
+
+def precision(dtype: str, amp: Optional[str]) -> str:
+    """``float32``, or ``float32 + autocast bf16`` for a mixed-precision graph or plan."""
+    return f"{dtype} + autocast {amp}" if amp else dtype
+
+
+def plan_model(plan, real: bool = False, num_classes: Optional[int] = None):
+    """The plan's zoo model (meta device, or ``real``: CPU with random weights) in the plan's
+    dtype and BN mode, and its capture at the plan's input shape, checked against the plan
+    (schema, fingerprint, segments).  Returns ``(model, graph)``; PlanError says what differs."""
+    n, c, h, w = plan.input_shape
+    if c != 3:  # every zoo model takes RGB input
+        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
+                        f"re-create the plan for this model")
+    model, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, plan.training.get("bn", "train"),
+                                     None, num_classes or plan.training.get("num_classes"), real=real,
+                                     amp=plan.training.get("amp"))
+    plan.validate(graph)
+    return model, graph

@@ -2,7 +2,7 @@
 
 ::
 
-    from planner import solve
+    from lrcnn.planner import solve
     plan = solve("resnet50", (32, 3, 224, 224), "8GB")              # a zoo name
     plan = solve(my_module, (8, 3, 512, 512), 6 * 2**30, bn="eval", policy="2ps", time_limit=5)
     plan.save("plan.json"); plan.predicted["peak_bytes"], plan.solver["gap"]
@@ -14,11 +14,11 @@ plan reaches under the same cost model.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .cost import OPTIMIZERS as _STATE_COPIES
-from .plan import BN_MODES, DTYPES, Plan, Segment
-from .units import parse_bytes
+from lrcnn.planner.cost import OPTIMIZERS as _STATE_COPIES
+from lrcnn.planner.plan import BN_MODES, DTYPES, Plan, Segment
+from lrcnn.planner.units import parse_bytes
 
 OPTIMIZERS = tuple(_STATE_COPIES)  # the optimizers the cost model prices
 POLICIES = ("auto", "2ps", "overl", "checkpoint")
@@ -61,8 +61,8 @@ def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "flo
     """
     import torch.nn as nn
 
-    from models import capture, default_resolution
-    from .cli import build_and_capture, quiet_torch_logs
+    from lrcnn.models import capture, default_resolution
+    from lrcnn.models.capture import build_and_capture, quiet_torch_logs
 
     if isinstance(model, str):
         if input_shape is None:
@@ -110,7 +110,7 @@ class Solver:
                  strips: Optional[int] = None, optimizer: str = "momentum",
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", headroom: float = HEADROOM,
                  compiled: bool = False, amp_rows: bool = False, **problem_kw):
-        from .cost import CostModel
+        from lrcnn.planner.cost import CostModel
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
         # under autocast, row strips differ from plain autocast at half-precision rounding
@@ -141,8 +141,8 @@ class Solver:
     def hint(self) -> str:
         """What a budget no plan fits could still try, and the floor no plan goes under (the tail
         of :class:`planner.ilp.InfeasibleError`'s message)."""
-        from .cost import OPTIMIZERS
-        from .units import fmt_bytes
+        from lrcnn.planner.cost import OPTIMIZERS
+        from lrcnn.planner.units import fmt_bytes
 
         g, cm = self.graph, self.cm
         levers = []
@@ -173,7 +173,7 @@ class Solver:
     def problem(self):
         """The priced candidates (built on first use: a budget the plain step fits needs none)."""
         if self._problem is None:
-            from .ilp import Problem
+            from lrcnn.planner.ilp import Problem
 
             t0 = time.perf_counter()
             self._problem = Problem(self.cm, self.graph, policy=self.policy, strips=self.strips,
@@ -208,7 +208,7 @@ class Solver:
     def solve(self, budget, time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP,
               warm: Optional[List] = None, merge_store: bool = True) -> Plan:
         """The fastest plan whose predicted peak fits ``budget`` (bytes or a size string)."""
-        from .ilp import InfeasibleError, Result
+        from lrcnn.planner.ilp import InfeasibleError, Result
 
         budget = parse_bytes(budget)
         user_budget = budget
@@ -343,3 +343,78 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     plan = s.solve(budget, time_limit=time_limit, gap=gap)
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
     return plan
+
+
+def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16,
+              start: Optional[int] = None) -> int:
+    """Largest batch ``n`` with ``fits_at(n)[0]`` (``fits_at`` returns (fits, min peak bytes)).
+
+    Interpolation search: the smallest plan's peak grows about linearly with the batch, so a secant
+    guess brackets the answer in a few captures; bisection finishes it.  0 if batch 1 does not fit.
+    ``start``: a size expected to fit (another method's answer); the search begins there and grows
+    at most 2x per try, so a peak that grows faster than linearly (an image side: quadratic) never
+    sends a guess far past the answer, where one capture and solve may take many minutes.
+    """
+    if start is not None and start > 2:
+        ok, pk = fits_at(start)
+        if not ok:
+            return max_batch(fits_at, budget, min(limit, start - 1))
+        lo, plo, hi, phi, slope, capped = start, pk, None, None, max(1.0, pk / start), True
+    else:
+        ok1, p1 = fits_at(1)
+        if not ok1:
+            return 0
+        ok2, p2 = fits_at(2)
+        if not ok2:
+            return 1
+        lo, plo, hi, phi = 2, p2, None, None
+        slope, capped = max(1.0, float(p2 - p1)), False
+    turn = 0
+    while hi is None or hi - lo > 1:
+        step = max(1, int((budget - plo) / slope))
+        if hi is None:
+            c = min(lo + step, limit, 2 * lo if capped else limit)
+        else:  # secant and bisection alternate: fast on near-linear peaks, never slow
+            c = lo + step if turn % 2 == 0 else (lo + hi) // 2
+            c = min(max(c, lo + 1), hi - 1)
+            turn += 1
+        ok, pk = fits_at(c)
+        if ok:
+            slope = max(1.0, (pk - plo) / (c - lo))
+            lo, plo = c, pk
+            if c >= limit:
+                return limit
+        else:
+            hi, phi = c, pk
+            slope = max(1.0, (phi - plo) / (hi - lo))
+    return lo
+
+
+def pareto_frame(solver, points: int = 10, lo: Optional[int] = None, hi: Optional[int] = None,
+                 time_limit: float = 30.0, gap: float = 0.005):
+    """Budget vs predicted step time: ``points`` budgets from the smallest plan to the plain step.
+
+    Budgets are solved in increasing order, each warm-started from the previous plan (which still
+    fits), so the predicted time never rises as the budget grows.
+    """
+    import pandas as pd
+
+    lo = lo if lo is not None else solver.smallest_budget()
+    hi = hi if hi is not None else max(lo, solver.baseline()["peak"])
+    budgets = sorted({int(lo + (hi - lo) * k / max(1, points - 1)) for k in range(points)})
+    rows, warm = [], None
+    base_t = solver.baseline()["time_s"]
+    for b in budgets:
+        plan = solver.solve(b, time_limit=time_limit, gap=gap, warm=warm)
+        warm = list(solver.last_path)
+        pred = plan.predicted
+        modes = {}
+        for s in plan.segments:
+            modes[s.mode] = modes.get(s.mode, 0) + 1
+        rows.append({
+            "budget_bytes": b, "budget_GB": b / 1e9, "budget_GiB": b / 2**30,
+            "time_s": pred["time_s"], "overhead": pred["time_s"] / base_t - 1 if base_t else 0.0,
+            "peak_bytes": pred["peak_bytes"], "status": plan.solver["status"], "gap": plan.solver["gap"],
+            "segments": " ".join(f"{k}:{v}" for k, v in sorted(modes.items())),
+        })
+    return pd.DataFrame(rows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Optional, Sequence
 
 _UNITS = {
     "": 1, "B": 1,
@@ -61,3 +62,21 @@ def fmt_bytes(n: float) -> str:
 def fmt_both(n: float) -> str:
     """Both forms, three significant digits each: '8.00 GB (7.45 GiB)', '778 kB (759 KiB)'."""
     return f"{_sig3(float(n), _DECIMAL)} ({_sig3(float(n), _BINARY)})"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
+    """Aligned plain-text table.  ``align``: one of ``l``/``r`` per column (default: numbers
+    right-aligned, text left-aligned, judged from the first row)."""
+    cells = [[str(c) for c in r] for r in rows]
+    head = [str(h) for h in header]
+    if align is None:
+        first = rows[0] if rows else [""] * len(head)
+        align = "".join("r" if isinstance(v, (int, float)) and not isinstance(v, bool) else "l" for v in first)
+    widths = [max([len(head[i])] + [len(r[i]) for r in cells]) for i in range(len(head))]
+
+    def line(vals):
+        out = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(vals, widths, align)]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), rule] + [line(r) for r in cells])

@@ -27,7 +27,7 @@ def _captured(name: str, shape: tuple, dtype: str = "float32", training: bool = 
               num_classes=None):
     import torch
 
-    from models import capture, get_model
+    from lrcnn.models import capture, get_model
 
     model = get_model(name, num_classes=num_classes, device="meta")
     model.train(training)

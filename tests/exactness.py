@@ -8,10 +8,10 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
-from models import capture
-from planner import Plan, Segment
-from executor import apply_plan
-from executor.exactness import GRAD_FLOOR, rel, train_step  # noqa: F401 (rel, GRAD_FLOOR: for the tests)
+from lrcnn.models import capture
+from lrcnn.planner import Plan, Segment
+from lrcnn.executor import apply_plan
+from lrcnn.executor.exactness import GRAD_FLOOR, rel, train_step  # noqa: F401 (rel, GRAD_FLOOR: for the tests)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from executor import apply_plan
-from executor.measure import grad_scaler, train_step, train_step_memory
-from models import AMP_DTYPES, capture, get_model, set_bn_mode
-from planner import Plan, PlanError, Segment
-from planner.cli import main
-from planner.cost import CostModel
-from planner.plan import AMP_DTYPES as PLAN_AMP
+from lrcnn.executor import apply_plan
+from lrcnn.executor.measure import grad_scaler, train_step, train_step_memory
+from lrcnn.models import AMP_DTYPES, capture, get_model, set_bn_mode
+from lrcnn.planner import Plan, PlanError, Segment
+from lrcnn.planner.cli import main
+from lrcnn.planner.cost import CostModel
+from lrcnn.planner.plan import AMP_DTYPES as PLAN_AMP
 
 SHAPE = (2, 3, 64, 64)
 
@@ -89,7 +89,7 @@ PLANS = {
 def test_cost_model_prices_autocast_steps(kind, amp):
     """Predicted whole-step peak against the simulated step under autocast (train-mode BN, in
     rows by strip sweeps): within the solver's headroom, and never more than 1% below."""
-    from planner.solve import HEADROOM
+    from lrcnn.planner.solve import HEADROOM
 
     model = _model(device="meta")
     graph = capture(model, SHAPE, amp=amp)
@@ -178,8 +178,8 @@ def test_cli_run_refuses_another_precision(tmp_path, capsys):
 def test_solve_plans_rows_under_amp_only_when_accepted():
     """Under --amp, row segments (gradients at half-precision rounding) are planned only with
     amp_rows; without it the planner says so where rows would have fitted the budget."""
-    from planner.ilp import InfeasibleError
-    from planner.solve import Solver, capture_model
+    from lrcnn.planner.ilp import InfeasibleError
+    from lrcnn.planner.solve import Solver, capture_model
 
     _, graph = capture_model("resnet18", (8, 3, 160, 160), amp="bf16")
     with_rows = Solver(graph, amp_rows=True, device_profile="cpu")
@@ -202,7 +202,7 @@ def test_rows_refused_under_autocast_unless_the_plan_accepts():
     """A row segment trained under autocast is refused with the project's error (its gradients
     differ from plain autocast at half-precision rounding), whatever plan it came from; no-grad
     forwards run (bit-identical)."""
-    from executor import RowSegmentError
+    from lrcnn.executor import RowSegmentError
 
     torch.manual_seed(0)
     model = _model("tiny_resnet")

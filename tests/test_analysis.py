@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import compare, load_records, phase_table, runs_summary, segment_table, timeline
-from analysis.records import RecordsError
-from executor.run import COLUMNS
-from planner.cli import main
+from lrcnn.analysis import compare, load_records, phase_table, runs_summary, segment_table, timeline
+from lrcnn.analysis.records import RecordsError
+from lrcnn.executor.run import COLUMNS
+from lrcnn.planner.cli import main
 
 from test_cli import assert_one_line_error
 

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from exactness import TOL, Reference, rel
-from executor import apply_plan
-from executor.measure import step_memory
-from models import capture, get_model
-from models.geometry import RowGraph, HGeom, strip_schedule
-from planner import Plan, PlanError, Segment
+from lrcnn.executor import apply_plan
+from lrcnn.executor.measure import step_memory
+from lrcnn.models import capture, get_model
+from lrcnn.models.geometry import RowGraph, HGeom, strip_schedule
+from lrcnn.planner import Plan, PlanError, Segment
 
 POLICIES = ["2ps", "overl"]
 
@@ -113,7 +113,7 @@ def test_store_recompute_of_batch_stats_bn_reuses_the_forward_statistics(monkeyp
     """A store segment that drops its train-mode BN outputs recomputes each from the mean and
     inverse std the forward saved (one normalising pass), never the batch statistics again; the
     step is still plain PyTorch's (float64 1e-10, float32 1e-5)."""
-    from executor import program
+    from lrcnn.executor import program
 
     m = _train_model("tiny_resnet", dtype)
     if stats == "no-running-stats":
@@ -383,8 +383,8 @@ def test_bn_strip_backward_makes_no_row_temporaries():
     """A strip's training-mode BN backward holds xhat and the input gradient, nothing more (the
     owned rows' constant part is made in place on xhat), and its results are bit for bit the
     out-of-place formula's."""
-    from executor.memory import StorageTracker
-    from executor.rows import _BNStat, _BNStrip
+    from lrcnn.models.memory import StorageTracker
+    from lrcnn.executor.rows import _BNStat, _BNStrip
 
     torch.manual_seed(3)
     n, c, h, w, own0 = 2, 5, 8, 6, 1

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import CaptureError, HGeom, capture, get_model, list_models
-from models.geometry import IDENTITY
+from lrcnn.models import CaptureError, HGeom, capture, get_model, list_models
+from lrcnn.models.geometry import IDENTITY
 
 SIZES = [(224, 224), (193, 251)]
 
@@ -367,7 +367,7 @@ def test_tensor_methods_classified_as_their_functions():
     """``x.sigmoid()``, ``y.add_(x)``, ``x.relu_()`` ... are the ops ``torch.sigmoid``, ``torch.add``,
     ``torch.relu`` are: same op, kind, geometry, row-wise flag, inputs and FLOPs, node by node; a
     node that reads a tensor after a method overwrote it in place reads the in-place node."""
-    from models.ops import recomputable
+    from lrcnn.models.ops import recomputable
 
     meth = capture(MethodNet(), (2, 3, 16, 16))
     func = capture(MethodNet(functions=True), (2, 3, 16, 16))

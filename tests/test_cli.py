@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from models import get_model, list_models
-from planner.cli import format_table, main, parse_resolution
-from planner.plan import Plan, Segment
+from lrcnn.models import get_model, list_models
+from lrcnn.planner.units import format_table
+from lrcnn.planner.cli import main, parse_resolution
+from lrcnn.planner.plan import Plan, Segment
 
 
 def run(capfd, *argv):
@@ -358,7 +359,7 @@ def test_check_plan_not_json(capfd, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_subprocess_inspect_resnet50(repo_root):
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "inspect", "--model", "resnet50", "--batch", "2"],
+    proc = subprocess.run([sys.executable, "-m", "lrcnn", "inspect", "--model", "resnet50", "--batch", "2"],
                           cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from exactness import Reference, seg_rows
-from executor.compiled import CompilablePlan, compile_plan
-from planner import Plan, Segment
+from lrcnn.executor.compiled import CompilablePlan, compile_plan
+from lrcnn.planner import Plan, Segment
 from test_executor import _data, _model
 
 MIXED = [seg_rows("conv1", "maxpool", "2ps", 2),
@@ -107,8 +107,8 @@ def test_compiled_checkpoint_region_replays_dropout():
     generator (``fallback_random``, as the bench compiles): the region's backward recompute uses
     the forward's mask, so the step matches plain PyTorch in float64 (``bench.compare.rel_errs``:
     the gradient of a BN bias the next train-mode BN cancels is rounding and compared as such)."""
-    from bench.compare import _budget_setup, compile_settings, is_exact, make_case, rel_errs
-    from planner.cli import build_and_capture
+    from lrcnn.analysis.bench.compare import _budget_setup, compile_settings, is_exact, make_case, rel_errs
+    from lrcnn.models.capture import build_and_capture
 
     case = make_case("t", "mobilenet_v2", 2, 64, torch.device("cpu"), "float64")
     _, g = build_and_capture("mobilenet_v2", 2, (64, 64), "float64", "train")

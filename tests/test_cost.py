@@ -8,11 +8,11 @@ import statistics
 import pytest
 import torch
 
-from bench.cost_grid import KINDS, grid_plan, run_case
-from models import capture, get_model, set_bn_mode
-from planner import Plan, Segment
-from models.ops import TIME_CLASSES, time_class
-from planner.cost import PROFILES, CostError, CostModel, DeviceProfile, load_profile
+from lrcnn.analysis.bench.cost_grid import KINDS, grid_plan, run_case
+from lrcnn.models import capture, get_model, set_bn_mode
+from lrcnn.planner import Plan, Segment
+from lrcnn.models.ops import TIME_CLASSES, time_class
+from lrcnn.planner.cost import PROFILES, CostError, CostModel, DeviceProfile, load_profile
 from tests.exactness import Reference
 from tests.test_cli import assert_one_line_error, run
 
@@ -51,8 +51,8 @@ def test_store_and_checkpoint_bytes_compose_exactly():
     m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "eval")
     g = capture(m, (4, 3, 96, 96))
     cm = CostModel(g, optimizer="adam")
-    from executor import apply_plan
-    from executor.measure import train_step_memory
+    from lrcnn.executor import apply_plan
+    from lrcnn.executor.measure import train_step_memory
 
     for segs in ([], [Segment("layer1", "layer2", "checkpoint"), Segment("layer3", "layer4", "checkpoint")]):
         plan = Plan.build(g, segs, training={"optimizer": "adam", "bn": "eval"})
@@ -67,8 +67,8 @@ def test_frozen_parameters_cost_no_gradient_or_optimizer_bytes():
     counts no gradient bytes for them, so the optimizer state and the parameter gradients the
     cost model prices shrink by exactly their size, and the prediction still composes to the
     simulated step (plain, checkpoint and row plans) within 0.5 % per phase."""
-    from executor import apply_plan
-    from executor.measure import train_step_memory
+    from lrcnn.executor import apply_plan
+    from lrcnn.executor.measure import train_step_memory
 
     def model(frozen: bool):
         m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "eval")
@@ -101,9 +101,9 @@ def test_store_recompute_sets_priced_as_run():
     and within 3 % of it, per phase and on the segment's own backward; the whole set lowers the
     simulated backward peak (recipes are let go with their savers, not at the end of the
     segment's backward: holding them cost more than the set saved)."""
-    from executor import apply_plan
-    from executor.measure import train_step_memory
-    from models.ops import recomputable
+    from lrcnn.executor import apply_plan
+    from lrcnn.executor.measure import train_step_memory
+    from lrcnn.models.ops import recomputable
 
     m = set_bn_mode(get_model("resnet50", num_classes=10, device="meta"), "train")
     g = capture(m, (1, 3, 512, 512))
@@ -153,7 +153,7 @@ def test_train_bn_rows_flagged_until_supported():
     cm = CostModel(g)
     a, b = g.resolve("layer1", "first"), g.resolve("layer1", "last")
     c = cm.segment(Segment(a, b, "rows", policy="overl", strips=2))
-    from planner import cost
+    from lrcnn.planner import cost
     if not cost.ROWS_BATCH_STATS:
         assert not c.supported and "BatchNorm" in c.why
     assert cm.segment(Segment(a, b, "checkpoint")).supported
@@ -354,8 +354,8 @@ def test_calibrate_bad_input(capfd, tmp_path):
 def test_train_bn_rows_priced_safely(policy):
     """Training-mode BN inside row segments (strip sweeps for statistics and gradient constants,
     followed strip by strip, no margin): within 3% of the simulated step, never more than 1% low."""
-    from executor import apply_plan
-    from executor.measure import train_step_memory
+    from lrcnn.executor import apply_plan
+    from lrcnn.executor.measure import train_step_memory
 
     m = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "train")
     g = capture(m, (4, 3, 160, 160))

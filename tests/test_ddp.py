@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from planner.plan import Plan, Segment
+from lrcnn.planner.plan import Plan, Segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -57,7 +57,7 @@ def free_port() -> int:
 def _model(bn: str, dtype=torch.float64):
     """tiny_resnet, weights from seed 0; eval BN with calibrated running statistics (one
     cumulative pass over a random batch keeps activations O(1))."""
-    from models import get_model, set_bn_mode
+    from lrcnn.models import get_model, set_bn_mode
 
     torch.manual_seed(0)
     m = get_model("tiny_resnet").double()
@@ -95,8 +95,8 @@ def _worker(rank, world, port, outdir, cases):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from executor import apply_plan
-    from models import capture
+    from lrcnn.executor import apply_plan
+    from lrcnn.models import capture
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -175,7 +175,7 @@ def test_ddp_train_bn_matches_plain_ddp(case, ddp_results):
 # ------------------------------------------------------------------------------------------------
 
 def test_torchrun_records_of_both_ranks(tmp_path):
-    from models import capture, get_model
+    from lrcnn.models import capture, get_model
 
     m = get_model("tiny_resnet", device="meta").train()
     g = capture(m, (1, 3, 32, 32), torch.float32, model_name="tiny_resnet")
@@ -187,7 +187,7 @@ def test_torchrun_records_of_both_ranks(tmp_path):
     out = tmp_path / "rec.csv"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-           "--master-port", str(free_port()), "-m", "executor.run", str(pp), "--steps", "2",
+           "--master-port", str(free_port()), "-m", "lrcnn", "run", str(pp), "--steps", "2",
            "--warmup", "0", "--device", "cpu", "--out", str(out), "--quiet"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -217,7 +217,7 @@ def _plan_dict(**training):
 
 
 def test_plan_world_size_round_trip_and_validation():
-    from planner.plan import PlanError
+    from lrcnn.planner.plan import PlanError
 
     assert Plan.from_dict(_plan_dict(world_size=8)).training["world_size"] == 8
     assert Plan.from_dict(_plan_dict(world_size=8)).to_dict()["training"]["world_size"] == 8
@@ -231,15 +231,16 @@ def test_plan_world_size_round_trip_and_validation():
 # ------------------------------------------------------------------------------------------------
 
 def test_nproc_command_line_and_bad_input(tmp_path, capfd, monkeypatch):
-    from executor import run as runmod
-    from planner.cli import build_parser, main
+    from lrcnn.executor import run as runmod
+    from lrcnn.planner.cli import build_parser, main
 
     args = build_parser().parse_args(["run", "p.json", "--nproc", "3", "--steps", "4", "--lr", "0.5",
                                       "--out", "r.csv", "--quiet"])
     cmd = runmod.launch_argv(args)
     i = cmd.index("torch.distributed.run")
     assert cmd[i + 1: i + 4] == ["--standalone", "--nproc-per-node", "3"]
-    tail = cmd[cmd.index("executor.run") + 1:]
+    tail = cmd[cmd.index("lrcnn") + 2:]
+    assert cmd[cmd.index("lrcnn") + 1] == "run"
     assert tail[0] == "p.json" and "--nproc" not in tail
     assert tail[tail.index("--steps") + 1] == "4" and tail[tail.index("--lr") + 1] == "0.5"
     assert tail[tail.index("--out") + 1] == "r.csv" and "--quiet" in tail and "--check-grads" not in tail
@@ -260,7 +261,7 @@ def test_nproc_command_line_and_bad_input(tmp_path, capfd, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 def test_solve_world_size_plans_per_process(tmp_path, capfd):
-    from planner.cli import main
+    from lrcnn.planner.cli import main
 
     out = tmp_path / "p.json"
     rc = main(["solve", "--model", "tiny_resnet", "--budget", "300MB", "--batch", "4", "--resolution", "32",

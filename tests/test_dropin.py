@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrizations, prune
 
 from exactness import GRAD_FLOOR, rel
-from executor import RowSegmentError, apply_plan
-from models import capture
-from models.ops import recomputable
-from planner import Plan, Segment
+from lrcnn.executor import RowSegmentError, apply_plan
+from lrcnn.models import capture
+from lrcnn.models.ops import recomputable
+from lrcnn.planner import Plan, Segment
 
 TOL = 1e-10
 
@@ -495,7 +495,7 @@ def test_solve_never_proposes_what_apply_plan_refuses():
     subclass) as not row-wise, so every plan planner.solve makes for such a model, from the
     smallest feasible budget to the plain step's, is accepted by apply_plan, keeps those modules
     out of row segments, and trains exactly."""
-    from planner.solve import Solver, capture_model
+    from lrcnn.planner.solve import Solver, capture_model
 
     torch.manual_seed(0)
     model = _spectral_norm(_fwd_hook(Net())).double().train()

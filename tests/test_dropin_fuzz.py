@@ -15,12 +15,12 @@ import torch.nn as nn
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
-from executor import RowSegmentError, apply_plan
-from executor.exactness import compare, train_step
-from models import capture
-from models.geometry import max_strips
-from models.ops import recomputable
-from planner import Plan, PlanError, Segment
+from lrcnn.executor import RowSegmentError, apply_plan
+from lrcnn.executor.exactness import compare, train_step
+from lrcnn.models import capture
+from lrcnn.models.geometry import max_strips
+from lrcnn.models.ops import recomputable
+from lrcnn.planner import Plan, PlanError, Segment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

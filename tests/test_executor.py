@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from exactness import Reference, TruthReference, seg_rows
-from models import get_model
-from planner import Segment, PlanError
-from executor import RowSegmentError
+from lrcnn.models import get_model
+from lrcnn.planner import Segment, PlanError
+from lrcnn.executor import RowSegmentError
 
 POLICIES = ["2ps", "overl"]
 
@@ -243,7 +243,7 @@ def test_tensor_methods_in_rows_store_recompute_and_checkpoint(method_net, polic
     exactly in row strips (both policies), in a store segment that recomputes every node the
     plan search may recompute (models.ops.recomputable: the methods' outputs among them) and in a
     checkpoint (its recompute runs the in-place methods out of place)."""
-    from models.ops import recomputable
+    from lrcnn.models.ops import recomputable
 
     g = method_net.graph
     rec = lambda a, b: [n.name for n in g.span(a, b)[:-1] if recomputable(n)]  # noqa: E731

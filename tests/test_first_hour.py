@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from planner.cli import main
-from planner.units import parse_bytes
+from lrcnn.planner.cli import main
+from lrcnn.planner.units import parse_bytes
 
 
 def run(capfd, *argv):
@@ -41,7 +41,7 @@ def test_parse_bytes_bounds():
 def test_solve_prints_the_budget_the_smallest_plan_needs(capfd, tmp_path):
     """The summary's smallest plan is the budget to pass (its peak plus the headroom), and a plan
     solves at exactly that budget."""
-    from planner.solve import Solver, capture_model
+    from lrcnn.planner.solve import Solver, capture_model
 
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget", "1.2MB",
                        "--device-profile", "cpu")

@@ -20,8 +20,8 @@ import torch.nn as nn
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from models import ops
-from models.geometry import (HGeom, IDENTITY, InputRows, RowGraph, StripRows, check_bounds,
+from lrcnn.models import ops
+from lrcnn.models.geometry import (HGeom, IDENTITY, InputRows, RowGraph, StripRows, check_bounds,
                              cumulative_strides, even_bounds, input_rows, propagate_heights,
                              propagate_rows, receptive_fields, strip_schedule, union)
 

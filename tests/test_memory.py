@@ -8,9 +8,9 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch._subclasses.fake_tensor import FakeTensor
 
-from executor import memory
-from executor.memory import StorageTracker, measure_step
-from models import capture, get_model
+from lrcnn.models import memory
+from lrcnn.models.memory import StorageTracker, measure_step
+from lrcnn.models import capture, get_model
 
 F32 = 4
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from planner.plan import SCHEMA, Plan, PlanError, Segment
+from lrcnn.planner.plan import SCHEMA, Plan, PlanError, Segment
 
 SHAPE = (2, 3, 224, 224)
 

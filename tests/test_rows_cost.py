@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch.nn as nn
 
-from bench.memory_rows import conv_flops, resnet50_plan, vgg16_plan
-from models import capture, get_model
-from planner import Plan, Segment
-from executor import apply_plan
-from executor.measure import step_memory
+from lrcnn.analysis.bench.memory_rows import conv_flops, resnet50_plan, vgg16_plan
+from lrcnn.models import capture, get_model
+from lrcnn.planner import Plan, Segment
+from lrcnn.executor import apply_plan
+from lrcnn.executor.measure import step_memory
 
 GiB = 2**30
 
@@ -106,8 +106,8 @@ def test_backward_strips_leave_nothing_behind():
     sweeps included) only the input gradient map and the parameter-gradient sums remain; no band
     of the strip (and with it the strip's graph, which a constants sweep does not traverse)
     outlives it."""
-    from models import set_bn_mode
-    from executor.measure import train_step_memory
+    from lrcnn.models import set_bn_mode
+    from lrcnn.executor.measure import train_step_memory
 
     model = set_bn_mode(get_model("resnet18", num_classes=10, device="meta"), "train")
     shape = (2, 3, 128, 128)

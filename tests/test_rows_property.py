@@ -14,10 +14,10 @@ import torch.nn as nn
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
 
-from models import capture
-from models.geometry import max_strips
-from planner import Plan, Segment
-from executor import apply_plan
+from lrcnn.models import capture
+from lrcnn.models.geometry import max_strips
+from lrcnn.planner import Plan, Segment
+from lrcnn.executor import apply_plan
 from exactness import rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

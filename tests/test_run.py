@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from executor import apply_plan, memory
-from executor import run as runmod
-from models import capture, get_model
-from planner.cli import main
-from planner.plan import Plan, Segment
+from lrcnn.executor import apply_plan
+from lrcnn.models import memory
+from lrcnn.executor import run as runmod
+from lrcnn.models import capture, get_model
+from lrcnn.planner.cli import main
+from lrcnn.planner.plan import Plan, Segment
 
 from test_cli import assert_one_line_error
 
@@ -239,7 +240,7 @@ def test_segment_marks_fake_and_no_grad(tiny_plan):
         if isinstance(b, torch.nn.BatchNorm2d):
             b.eval()
     pm = apply_plan(m, plan)
-    from executor.measure import step_memory
+    from lrcnn.executor.measure import step_memory
     rep = step_memory(pm, plan.input_shape, fake=True)
     assert "segment 1 backward" in [e[0] for e in rep.timeline]
     _, pm = _tiny(plan)
@@ -296,7 +297,7 @@ def test_solve_run_report_chain(tmp_path, capfd):
     """The user's loop on CPU: ``planner solve`` (a budget that needs a plan), ``planner run
     --steps 3``, ``planner report``: the measured peak stays within the budget and the predicted
     peak per phase is within the cost model's bounds of the measured one."""
-    from planner.solve import Solver, capture_model
+    from lrcnn.planner.solve import Solver, capture_model
 
     _, g = capture_model("resnet18", (4, 3, 128, 128), bn="eval")  # activations matter at this size
     s = Solver(g, "resnet18", bn="eval", device_profile="cpu")

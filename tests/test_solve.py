@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from models import get_model
-from planner import Plan, solve
-from planner.cli import max_batch, pareto_frame
-from planner.ilp import InfeasibleError, enumerate_paths
-from planner.solve import HEADROOM, Solver, capture_model
+from lrcnn.models import get_model
+from lrcnn.planner import Plan, solve
+from lrcnn.planner.solve import max_batch, pareto_frame
+from lrcnn.planner.ilp import InfeasibleError, enumerate_paths
+from lrcnn.planner.solve import HEADROOM, Solver, capture_model
 
 from test_cli import assert_one_line_error, run
 
@@ -96,7 +96,7 @@ def test_pareto_dp_without_label_cap_is_exact():
 
 
 def test_bn_train_emits_only_supported_segments(monkeypatch):
-    import planner.cost as cost
+    import lrcnn.planner.cost as cost
 
     s = _solver("tiny_resnet", bn="train", min_row_height=4)
     for c in s.problem.cands:
@@ -215,8 +215,8 @@ def test_solved_plans_run_exact_within_budget(name):
     import copy
 
     from exactness import Reference
-    from executor import apply_plan
-    from executor.measure import train_step_memory
+    from lrcnn.executor import apply_plan
+    from lrcnn.executor.measure import train_step_memory
     from test_executor import _data, _model
 
     m = _model(name, torch.float64, num_classes=10)
@@ -375,9 +375,9 @@ def test_timm_solved_plans_are_accepted(name):
     recomputable node of every unit (the SE gates' ``x.sigmoid()`` among them).  (Exactness of
     method spellings: tests/test_executor.py, a float64 step of these nets takes too long here.)"""
     timm = pytest.importorskip("timm")
-    from executor import apply_plan
-    from models.ops import recomputable
-    from planner import Segment
+    from lrcnn.executor import apply_plan
+    from lrcnn.models.ops import recomputable
+    from lrcnn.planner import Segment
 
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, num_classes=10).train()

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("timm")
 
-from bench import timm_sweep as ts  # noqa: E402
+from lrcnn.analysis.bench import timm_sweep as ts  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -75,7 +75,7 @@ def test_sweep_two_models(tmp_path):
 def test_compare_floor_and_missing_gradients():
     import torch
 
-    from executor.exactness import compare
+    from lrcnn.executor.exactness import compare
 
     step = {"out": torch.ones(2), "loss": torch.tensor(1.0), "xgrad": torch.ones(3),
             "grads": {"w": torch.full((4,), 1.0), "b": torch.zeros(2)}}

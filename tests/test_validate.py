@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from executor.validate import budget_points
-from planner.cli import main
+from lrcnn.executor.validate import budget_points
+from lrcnn.planner.cli import main
 
 
 def test_budget_points_run_from_the_plain_step_down_to_the_smallest_plan():

@@ -97,12 +97,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _refusal_types() -> Tuple[type, ...]:
-    from executor.strips import RowSegmentError
-    from models.capture import CaptureError
-    from models.zoo import ModelError
-    from planner.cost import CostError
-    from planner.ilp import InfeasibleError
-    from planner.plan import PlanError
+    from lrcnn.executor.strips import RowSegmentError
+    from lrcnn.models.capture import CaptureError
+    from lrcnn.models.zoo import ModelError
+    from lrcnn.planner.cost import CostError
+    from lrcnn.planner.ilp import InfeasibleError
+    from lrcnn.planner.plan import PlanError
 
     return (CaptureError, PlanError, RowSegmentError, CostError, InfeasibleError, ModelError)
 
@@ -198,9 +198,9 @@ def sweep_model(name: str, batch: int = 2, resolution: int = 64, tol: float = TO
     """The records of one model: one per plan solved, or one saying where it failed."""
     import torch
 
-    from executor import apply_plan
-    from executor.exactness import compare, train_step
-    from planner.solve import Solver, capture_model
+    from lrcnn.executor import apply_plan
+    from lrcnn.executor.exactness import compare, train_step
+    from lrcnn.planner.solve import Solver, capture_model
 
     t_model = time.perf_counter()
     base: Dict[str, Any] = {"model": name}
@@ -450,7 +450,7 @@ def write_outputs(rows: List[Dict[str, Any]], csv_path: str, md_path: Optional[s
                   runtime_s: float) -> None:
     import pandas as pd
 
-    from planner.cli import write_csv_atomic
+    from lrcnn.planner.files import write_csv_atomic
 
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     write_csv_atomic(pd.DataFrame(rows, columns=FIELDS), csv_path)

@@ -21,10 +21,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from models.ops import TIME_CLASSES, time_class
+from lrcnn.models.ops import TIME_CLASSES, time_class
 
-from .cost import DeviceProfile
-from .plan import write_json_atomic
+from lrcnn.planner.cost import DeviceProfile
+from lrcnn.planner.plan import write_json_atomic
 
 __all__ = ["calibrate", "save_profile"]
 
@@ -195,7 +195,7 @@ def _op_costs(device, dtype, quick: bool, progress=lambda s: None) -> Dict[str, 
 def _optimizer_costs(device, dtype, timeit, quick: bool) -> Dict[str, list]:
     """Per optimizer: ``[seconds per step, s per parameter tensor, s per parameter byte]`` of
     ``zero_grad(set_to_none=True)`` + ``step()``, fitted on many small and a few large tensors."""
-    from executor.measure import OPTIMIZERS, make_optimizer
+    from lrcnn.executor.measure import OPTIMIZERS, make_optimizer
 
     sets = [[(256,)] * 200, [(1024, 1024)] * (4 if quick else 16), [(64, 64, 3, 3)] * 64]
     out: Dict[str, list] = {}

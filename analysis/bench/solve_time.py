@@ -36,9 +36,10 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from planner.cli import format_table, write_csv_atomic
-    from planner.solve import Solver, capture_model
-    from planner.units import fmt_both
+    from lrcnn.planner.units import format_table
+    from lrcnn.planner.files import write_csv_atomic
+    from lrcnn.planner.solve import Solver, capture_model
+    from lrcnn.planner.units import fmt_both
 
     capture_model("tiny_resnet", (2, 3, 32, 32))  # one-time warm-up (imports, fx, fake tensors)
     rows = []

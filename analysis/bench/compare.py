@@ -71,11 +71,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from executor import apply_plan, memory
-from executor.measure import make_optimizer, opt_state, train_step
-from models import get_model, set_bn_mode
+from lrcnn.executor import apply_plan
+from lrcnn.models import memory
+from lrcnn.executor.measure import make_optimizer, opt_state, train_step
+from lrcnn.models import get_model, set_bn_mode
 
-from . import CASES
+from lrcnn.analysis.bench import CASES
 
 EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wise relative)
 OPTIMIZER = "momentum"  # SGD with momentum, at its default learning rate
@@ -366,7 +367,7 @@ def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     guard on the budget, so compiling ``model`` itself at another budget would reuse compiled
     plain's program, and dropping the caches in between would drop compiled plain, the pair every
     other compiled method is timed against."""
-    from models.capture import trace
+    from lrcnn.models.capture import trace
 
     out = []
     for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
@@ -466,8 +467,8 @@ class LrcnnPlans:
     """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
 
     def __init__(self, case: Case, policy: str, profile: str, compiled: bool = False) -> None:
-        from planner.cli import build_and_capture
-        from planner.solve import Solver
+        from lrcnn.models.capture import build_and_capture
+        from lrcnn.planner.solve import Solver
 
         _, self.graph = build_and_capture(case.model_name, case.batch, (case.resolution, case.resolution),
                                           case.dtype, "train")
@@ -498,7 +499,7 @@ class LrcnnPlans:
         if not compiled:
             return Method(name, setting, apply_plan(self.case.model, plan, self.graph), budget_bytes=budget,
                           predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note=note)
-        from executor.compiled import compile_plan
+        from lrcnn.executor.compiled import compile_plan
 
         fwd, mem, how = _compiled(self.case, lambda **kw: compile_plan(self.case.model, plan, self.graph, **kw))
         # the prediction is for eager execution: not this program's promise.  Budget 1.0: what is
@@ -590,7 +591,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         if "lrcnn-compile" in methods:
             plans.append(LrcnnPlans(case, "auto", profile, compiled=True))
             if compiled_plain is None:  # compiled at its first call, under the first plan's setup (1.0)
-                from models.capture import trace
+                from lrcnn.models.capture import trace
 
                 compiled_plain = torch.compile(trace(case.model))
         for pl in plans:
@@ -682,7 +683,7 @@ def machine_line(device: torch.device) -> str:
 
 
 def markdown(df, tg: List[Dict], device: torch.device) -> str:
-    from planner.units import fmt_bytes
+    from lrcnn.planner.units import fmt_bytes
 
     lines = [f"Measured on {machine_line(device)}. Peak = absolute bytes of one training step "
              f"(SGD momentum, train-mode BN); step peak = what the step adds above parameters, optimizer "
@@ -750,7 +751,7 @@ def plot(df, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from planner.files import atomic_write
+    from lrcnn.planner.files import atomic_write
 
     ok = df[df.peak_bytes.notna()]
     cases = list(dict.fromkeys(ok.case))
@@ -798,9 +799,10 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
     """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
     from tqdm import tqdm
 
-    from planner.cli import build_and_capture, max_batch
-    from planner.simulate import simulate_plan
-    from planner.solve import Solver
+    from lrcnn.models.capture import build_and_capture
+    from lrcnn.planner.solve import max_batch
+    from lrcnn.executor.simulate import simulate_plan
+    from lrcnn.planner.solve import Solver
 
     rows = []
     alts = [("plain", None), ("checkpoint-blocks", CheckpointBlocks), ("checkpoint-sqrt", CheckpointSqrt)]
@@ -868,7 +870,7 @@ def study(budget: int, profile: str, model_name: str = "resnet50", resolution: i
 
 
 def study_markdown(rows: List[Dict], budget: int, device: torch.device, model_name: str = "resnet50") -> str:
-    from planner.units import fmt_bytes
+    from lrcnn.planner.units import fmt_bytes
 
     here = machine_line(device)
     runs = {r["study"]: (r["device"] if isinstance(r.get("device"), str) else here) for r in rows}
@@ -895,16 +897,17 @@ def command(args) -> int:
 
     import pandas as pd
 
-    from planner.cli import _check_profile, write_csv_atomic
-    from planner.files import check_output_path, write_text_atomic
-    from planner.units import parse_bytes
+    from lrcnn.planner.cost import check_profile
+    from lrcnn.planner.files import write_csv_atomic
+    from lrcnn.planner.files import check_output_path, write_text_atomic
+    from lrcnn.planner.units import parse_bytes
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no CUDA device here; use --device cpu")
     profile = args.profile or ("cpu" if dev.type == "cpu" else "h100")
-    _check_profile(profile)
+    check_profile(profile)
     if not os.path.isdir(args.out_dir):
         try:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -982,7 +985,7 @@ def earlier_rows(csv: str, running: Sequence[str], key: str = "case",
     such a CSV is an error naming ``--fresh``."""
     import os
 
-    from planner.files import read_table
+    from lrcnn.planner.files import read_table
 
     if not os.path.exists(csv):
         return []
@@ -995,8 +998,8 @@ def earlier_rows(csv: str, running: Sequence[str], key: str = "case",
 def _write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: str) -> str:
     import pandas as pd
 
-    from planner.cli import write_csv_atomic
-    from planner.files import write_text_atomic
+    from lrcnn.planner.files import write_csv_atomic
+    from lrcnn.planner.files import write_text_atomic
 
     df = pd.DataFrame(rows)
     here = machine_line(dev)
@@ -1010,7 +1013,7 @@ def _write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.compare ...`` is ``python -m bench compare ...``."""
-    from .__main__ import main as bench_main
+    from lrcnn.analysis.bench.__main__ import main as bench_main
 
     return bench_main(["compare", *(sys.argv[1:] if argv is None else argv)])
 

@@ -29,8 +29,12 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 EXIT_OK = 0
 EXIT_ERROR = 2
 
-from planner.files import check_output_path
-from planner.plan import AMP_DTYPES, BN_MODES, DTYPES  # one list of each, shared with the plan format
+from lrcnn.models.capture import build_and_capture
+from lrcnn.planner.cost import check_profile
+from lrcnn.planner.files import check_output_path, write_csv_atomic
+from lrcnn.planner.plan import AMP_DTYPES, BN_MODES, DTYPES, plan_model, precision
+from lrcnn.planner.solve import max_batch, pareto_frame
+from lrcnn.planner.units import format_table
 DEFAULT_BATCH = 32
 
 _RES_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
@@ -57,13 +61,6 @@ def parse_resolution(text: str) -> Tuple[int, int]:
     return h, w
 
 
-def parse_dtype(name: str):
-    """The torch dtype for one of :data:`DTYPES` (``ValueError`` otherwise)."""
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported: use one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
 
 
 def _argtype(fn: Callable):
@@ -100,45 +97,10 @@ resolution_arg = _argtype(parse_resolution)
 # Output helpers
 # ------------------------------------------------------------------------------------------------
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence], align: Optional[str] = None) -> str:
-    """Aligned plain-text table.  ``align``: one of ``l``/``r`` per column (default: numbers
-    right-aligned, text left-aligned, judged from the first row)."""
-    cells = [[str(c) for c in r] for r in rows]
-    head = [str(h) for h in header]
-    if align is None:
-        first = rows[0] if rows else [""] * len(head)
-        align = "".join("r" if isinstance(v, (int, float)) and not isinstance(v, bool) else "l" for v in first)
-    widths = [max([len(head[i])] + [len(r[i]) for r in cells]) for i in range(len(head))]
-
-    def line(vals):
-        out = [v.rjust(w) if a == "r" else v.ljust(w) for v, w, a in zip(vals, widths, align)]
-        return "  ".join(out).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(head), rule] + [line(r) for r in cells])
 
 
-def write_csv_atomic(df, path: str) -> None:
-    """Write a DataFrame as CSV atomically: the file at ``path`` is either the complete new CSV
-    or untouched (:func:`planner.files.atomic_write`)."""
-    from planner.files import atomic_write
-
-    atomic_write(path, "CSV", lambda tmp: df.to_csv(tmp, index=False), ".csv")
 
 
-@contextlib.contextmanager
-def quiet_torch_logs() -> Iterator[None]:
-    """Silence torch's fake-tensor logger, which logs a full traceback when a meta kernel rejects
-    a shape (e.g. a resolution too small for the network); the CLI reports that as one line."""
-    names = ("torch._subclasses.fake_tensor",)
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    for lg, _ in saved:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for lg, lvl in saved:
-            lg.setLevel(lvl)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,35 +132,8 @@ def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATC
                    help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
 
 
-def build_and_capture(name: str, batch: int, resolution: Optional[Tuple[int, int]] = None,
-                      dtype: str = "float32", bn: str = "train", weights: Optional[str] = None,
-                      num_classes: Optional[int] = None, real: bool = False, amp: Optional[str] = None):
-    """Build a zoo model and capture it (under autocast with ``amp``).  Returns ``(model, graph)``.
-
-    The model lives on the meta device unless ``weights`` is given or ``real`` (then on the CPU
-    in ``dtype``, random weights unless ``weights``).  The model is in training mode with
-    BatchNorm in ``bn`` mode (:func:`models.set_bn_mode`).
-    """
-    from models import capture, default_resolution, get_model, set_bn_mode
-
-    if bn not in BN_MODES:
-        raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
-    tdtype = parse_dtype(dtype)
-    model = get_model(name, num_classes=num_classes, weights=weights,
-                      device=None if (weights is not None or real) else "meta").to(tdtype)
-    set_bn_mode(model, bn)
-    if resolution is None:
-        r = default_resolution(name)
-        resolution = (r, r)
-    h, w = resolution
-    with quiet_torch_logs():
-        graph = capture(model, (batch, 3, h, w), tdtype, model_name=name, amp=amp)
-    return model, graph
 
 
-def precision(dtype: str, amp: Optional[str]) -> str:
-    """``float32``, or ``float32 + autocast bf16`` for a mixed-precision graph or plan."""
-    return f"{dtype} + autocast {amp}" if amp else dtype
 
 
 def _shape(s) -> str:
@@ -225,7 +160,7 @@ def _add_models(sub) -> None:
 
 def cmd_models(args) -> int:
     """``planner models``: one line per zoo model (built on the meta device: no memory)."""
-    from models import default_resolution, get_model, list_models
+    from lrcnn.models import default_resolution, get_model, list_models
 
     rows = []
     for name in list_models():
@@ -329,26 +264,11 @@ def _add_check_plan(sub) -> None:
     p.set_defaults(func=cmd_check_plan)
 
 
-def plan_model(plan, real: bool = False, num_classes: Optional[int] = None):
-    """The plan's zoo model (meta device, or ``real``: CPU with random weights) in the plan's
-    dtype and BN mode, and its capture at the plan's input shape, checked against the plan
-    (schema, fingerprint, segments).  Returns ``(model, graph)``; PlanError says what differs."""
-    from planner.plan import PlanError
-
-    n, c, h, w = plan.input_shape
-    if c != 3:  # every zoo model takes RGB input
-        raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
-                        f"re-create the plan for this model")
-    model, graph = build_and_capture(plan.model, n, (h, w), plan.dtype, plan.training.get("bn", "train"),
-                                     None, num_classes or plan.training.get("num_classes"), real=real,
-                                     amp=plan.training.get("amp"))
-    plan.validate(graph)
-    return model, graph
 
 
 def cmd_check_plan(args) -> int:
     """``planner check-plan PLAN.json``: one OK line, or one error line and exit 2."""
-    from planner.plan import Plan
+    from lrcnn.planner.plan import Plan
 
     plan = Plan.load(args.plan)  # schema and field types
     _, graph = plan_model(plan, num_classes=args.num_classes)
@@ -380,7 +300,7 @@ def _add_calibrate(sub) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from planner.calibrate import calibrate, save_profile
+    from lrcnn.executor.calibrate import calibrate, save_profile
 
     check_output_path(args.output, "device profile")
     prof = calibrate(args.device, tuple(args.dtype or ("float32",)), args.quick,
@@ -409,7 +329,7 @@ def _add_simulate(sub) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from planner.simulate import simulate_plan
+    from lrcnn.executor.simulate import simulate_plan
 
     if args.csv:
         check_output_path(args.csv, "CSV")
@@ -489,13 +409,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from executor.run import run_command
+    from lrcnn.executor.run import run_command
 
     return run_command(args)
 
 
 def _add_validate(sub) -> None:
-    from planner.solve import OPTIMIZERS
+    from lrcnn.planner.solve import OPTIMIZERS
 
     p = sub.add_parser(
         "validate", help="prove the planner on this device: solve plans across the budget range, run each, "
@@ -531,8 +451,8 @@ def _add_validate(sub) -> None:
 
 def cmd_validate(args) -> int:
     """``planner validate``: the table, optional records / CSV / PNG; exit 1 on a plan over budget."""
-    from executor.run import _check_out, write_records
-    from executor.validate import draw_validate, format_validate, validate
+    from lrcnn.executor.run import _check_out, write_records
+    from lrcnn.executor.validate import draw_validate, format_validate, validate
 
     if args.weights is not None:
         raise ValueError("--weights: validate builds random weights; drop --weights")
@@ -542,7 +462,7 @@ def cmd_validate(args) -> int:
         raise ValueError(f"--png {args.png!r}: the plot is a PNG; end the name with .png")
     check_output_path(args.png, "plot")
     if args.device_profile is not None:
-        _check_profile(args.device_profile)
+        check_profile(args.device_profile)
     res = validate(args.model, args.batch, args.resolution, bn=args.bn, dtype=args.dtype, amp=args.amp,
                    amp_rows=args.amp_rows, optimizer=args.optimizer, device=args.device,
                    device_profile=args.device_profile, points=args.points, steps=args.steps, warmup=args.warmup,
@@ -576,7 +496,7 @@ def _add_report(sub) -> None:
 
 def _add_bench(sub, name: str = "bench") -> None:
     """``planner bench`` (also ``python -m bench compare``: ``name='compare'``)."""
-    from bench import add_compare_arguments, compare_command
+    from lrcnn.analysis.bench import add_compare_arguments, compare_command
 
     p = sub.add_parser(
         name, help="benchmark lrcnn against plain PyTorch, checkpointing, torch.compile and Rockmate",
@@ -587,7 +507,7 @@ def _add_bench(sub, name: str = "bench") -> None:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import report_command
+    from lrcnn.analysis.report import report_command
 
     return report_command(args)
 
@@ -617,7 +537,7 @@ def _gap_arg(text: str) -> float:
 
 
 def _budget_arg(text: str) -> int:
-    from planner.units import parse_bytes
+    from lrcnn.planner.units import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -627,7 +547,7 @@ def _budget_arg(text: str) -> int:
 
 
 def _add_solve(sub) -> None:
-    from planner.solve import DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, OPTIMIZERS, POLICIES, SOLVERS
+    from lrcnn.planner.solve import DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, OPTIMIZERS, POLICIES, SOLVERS
 
     p = sub.add_parser(
         "solve", help="find the fastest plan that fits a memory budget (ILP)",
@@ -685,19 +605,10 @@ def _add_solve(sub) -> None:
     p.set_defaults(func=cmd_solve)
 
 
-def _check_profile(profile: str) -> None:
-    from planner.cost import load_profile
-
-    try:
-        load_profile(profile)
-    except (ValueError, OSError):
-        raise
-    except Exception as e:  # KeyError and friends: one line
-        raise ValueError(f"unknown device profile {profile!r} ({_one_line(e)}); give a profile name or a JSON file") from None
 
 
 def _solver_for(args, batch: int):
-    from planner.solve import Solver
+    from lrcnn.planner.solve import Solver
 
     _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes,
                                  amp=args.amp)
@@ -706,57 +617,14 @@ def _solver_for(args, batch: int):
                   compiled=getattr(args, "compiled", False), amp_rows=getattr(args, "amp_rows", False))
 
 
-def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: int = 1 << 16,
-              start: Optional[int] = None) -> int:
-    """Largest batch ``n`` with ``fits_at(n)[0]`` (``fits_at`` returns (fits, min peak bytes)).
-
-    Interpolation search: the smallest plan's peak grows about linearly with the batch, so a secant
-    guess brackets the answer in a few captures; bisection finishes it.  0 if batch 1 does not fit.
-    ``start``: a size expected to fit (another method's answer); the search begins there and grows
-    at most 2x per try, so a peak that grows faster than linearly (an image side: quadratic) never
-    sends a guess far past the answer, where one capture and solve may take many minutes.
-    """
-    if start is not None and start > 2:
-        ok, pk = fits_at(start)
-        if not ok:
-            return max_batch(fits_at, budget, min(limit, start - 1))
-        lo, plo, hi, phi, slope, capped = start, pk, None, None, max(1.0, pk / start), True
-    else:
-        ok1, p1 = fits_at(1)
-        if not ok1:
-            return 0
-        ok2, p2 = fits_at(2)
-        if not ok2:
-            return 1
-        lo, plo, hi, phi = 2, p2, None, None
-        slope, capped = max(1.0, float(p2 - p1)), False
-    turn = 0
-    while hi is None or hi - lo > 1:
-        step = max(1, int((budget - plo) / slope))
-        if hi is None:
-            c = min(lo + step, limit, 2 * lo if capped else limit)
-        else:  # secant and bisection alternate: fast on near-linear peaks, never slow
-            c = lo + step if turn % 2 == 0 else (lo + hi) // 2
-            c = min(max(c, lo + 1), hi - 1)
-            turn += 1
-        ok, pk = fits_at(c)
-        if ok:
-            slope = max(1.0, (pk - plo) / (c - lo))
-            lo, plo = c, pk
-            if c >= limit:
-                return limit
-        else:
-            hi, phi = c, pk
-            slope = max(1.0, (phi - plo) / (hi - lo))
-    return lo
 
 
 def cmd_solve(args) -> int:
     """``planner solve``: solve, print the summary, write the plan (and the Pareto CSV)."""
     import time
 
-    from planner.ilp import InfeasibleError
-    from planner.units import fmt_both, fmt_bytes
+    from lrcnn.planner.ilp import InfeasibleError
+    from lrcnn.planner.units import fmt_both, fmt_bytes
 
     t0 = time.perf_counter()
     check_output_path(args.output, "plan")
@@ -765,7 +633,7 @@ def cmd_solve(args) -> int:
         raise ValueError(f"--pareto file {args.pareto!r} must end in .csv")
     if args.strips is not None and args.policy == "checkpoint":
         raise ValueError("--strips applies to row segments; --policy checkpoint has none")
-    _check_profile(args.device_profile)
+    check_profile(args.device_profile)
     budget = args.budget
     batch = args.batch
     world = getattr(args, "world_size", None)
@@ -820,39 +688,11 @@ def cmd_solve(args) -> int:
     return EXIT_OK
 
 
-def pareto_frame(solver, points: int = 10, lo: Optional[int] = None, hi: Optional[int] = None,
-                 time_limit: float = 30.0, gap: float = 0.005):
-    """Budget vs predicted step time: ``points`` budgets from the smallest plan to the plain step.
-
-    Budgets are solved in increasing order, each warm-started from the previous plan (which still
-    fits), so the predicted time never rises as the budget grows.
-    """
-    import pandas as pd
-
-    lo = lo if lo is not None else solver.smallest_budget()
-    hi = hi if hi is not None else max(lo, solver.baseline()["peak"])
-    budgets = sorted({int(lo + (hi - lo) * k / max(1, points - 1)) for k in range(points)})
-    rows, warm = [], None
-    base_t = solver.baseline()["time_s"]
-    for b in budgets:
-        plan = solver.solve(b, time_limit=time_limit, gap=gap, warm=warm)
-        warm = list(solver.last_path)
-        pred = plan.predicted
-        modes = {}
-        for s in plan.segments:
-            modes[s.mode] = modes.get(s.mode, 0) + 1
-        rows.append({
-            "budget_bytes": b, "budget_GB": b / 1e9, "budget_GiB": b / 2**30,
-            "time_s": pred["time_s"], "overhead": pred["time_s"] / base_t - 1 if base_t else 0.0,
-            "peak_bytes": pred["peak_bytes"], "status": plan.solver["status"], "gap": plan.solver["gap"],
-            "segments": " ".join(f"{k}:{v}" for k, v in sorted(modes.items())),
-        })
-    return pd.DataFrame(rows)
 
 
 def format_solve_summary(plan, solver, note: str = "") -> str:
     """The readable summary of a solved plan: segments, predicted peak vs budget, time, solver."""
-    from planner.units import fmt_both, fmt_bytes
+    from lrcnn.planner.units import fmt_both, fmt_bytes
 
     cm = solver.cm
     units = cm.units()  # (not solver.problem: pricing candidates is not needed to print)

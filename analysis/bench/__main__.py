@@ -1,7 +1,7 @@
 """``python -m bench compare ...``: the same command as ``planner bench`` (``--help`` lists the options)."""
 import sys
 
-from planner.cli import _add_bench, _Parser, run_parser
+from lrcnn.planner.cli import _add_bench, _Parser, run_parser
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def _fractions(text: str) -> List[float]:
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m bench compare`` / ``planner bench``."""
-    from planner.cli import positive_int
+    from lrcnn.planner.cli import positive_int
 
     p.add_argument("--case", action="append", choices=sorted(CASES),
                    help="a case to run (repeatable); default: all four, or a custom one with --model")
@@ -86,6 +86,6 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def compare_command(args) -> int:
-    from .compare import command
+    from lrcnn.analysis.bench.compare import command
 
     return command(args)
