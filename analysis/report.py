@@ -1,4 +1,5 @@
-"""``planner report RECORDS...``: predicted vs actual tables, optional CSV and PNG."""
+"""Reports of run records: predicted vs actual tables (``planner report``, optional CSV and PNG) and
+the console summary of one run (``planner run``)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ import os
 
 from lrcnn.analysis.compare import compare, runs_summary
 from lrcnn.analysis.records import RecordsError, load_records
+from lrcnn.planner.files import write_csv_atomic
+from lrcnn.planner.units import format_table
 
 
 def _mib(v) -> str:
@@ -32,9 +35,6 @@ def _check_target(path, ext):
 
 def report(paths, csv=None, png=None) -> str:
     """Tables as text; writes the comparison CSV / PNG when asked (atomically)."""
-    from lrcnn.planner.units import format_table
-    from lrcnn.planner.files import write_csv_atomic
-
     _check_target(csv, ".csv")
     _check_target(png, ".png")
     df = load_records(paths)
@@ -68,7 +68,36 @@ def report(paths, csv=None, png=None) -> str:
     return "\n".join(out)
 
 
-def report_command(args) -> int:
-    """``planner report``: what the CLI calls."""
-    print(report(args.records, csv=args.csv, png=args.png))
-    return 0
+def _rel(p, a) -> str:
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (p, a)) or a == 0:
+        return "-"
+    return f"{(p - a) / a:+.1%}"
+
+
+def summarize(df) -> str:
+    """The console summary of one run's records (``planner run``): the run in one line, then step,
+    phases and segments, predicted vs actual peak MiB and median ms."""
+    cmp = compare(df)
+    ranks = dict(zip(df["run_id"], df["rank"])) if "rank" in df else {}
+    multi = len(set(ranks.values())) > 1  # a distributed run: one block per rank
+    rows = []
+    for r in cmp.itertuples():
+        rows.append(([ranks.get(r.run_id, 0)] if multi else [])
+                    + [r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
+                       _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
+                       _rel(r.predicted_s, r.actual_s)])
+    head = (["rank"] if multi else []) + ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err",
+                                          "pred_ms", "actual_ms", "time_err"]
+    first = df.iloc[0]
+    steps = df.loc[df.scope == "step"]
+    if multi:
+        steps = steps[steps["rank"] == first["rank"]]
+    losses = steps["loss"]
+    amp = first.get("amp")  # (absent in older records; NaN when read back from CSV)
+    info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']}{' + autocast ' + amp if isinstance(amp, str) and amp else ''} on {first['device']} "
+            f"({first['device_name']}, torch {first['torch_version']}), {first['optimizer']} lr {first['lr']:g}, "
+            f"{losses.size} step(s), loss {losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}")
+    if multi:
+        info += (f" on rank {first['rank']}; {len(set(ranks.values()))} ranks (DDP), "
+                 f"global batch {int(first['batch']) * len(set(ranks.values()))}")
+    return info + "\n" + format_table(head, rows, ("r" if multi else "") + "lllrrrrrr")

@@ -37,17 +37,17 @@ status=0
 run() {  # run NAME ARGS...: one validate, its table and plot under $OUT
   local name=$1; shift
   echo "## planner validate $* ($name)" >>"$LOG"
-  $PY -m planner.cli validate "$@" --device "$DEV" --points 4 --steps "$STEPS" --quiet \
+  $PY -m lrcnn validate "$@" --device "$DEV" --points 4 --steps "$STEPS" --quiet \
       --csv "$OUT/$name.csv" --png "$OUT/$name.png" >>"$LOG" 2>&1 || status=1
 }
 run validate-resnet50-b32 $R50
 run validate-resnet50-b128-bf16 $R50AMP --amp bf16 --amp-rows
 run validate-vgg16-b32 $VGG
 echo "## planner calibrate --device $DEV $CAL" >>"$LOG"
-$PY -m planner.cli calibrate --device "$DEV" $CAL -o "$OUT/profile-$DEV.json" >>"$LOG" 2>&1 || status=1
+$PY -m lrcnn calibrate --device "$DEV" $CAL -o "$OUT/profile-$DEV.json" >>"$LOG" 2>&1 || status=1
 if [ -f "$OUT/profile-$DEV.json" ]; then
   echo "## planner validate $R50 --device-profile $OUT/profile-$DEV.json (calibrated)" >>"$LOG"
-  $PY -m planner.cli validate $R50 --device "$DEV" --device-profile "$OUT/profile-$DEV.json" --points 4 \
+  $PY -m lrcnn validate $R50 --device "$DEV" --device-profile "$OUT/profile-$DEV.json" --points 4 \
       --steps "$STEPS" --quiet --csv "$OUT/validate-resnet50-b32-calibrated.csv" >>"$LOG" 2>&1 || status=1
 fi
 rm -f "$OUT"/validate-vgg16-b32.png "$OUT"/validate-resnet50-b128-bf16.png  # (8 files come back at most)

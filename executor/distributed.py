@@ -8,7 +8,7 @@ segments saved-tensor hooks, so every parameter's gradient is accumulated exactl
 backward pass and DDP's default settings (bucketed all-reduce as gradients become ready, no
 ``static_graph``, no ``find_unused_parameters``) apply unchanged.
 
-This module holds the launcher glue ``planner run`` / ``python -m executor.run`` use: the rank
+This module holds the launcher glue ``planner run`` / ``python -m lrcnn run`` use: the rank
 from torchrun's environment, process-group set-up, per-rank record files and the merge.
 """
 from __future__ import annotations

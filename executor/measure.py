@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrcnn.models import memory
+from lrcnn.planner.plan import OPTIMIZERS
 
 
 def _classes(model: nn.Module) -> int:
@@ -68,7 +69,6 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
         model.zero_grad(set_to_none=True)
 
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "adam": 1e-3, "adamw": 1e-3}
 
 

@@ -23,7 +23,7 @@ What is measured, and how (kept honest):
 
 Records: one row per (step, scope, name); see :data:`COLUMNS`.
 
-Distributed (``torchrun --nproc-per-node N -m executor.run PLAN.json ...``): every rank runs the
+Distributed (``torchrun --nproc-per-node N -m lrcnn run PLAN.json ...``): every rank runs the
 plan on its own batch of the plan's ``input_shape[0]`` (per-rank) under DistributedDataParallel
 with default settings; synthetic data is seeded ``seed + rank``, an ImageFolder is sharded with a
 ``DistributedSampler``.  Each rank measures itself and writes ``OUT.rank{r}.EXT``; rank 0 gathers
@@ -52,7 +52,8 @@ from lrcnn.planner.files import write_csv_atomic
 from lrcnn.planner.files import atomic_write, check_output_path
 
 from lrcnn.models import memory
-from lrcnn.executor.measure import (DEFAULT_LR, OPTIMIZERS, autocast, grad_scaler, make_optimizer as _make_optimizer, opt_state,
+from lrcnn.planner.plan import OPTIMIZERS
+from lrcnn.executor.measure import (DEFAULT_LR, autocast, grad_scaler, make_optimizer as _make_optimizer, opt_state,
                       train_step)
 
 PHASES = ("forward", "backward", "optimizer")
@@ -78,7 +79,6 @@ class RunError(ValueError):
 class RunResult:
     records: Any                     # pandas DataFrame, columns COLUMNS
     failures: List[str] = field(default_factory=list)  # budget exceeded, ... (exit 1)
-    summary: str = ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def device_info(device: torch.device) -> Dict[str, Any]:
 
 def build_model(plan, seed: int = 0):
     """The plan's model with random weights (``seed``) on the CPU, and its capture, checked
-    against the plan (:func:`planner.cli.plan_model`)."""
+    against the plan (:func:`lrcnn.planner.plan.plan_model`)."""
     from lrcnn.planner.plan import plan_model
 
     torch.manual_seed(seed)
@@ -234,7 +234,7 @@ def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
 # Measurement of one step
 # ------------------------------------------------------------------------------------------------
 
-class _Clock(memory._Meter):
+class _Clock(memory.Meter):
     """Time stamps at every :func:`memory.mark` (no memory): perf_counter, or CUDA events."""
 
     def __init__(self, device: torch.device) -> None:
@@ -370,7 +370,7 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
 # The run
 # ------------------------------------------------------------------------------------------------
 
-def _check_out(path: Optional[str]) -> None:
+def check_out(path: Optional[str]) -> None:
     if path is None:
         return
     if not path.endswith((".parquet", ".csv")):
@@ -479,7 +479,7 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     info = dist_info or D.DistInfo()
     if steps < 1 or warmup < 0:
         raise RunError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
-    _check_out(out)
+    check_out(out)
     dev = D.rank_device(resolve_device(device), info)
     plan = plan_path if isinstance(plan_path, Plan) else Plan.load(plan_path)
     plan_amp = plan_precision(plan, amp)
@@ -567,137 +567,9 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     losses = df.loc[df.scope == "step", "loss"]
     if not losses.map(math.isfinite).all():
         failures.append("the loss is not finite (NaN/inf) in at least one step")
-    return RunResult(df, failures, summarize(df))
+    return RunResult(df, failures)
 
 
 # ------------------------------------------------------------------------------------------------
 # Summary + CLI glue
 # ------------------------------------------------------------------------------------------------
-
-def _mib(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v / 2**20:.2f}"
-
-
-def _ms(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1e3:.1f}"
-
-
-def _rel(p, a) -> str:
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (p, a)) or a == 0:
-        return "-"
-    return f"{(p - a) / a:+.1%}"
-
-
-def summarize(df) -> str:
-    """Short table: step, phases and segments, predicted vs actual peak MiB and median ms."""
-    from lrcnn.analysis.compare import compare
-    from lrcnn.planner.units import format_table
-
-    cmp = compare(df)
-    ranks = dict(zip(df["run_id"], df["rank"])) if "rank" in df else {}
-    multi = len(set(ranks.values())) > 1  # a distributed run: one block per rank
-    rows = []
-    for r in cmp.itertuples():
-        rows.append(([ranks.get(r.run_id, 0)] if multi else [])
-                    + [r.scope, r.name, r.phase, _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes),
-                       _rel(r.predicted_peak_bytes, r.actual_peak_bytes), _ms(r.predicted_s), _ms(r.actual_s),
-                       _rel(r.predicted_s, r.actual_s)])
-    head = (["rank"] if multi else []) + ["scope", "name", "phase", "pred_MiB", "actual_MiB", "peak_err",
-                                          "pred_ms", "actual_ms", "time_err"]
-    first = df.iloc[0]
-    steps = df.loc[df.scope == "step"]
-    if multi:
-        steps = steps[steps["rank"] == first["rank"]]
-    losses = steps["loss"]
-    amp = first.get("amp")  # (absent in older records; NaN when read back from CSV)
-    info = (f"{first['model']} {first['batch']}x3x{first['resolution']} {first['dtype']}{' + autocast ' + amp if isinstance(amp, str) and amp else ''} on {first['device']} "
-            f"({first['device_name']}, torch {first['torch_version']}), {first['optimizer']} lr {first['lr']:g}, "
-            f"{losses.size} step(s), loss {losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}")
-    if multi:
-        info += (f" on rank {first['rank']}; {len(set(ranks.values()))} ranks (DDP), "
-                 f"global batch {int(first['batch']) * len(set(ranks.values()))}")
-    return info + "\n" + format_table(head, rows, ("r" if multi else "") + "lllrrrrrr")
-
-
-def run_command(args) -> int:
-    """``planner run``: what the CLI calls (prints the summary; exit 1 on a failed run).
-
-    Under torchrun (``RANK``/``WORLD_SIZE`` set) this process joins the process group first and
-    is one rank of a distributed run; only rank 0 prints."""
-    from lrcnn.executor import distributed as D
-
-    if getattr(args, "nproc", 1) > 1:
-        return launch(args)
-    info = D.init(resolve_device(args.device))
-    try:
-        res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
-                       lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,
-                       progress=not args.quiet, dist_info=info, amp=getattr(args, "amp", None))
-    finally:
-        D.shutdown(info)
-    if res.records is not None and info.is_main:
-        print(res.summary)
-        if args.out:
-            extra = f"; per rank: {D.rank_path(args.out, 'N')}" if info.enabled else ""
-            print(f"wrote {args.out} ({len(res.records)} records{extra})")
-    for f in res.failures:
-        where = f"rank {info.rank}: " if info.enabled and not info.is_main else ""
-        print(f"planner: FAILED: {where}{f}", file=sys.stderr)
-    return 1 if res.failures else 0
-
-
-def launch_argv(args) -> List[str]:
-    """The torchrun command line ``planner run --nproc N`` starts: N processes on this machine,
-    each running ``python -m executor.run`` with the same arguments (without ``--nproc``)."""
-    argv = [args.plan, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-            "--data", args.data, "--seed", str(args.seed)]
-    if args.lr is not None:
-        argv += ["--lr", repr(args.lr)]
-    if args.out is not None:
-        argv += ["--out", args.out]
-    argv += ["--check-grads"] * bool(args.check_grads) + ["--quiet"] * bool(args.quiet)
-    if getattr(args, "amp", None):
-        argv += ["--amp", args.amp]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-            "-m", "lrcnn", "run", *argv]
-
-
-def launch(args) -> int:
-    """``--nproc N``: check the input here (bad input: exit 2, one line), then run torchrun."""
-    import subprocess
-
-    from lrcnn.planner.plan import Plan
-
-    from lrcnn.executor import distributed as D
-
-    if D.env_info() is not None:
-        raise RunError("--nproc: this process is already one rank of a torchrun launch; drop --nproc")
-    dev = resolve_device(args.device)
-    if dev.type == "cuda" and args.nproc > torch.cuda.device_count():
-        raise RunError(f"--nproc {args.nproc}: only {torch.cuda.device_count()} CUDA GPU(s); one process per GPU")
-    _check_out(args.out)
-    plan_precision(Plan.load(args.plan), getattr(args, "amp", None))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(launch_argv(args), env=env)
-
-
-def main(argv=None) -> int:
-    """``python -m executor.run PLAN.json [options]``: the same arguments and exit codes as
-    ``planner run`` (one parser, :func:`planner.cli.add_run_args`), meant as torchrun's target::
-
-        torchrun --nproc-per-node 4 -m executor.run plan.json --steps 20 --out rec.parquet
-    """
-    from lrcnn.planner.cli import _Parser, add_run_args, run_parser
-
-    p = _Parser(prog="python -m executor.run",
-                description="Run a plan for real (the arguments of 'planner run').  Under torchrun each "
-                            "process is one DistributedDataParallel rank with its own batch of the "
-                            "plan's size; rank 0 merges the records into --out.")
-    add_run_args(p)
-    p.set_defaults(func=run_command)
-    return run_parser(p, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

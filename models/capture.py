@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from lrcnn.models import ops as _ops
-from lrcnn.models.zoo import BN_MODES, default_resolution, get_model, parse_dtype, set_bn_mode
+from lrcnn.models.zoo import default_resolution, get_model, parse_dtype, set_bn_mode
 from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
 
 

@@ -51,7 +51,7 @@ __all__ = ["MemoryReport", "StorageTracker", "CompiledStorageTracker", "measure_
 
 Entry = Tuple[str, int, int]  # (label, live bytes, peak bytes since the previous mark)
 
-_ACTIVE: List["_Meter"] = []  # measurements in progress, innermost last (what mark() talks to)
+_ACTIVE: List["Meter"] = []  # measurements in progress, innermost last (what mark() talks to)
 
 
 @dataclass
@@ -105,7 +105,7 @@ class MemoryReport:
         return out
 
 
-class _Meter:
+class Meter:
     """Common state of a measurement: absolute ``live``/``peak``/``baseline`` bytes and marks."""
 
     def __init__(self) -> None:
@@ -157,7 +157,7 @@ def _storages(objs) -> Iterable[torch.UntypedStorage]:
             yield o
 
 
-class StorageTracker(_Meter, TorchDispatchMode):
+class StorageTracker(Meter, TorchDispatchMode):
     """Storage accounting of every tensor allocated while the mode is active.
 
     After each aten op, every output storage that is neither already tracked nor shared with an
@@ -188,7 +188,7 @@ class StorageTracker(_Meter, TorchDispatchMode):
     """
 
     def __init__(self, track_existing: Iterable[Union[torch.Tensor, nn.Module]] = ()) -> None:
-        _Meter.__init__(self)
+        Meter.__init__(self)
         TorchDispatchMode.__init__(self)
         self._existing = list(track_existing)
         self._sizes: Dict[int, Tuple[int, weakref.ref]] = {}  # _cdata -> (nbytes, weakref)
@@ -266,7 +266,7 @@ class CompiledStorageTracker(StorageTracker):
         return True
 
 
-class _CudaMeter(_Meter):
+class _CudaMeter(Meter):
     """``max_memory_allocated`` around a step; each mark reads and resets the peak."""
 
     def __init__(self, device: torch.device) -> None:
@@ -323,7 +323,7 @@ def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device,
         step_fn()
     gc.collect()
     if device.type == "cuda" and not fake:
-        meter: _Meter = _CudaMeter(device)
+        meter: Meter = _CudaMeter(device)
         method = "cuda"
     else:
         tracker = CompiledStorageTracker if compiled else StorageTracker

@@ -55,9 +55,9 @@ from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
                              segment_ancestors, strip_schedule)
-from lrcnn.planner.plan import Plan, PlanError, Segment
+from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
-__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
+__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "STATE_COPIES",
            "CostError"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
@@ -67,7 +67,8 @@ ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segm
 BN_HALF_FWD = 2   # the normalised band in float32 before it is rounded
 BN_HALF_BWD = 2   # xhat and a product (or the input gradient) in float32: 3 bands where the captured BN backward makes 1
 
-OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
+STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimizer state: copies of the parameters
+assert tuple(STATE_COPIES) == OPTIMIZERS  # (one list of names: the plan format's)
 
 
 class CostError(ValueError):
@@ -238,7 +239,7 @@ class CostModel:
         return {
             "params": self.param_bytes,
             "buffers": getattr(g, "buffer_bytes", 0),
-            "optimizer": OPTIMIZERS[self.optimizer] * self.graph.grad_bytes,  # trainable only
+            "optimizer": STATE_COPIES[self.optimizer] * self.graph.grad_bytes,  # trainable only
             "input": g.input_node.out_bytes + 8 * batch,
             "loss": out.extra_saved + self._last_model_node().out_bytes,
             "workspace": self.profile.workspace,
@@ -477,7 +478,7 @@ class CostModel:
         if fit:
             tensors = sum(n.param_tensors for n in self.graph.nodes)
             return fit[0] + fit[1] * tensors + fit[2] * self.graph.grad_bytes
-        return (OPTIMIZERS[self.optimizer] + 2) * 2 * self.graph.grad_bytes / self.profile.bandwidth
+        return (STATE_COPIES[self.optimizer] + 2) * 2 * self.graph.grad_bytes / self.profile.bandwidth
 
     # -- segments ---------------------------------------------------------------------------------
     def segment(self, seg: Segment) -> SegmentCost:

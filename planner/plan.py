@@ -40,6 +40,7 @@ from lrcnn.models.zoo import BN_MODES, DTYPES
 
 SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # training.optimizer: what the cost model prices and run builds
 AMP_DTYPES = tuple(_AMP)  # training.amp: the autocast dtypes capture knows
 POLICIES = ("2ps", "overl")
 BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
@@ -267,8 +268,6 @@ class Plan:
         nc = training.get("num_classes")
         if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
             raise PlanError(f"plan training.num_classes {nc!r} must be a positive integer")
-        from lrcnn.planner.cost import OPTIMIZERS  # (the cost model's list: what a plan can be priced for)
-
         opt = training.get("optimizer")
         if opt is not None and opt not in OPTIMIZERS:
             raise PlanError(f"plan training.optimizer {opt!r} is not one of {', '.join(OPTIMIZERS)}")

@@ -16,11 +16,10 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from lrcnn.planner.cost import OPTIMIZERS as _STATE_COPIES
-from lrcnn.planner.plan import BN_MODES, DTYPES, Plan, Segment
+from lrcnn.planner.cost import STATE_COPIES
+from lrcnn.planner.plan import BN_MODES, DTYPES, OPTIMIZERS, Plan, Segment
 from lrcnn.planner.units import parse_bytes
 
-OPTIMIZERS = tuple(_STATE_COPIES)  # the optimizers the cost model prices
 POLICIES = ("auto", "2ps", "overl", "checkpoint")
 SOLVERS = ("auto", "cbc", "highs")
 #: Labels per boundary the exact DP may keep before it counts as a heuristic (then the ILP decides).
@@ -141,14 +140,13 @@ class Solver:
     def hint(self) -> str:
         """What a budget no plan fits could still try, and the floor no plan goes under (the tail
         of :class:`planner.ilp.InfeasibleError`'s message)."""
-        from lrcnn.planner.cost import OPTIMIZERS
         from lrcnn.planner.units import fmt_bytes
 
         g, cm = self.graph, self.cm
         levers = []
         if g.amp and not self.amp_rows:
             levers.append("allow row segments with --amp-rows")
-        if OPTIMIZERS[self.optimizer]:
+        if STATE_COPIES[self.optimizer]:
             levers.append("--optimizer sgd")
         if self.bn == "train" and any(n.batch_stats for n in g.nodes):
             levers.append("--bn eval")

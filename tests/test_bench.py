@@ -1,4 +1,4 @@
-"""``planner bench`` / ``python -m bench compare``: the alternatives are the real thing, the
+"""``planner bench`` / ``planner bench``: the alternatives are the real thing, the
 exactness column is right (checkpointing updates train-mode BN twice; lrcnn does not), outputs
 load in pandas, and bad input is one line with exit 2 and no file."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lrcnn.analysis.bench.compare import (CheckpointBlocks, CheckpointSqrt, is_exact, make_case, max_rel_err, rel_errs,
-                           split_blocks)
+from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt, split_blocks
+from lrcnn.analysis.bench.cases import is_exact, make_case, max_rel_err, rel_errs
 from lrcnn.models import get_model
 from lrcnn.planner.cli import main
 from tests.test_cli import assert_one_line_error
@@ -190,7 +190,8 @@ def test_study_max_resolution_small_budget(tmp_path, capfd):
     method's answer fits and the next size does not; lrcnn's plan at its answer is simulated within
     the budget and reaches at least the best alternative's size.  Run alone, it keeps the other
     study's rows of the existing study CSV."""
-    from lrcnn.analysis.bench.compare import CheckpointBlocks, simulated_peak
+    from lrcnn.analysis.bench.methods import CheckpointBlocks
+    from lrcnn.analysis.bench.studies import simulated_peak
 
     earlier = pd.DataFrame([dict(study="max batch", fixed="224x224", method="plain", largest=7, peak_bytes=1.0,
                                  x_best_alternative=1.0, how="simulated", device="elsewhere; 2026-01-01"),
@@ -226,7 +227,7 @@ def test_pareto_targets_count_beaten_and_matched_alternatives():
     """The targets table: an alternative is beaten when an exact lrcnn row has no more peak and no
     more time ratio; one that is not, but whose time ratio an exact lrcnn row's lowest paired
     ratio reaches at no more peak, is counted apart (within noise); inexact rows count for nothing."""
-    from lrcnn.analysis.bench.compare import markdown, targets
+    from lrcnn.analysis.bench.tables import markdown, targets
 
     def row(method, setting, peak, ratio, pair_min=math.nan, exact=True):
         return dict(case="c", model="m", batch=1, resolution=8, dtype="float32", noise_floor=0.0,

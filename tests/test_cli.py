@@ -12,7 +12,8 @@ import torch
 
 from lrcnn.models import get_model, list_models
 from lrcnn.planner.units import format_table
-from lrcnn.planner.cli import main, parse_resolution
+from lrcnn.planner.cli import main
+from lrcnn.planner.cli.args import parse_resolution
 from lrcnn.planner.plan import Plan, Segment
 
 

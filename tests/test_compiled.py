@@ -107,7 +107,8 @@ def test_compiled_checkpoint_region_replays_dropout():
     generator (``fallback_random``, as the bench compiles): the region's backward recompute uses
     the forward's mask, so the step matches plain PyTorch in float64 (``bench.compare.rel_errs``:
     the gradient of a BN bias the next train-mode BN cancels is rounding and compared as such)."""
-    from lrcnn.analysis.bench.compare import _budget_setup, compile_settings, is_exact, make_case, rel_errs
+    from lrcnn.analysis.bench.methods import _budget_setup, compile_settings
+    from lrcnn.analysis.bench.cases import is_exact, make_case, rel_errs
     from lrcnn.models.capture import build_and_capture
 
     case = make_case("t", "mobilenet_v2", 2, 64, torch.device("cpu"), "float64")

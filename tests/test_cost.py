@@ -24,7 +24,7 @@ from tests.test_cli import assert_one_line_error, run
 def test_grid_predicted_vs_measured():
     """A CI-sized grid (resnet18: every plan kind; mobilenet_v2: the row kinds), whole-step
     absolute peak: median |error| <= 2 %, worst <= 5 %; the simulator equals the real step within
-    1 % (the full grid: python -m bench.cost_grid)."""
+    1 % (the full grid: python -m lrcnn.analysis.bench.cost_grid)."""
     cases = [("resnet18", k) for k in KINDS] + [("mobilenet_v2", "2ps"), ("mobilenet_v2", "overl")]
     rows = [run_case(name, kind, "small", "cpu", real=True, timing=False) for name, kind in cases]
     errs = [abs(r["err_meas_%"]) for r in rows]

@@ -1,16 +1,17 @@
 """Benchmarks: scripts that print tables of measured memory and time.
 
-``python -m bench compare ...`` (also ``planner bench ...``) runs lrcnn against the alternatives
-(:mod:`bench.compare`); ``python -m bench.cost_grid``, ``bench.solve_time`` and
-``bench.memory_rows`` are the cost-model, solver and row-memory benchmarks; ``python -m
-bench.timm_sweep`` checks plans of many timm CNNs for exactness (needs timm).
+``planner bench`` runs lrcnn against the alternatives (:func:`lrcnn.analysis.bench.compare.bench`),
+built from :mod:`~lrcnn.analysis.bench.cases` (a case and one method's measured step),
+:mod:`~lrcnn.analysis.bench.methods` (the alternatives and lrcnn's plans),
+:mod:`~lrcnn.analysis.bench.studies` (max batch / resolution under a budget) and
+:mod:`~lrcnn.analysis.bench.tables` (markdown, plot, kept rows).  The other benchmarks are scripts:
+``python -m lrcnn.analysis.bench.cost_grid`` (cost model accuracy), ``.solve_time`` (solver),
+``.memory_rows`` (row memory) and ``.timm_sweep`` (exactness of plans of many timm CNNs; needs timm).
 
-This module holds only what the command lines share and is light to import (no torch).
+This module holds only the vocabulary the command line shares and is light to import (no torch).
 """
 from __future__ import annotations
 
-import argparse
-from typing import List
 
 CASES = {  # name: (model, batch, square resolution)
     "vgg16": ("vgg16", 32, 224),
@@ -20,72 +21,3 @@ CASES = {  # name: (model, batch, square resolution)
 }
 METHODS = ("plain", "checkpoint-blocks", "checkpoint-sqrt", "compile", "rockmate", "lightstream", "lrcnn",
            "lrcnn-checkpoint", "lrcnn-compile")
-
-
-def _methods(text: str) -> List[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in METHODS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or '(none)'}: give a comma list of "
-                                         f"{', '.join(METHODS)}")
-    return names
-
-
-def _fractions(text: str) -> List[float]:
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        vals = []
-    if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a comma list of numbers in [0, 1], e.g. 0.5,0.1")
-    return vals
-
-
-def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``python -m bench compare`` / ``planner bench``."""
-    from lrcnn.planner.cli import positive_int
-
-    p.add_argument("--case", action="append", choices=sorted(CASES),
-                   help="a case to run (repeatable); default: all four, or a custom one with --model")
-    p.add_argument("--model", help="custom case: a torchvision ResNet, VGG or MobileNetV2 name "
-                                   "(with --batch and --resolution); with --study, the model studied "
-                                   "(default resnet50)")
-    p.add_argument("--batch", type=positive_int, help="custom case: batch size")
-    p.add_argument("--resolution", type=positive_int, help="custom case: square input size")
-    p.add_argument("--methods", type=_methods, default=list(METHODS),
-                   help=f"comma list of methods (default: all: {','.join(METHODS)})")
-    p.add_argument("--compile-budgets", type=_fractions, default=[0.5, 0.1], metavar="B,B",
-                   help="torch._functorch.config.activation_memory_budget values for torch.compile; "
-                        "1.0 (compiled plain) always runs (default: 0.5,0.1)")
-    p.add_argument("--points", type=positive_int, default=4,
-                   help="lrcnn budgets swept from the smallest feasible to the plain peak (default: 4)")
-    p.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per method (default: 1)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per method, median (default: 5)")
-    p.add_argument("--unpaired", action="store_true",
-                   help="time each method alone; by default each timed step of an eager method follows a "
-                        "timed plain step and its time ratio is the median ratio of the pairs (robust to "
-                        "the machine's speed drifting during a long run)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="training dtype; exactness bar 1e-5 (float32) or 1e-10 (float64) (default: float32)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to run (default: cuda when available)")
-    p.add_argument("--profile", default=None, metavar="NAME|FILE",
-                   help="device profile for the planner (built-in name or planner calibrate JSON; "
-                        "default: cpu on CPU, h100 on CUDA)")
-    p.add_argument("--out-dir", default="bench/results", metavar="DIR",
-                   help="folder for compare-<device>.csv/.png/.md (default: bench/results)")
-    p.add_argument("--fresh", action="store_true",
-                   help="start compare-<device>.csv (study-<device>.csv) anew (default: rows of cases, or "
-                        "studies, not run now are kept from the existing file, so they can be run one at a "
-                        "time into one table)")
-    p.add_argument("--study", nargs="?", const="both", choices=["batch", "resolution", "both"],
-                   help="run the max-batch and/or max-resolution study (--model, default ResNet-50) under --study-budget "
-                        "instead (simulated; default when given without a value: both)")
-    p.add_argument("--study-budget", default="8GiB", metavar="SIZE", help="budget of the study (default: 8GiB)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def compare_command(args) -> int:
-    from lrcnn.analysis.bench.compare import command
-
-    return command(args)

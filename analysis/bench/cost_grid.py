@@ -1,10 +1,10 @@
 """Cost-model accuracy grid: predicted vs measured vs simulated peak memory, and step time.
 
-    python -m bench.cost_grid                      # full grid (4 models x 5 plans x 2 sizes)
-    python -m bench.cost_grid --models resnet18 --sizes small
-    python -m bench.cost_grid --csv grid.csv --profile profile.json
-    python -m bench.cost_grid --bn train --no-time # training-mode BN (simulator only, no VGG)
-    python -m bench.cost_grid --amp bf16 --no-time # mixed precision: captured and run under autocast
+    python -m lrcnn.analysis.bench.cost_grid                      # full grid (4 models x 5 plans x 2 sizes)
+    python -m lrcnn.analysis.bench.cost_grid --models resnet18 --sizes small
+    python -m lrcnn.analysis.bench.cost_grid --csv grid.csv --profile profile.json
+    python -m lrcnn.analysis.bench.cost_grid --bn train --no-time # training-mode BN (simulator only, no VGG)
+    python -m lrcnn.analysis.bench.cost_grid --amp bf16 --no-time # mixed precision: captured and run under autocast
 
 For every model, plan kind (plain, checkpoint, rows-2PS, rows-OverL, mixed) and size:
 
@@ -142,7 +142,7 @@ def run_case(name: str, kind: str, size: str, profile, optimizer: str = "momentu
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cost_grid", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lrcnn.analysis.bench.cost_grid", description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=None,
                     help=f"default: {' '.join(MODELS)} (--bn train: those with BatchNorm)")
     ap.add_argument("--plans", nargs="+", default=KINDS, choices=KINDS)

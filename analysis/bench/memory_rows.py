@@ -1,8 +1,8 @@
 """Peak memory and forward convolution work of hand-written row plans vs plain PyTorch.
 
-    python -m bench.memory_rows            # real CPU steps, storage accounting (VGG-16 b32: minutes)
-    python -m bench.memory_rows --fake     # the same code under FakeTensorMode (seconds)
-    python -m bench.memory_rows --csv out.csv
+    python -m lrcnn.analysis.bench.memory_rows            # real CPU steps, storage accounting (VGG-16 b32: minutes)
+    python -m lrcnn.analysis.bench.memory_rows --fake     # the same code under FakeTensorMode (seconds)
+    python -m lrcnn.analysis.bench.memory_rows --csv out.csv
 
 Peak = new live tensor bytes during one training step (forward, cross-entropy, backward):
 activations, parameter gradients and transients; parameters and the input batch are excluded
@@ -81,7 +81,7 @@ def conv_flops(model, shape) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.memory_rows", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lrcnn.analysis.bench.memory_rows", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fake", action="store_true", help="simulate with fake tensors instead of real CPU steps")
     ap.add_argument("--only", help="run only cases whose name contains this text")

@@ -1,7 +1,7 @@
 """Wall time of ``planner.solve`` (capture + pricing + ILP) at budgets that force row segments.
 
-    python -m bench.solve_time                      # VGG-16, ResNet-50, ResNet-152, batch 32, 224x224
-    python -m bench.solve_time --models resnet50 --profile cpu --csv out.csv
+    python -m lrcnn.analysis.bench.solve_time                      # VGG-16, ResNet-50, ResNet-152, batch 32, 224x224
+    python -m lrcnn.analysis.bench.solve_time --models resnet50 --profile cpu --csv out.csv
 
 For each model the budget is set halfway between the smallest plan of any kind and the smallest
 plan without row segments (``--policy checkpoint``), so no store/checkpoint-only plan fits and the

@@ -1,7 +1,7 @@
 """Exactness sweep over timm CNNs: capture, solve at two budgets, train one step plain vs planned.
 
-    python -m bench.timm_sweep                                   # the default list (37 models)
-    python -m bench.timm_sweep --models resnet18,mobilenetv2_050 --out /tmp/s.csv --md /tmp/s.md
+    python -m lrcnn.analysis.bench.timm_sweep                                   # the default list (37 models)
+    python -m lrcnn.analysis.bench.timm_sweep --models resnet18,mobilenetv2_050 --out /tmp/s.csv --md /tmp/s.md
 
 For every model (``timm.create_model(name, pretrained=False, num_classes=10)``, random weights,
 float64, train mode: BatchNorm normalises with batch statistics and updates its running ones) at a
@@ -469,7 +469,7 @@ def _models_arg(text: str) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.timm_sweep", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m lrcnn.analysis.bench.timm_sweep", description=__doc__.split("\n")[0],
                                  epilog="Needs timm. Details: the module docstring (pydoc bench.timm_sweep).")
     ap.add_argument("--models", type=_models_arg, default=DEFAULT_MODELS, metavar="A,B,...",
                     help=f"comma list of timm model names (default: {len(DEFAULT_MODELS)} CNNs)")

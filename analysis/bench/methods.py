@@ -1,0 +1,254 @@
+"""The methods lrcnn is measured against (checkpointing per block and sqrt(n), torch.compile's
+memory budget, Rockmate, lightstream) and lrcnn's own plans across the budget range."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+from lrcnn.executor import apply_plan
+from lrcnn.analysis.bench.cases import BenchError, Case, Method, OPTIMIZER
+
+GiB = 2**30
+
+
+def split_blocks(model: nn.Module) -> Tuple[nn.Module, List[nn.Module], nn.Module]:
+    """``(stem, blocks, head)`` of a torchvision ResNet, VGG or MobileNetV2: running them in order
+    computes exactly ``model(x)``.  The blocks are what people checkpoint: residual blocks,
+    inverted-residual blocks, VGG stages (convolutions up to and including a max-pool)."""
+    from torchvision.models import VGG, MobileNetV2, ResNet
+
+    if isinstance(model, ResNet):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+    elif isinstance(model, VGG):
+        blocks, cur = [], []
+        for m in model.features:
+            cur.append(m)
+            if isinstance(m, nn.MaxPool2d):
+                blocks.append(nn.Sequential(*cur))
+                cur = []
+        if cur:
+            blocks.append(nn.Sequential(*cur))
+        stem = nn.Sequential()
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
+    elif isinstance(model, MobileNetV2):
+        feats = list(model.features)
+        stem, blocks = feats[0], feats[1:-1]
+        head = nn.Sequential(feats[-1], nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(1), model.classifier)
+    else:
+        raise BenchError(f"no block structure known for {type(model).__name__}: the checkpoint baselines "
+                         f"cover torchvision ResNet, VGG and MobileNetV2 models")
+    return stem, blocks, head
+
+
+class CheckpointBlocks(nn.Module):
+    """``torch.utils.checkpoint`` (non-reentrant) around every block of :func:`split_blocks`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.stem, blocks, self.head = split_blocks(model)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=False)
+        return self.head(x)
+
+
+class CheckpointSqrt(nn.Module):
+    """``checkpoint_sequential`` over ``[stem, *blocks, head]`` with round(sqrt(n)) segments."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        stem, blocks, head = split_blocks(model)
+        self.seq = nn.Sequential(*[m for m in (stem, *blocks, head) if not (isinstance(m, nn.Sequential) and len(m) == 0)])
+        self.segments = max(1, round(math.sqrt(len(self.seq))))
+
+    def forward(self, x):
+        return checkpoint_sequential(self.seq, self.segments, x, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def compile_settings():
+    """Settings for the compiled methods, restored (and Dynamo's caches dropped) on exit; each
+    compiled method sets its activation-memory budget in its ``setup``.  Inductor draws random
+    numbers its own way on the CPU, so a compiled dropout would drop other units than eager
+    PyTorch does (MobileNetV2's classifier: gradients 0.7 relative apart); ``fallback_random``
+    makes it use eager's generator, so a compiled step is the same maths and its exactness is
+    judged like any other method's."""
+    import torch._functorch.config as fconf
+    import torch._inductor.config as iconf
+
+    old = fconf.activation_memory_budget, iconf.fallback_random
+    try:
+        torch._dynamo.reset()
+        iconf.fallback_random = True
+        yield
+    finally:
+        fconf.activation_memory_budget, iconf.fallback_random = old
+        torch._dynamo.reset()
+
+
+def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
+    """``torch.compile`` at each activation-memory budget (1.0 = compiled plain first).
+
+    Each compiles its own fx trace of the model (the same modules and ops, so the same compiled
+    program as ``torch.compile(model)``): Dynamo keys compiled code by the code object and does not
+    guard on the budget, so compiling ``model`` itself at another budget would reuse compiled
+    plain's program, and dropping the caches in between would drop compiled plain, the pair every
+    other compiled method is timed against."""
+    from lrcnn.models.capture import trace
+
+    out = []
+    for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
+        fwd, mem, note = _compiled(case, lambda **kw: torch.compile(trace(case.model), **kw))
+        out.append(Method("compile", f"activation_memory_budget={b:g}", fwd, mem, compiled=True,
+                          note=note, setup=_budget_setup(b)))
+    return out
+
+
+def _compiled(case: Case, compile_: Callable[..., Callable]) -> Tuple[Callable, Optional[Callable], str]:
+    """``(forward, memory_forward, note)`` of a compiled method: ``compile_(**kwargs)`` with
+    Inductor, and on the CPU again with ``aot_eager_decomp_partition`` (the same partition run op
+    by op: the storage tracker cannot see inside Inductor's kernels) for the memory step."""
+    if case.device.type == "cuda":
+        return compile_(), None, ""
+    return (compile_(), compile_(backend="aot_eager_decomp_partition"),
+            "memory: same partition run op by op (CPU tracker cannot see Inductor buffers)")
+
+
+def _budget_setup(budget: float) -> Callable[[], None]:
+    """A compiled method's ``setup``: the activation-memory budget its partition is made with (read
+    when it compiles, at its first call)."""
+    def setup() -> None:
+        import torch._functorch.config as fconf
+
+        fconf.activation_memory_budget = budget
+    return setup
+
+
+def rockmate_status() -> str:
+    """Why Rockmate cannot be benchmarked here ('' if it imports and has a device to run on)."""
+    try:
+        import rockmate  # noqa: F401
+    except ImportError as e:
+        return f"import rockmate fails: {e}".replace("\n", " ")
+    except Exception as e:  # a broken install raises anything
+        return f"import rockmate fails: {type(e).__name__}: {e}".replace("\n", " ")
+    if not torch.cuda.is_available():
+        return "rockmate imports but runs on CUDA only (it hard-codes torch.device('cuda')); no GPU here"
+    return ""
+
+
+def rockmate_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
+    why = rockmate_status()
+    if why:
+        return [Method("rockmate", "-", note=why)]
+    import rockmate
+
+    out = []
+    for b in budgets:
+        try:
+            rm = rockmate.Rockmate(case.model, case.x, budget=int(b))
+        except Exception as e:  # record, do not stop the suite
+            out.append(Method("rockmate", f"budget={b / GiB:.2f}GiB", note=f"{type(e).__name__}: {e}"[:200]))
+            continue
+        out.append(Method("rockmate", f"budget={b / GiB:.2f}GiB", rm, budget_bytes=b))
+    return out
+
+
+def lightstream_status(case: Case) -> str:
+    """Why lightstream cannot stream the case's trunk on its device ('' if it can): imports the
+    package and builds a StreamingCNN over ``conv1..layer4`` (eval BN) in tiles of half the input,
+    as its own ResNet example does; the first line of whatever fails."""
+    try:
+        from lightstream.core.constructor import StreamingConstructor
+    except ImportError as e:
+        return f"import lightstream fails: {e} (pip install -e '.[bench]')".replace("\n", " ")
+    except Exception as e:  # a broken install raises anything
+        return f"import lightstream fails: {type(e).__name__}: {e}".replace("\n", " ")
+    import copy
+    import contextlib
+    import io
+
+    model = copy.deepcopy(case.model).eval()
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    if not all(hasattr(model, n) for n in names):
+        return f"lightstream streams ResNet-type trunks (conv1..layer4); {case.model_name} is not one"
+    trunk = nn.Sequential(*[getattr(model, n) for n in names])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
+            StreamingConstructor(trunk, max(1, case.resolution // 2), verbose=False,
+                                 copy_to_gpu=case.device.type == "cuda", statistics_on_cpu=True,
+                                 normalize_on_gpu=False).prepare_streaming_model()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"lightstream cannot build its StreamingCNN here: {type(e).__name__}: {first}"[:300]
+    return ""
+
+
+def lightstream_methods(case: Case) -> List[Method]:
+    why = lightstream_status(case)
+    return [Method("lightstream", f"tile {case.resolution // 2}",
+                   note=why or "builds on this device; its measured step is issue 26's GPU work, not written yet")]
+
+
+class LrcnnPlans:
+    """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
+
+    def __init__(self, case: Case, policy: str, profile: str, compiled: bool = False) -> None:
+        from lrcnn.models.capture import build_and_capture
+        from lrcnn.planner.solve import Solver
+
+        _, self.graph = build_and_capture(case.model_name, case.batch, (case.resolution, case.resolution),
+                                          case.dtype, "train")
+        self.case = case
+        self.policy = policy
+        self.compiled = compiled  # plans priced for compile_plan (fused pointwise recompute is free)
+        self.solver = Solver(self.graph, case.model_name, policy=policy, bn="train", optimizer=OPTIMIZER,
+                             device_profile=profile, compiled=compiled)
+
+    def smallest(self) -> int:
+        return self.solver.smallest_budget()
+
+    def method(self, budget: float) -> Method:
+        """The plan at ``budget``, executed eagerly (``apply_plan``) or, for plans priced for
+        compilation, through ``torch.compile`` (``compile_plan``; memory then measured on the same
+        program run op by op on the CPU, as for ``compile``)."""
+        compiled = self.compiled
+        name = "lrcnn" if self.policy == "auto" else f"lrcnn-{self.policy}"
+        if compiled:
+            name = "lrcnn-compile" if self.policy == "auto" else f"{name}-compile"
+        setting = f"budget={budget / GiB:.3f}GiB"
+        if budget < self.smallest():
+            return Method(name, setting, budget_bytes=budget,
+                          note=f"infeasible: smallest budget {self.smallest() / GiB:.3f} GiB")
+        plan = self.solver.solve(int(budget))
+        kinds = sorted({s.mode if s.mode != "rows" else f"rows-{s.policy}" for s in plan.segments}) or ["plain"]
+        note = "+".join(kinds)
+        if not compiled:
+            return Method(name, setting, apply_plan(self.case.model, plan, self.graph), budget_bytes=budget,
+                          predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note=note)
+        from lrcnn.executor.compiled import compile_plan
+
+        fwd, mem, how = _compiled(self.case, lambda **kw: compile_plan(self.case.model, plan, self.graph, **kw))
+        # the prediction is for eager execution: not this program's promise.  Budget 1.0: what is
+        # recomputed is the plan's choice
+        return Method(name, setting, fwd, mem, compiled=True, budget_bytes=budget,
+                      note="; ".join(filter(None, [note, how])), setup=_budget_setup(1.0))
+
+
+def sweep(lo: float, hi: float, points: int) -> List[float]:
+    """``points`` budgets spaced geometrically from ``lo`` to ``hi``."""
+    if points <= 1 or hi <= lo:
+        return [lo]
+    r = (hi / lo) ** (1.0 / (points - 1))
+    return [lo * r**i for i in range(points)]

@@ -1,0 +1,108 @@
+"""The max-batch and max-resolution study: the largest batch (input side) each method fits in a
+budget, simulated under FakeTensorMode."""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+from lrcnn.models import memory
+from lrcnn.executor.measure import make_optimizer, opt_state, train_step
+from lrcnn.models import get_model, set_bn_mode
+from lrcnn.analysis.bench.cases import OPTIMIZER
+from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt
+
+
+def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int]) -> int:
+    """Absolute peak of one training step of the (wrapped) model, simulated under FakeTensorMode."""
+    with memory.fake_mode():
+        torch.manual_seed(0)
+        model = get_model(model_name)
+        set_bn_mode(model, "train")
+        fwd = wrapper(model) if wrapper else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, OPTIMIZER)
+        x = torch.randn(*shape)
+        y = torch.randint(0, 1000, (shape[0],))
+        train_step(fwd, opt, x, y)  # optimizer state
+        state = opt_state(opt)
+        rep = memory.measure_step(lambda: train_step(fwd, opt, x, y), track_existing=[model, state, x, y])
+    return rep.absolute_peak
+
+
+def size_study(budget: int, profile: str, model_name: str = "resnet50", resolution: int = 224,
+          progress: bool = True, which: str = "both") -> List[Dict]:
+    """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
+    from tqdm import tqdm
+
+    from lrcnn.models.capture import build_and_capture
+    from lrcnn.planner.solve import max_batch
+    from lrcnn.executor.simulate import simulate_plan
+    from lrcnn.planner.solve import Solver
+
+    rows = []
+    alts = [("plain", None), ("checkpoint-blocks", CheckpointBlocks), ("checkpoint-sqrt", CheckpointSqrt)]
+    bar = tqdm(desc="study", unit="size", disable=not progress, file=sys.stderr)
+
+    peaks: Dict[Tuple, int] = {}
+
+    def alt_fits(wrapper, shape_of):
+        def fits(n):
+            key = (wrapper, shape_of(n))
+            if key not in peaks:
+                bar.set_postfix_str(f"{getattr(wrapper, '__name__', 'plain')} {'x'.join(map(str, shape_of(n)))}")
+                peaks[key] = simulated_peak(model_name, wrapper, shape_of(n))
+                bar.update(1)
+            return peaks[key] <= budget, peaks[key]
+        return fits
+
+    solvers = {}
+
+    def lr_fits(shape_of):
+        def fits(n):
+            shape = shape_of(n)
+            bar.set_postfix_str(f"lrcnn {'x'.join(map(str, shape))}")
+            _, g = build_and_capture(model_name, shape[0], (shape[2], shape[3]), "float32", "train")
+            s = Solver(g, model_name, bn="train", optimizer=OPTIMIZER, device_profile=profile)
+            solvers[shape] = s
+            bar.update(1)
+            return s.fits(budget), s.min_peak()
+        return fits
+
+    # (study, what is fixed, input shape of step n, the size reported for step n, largest n tried);
+    # resolutions start at 64: at 32x32 and batch 1, train-mode BN of ResNet's last stage sees one
+    # value per channel, which PyTorch refuses
+    studies = [("max batch", f"{resolution}x{resolution}", lambda n: (n, 3, resolution, resolution), lambda n: n, 1 << 12),
+               ("max resolution", "batch 1", lambda n: (1, 3, 32 * (n + 1), 32 * (n + 1)), lambda n: 32 * (n + 1), 1 << 9)]
+    studies = [s for s in studies if which == "both" or s[0] == f"max {which}"]
+    for what, fixed, shape_of, size_of, limit in studies:
+        best_n = 0
+        for name, wrapper in alts:
+            fits = alt_fits(wrapper, shape_of)
+            n = max_batch(fits, budget, limit, start=best_n or None)
+            best_n = max(best_n, n)
+            pk = fits(n)[1] if n else math.nan
+            rows.append(dict(study=what, fixed=fixed, method=name, largest=size_of(n) if n else 0, peak_bytes=pk,
+                             how="simulated (FakeTensorMode step)"))
+        # from the best alternative's answer: a capture and solve far past the answer (a 16k image)
+        # would take longer than the whole study
+        n = max_batch(lr_fits(shape_of), budget, limit, start=best_n or None)
+        sim = math.nan
+        if n:
+            shape = shape_of(n)
+            plan = solvers[shape].solve(budget)
+            df, _ = simulate_plan(plan)
+            sim = float(df[df.phase == "peak"].simulated_bytes.iloc[0])
+        rows.append(dict(study=what, fixed=fixed, method="lrcnn", largest=size_of(n) if n else 0, peak_bytes=sim,
+                         how="planner prediction; plan simulated (FakeTensorMode executor step)"))
+    bar.close()
+    best = {}
+    for r in rows:
+        if r["method"] != "lrcnn":
+            best[r["study"]] = max(best.get(r["study"], 0), r["largest"])
+    for r in rows:
+        r["x_best_alternative"] = r["largest"] / best[r["study"]] if best.get(r["study"]) else math.nan
+    return rows

@@ -1,0 +1,25 @@
+"""``planner models``: the model zoo, one line a model."""
+from __future__ import annotations
+
+
+from lrcnn.planner.units import format_table
+from lrcnn.planner.cli.args import EXIT_OK
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("models", help="list the models planner knows",
+                       description="List the model zoo: name, default input resolution, parameters.")
+    p.set_defaults(func=command)
+
+
+def command(args) -> int:
+    """``planner models``: one line per zoo model (built on the meta device: no memory)."""
+    from lrcnn.models import default_resolution, get_model, list_models
+
+    rows = []
+    for name in list_models():
+        model = get_model(name, device="meta")
+        params = sum(p.numel() for p in model.parameters())
+        r = default_resolution(name)
+        rows.append([name, f"{r}x{r}", f"{params:,}", "test net" if name.startswith("tiny_") else "torchvision"])
+    print(format_table(["model", "resolution", "params", "source"], rows, "lrrl"))
+    return EXIT_OK
