@@ -18,7 +18,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# lrcnn from this source tree without installing it: a folder whose lrcnn/ holds the package's own
+# files and links lrcnn/models, lrcnn/planner, ... to the top-level folders (pyproject's package-dir)
+SRC=$(mktemp -d)
+mkdir "$SRC/lrcnn" && cp lrcnn/*.py "$SRC/lrcnn/" || exit 1
+for d in models planner executor analysis; do ln -s "$PWD/$d" "$SRC/lrcnn/$d"; done
+export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 if [ "${SMALL:-0}" = 1 ]; then
   DEV=cpu; R50="--model tiny_resnet --batch 4 --resolution 64"; R50AMP="--model tiny_resnet --batch 8 --resolution 64"

@@ -1,6 +1,6 @@
 """``planner calibrate``: measure this machine's throughput and write a device profile.
 
-The cost model prices each node by its time class (:func:`models.ops.time_class`: dense and
+The cost model prices each node by its time class (:func:`lrcnn.models.ops.time_class`: dense and
 depthwise convolutions, linear layers, BN, activations, pooling, other element-wise maps).  This
 module times forward and backward of each class over layer shapes of the kind CNN trunks are made
 of and fits ``seconds = a + b*work + c*bytes`` per class and direction (work: FLOPs for
@@ -142,7 +142,7 @@ def _time_pair(timeit, fn, out_grad, reps: int) -> Tuple[float, float]:
 
 
 def _op_costs(device, dtype, quick: bool, progress=lambda s: None) -> Dict[str, Dict[str, list]]:
-    """Per op class (:data:`models.ops.TIME_CLASSES`), forward and backward: a fitted
+    """Per op class (:data:`lrcnn.models.ops.TIME_CLASSES`), forward and backward: a fitted
     ``[seconds per call, s per unit of work, s per byte moved]``, where work is FLOPs for
     convolutions and linear layers and output elements for the others (the cost model's units).
 

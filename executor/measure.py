@@ -1,7 +1,7 @@
 """Measure one training step of a model, with or without a plan, real or simulated (fake tensors).
 
 ``step_memory`` is what benchmarks and tests call: it builds the inputs, runs forward, loss and
-backward under :func:`executor.memory.measure_step` and returns the :class:`MemoryReport`
+backward under :func:`lrcnn.models.memory.measure_step` and returns the :class:`MemoryReport`
 (phases ``forward``, ``backward``).  Peak = new live tensor bytes during the step: activations,
 parameter gradients and transients; parameters and the input batch existed before and are not
 counted.
@@ -112,7 +112,7 @@ def grad_scaler(device_type: str, amp: Optional[str]):
 def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                amp: Optional[str] = None, scaler=None) -> torch.Tensor:
     """One training step (cross-entropy) marking its phases ``forward``, ``backward``,
-    ``optimizer`` for :mod:`executor.memory`; the gradients are released at the end
+    ``optimizer`` for :mod:`lrcnn.models.memory`; the gradients are released at the end
     (``zero_grad(set_to_none=True)``), so every step starts without them.  Returns the loss.
 
     ``amp``: forward and loss under :func:`autocast` in that dtype (backward and optimizer step

@@ -10,7 +10,7 @@ Its forward walks the model's fx graph; plan segments replace runs of nodes:
   std its forward saved: one normalising pass, not the statistics again);
 * ``checkpoint``: ``torch.utils.checkpoint`` (non-reentrant); BatchNorm running statistics are
   updated once, in the forward pass, never again in the recompute;
-* ``rows``: :mod:`executor.rows`.
+* ``rows``: :mod:`lrcnn.executor.rows`.
 """
 from __future__ import annotations
 

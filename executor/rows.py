@@ -115,7 +115,7 @@ class RowSegment:
 
     def bn_levels(self, bns: List[str]) -> Tuple[List[List[str]], List[List[str]]]:
         """Forward and backward levels of the segment's training-mode BNs
-        (:func:`models.geometry.bn_levels`)."""
+        (:func:`lrcnn.models.geometry.bn_levels`)."""
         return bn_levels(bns, self._anc)
 
     def _cover(self, bns: List[str]) -> List[str]:

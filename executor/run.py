@@ -9,7 +9,7 @@ What is measured, and how (kept honest):
 
 * **Memory** is measured on the *first* recorded step only (``tracked=True`` in the records):
   every later step of a fixed plan at a fixed shape allocates the same tensors, and the CPU
-  measurement (:class:`executor.memory.StorageTracker`, a dispatch mode) slows the step down by
+  measurement (:class:`lrcnn.models.memory.StorageTracker`, a dispatch mode) slows the step down by
   half or more, so its time is not used for timing.  Peaks are *absolute* live device bytes, the
   cost model's definition: parameters, buffers, optimizer state, input batch and labels are
   counted from the start of the step (``track_existing``), gradients, activations and transients
@@ -17,7 +17,7 @@ What is measured, and how (kept honest):
   (everything allocated on the device, so the same definition).
 * **Time** is measured on every untracked step (and reported for the tracked one, flagged):
   ``time.perf_counter`` on the CPU, CUDA events on the GPU, taken at the same marks as memory
-  (phases and segment boundaries; :func:`executor.memory.mark`).  Segment time = time between
+  (phases and segment boundaries; :func:`lrcnn.models.memory.mark`).  Segment time = time between
   the segment's begin and end marks (backward: from the gradient of its output to the gradient
   of its input, the recomputation of checkpoint/rows segments included).
 
@@ -299,7 +299,7 @@ class StepMeasure:
 def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
                         scaler=None) -> Tuple[StepMeasure, float, str]:
     """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
-    state and batch included).  ``amp``, ``scaler``: see :func:`executor.measure.train_step`.
+    state and batch included).  ``amp``, ``scaler``: see :func:`lrcnn.executor.measure.train_step`.
     Returns (timeline, loss, method)."""
     state = opt_state(opt)
     loss = []
@@ -452,7 +452,7 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
              data: str = "synthetic", lr: Optional[float] = None, check: bool = False,
              out: Optional[str] = None, seed: int = 0, progress: bool = True,
              dist_info=None, amp: Optional[str] = None) -> RunResult:
-    """Run a plan (a path, or a :class:`planner.Plan`) for real and return its records (see the
+    """Run a plan (a path, or a :class:`lrcnn.planner.Plan`) for real and return its records (see the
     module docstring).
 
     Mixed precision is the plan's (``training.amp``, set by ``planner solve --amp``): forward and
@@ -460,7 +460,7 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     ``amp`` (``--amp``) states the precision expected: a plan solved for another one is refused,
     since its memory prediction holds only for the precision it was priced at.
 
-    ``dist_info``: this process's :class:`executor.distributed.DistInfo` when it is one rank of a
+    ``dist_info``: this process's :class:`lrcnn.executor.distributed.DistInfo` when it is one rank of a
     distributed run (the process group already initialised, see :func:`run_command`): the planned
     model is wrapped in DistributedDataParallel, data differs per rank, and on rank 0 the result's
     records are every rank's (the others return their own).

@@ -2,7 +2,7 @@
 
 The simulation is the executor itself: the plan's model (built on the meta device) with the plan
 applied runs one whole training step (zero_grad, forward, loss, backward, optimizer step) under
-``FakeTensorMode`` with storage accounting (:func:`executor.measure.train_step_memory`), so a
+``FakeTensorMode`` with storage accounting (:func:`lrcnn.executor.measure.train_step_memory`), so a
 full-size plan is checked in seconds without the memory.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluate one graph node on a band of rows, exactly as the full-map op would compute those rows.
 
 Row bands carry their position: a :class:`Band` is a tensor holding rows ``[start, start+h)`` of a
-node's full map.  Windowed ops read the input rows that :func:`models.geometry.input_rows` names,
+node's full map.  Windowed ops read the input rows that :func:`lrcnn.models.geometry.input_rows` names,
 pad with the op's own pad value only at the true top/bottom of the map, and run with zero H-padding
 (W is untouched, so W padding, ceil_mode and count_include_pad along W keep PyTorch's semantics).
 """
@@ -32,7 +32,7 @@ ROWS_FIX = ("end the row segment before it or plan that part as checkpoint/store
 
 def check_module(node: str, module: nn.Module, segment: str) -> None:
     """RowSegmentError if ``module`` (node ``node`` of row segment ``segment``) has acquired
-    something row strips cannot run since it was planned (:func:`models.ops.module_refusal`)."""
+    something row strips cannot run since it was planned (:func:`lrcnn.models.ops.module_refusal`)."""
     why = _ops.module_refusal(module)
     if why:
         raise RowSegmentError(f"row segment {segment}: node {node!r} ({module.__class__.__name__}): {why}; {ROWS_FIX}")

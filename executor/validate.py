@@ -2,7 +2,7 @@
 
 Solve plans across the budget range of one model and input (the plain step's budget, then
 ``points - 1`` budgets down to the smallest feasible plan), run each for real training steps on
-the device (:func:`executor.run.run_plan`), and compare what was predicted with what was
+the device (:func:`lrcnn.executor.run.run_plan`), and compare what was predicted with what was
 measured: peak memory (CPU: storage accounting; CUDA: allocated bytes) and step time.  One row per
 plan; the records of every run in one file; a PNG of predicted vs measured over the budget range.
 A plan measured above its budget is a failure (exit 1).

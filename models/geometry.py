@@ -25,7 +25,7 @@ Range = Tuple[int, int]
 
 @dataclass(frozen=True)
 class HGeom:
-    """Geometry of an op along the H axis (along W, :func:`models.ops.window_geom` gives the same
+    """Geometry of an op along the H axis (along W, :func:`lrcnn.models.ops.window_geom` gives the same
     description, whose ``out_size`` is then the output width)."""
 
     kernel: int = 1
@@ -127,7 +127,7 @@ class RowGraph:
 
     ``order``: node names in topological order; ``inputs[n]``: the tensor inputs of n (node names);
     ``geom[n]``: the HGeom of n (the same for all its inputs); ``height[n]``: rows of n's output.
-    :class:`models.capture.LayerGraph` provides these; tests build them by hand.
+    :class:`lrcnn.models.capture.LayerGraph` provides these; tests build them by hand.
     """
 
     def __init__(self, order: Sequence[str], inputs: Mapping[str, Sequence[str]],

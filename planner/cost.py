@@ -22,7 +22,7 @@ How each mode is modelled (mirrors :mod:`executor`):
 * ``checkpoint``: a no-grad forward (values freed after their last use; only the output is
   kept); in backward a store-mode recompute followed by the store backward;
 * ``rows``: per strip, the rows every node computes (the executor's own
-  :func:`models.geometry.strip_schedule`), bytes scaled by rows, each tensor a strip makes
+  :func:`lrcnn.models.geometry.strip_schedule`), bytes scaled by rows, each tensor a strip makes
   followed separately (new rows, 2PS concatenated bands, border strips' padded copies); forward
   keeps the output map (and, for 2PS, the carried boundary rows); backward holds the input
   gradient map, the output gradient, the parameter-gradient sums of the strips done so far, and
@@ -34,7 +34,7 @@ How each mode is modelled (mirrors :mod:`executor`):
 
 Time is a sum over the nodes each mode runs, scaled by the rows it computes (halo redundancy of
 OverL, recompute of checkpoint and rows, BN sweeps), plus the optimizer step.  Per node, with a
-profile from ``planner calibrate``: the fit of its time class (:func:`models.ops.time_class`:
+profile from ``planner calibrate``: the fit of its time class (:func:`lrcnn.models.ops.time_class`:
 dense / depthwise convolution, linear, BN with known statistics, BN computing its batch
 statistics, activation, pooling, other maps), ``a + b*work + c*bytes``, measured with cold caches
 (as a layer runs in a step) and, for the second and later row strips through a layer, with warm
@@ -197,7 +197,7 @@ class CostModel:
 
     ``optimizer``: sgd | momentum | adam | adamw (its state is part of the fixed bytes);
     ``profile``: a :class:`DeviceProfile` or its name / file; ``compiled``: price plans for
-    :func:`executor.compiled.compile_plan` (``torch.compile``): a store segment's recomputed
+    :func:`lrcnn.executor.compiled.compile_plan` (``torch.compile``): a store segment's recomputed
     BN / ReLU / add nodes run inside the backward's fused pointwise kernels that read their inputs
     anyway, so their recompute costs no time (memory is still predicted for eager execution).
     """
@@ -848,7 +848,7 @@ class CostModel:
 
     def _bn_structure(self, nodes):
         """Training-mode BNs of a row segment: (nodes by name, ancestors within the segment, the
-        BNs, their forward and backward levels (:func:`models.geometry.bn_levels`, as the
+        BNs, their forward and backward levels (:func:`lrcnn.models.geometry.bn_levels`, as the
         executor sweeps them), the nodes whose every row must be computed)."""
         by = {n.name: n for n in nodes}
         names = [n.name for n in nodes]

@@ -16,7 +16,7 @@ Each candidate is priced once by ``cm.segment``; unsupported ones (``SegmentCost
 e.g. train-mode BN in rows) are dropped, and so are candidates another configuration of the same
 range beats on every number (keep, peaks, gradients, time).
 
-The ILP is exactly :meth:`planner.cost.CostModel.compose`, linearised.  Binary ``x_c`` per
+The ILP is exactly :meth:`lrcnn.planner.cost.CostModel.compose`, linearised.  Binary ``x_c`` per
 candidate; one path of candidates from boundary 0 to boundary U (flow constraints); ``M_b`` = keep
 of the chosen segments that end at or before ``b``; ``G_b`` = gradient bytes of the chosen
 segments that start after ``b``.  For every boundary ``b`` (``cap`` = budget - fixed bytes)::

@@ -47,7 +47,7 @@ BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN
 
 
 def write_json_atomic(data, path: str, what: str = "plan") -> None:
-    """Write ``data`` as indented JSON to ``path``, atomically (:func:`planner.files.atomic_write`)."""
+    """Write ``data`` as indented JSON to ``path``, atomically (:func:`lrcnn.planner.files.atomic_write`)."""
     from lrcnn.planner.files import atomic_write
 
     def write(tmp):

@@ -8,7 +8,7 @@
     plan.save("plan.json"); plan.predicted["peak_bytes"], plan.solver["gap"]
 
 The budget is device bytes (``"8GB"`` = 8e9, ``"8GiB"`` = 8 * 2^30).  A budget no plan meets raises
-:class:`planner.ilp.InfeasibleError` (a ``ValueError``) whose message names the smallest peak any
+:class:`lrcnn.planner.ilp.InfeasibleError` (a ``ValueError``) whose message names the smallest peak any
 plan reaches under the same cost model.
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ class Solver:
     @property
     def hint(self) -> str:
         """What a budget no plan fits could still try, and the floor no plan goes under (the tail
-        of :class:`planner.ilp.InfeasibleError`'s message)."""
+        of :class:`lrcnn.planner.ilp.InfeasibleError`'s message)."""
         from lrcnn.planner.units import fmt_bytes
 
         g, cm = self.graph, self.cm
@@ -322,8 +322,8 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     supports.  ``input_shape``: (N, C, H, W); for a zoo name it defaults to batch 32 at the model's
     resolution.  Returns a validated :class:`Plan` with ``plan.predicted`` (the cost model's
     prediction) and ``plan.solver`` (status, gap, objective, solve time, candidate count).
-    ``compiled``: the plan will run through :func:`executor.compiled.compile_plan` (recomputing a
-    store segment's BN / ReLU / add is then free: see :class:`planner.cost.CostModel`).
+    ``compiled``: the plan will run through :func:`lrcnn.executor.compiled.compile_plan` (recomputing a
+    store segment's BN / ReLU / add is then free: see :class:`lrcnn.planner.cost.CostModel`).
     ``amp``: ``"bf16"`` or ``"fp16"`` plans mixed precision as ``torch.autocast`` runs it (float32
     ``dtype``: parameters, gradients and optimizer state in float32, activations as autocast makes
     them); the plan records it in ``training.amp`` and ``apply_plan`` captures the same way.

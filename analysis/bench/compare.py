@@ -30,7 +30,7 @@ runs real training steps (cross-entropy, SGD with momentum) on the same model an
   gain from rows is visible on its own; ``lrcnn-compile``: the same sweep solved for compilation
   (``Solver(compiled=True)``: recomputing BN / ReLU / add in a store segment is fused into the
   backward, priced free) and executed through ``torch.compile``
-  (:func:`executor.compiled.compile_plan`, Inductor, activation budget 1.0: the plan decides what is
+  (:func:`lrcnn.executor.compiled.compile_plan`, Inductor, activation budget 1.0: the plan decides what is
   recomputed), timed in pairs with compiled plain, its time ratio against compiled plain and its
   memory measured as for ``compile``.
 

@@ -7,13 +7,13 @@ For every model (``timm.create_model(name, pretrained=False, num_classes=10)``, 
 float64, train mode: BatchNorm normalises with batch statistics and updates its running ones) at a
 small input (default batch 2, 3x64x64):
 
-1. **plan**: capture the model (:func:`planner.solve.capture_model`), build one
-   :class:`planner.solve.Solver` (SGD momentum, train BN, device profile ``cpu``) and solve a
+1. **plan**: capture the model (:func:`lrcnn.planner.solve.capture_model`), build one
+   :class:`lrcnn.planner.solve.Solver` (SGD momentum, train BN, device profile ``cpu``) and solve a
    plan at two budgets: the smallest feasible one (``Solver.smallest_budget()``) and the one halfway
    between it and the plain step's budget (its predicted peak ``Solver.baseline()['peak']`` plus the
    solver's headroom, as ``smallest_budget`` adds it to the smallest peak); where the smallest
    budget is not below the plain one, only the plain plan is solved.  Each plan is also
-   applied (:func:`executor.apply_plan`) to the user's model, not trained;
+   applied (:func:`lrcnn.executor.apply_plan`) to the user's model, not trained;
 2. **model untouched**: the user's ``state_dict()`` (every parameter and buffer, bit for bit, BN
    ``num_batches_tracked`` included) and its modules' train/eval flags must be the same before and
    after capture, solve and apply;

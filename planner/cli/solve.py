@@ -85,7 +85,7 @@ def add_parser(sub) -> None:
     p.add_argument("--strips", type=positive_int, default=None, metavar="N",
                    help="force this strip count for row segments")
     p.add_argument("--compiled", action="store_true",
-                   help="plan for executor.compile_plan (torch.compile): recomputing a store segment's "
+                   help="plan for lrcnn.compile_plan (torch.compile): recomputing a store segment's "
                         "BN/ReLU/add is fused into the backward kernels and priced free (memory is "
                         "predicted for eager execution; measure the compiled step)")
     p.add_argument("--time-limit", type=positive_number("a number of seconds"), default=DEFAULT_TIME_LIMIT, metavar="S",
