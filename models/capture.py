@@ -21,12 +21,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.zoo import BN_MODES, default_resolution, get_model, parse_dtype, set_bn_mode
 from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
 
 
-class CaptureError(ValueError):
+class CaptureError(LrcnnError, ValueError):
     """The model cannot be captured at this input shape (message says why and what to do)."""
 
 

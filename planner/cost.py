@@ -51,6 +51,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
@@ -70,7 +71,7 @@ BN_HALF_BWD = 2   # xhat and a product (or the input gradient) in float32: 3 ban
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state copies of the parameters
 
 
-class CostError(ValueError):
+class CostError(LrcnnError, ValueError):
     """Bad input to the cost model (unknown profile, optimizer, unreadable profile file)."""
 
 

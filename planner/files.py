@@ -10,10 +10,12 @@ import os
 import tempfile
 from typing import Callable, Optional
 
+from lrcnn.errors import LrcnnError
+
 __all__ = ["atomic_write", "write_text_atomic", "read_table", "check_output_path", "OutputError"]
 
 
-class OutputError(OSError):
+class OutputError(LrcnnError, OSError):
     """A file could not be written; the message names it, the cause and the fix (one line)."""
 
 

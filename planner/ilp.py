@@ -48,6 +48,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models.ops import recomputable
 
 from lrcnn.planner.plan import Segment
@@ -63,7 +64,7 @@ MAX_AUTO_STRIPS = 64
 LIGHT_KINDS = ("pointwise", "norm", "join")  # ReLU, BN, add: units of only these are not "major"
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(LrcnnError, ValueError):
     """No plan fits the budget; ``min_peak`` is the smallest predicted peak any plan reaches."""
 
     def __init__(self, budget: int, min_peak: int, hint: str = ""):

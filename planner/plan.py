@@ -35,6 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
 from lrcnn.models.zoo import BN_MODES, DTYPES
 
@@ -57,7 +58,7 @@ def write_json_atomic(data, path: str, what: str = "plan") -> None:
     atomic_write(path, what, write, ".json")
 
 
-class PlanError(ValueError):
+class PlanError(LrcnnError, ValueError):
     """A plan that cannot be used as is; the message says what does not match and what to do."""
 
 

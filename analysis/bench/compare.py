@@ -71,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
+from lrcnn.errors import LrcnnError
 from lrcnn.executor import apply_plan
 from lrcnn.models import memory
 from lrcnn.executor.measure import make_optimizer, opt_state, train_step
@@ -83,7 +84,7 @@ OPTIMIZER = "momentum"  # SGD with momentum, at its default learning rate
 GiB = 2**30
 
 
-class BenchError(ValueError):
+class BenchError(LrcnnError, ValueError):
     """Bad benchmark input: the message names the problem and the fix."""
 
 
