@@ -28,7 +28,15 @@ from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides,
 
 
 class CaptureError(LrcnnError, ValueError):
-    """The model cannot be captured at this input shape (message says why and what to do)."""
+    """The model cannot be captured at this input shape, or a captured graph is asked for what it
+    does not hold (message says why and what to do)."""
+
+
+class UnknownNodeError(CaptureError, KeyError):
+    """No node or module of that name in a captured graph; still a ``KeyError``, as a lookup's
+    error is (its message prints as given, without ``KeyError``'s quotes)."""
+
+    __str__ = CaptureError.__str__
 
 
 @dataclass
@@ -102,15 +110,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_dtype(amp: Optional[str], dtype: torch.dtype = torch.float32) -> Optional[torch.dtype]:
-    """The autocast dtype of ``amp`` (``None`` for none); ``ValueError`` unless ``amp`` is one of
-    :data:`AMP_DTYPES` over float32 parameters."""
+    """The autocast dtype of ``amp`` (``None`` for none); :class:`CaptureError` (a ``ValueError``)
+    unless ``amp`` is one of :data:`AMP_DTYPES` over float32 parameters."""
     if amp is None:
         return None
     if amp not in AMP_DTYPES:
-        raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}")
+        raise CaptureError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}; give one of them, or none")
     if dtype != torch.float32:
-        raise ValueError(f"--amp {amp} runs float32 parameters under autocast: use --dtype float32, "
-                         f"not {_dtype_name(dtype)}")
+        raise CaptureError(f"--amp {amp} runs float32 parameters under autocast: use --dtype float32, "
+                           f"not {_dtype_name(dtype)}")
     return AMP_DTYPES[amp]
 
 
@@ -196,13 +204,13 @@ class LayerGraph:
             hits = [n.name for n in self.nodes if n.module == ref or n.module.startswith(ref + ".")
                     or n.target.startswith(ref + ".")]
         if not hits:
-            raise KeyError(f"no node or module named {ref!r} in the graph of {self.model_name or 'the model'}")
+            raise UnknownNodeError(f"no node or module named {ref!r} in the graph of {self.model_name or 'the model'}")
         return hits[0] if end == "first" else hits[-1]
 
     def span(self, first: str, last: str) -> List[Node]:
         i, j = self.index(first), self.index(last)
         if j < i:
-            raise ValueError(f"segment {first}..{last} is reversed")
+            raise CaptureError(f"segment {first}..{last} is reversed: give its first node before its last")
         return self.nodes[i: j + 1]
 
     # -- totals -------------------------------------------------------------------------
