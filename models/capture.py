@@ -313,7 +313,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
                                    f"lrcnn runs such state updates only inside a submodule: move the update "
                                    f"into a module of its own")
             stateful |= writers
-    except CaptureError:
+    except LrcnnError:  # CaptureError above, or one from lrcnn code the model runs: already one line
         raise
     except Exception as e:  # torch.fx raises many types
         raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
@@ -606,6 +606,8 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             input_key.add(_storage_key(x))
             functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
         profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
+    except LrcnnError:  # lrcnn code the model runs refused something: its own message names the fix
+        raise
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = current["node"]

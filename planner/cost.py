@@ -154,7 +154,7 @@ def load_profile(profile: Union[str, DeviceProfile, None]) -> DeviceProfile:
         try:
             with open(profile) as f:
                 return DeviceProfile.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CostError(f"cannot read device profile {profile!r} ({e}); re-run 'planner calibrate'") from None
         except TypeError as e:
             raise CostError(f"device profile {profile!r} is malformed ({e}); re-run 'planner calibrate'") from None
@@ -1041,7 +1041,7 @@ def check_profile(profile: str) -> None:
     """Load ``profile`` once to check it; an unknown name or a broken file is one :class:`CostError`."""
     try:
         load_profile(profile)
-    except (ValueError, OSError):
+    except (LrcnnError, OSError):  # CostError: already one line naming the fix
         raise
     except Exception as e:  # KeyError and friends: one line
         text = " ".join(str(e).split()) or type(e).__name__

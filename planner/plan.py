@@ -318,6 +318,9 @@ class Plan:
             raise PlanError(f"cannot read plan {path!r}: {e.strerror}") from None
         except json.JSONDecodeError as e:
             raise PlanError(f"plan {path!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        except UnicodeDecodeError as e:  # a binary file
+            raise PlanError(f"plan {path!r} is not a text file (byte {e.start}: {e.reason}); give a JSON plan "
+                            f"written by 'planner solve'") from None
         plan = cls.from_dict(d)
         if graph is not None:
             plan.validate(graph)
