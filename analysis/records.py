@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from typing import Iterable, Union
 
+from lrcnn.errors import LrcnnError
+
 #: columns a records file must have for the report (``executor.run.COLUMNS`` has more)
 REQUIRED = ["run_id", "step", "tracked", "scope", "name", "phase", "segment", "predicted_peak_bytes",
             "actual_peak_bytes", "predicted_s", "actual_s", "loss", "model", "device"]
 
 
-class RecordsError(ValueError):
+class RecordsError(LrcnnError, ValueError):
     """A records file that cannot be read (one line: the problem and the fix)."""
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from lrcnn.errors import UsageError
 from lrcnn.models.ops import TIME_CLASSES, time_class
 
 from lrcnn.planner.cost import DeviceProfile
@@ -225,7 +226,7 @@ def calibrate(device: str = "cpu", dtypes=("float32",), quick: bool = False,
     """Measure the device and return a :class:`DeviceProfile` (``measured=True``)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+        raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     timeit = _timer(dev)
     flops: Dict[str, float] = {}
     for name in dtypes:

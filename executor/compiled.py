@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
+from lrcnn.errors import StateError
 from lrcnn.planner.plan import Plan
 from lrcnn.executor.program import PlannedModule, adopt, apply_plan
 from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows, update_running_stats
@@ -206,8 +207,8 @@ def _require_compiling() -> None:
     """The program's first node: nothing under Dynamo (it reads ``is_compiling()`` as True while
     tracing), an error when the program runs eagerly (e.g. Dynamo gave up and fell back)."""
     if not torch.compiler.is_compiling():
-        raise RuntimeError("a compiled plan's program runs only through torch.compile (use compile_plan); "
-                           "for eager execution use apply_plan")
+        raise StateError("a compiled plan's program runs only through torch.compile (use compile_plan); "
+                         "for eager execution use apply_plan")
 
 
 def compile_plan(model: nn.Module, plan: Plan, graph=None, **compile_kwargs) -> CompilablePlan:

@@ -20,6 +20,8 @@ from typing import Any, List, Optional
 
 import torch
 
+from lrcnn.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -41,7 +43,7 @@ class DistInfo:
 
 def env_info() -> Optional[DistInfo]:
     """The rank torchrun (or any launcher setting ``RANK``/``WORLD_SIZE``) gave this process,
-    else None.  Bad values are a ValueError naming the variable."""
+    else None.  Bad values are a :class:`~lrcnn.errors.UsageError` (a ``ValueError``) naming the variable."""
     if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
         return None
     vals = {}
@@ -50,10 +52,11 @@ def env_info() -> Optional[DistInfo]:
         try:
             vals[var] = int(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"environment variable {var}={raw!r} is not an integer; launch with torchrun "
+            raise UsageError(f"environment variable {var}={raw!r} is not an integer; launch with torchrun "
                              f"(it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)") from None
     if vals["WORLD_SIZE"] < 1 or not 0 <= vals["RANK"] < vals["WORLD_SIZE"]:
-        raise ValueError(f"RANK={vals['RANK']} WORLD_SIZE={vals['WORLD_SIZE']}: need 0 <= RANK < WORLD_SIZE")
+        raise UsageError(f"RANK={vals['RANK']} WORLD_SIZE={vals['WORLD_SIZE']}: need 0 <= RANK < WORLD_SIZE; "
+                         f"launch with torchrun, which sets both")
     return DistInfo(vals["RANK"], vals["WORLD_SIZE"], vals["LOCAL_RANK"])
 
 
@@ -61,7 +64,7 @@ def rank_device(device: torch.device, info: DistInfo) -> torch.device:
     """CUDA: one GPU per local rank (``cuda:LOCAL_RANK``); CPU unchanged."""
     if device.type == "cuda" and info.enabled:
         if info.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} CUDA GPU(s) "
+            raise UsageError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} CUDA GPU(s) "
                              f"on this node; start at most that many processes per node (--nproc-per-node)")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
@@ -80,7 +83,7 @@ def init(device: torch.device) -> DistInfo:
         return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank)
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ValueError(f"{var} is not set; launch with torchrun, which sets it")
+            raise UsageError(f"{var} is not set; launch with torchrun, which sets it")
     backend = "nccl" if device.type == "cuda" else "gloo"
     kw = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrcnn.errors import UsageError
 from lrcnn.models import memory
 from lrcnn.planner.plan import OPTIMIZERS
 
@@ -91,7 +92,7 @@ def make_optimizer(params, name: str, lr: Optional[float] = None, momentum: floa
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    raise UsageError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
 def autocast(device_type: str, amp: Optional[str]):

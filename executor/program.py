@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
+from lrcnn.errors import UsageTypeError
 from lrcnn.models import ops as _ops
 from lrcnn.models.ops import call, out_of_place_call, out_of_place_module
 from lrcnn.models.capture import capture, fetch_attr, trace
@@ -420,7 +421,8 @@ def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
     message naming the node when the plan does not fit the model.
     """
     if not isinstance(plan, Plan):
-        raise TypeError("apply_plan needs a planner.Plan (use Plan.load(path) for a JSON file)")
+        raise UsageTypeError(f"apply_plan needs a planner.Plan, got {type(plan).__name__} (use Plan.load(path) "
+                             f"for a JSON file)")
     gm = trace(model)
     if graph is None:
         graph = capture(model, plan.input_shape, _dtype(plan.dtype), model_name=plan.model, gm=gm,

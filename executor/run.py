@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrcnn.errors import LrcnnError
 from lrcnn.planner.files import write_csv_atomic
 from lrcnn.planner.files import atomic_write, check_output_path
 
@@ -71,7 +72,7 @@ COLUMNS = [
 ]
 
 
-class RunError(ValueError):
+class RunError(LrcnnError, ValueError):
     """Bad input for a run (one line: the problem and the fix); the CLI exits 2."""
 
 

@@ -15,12 +15,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.ops import call, out_of_place_call, out_of_place_module, pair
 from lrcnn.models.geometry import HGeom, input_rows
 
 
-class RowSegmentError(ValueError):
+class RowSegmentError(LrcnnError, ValueError):
     """A row segment contains something that cannot run exactly in row strips."""
 
 

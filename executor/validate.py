@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from lrcnn.errors import UsageError
+
 VALIDATE_COLUMNS = ["point", "budget_bytes", "predicted_peak_bytes", "measured_peak_bytes", "peak_err",
                     "within_budget", "predicted_s", "measured_s", "time_err", "segments", "run_id"]
 
@@ -30,7 +32,7 @@ def budget_points(smallest: int, plain: int, points: int) -> List[int]:
     """``points`` budgets from the plain step's (first) down to the smallest feasible plan's,
     evenly spaced, distinct."""
     if points < 1:
-        raise ValueError(f"--points {points}: give at least 1 plan to validate")
+        raise UsageError(f"--points {points}: give at least 1 plan to validate")
     hi = max(smallest, plain)
     if points == 1 or hi == smallest:
         return [hi]
@@ -70,9 +72,9 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
     from lrcnn.executor.run import resolve_device, run_plan
 
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+        raise UsageError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     if points < 1:
-        raise ValueError(f"--points {points}: give at least 1 plan to validate")
+        raise UsageError(f"--points {points}: give at least 1 plan to validate")
     dev = resolve_device(device)
     profile = device_profile or ("cpu" if dev.type == "cpu" else "h100")
     with quiet_torch_logs():

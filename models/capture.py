@@ -21,13 +21,22 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.zoo import default_resolution, get_model, parse_dtype, set_bn_mode
 from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
 
 
-class CaptureError(ValueError):
-    """The model cannot be captured at this input shape (message says why and what to do)."""
+class CaptureError(LrcnnError, ValueError):
+    """The model cannot be captured at this input shape, or a captured graph is asked for what it
+    does not hold (message says why and what to do)."""
+
+
+class UnknownNodeError(CaptureError, KeyError):
+    """No node or module of that name in a captured graph; still a ``KeyError``, as a lookup's
+    error is (its message prints as given, without ``KeyError``'s quotes)."""
+
+    __str__ = CaptureError.__str__
 
 
 @dataclass
@@ -101,15 +110,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_dtype(amp: Optional[str], dtype: torch.dtype = torch.float32) -> Optional[torch.dtype]:
-    """The autocast dtype of ``amp`` (``None`` for none); ``ValueError`` unless ``amp`` is one of
-    :data:`AMP_DTYPES` over float32 parameters."""
+    """The autocast dtype of ``amp`` (``None`` for none); :class:`CaptureError` (a ``ValueError``)
+    unless ``amp`` is one of :data:`AMP_DTYPES` over float32 parameters."""
     if amp is None:
         return None
     if amp not in AMP_DTYPES:
-        raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}")
+        raise CaptureError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}; give one of them, or none")
     if dtype != torch.float32:
-        raise ValueError(f"--amp {amp} runs float32 parameters under autocast: use --dtype float32, "
-                         f"not {_dtype_name(dtype)}")
+        raise CaptureError(f"--amp {amp} runs float32 parameters under autocast: use --dtype float32, "
+                           f"not {_dtype_name(dtype)}")
     return AMP_DTYPES[amp]
 
 
@@ -195,13 +204,13 @@ class LayerGraph:
             hits = [n.name for n in self.nodes if n.module == ref or n.module.startswith(ref + ".")
                     or n.target.startswith(ref + ".")]
         if not hits:
-            raise KeyError(f"no node or module named {ref!r} in the graph of {self.model_name or 'the model'}")
+            raise UnknownNodeError(f"no node or module named {ref!r} in the graph of {self.model_name or 'the model'}")
         return hits[0] if end == "first" else hits[-1]
 
     def span(self, first: str, last: str) -> List[Node]:
         i, j = self.index(first), self.index(last)
         if j < i:
-            raise ValueError(f"segment {first}..{last} is reversed")
+            raise CaptureError(f"segment {first}..{last} is reversed: give its first node before its last")
         return self.nodes[i: j + 1]
 
     # -- totals -------------------------------------------------------------------------
@@ -304,7 +313,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
                                    f"lrcnn runs such state updates only inside a submodule: move the update "
                                    f"into a module of its own")
             stateful |= writers
-    except CaptureError:
+    except LrcnnError:  # CaptureError above, or one from lrcnn code the model runs: already one line
         raise
     except Exception as e:  # torch.fx raises many types
         raise CaptureError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
@@ -597,6 +606,8 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             input_key.add(_storage_key(x))
             functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
         profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
+    except LrcnnError:  # lrcnn code the model runs refused something: its own message names the fix
+        raise
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = current["node"]

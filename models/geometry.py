@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from lrcnn.errors import UsageError
+
 Range = Tuple[int, int]
 
 
@@ -248,9 +250,10 @@ def bn_cover(names: Sequence[str], bns: Sequence[str], anc: Mapping[str, set]) -
 def even_bounds(out_rows: int, strips: int) -> List[int]:
     """Split ``out_rows`` output rows into ``strips`` contiguous bands as evenly as possible."""
     if out_rows < 1:
-        raise ValueError("a segment with no output rows cannot be split into strips")
+        raise UsageError("a segment with no output rows cannot be split into strips; plan it as store or checkpoint")
     if not 1 <= strips <= out_rows:
-        raise ValueError(f"strip count {strips} out of range: 1..{out_rows} for {out_rows} output rows")
+        raise UsageError(f"strip count {strips} out of range: 1..{out_rows} for {out_rows} output rows; "
+                         f"give a count in that range")
     return [(i * out_rows) // strips for i in range(strips)] + [out_rows]
 
 
@@ -279,7 +282,7 @@ def max_strips(g: RowGraph, source: str, out: str, policy: str) -> int:
 def check_bounds(bounds: Sequence[int], out_rows: int) -> List[int]:
     b = [int(x) for x in bounds]
     if len(b) < 2 or b[0] != 0 or b[-1] != out_rows or any(x >= y for x, y in zip(b, b[1:])):
-        raise ValueError(f"strip bounds {list(bounds)} must increase strictly from 0 to {out_rows}")
+        raise UsageError(f"strip bounds {list(bounds)} must increase strictly from 0 to {out_rows}")
     return b
 
 
@@ -416,7 +419,7 @@ def strip_schedule(g: RowGraph, source: str, nodes: Sequence[str], bounds: Seque
     propagates the widened ranges upstream.
     """
     if policy not in ("overl", "2ps"):
-        raise ValueError(f"unknown row policy {policy!r}: use '2ps' or 'overl'")
+        raise UsageError(f"unknown row policy {policy!r}: use '2ps' or 'overl'")
     nodes = list(nodes)
     out = nodes[-1]
     bounds = check_bounds(bounds, g.height[source] if policy == "2ps" else g.height[out])

@@ -47,6 +47,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lrcnn.errors import StateError
+
 __all__ = ["MemoryReport", "StorageTracker", "CompiledStorageTracker", "measure_step", "mark", "measuring", "fake_mode", "fake_state"]
 
 Entry = Tuple[str, int, int]  # (label, live bytes, peak bytes since the previous mark)
@@ -353,7 +355,7 @@ def fake_state(module: nn.Module, mode: Optional[FakeTensorMode] = None,
     """
     mode = mode or active_fake_mode()
     if mode is None:
-        raise RuntimeError("fake_state needs a FakeTensorMode: call it inside `with fake_mode():`")
+        raise StateError("fake_state needs a FakeTensorMode: call it inside `with fake_mode():` or pass mode=")
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         if device is None or t.device == torch.device(device):

@@ -12,12 +12,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from lrcnn.errors import LrcnnError
+
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")  # the dtypes a model is built and planned in
 BN_MODES = ("train", "eval")  # BatchNorm in training (batch statistics) or eval (running statistics) mode
 
 
-class ModelError(ValueError):
+class ModelError(LrcnnError, ValueError):
     """Unknown model name or unusable weights file."""
 
 

@@ -51,6 +51,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
@@ -71,7 +72,7 @@ STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimizer sta
 assert tuple(STATE_COPIES) == OPTIMIZERS  # (one list of names: the plan format's)
 
 
-class CostError(ValueError):
+class CostError(LrcnnError, ValueError):
     """Bad input to the cost model (unknown profile, optimizer, unreadable profile file)."""
 
 
@@ -154,7 +155,7 @@ def load_profile(profile: Union[str, DeviceProfile, None]) -> DeviceProfile:
         try:
             with open(profile) as f:
                 return DeviceProfile.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CostError(f"cannot read device profile {profile!r} ({e}); re-run 'planner calibrate'") from None
         except TypeError as e:
             raise CostError(f"device profile {profile!r} is malformed ({e}); re-run 'planner calibrate'") from None
@@ -1041,7 +1042,7 @@ def check_profile(profile: str) -> None:
     """Load ``profile`` once to check it; an unknown name or a broken file is one :class:`CostError`."""
     try:
         load_profile(profile)
-    except (ValueError, OSError):
+    except (LrcnnError, OSError):  # CostError: already one line naming the fix
         raise
     except Exception as e:  # KeyError and friends: one line
         text = " ".join(str(e).split()) or type(e).__name__

@@ -10,26 +10,30 @@ import os
 import tempfile
 from typing import Callable, Optional
 
+from lrcnn.errors import LrcnnError, UsageError
+
 __all__ = ["atomic_write", "write_text_atomic", "read_table", "check_output_path", "OutputError"]
 
 
-class OutputError(OSError):
+class OutputError(LrcnnError, OSError):
     """A file could not be written; the message names it, the cause and the fix (one line)."""
 
 
 def check_output_path(path: Optional[str], what: str) -> None:
-    """Refuse an output path that cannot be written (ValueError, one line), before any work."""
+    """Refuse an output path that cannot be written (:class:`~lrcnn.errors.UsageError`, a
+    ``ValueError``, one line), before any work."""
     if path is None:
         return
     if not str(path).strip():
-        raise ValueError(f"the {what} path is empty: give a file name")
+        raise UsageError(f"the {what} path is empty: give a file name")
     if os.path.isdir(path):
-        raise ValueError(f"cannot write {what} {path!r}: it is a folder; give a file path")
+        raise UsageError(f"cannot write {what} {path!r}: it is a folder; give a file path")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {what} {path!r}: folder {folder!r} does not exist")
+        raise UsageError(f"cannot write {what} {path!r}: folder {folder!r} does not exist; create it or "
+                         f"choose another path")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write {what} {path!r}: permission denied; choose a writable path")
+        raise UsageError(f"cannot write {what} {path!r}: permission denied; choose a writable path")
 
 
 def atomic_write(path: str, what: str, write: Callable[[str], object], suffix: str = "") -> None:
@@ -66,7 +70,7 @@ def write_text_atomic(text: str, path: str, what: str) -> None:
     atomic_write(path, what, write, os.path.splitext(path)[1])
 
 
-def read_table(path: str, required, what: str, fix: str, error: type = ValueError):
+def read_table(path: str, required, what: str, fix: str, error: type = UsageError):
     """A CSV (or, by extension, Parquet) file this project wrote, as a DataFrame.  A file that
     cannot be read, or lacks a ``required`` column, raises ``error`` with one line: ``what`` the
     file should be and ``fix``."""

@@ -48,6 +48,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from lrcnn.errors import LrcnnError, UsageError
 from lrcnn.models.ops import recomputable
 
 from lrcnn.planner.plan import Segment
@@ -63,7 +64,7 @@ MAX_AUTO_STRIPS = 64
 LIGHT_KINDS = ("pointwise", "norm", "join")  # ReLU, BN, add: units of only these are not "major"
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(LrcnnError, ValueError):
     """No plan fits the budget; ``min_peak`` is the smallest predicted peak any plan reaches."""
 
     def __init__(self, budget: int, min_peak: int, hint: str = ""):
@@ -111,9 +112,9 @@ class Problem:
                  quantum: Optional[int] = None, min_row_height: int = 16,
                  max_strips: int = MAX_AUTO_STRIPS, strip_gain: float = 0.03):
         if policy not in MODES_BY_POLICY:
-            raise ValueError(f"policy {policy!r} is not one of {', '.join(MODES_BY_POLICY)}")
+            raise UsageError(f"policy {policy!r} is not one of {', '.join(MODES_BY_POLICY)}")
         if strips is not None and (not isinstance(strips, int) or strips < 1):
-            raise ValueError(f"strips must be a positive integer, got {strips!r}")
+            raise UsageError(f"strips must be a positive integer, got {strips!r}")
         self.cm, self.graph, self.policy, self.strips = cm, graph, policy, strips
         t0 = time.perf_counter()
         self.units: List[Tuple[str, str]] = list(cm.units())
@@ -419,14 +420,14 @@ class Problem:
                                       warmStart=bool(warm), logPath=log)
             elif solver == "highs":
                 if not pulp.HiGHS().available():
-                    raise ValueError("solver 'highs' is not available (pip install highspy); use --solver cbc")
+                    raise UsageError("solver 'highs' is not available (pip install highspy); use --solver cbc")
                 try:
                     s = pulp.HiGHS(msg=msg, timeLimit=max(1, time_limit), gapRel=gap, warmStart=bool(warm),
                                    threads=threads)
                 except TypeError:  # a PuLP whose HiGHS interface takes no warm start / threads
                     s = pulp.HiGHS(msg=msg, timeLimit=max(1, time_limit), gapRel=gap)
             else:
-                raise ValueError(f"solver {solver!r} is not one of cbc, highs")
+                raise UsageError(f"solver {solver!r} is not one of cbc, highs")
             prob.solve(s)
             text = open(log).read() if os.path.exists(log) else ""
         finally:

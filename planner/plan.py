@@ -35,6 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
 from lrcnn.models.zoo import BN_MODES, DTYPES
 
@@ -58,7 +59,7 @@ def write_json_atomic(data, path: str, what: str = "plan") -> None:
     atomic_write(path, what, write, ".json")
 
 
-class PlanError(ValueError):
+class PlanError(LrcnnError, ValueError):
     """A plan that cannot be used as is; the message says what does not match and what to do."""
 
 
@@ -316,6 +317,9 @@ class Plan:
             raise PlanError(f"cannot read plan {path!r}: {e.strerror}") from None
         except json.JSONDecodeError as e:
             raise PlanError(f"plan {path!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        except UnicodeDecodeError as e:  # a binary file
+            raise PlanError(f"plan {path!r} is not a text file (byte {e.start}: {e.reason}); give a JSON plan "
+                            f"written by 'planner solve'") from None
         plan = cls.from_dict(d)
         if graph is not None:
             plan.validate(graph)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from lrcnn.errors import UsageError
 from lrcnn.planner.cost import STATE_COPIES
 from lrcnn.planner.plan import BN_MODES, DTYPES, OPTIMIZERS, Plan, Segment
 from lrcnn.planner.units import parse_bytes
@@ -35,19 +36,20 @@ HEADROOM = 0.025
 
 def _check_options(policy, bn, strips, dtype, optimizer, solver) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+        raise UsageError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     if bn not in BN_MODES:
-        raise ValueError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
+        raise UsageError(f"BatchNorm mode {bn!r} is not one of {', '.join(BN_MODES)}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
+        raise UsageError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
     if strips is not None and (isinstance(strips, bool) or not isinstance(strips, int) or strips < 1):
-        raise ValueError(f"strips must be a positive integer, got {strips!r}")
+        raise UsageError(f"strips must be a positive integer, got {strips!r}")
     if strips is not None and policy == "checkpoint":
-        raise ValueError("--strips applies to row segments; policy 'checkpoint' has none")
+        raise UsageError("--strips applies to row segments; policy 'checkpoint' has none: drop --strips or "
+                         "choose another --policy")
 
 
 def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "float32",
@@ -69,13 +71,13 @@ def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "flo
             input_shape = (batch, 3, r, r)
         n, c, h, w = _shape4(input_shape)
         if c != 3:
-            raise ValueError(f"input shape {tuple(input_shape)}: zoo models take 3 channels")
+            raise UsageError(f"input shape {tuple(input_shape)}: zoo models take 3 channels; give (N, 3, H, W)")
         _, graph = build_and_capture(model, n, (h, w), dtype, bn, None, num_classes, amp=amp)
         return model, graph
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a zoo name or a torch.nn.Module, got {type(model).__name__}")
+        raise UsageError(f"model must be a zoo name or a torch.nn.Module, got {type(model).__name__}")
     if input_shape is None:
-        raise ValueError("input_shape (N, C, H, W) is needed for a module")
+        raise UsageError("input_shape (N, C, H, W) is needed for a module: pass it (only zoo names have a default)")
     import torch
 
     shape = _shape4(input_shape)
@@ -96,9 +98,9 @@ def _shape4(s) -> Tuple[int, int, int, int]:
     try:
         t = tuple(int(v) for v in s)
     except (TypeError, ValueError):
-        raise ValueError(f"input shape {s!r} must be four positive integers (N, C, H, W)") from None
+        raise UsageError(f"input shape {s!r} must be four positive integers (N, C, H, W)") from None
     if len(t) != 4 or min(t) < 1:
-        raise ValueError(f"input shape {s!r} must be four positive integers (N, C, H, W)")
+        raise UsageError(f"input shape {s!r} must be four positive integers (N, C, H, W)")
     return t
 
 
@@ -117,7 +119,7 @@ class Solver:
         self.amp_rows = bool(amp_rows)
         if graph.amp and not self.amp_rows:
             if policy in ("2ps", "overl"):
-                raise ValueError(f"--policy {policy} plans row segments, whose gradients under --amp differ from "
+                raise UsageError(f"--policy {policy} plans row segments, whose gradients under --amp differ from "
                                  f"plain autocast at half-precision rounding: add --amp-rows to accept that, or "
                                  f"use --policy auto|checkpoint")
             policy = "checkpoint"  # (no row segments: checkpoint and store are bit-identical)
@@ -331,7 +333,7 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     from plain autocast at half-precision rounding; recorded as ``training.amp_rows``).
     """
     if budget is None:
-        raise ValueError("a budget is needed, e.g. budget='8GB'")
+        raise UsageError("a budget is needed, e.g. budget='8GB'")
     budget = parse_bytes(budget)
     _check_options(policy, bn, strips, dtype, optimizer, solver)
     t0 = time.perf_counter()

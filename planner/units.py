@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
+from lrcnn.errors import UsageError
+
 _UNITS = {
     "": 1, "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -17,23 +19,24 @@ MAX_BYTES = 10**15  # a size above a petabyte is a typo, not a device
 
 def parse_bytes(text) -> int:
     """Bytes from a size: an int, or a string with unit B, KB, MB, GB, TB (powers of 1000) or
-    KiB, MiB, GiB, TiB (powers of 1024).  Raises ValueError with a one-line reason."""
+    KiB, MiB, GiB, TiB (powers of 1024).  Raises :class:`~lrcnn.errors.UsageError` (a ``ValueError``)
+    with a one-line reason."""
     if isinstance(text, bool):
-        raise ValueError(f"size {text!r} is not a number of bytes")
+        raise UsageError(f"size {text!r} is not a number of bytes; give one, e.g. 8GB")
     if isinstance(text, (int, float)):
         if text <= 0:
-            raise ValueError(f"size must be positive, got {text}")
+            raise UsageError(f"size must be positive, got {text}; give a size such as 8GB")
         return int(text)
     m = _RE.match(str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 8GB, 7.5GiB)")
+        raise UsageError(f"cannot read size {text!r}: use a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 8GB, 7.5GiB)")
     value = float(m.group(1)) * _UNITS[m.group(2).upper()]
     if value <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
+        raise UsageError(f"size must be positive, got {text!r}; give a size such as 8GB")
     if value < 1:
-        raise ValueError(f"size {text!r} is less than one byte: give a unit (e.g. 8GB, 512MiB)")
+        raise UsageError(f"size {text!r} is less than one byte: give a unit (e.g. 8GB, 512MiB)")
     if value > MAX_BYTES:
-        raise ValueError(f"size {text!r} is beyond any device ({MAX_BYTES // 10**15} PB): check the unit (e.g. 8GB)")
+        raise UsageError(f"size {text!r} is beyond any device ({MAX_BYTES // 10**15} PB): check the unit (e.g. 8GB)")
     return int(round(value))
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrcnn.errors import LrcnnError
 from lrcnn.models import memory
 from lrcnn.executor.measure import make_optimizer, opt_state, train_step
 from lrcnn.models import get_model, set_bn_mode
@@ -23,7 +24,7 @@ EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wis
 OPTIMIZER = "momentum"  # SGD with momentum, at its default learning rate
 
 
-class BenchError(ValueError):
+class BenchError(LrcnnError, ValueError):
     """Bad benchmark input: the message names the problem and the fix."""
 
 
