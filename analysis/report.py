@@ -3,11 +3,10 @@ the console summary of one run (``planner run``)."""
 from __future__ import annotations
 
 import math
-import os
 
 from lrcnn.analysis.compare import compare, runs_summary
-from lrcnn.analysis.records import RecordsError, load_records
-from lrcnn.planner.files import write_csv_atomic
+from lrcnn.analysis.records import load_records
+from lrcnn.planner.files import check_output_path, write_csv_atomic
 from lrcnn.planner.units import format_table
 
 
@@ -23,20 +22,10 @@ def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.1%}"
 
 
-def _check_target(path, ext):
-    if path is None:
-        return
-    if not path.endswith(ext):
-        raise RecordsError(f"{path!r}: the name must end in {ext}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RecordsError(f"{path!r}: folder {folder!r} does not exist; create it or choose another path")
-
-
 def report(paths, csv=None, png=None) -> str:
     """Tables as text; writes the comparison CSV / PNG when asked (atomically)."""
-    _check_target(csv, ".csv")
-    _check_target(png, ".png")
+    check_output_path(csv, "comparison CSV", (".csv",))
+    check_output_path(png, "report plot", (".png",))
     df = load_records(paths)
     runs = runs_summary(df)
     cmp = compare(df)

@@ -25,7 +25,7 @@ from lrcnn.errors import UsageError
 from lrcnn.models.ops import TIME_CLASSES, time_class
 
 from lrcnn.planner.cost import DeviceProfile
-from lrcnn.planner.plan import write_json_atomic
+from lrcnn.planner.files import write_json_atomic
 
 __all__ = ["calibrate", "save_profile"]
 

@@ -374,9 +374,7 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
 def check_out(path: Optional[str]) -> None:
     if path is None:
         return
-    if not path.endswith((".parquet", ".csv")):
-        raise RunError(f"--out {path!r}: records are written as .parquet or .csv; end the name with one of those")
-    check_output_path(path, "records")
+    check_output_path(path, "records", (".parquet", ".csv"))
     if path.endswith(".parquet"):
         try:
             import pyarrow  # noqa: F401

@@ -6,26 +6,32 @@ Every command that writes a file (plans, profiles, CSV tables, records, PNG plot
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from lrcnn.errors import LrcnnError, UsageError
 
-__all__ = ["atomic_write", "write_text_atomic", "read_table", "check_output_path", "OutputError"]
+__all__ = ["atomic_write", "write_text_atomic", "write_csv_atomic", "write_json_atomic", "read_table", "check_output_path",
+           "OutputError"]
 
 
 class OutputError(LrcnnError, OSError):
     """A file could not be written; the message names it, the cause and the fix (one line)."""
 
 
-def check_output_path(path: Optional[str], what: str) -> None:
-    """Refuse an output path that cannot be written (:class:`~lrcnn.errors.UsageError`, a
-    ``ValueError``, one line), before any work."""
+def check_output_path(path: Optional[str], what: str, suffixes: Sequence[str] = ()) -> None:
+    """Refuse an output path that cannot be written, or whose name does not end in one of
+    ``suffixes`` (the format is chosen by it), before any work (:class:`~lrcnn.errors.UsageError`,
+    a ``ValueError``, one line).  The one output-path check of the project."""
     if path is None:
         return
     if not str(path).strip():
         raise UsageError(f"the {what} path is empty: give a file name")
+    if suffixes and not str(path).lower().endswith(tuple(suffixes)):
+        raise UsageError(f"cannot write {what} {path!r}: it is written as {' or '.join(suffixes)}; end the name "
+                         f"with {'one of those' if len(suffixes) > 1 else suffixes[0]}")
     if os.path.isdir(path):
         raise UsageError(f"cannot write {what} {path!r}: it is a folder; give a file path")
     folder = os.path.dirname(os.path.abspath(path))
@@ -91,3 +97,13 @@ def write_csv_atomic(df, path: str) -> None:
     """Write a DataFrame as CSV atomically: the file at ``path`` is either the complete new CSV
     or untouched (:func:`atomic_write`)."""
     atomic_write(path, "CSV", lambda tmp: df.to_csv(tmp, index=False), ".csv")
+
+
+def write_json_atomic(data, path: str, what: str = "plan") -> None:
+    """Write ``data`` as indented JSON to ``path``, atomically (:func:`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:  # streamed: a failure while writing leaves no file behind
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, what, write, ".json")

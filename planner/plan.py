@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from lrcnn.errors import LrcnnError
 from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
 from lrcnn.models.zoo import BN_MODES, DTYPES
+from lrcnn.planner.files import write_json_atomic
 
 SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
@@ -45,18 +46,6 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # training.optimizer: what th
 AMP_DTYPES = tuple(_AMP)  # training.amp: the autocast dtypes capture knows
 POLICIES = ("2ps", "overl")
 BN_STRATEGIES = ("sweeps", "layerwise")  # rows options.bn: how training-mode BN statistics are found
-
-
-def write_json_atomic(data, path: str, what: str = "plan") -> None:
-    """Write ``data`` as indented JSON to ``path``, atomically (:func:`lrcnn.planner.files.atomic_write`)."""
-    from lrcnn.planner.files import atomic_write
-
-    def write(tmp):
-        with open(tmp, "w") as f:  # streamed: a failure while writing leaves no file behind
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, what, write, ".json")
 
 
 class PlanError(LrcnnError, ValueError):

@@ -231,7 +231,7 @@ def test_plan_world_size_round_trip_and_validation():
 # ------------------------------------------------------------------------------------------------
 
 def test_nproc_command_line_and_bad_input(tmp_path, capfd, monkeypatch):
-    from lrcnn.executor import run as runmod
+    from lrcnn.planner.cli import run as runmod
     from lrcnn.planner.cli import build_parser, main
 
     args = build_parser().parse_args(["run", "p.json", "--nproc", "3", "--steps", "4", "--lr", "0.5",

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         import json
         import os
 
-        from lrcnn.planner.plan import write_json_atomic
+        from lrcnn.planner.files import write_json_atomic
         cache = {}
         if os.path.exists(args.sim_cache):
             with open(args.sim_cache) as f:

@@ -123,9 +123,7 @@ def command(args) -> int:
 
     t0 = time.perf_counter()
     check_output_path(args.output, "plan")
-    check_output_path(args.pareto, "CSV")
-    if args.pareto and not args.pareto.lower().endswith(".csv"):
-        raise UsageError(f"--pareto file {args.pareto!r} must end in .csv")
+    check_output_path(args.pareto, "Pareto CSV", (".csv",))
     if args.strips is not None and args.policy == "checkpoint":
         raise UsageError("--strips applies to row segments; --policy checkpoint has none")
     check_profile(args.device_profile)

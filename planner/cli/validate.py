@@ -52,10 +52,8 @@ def command(args) -> int:
     if args.weights is not None:
         raise UsageError("--weights: validate builds random weights; drop --weights")
     check_out(args.out)
-    check_output_path(args.csv, "table")
-    if args.png is not None and not args.png.endswith(".png"):
-        raise UsageError(f"--png {args.png!r}: the plot is a PNG; end the name with .png")
-    check_output_path(args.png, "plot")
+    check_output_path(args.csv, "table", (".csv",))
+    check_output_path(args.png, "plot", (".png",))
     if args.device_profile is not None:
         check_profile(args.device_profile)
     res = validate(args.model, args.batch, args.resolution, bn=args.bn, dtype=args.dtype, amp=args.amp,
