@@ -179,6 +179,46 @@ class SegmentCost:
     detail: Dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _StripCost:
+    """What one strip of a row segment costs on its own (:meth:`CostModel._rows`; relative bytes).
+
+    ``fwd_peak``: its no-grad forward walk's peak; ``carry``: the 2PS boundary rows it hands to the
+    next strip; ``rec_peak`` / ``rec_keep``: its backward's store-mode recompute, peak and what
+    stays live; ``bwd_peak`` / ``bwd_net``: its backward, peak and net change; ``pending``: the
+    gradients pending from the strip below (2PS); ``const_peak``: the peak of its gradient-constant
+    sweeps (training-mode BN); ``fwd_s`` / ``bwd_s``: its forward and recompute + backward seconds.
+    """
+
+    fwd_peak: int
+    carry: int
+    rec_peak: int
+    rec_keep: int
+    bwd_peak: int
+    bwd_net: int
+    pending: int
+    const_peak: int
+    fwd_s: float
+    bwd_s: float
+
+
+@dataclass(frozen=True)
+class _BNStructure:
+    """The training-mode BatchNorms of a row segment (:meth:`CostModel._bn_structure`).
+
+    ``by``: the segment's nodes by name; ``anc``: each node's ancestors within the segment;
+    ``bns``: the BNs that normalise with batch statistics, in order; ``fwd_levels`` /
+    ``bwd_levels``: their forward and backward levels (:func:`models.geometry.bn_levels`, as the
+    executor sweeps them); ``cover``: the nodes whose every row must be computed."""
+
+    by: Dict[str, object]
+    anc: Dict[str, set]
+    bns: List[str]
+    fwd_levels: List[List[str]]
+    bwd_levels: List[List[str]]
+    cover: List[str]
+
+
 class _StripNode:
     """A tensor of one strip, as :meth:`CostModel._walk` reads a node (see ``_strip_graph``)."""
 
@@ -658,9 +698,11 @@ class CostModel:
         else:
             count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
             bounds = default_bounds(self.rg, source, out, seg.policy, count)
-        by, anc, bns, fwd_levels, blevels, cover = self._bn_structure(nodes)
+        bs = self._bn_structure(nodes)
+        by, anc, bns = bs.by, bs.anc, bs.bns
+        fwd_levels, blevels = bs.fwd_levels, bs.bwd_levels
         levels = len(fwd_levels)
-        sched = strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
+        sched = strip_schedule(self.rg, source, names, bounds, seg.policy, bs.cover)
         src = g[source]
         need_gx = g.index(seg.first) > 1  # (the executor's: the segment input requires grad)
         out_full = self._round(by[out].out_bytes)
@@ -693,12 +735,10 @@ class CostModel:
             below_t = [n for n in nodes if n.name not in targets and any(t in anc[n.name] for t in targets)]
             const_sweeps.append((targets, carry_nodes, below_t))
         strip_const = 0
-        memo: Dict[tuple, tuple] = {}
+        memo: Dict[tuple, _StripCost] = {}
 
-        def strip_costs(i: int, strip) -> tuple:
-            """What strip ``i`` costs on its own: (forward walk peak, 2PS carry, recompute
-            peak, recompute keep, backward peak, backward net, gradients pending from the strip
-            below, peak of its gradient-constant sweeps, forward s, backward s)."""
+        def strip_costs(i: int, strip) -> _StripCost:
+            """What strip ``i`` costs on its own (:class:`_StripCost`)."""
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
             # (a node that computes no rows in this strip neither saves nor back-propagates)
@@ -765,23 +805,23 @@ class CostModel:
             f_s = sum(self._time(by[n], comp[n], warm=w) for n in names)
             b_s = sum(self._time(by[n], band[n], warm=w) + self._time(by[n], band[n], backward=True, warm=w)
                       for n in names)
-            return pk, carry, rpk, rkeep, bpk, bnet, pend, const, f_s, b_s
+            return _StripCost(fwd_peak=pk, carry=carry, rec_peak=rpk, rec_keep=rkeep, bwd_peak=bpk, bwd_net=bnet,
+                              pending=pend, const_peak=const, fwd_s=f_s, bwd_s=b_s)
 
         for i, strip in enumerate(sched.rows):
             # strips alike in every relative row position cost the same (interior strips)
             key = self._strip_key(nodes, by, sched, i)
-            hit = memo.get(key)
-            if hit is None:
-                hit = memo[key] = strip_costs(i, strip)
-            pk, carry, rpk, rkeep, bpk, bnet, pend, const, f_s, b_s = hit
-            fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
-            carries_total += carry
-            strip_const = max(strip_const, const)
+            c = memo.get(key)
+            if c is None:
+                c = memo[key] = strip_costs(i, strip)
+            fwd_peak = max(fwd_peak, out_full + carries_total + c.fwd_peak + c.carry)
+            carries_total += c.carry
+            strip_const = max(strip_const, c.const_peak)
             # during the strip's backward, then while its parameter gradients are summed
-            strip_bwd = max(strip_bwd, acc_before[i] + pend + max(rpk, rkeep + bpk),
-                            acc_before[i] + rkeep + bnet + acc_new[i])
-            fwd_s += f_s
-            bwd_s += b_s
+            strip_bwd = max(strip_bwd, acc_before[i] + c.pending + max(c.rec_peak, c.rec_keep + c.bwd_peak),
+                            acc_before[i] + c.rec_keep + c.bwd_net + acc_new[i])
+            fwd_s += c.fwd_s
+            bwd_s += c.bwd_s
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
         if levels:
             one = sched.strips == 1
@@ -845,23 +885,23 @@ class CostModel:
         parts.append((oa - rows[last].start, ob - rows[last].start))
         return tuple(parts)
 
-    def _bn_structure(self, nodes):
-        """Training-mode BNs of a row segment: (nodes by name, ancestors within the segment, the
-        BNs, their forward and backward levels (:func:`models.geometry.bn_levels`, as the
-        executor sweeps them), the nodes whose every row must be computed)."""
+    def _bn_structure(self, nodes) -> _BNStructure:
+        """Training-mode BNs of a row segment (:class:`_BNStructure`)."""
         by = {n.name: n for n in nodes}
         names = [n.name for n in nodes]
         anc = segment_ancestors(names, {n.name: n.inputs for n in nodes})
         bns = [n.name for n in nodes if n.batch_stats]
         fwd, bwd = bn_levels(bns, anc)
-        return by, anc, bns, fwd, bwd, bn_cover(names, bns, anc) if bns else []
+        return _BNStructure(by=by, anc=anc, bns=bns, fwd_levels=fwd, bwd_levels=bwd,
+                            cover=bn_cover(names, bns, anc) if bns else [])
 
     def _layerwise(self, seg: Segment, nodes, base: SegmentCost) -> SegmentCost:
         """The ``options.bn = layerwise`` variant of a row segment: one full-map no-grad pass
         finds every BN's statistics (faster than per-level strip sweeps, but the largest live set
         of full maps is a forward transient)."""
-        by, anc, bns, _, _, cover = self._bn_structure(nodes)
-        if not bns or not base.supported:
+        bs = self._bn_structure(nodes)
+        by, cover = bs.by, bs.cover
+        if not bs.bns or not base.supported:
             return base
         stat_s = sum(self._time(by[n]) for n in cover)
         # the pass is one strip over the whole map (the executor's one-strip OverL schedule): its
