@@ -57,7 +57,7 @@ from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map
                              segment_ancestors, strip_schedule)
 from lrcnn.planner.plan import Plan, PlanError, Segment
 
-__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "OPTIMIZERS",
+__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "OPTIMIZERS",
            "CostError"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
@@ -177,6 +177,50 @@ class SegmentCost:
     supported: bool = True
     why: str = ""
     detail: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BNRowCost:
+    """The extra work and memory of a row segment's training-mode BatchNorm handling for one step,
+    as the cost model prices it (:meth:`CostModel.bn_cost`; the executor's ``RowSegment.bn_sweeps``
+    and ``bn_rows`` count what a step did).
+
+    * ``strategy``: the segment's ``options.bn`` (``sweeps`` or ``layerwise``);
+    * ``stat_passes``: per no-grad statistics pass, the rows it computes per node: ``sweeps``, one
+      strip pass per forward level L (the longest chain of training-mode BNs on a path through the
+      segment) through the ancestors of that level's BNs; ``layerwise`` or one strip: one pass
+      through every BN and its ancestors.  ``stat_sweeps`` is their number, ``stat_rows`` the rows
+      per node summed over them;
+    * ``grad_sweeps``: L again (backward levels), each a strip-wise recompute of every node with
+      autograd plus the backward below the level's BNs: ``grad_rows[n] = L * computed_rows(n)``;
+    * ``transient_bytes``: ``layerwise``: the peak of its one full-map pass (its tensors as a strip
+      makes them); ``sweeps``: 0 beyond a forward strip's own;
+    * ``state_bytes``: 4 per-channel vectors per BN (mean, invstd, the two gradient constants, in
+      float32 at least) kept from forward to backward.
+
+    Its fields read by name, or as ``cost["stat_sweeps"]``."""
+
+    strategy: str
+    stat_passes: Tuple[Dict[str, int], ...]
+    grad_sweeps: int
+    grad_rows: Dict[str, int]
+    transient_bytes: int
+    state_bytes: int
+
+    @property
+    def stat_sweeps(self) -> int:
+        return len(self.stat_passes)
+
+    @property
+    def stat_rows(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for rows in self.stat_passes:
+            for n, r in rows.items():
+                out[n] = out.get(n, 0) + r
+        return out
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
 
 
 @dataclass(frozen=True)
@@ -693,16 +737,11 @@ class CostModel:
         source = g.source_of(seg.first).name
         names = [n.name for n in nodes]
         out = names[-1]
-        if seg.bounds:
-            bounds = list(seg.bounds)
-        else:
-            count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
-            bounds = default_bounds(self.rg, source, out, seg.policy, count)
         bs = self._bn_structure(nodes)
         by, anc, bns = bs.by, bs.anc, bs.bns
-        fwd_levels, blevels = bs.fwd_levels, bs.bwd_levels
-        levels = len(fwd_levels)
-        sched = strip_schedule(self.rg, source, names, bounds, seg.policy, bs.cover)
+        blevels = bs.bwd_levels
+        levels = len(bs.fwd_levels)
+        sched = self._row_schedule(seg, names, bs.cover)
         src = g[source]
         need_gx = g.index(seg.first) > 1  # (the executor's: the segment input requires grad)
         out_full = self._round(by[out].out_bytes)
@@ -824,14 +863,11 @@ class CostModel:
             bwd_s += c.bwd_s
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
         if levels:
-            one = sched.strips == 1
-            for lv in range(1 if one else levels):  # statistics by strip sweeps (one per level)
-                active = set().union(*(anc[b] | ({b} if one else set()) for b in (bns if one else fwd_levels[lv])))
-                stat_s += sum(self._time(by[n], sched.computed_rows(n) / max(1, by[n].height))
-                              for n in names if n in active)
+            passes, _ = self._bn_stat_passes(seg, bs, sched, layerwise=False)
+            for rows in passes:  # statistics by strip sweeps (one per level)
+                stat_s += sum(self._time(by[n], r / max(1, by[n].height)) for n, r in rows.items())
             bn_s = stat_s + levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
-            # (statistics in float32 at least, as executor.rows keeps them for half-precision maps)
-            bn_state = sum(4 * self._round(by[b].shape[1] * max(4, self._esize)) for b in bns)
+            bn_state = self._bn_state(bs)
         grads = self._grads(nodes)
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
@@ -895,21 +931,78 @@ class CostModel:
         return _BNStructure(by=by, anc=anc, bns=bns, fwd_levels=fwd, bwd_levels=bwd,
                             cover=bn_cover(names, bns, anc) if bns else [])
 
+    def _row_schedule(self, seg: Segment, names: List[str], cover: Sequence[str]):
+        """The strip schedule of row segment ``seg`` (its nodes ``names``), as the executor builds
+        it: the plan's bounds, or its strip count (at most the segment's maximum) split evenly."""
+        source = self.graph.source_of(seg.first).name
+        if seg.bounds:
+            bounds = list(seg.bounds)
+        else:
+            count = min(seg.strips, max_strips(self.rg, source, names[-1], seg.policy))
+            bounds = default_bounds(self.rg, source, names[-1], seg.policy, count)
+        return strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
+
+    def _bn_stat_passes(self, seg: Segment, bs: _BNStructure, sched=None,
+                        layerwise: bool = False) -> Tuple[Tuple[Dict[str, int], ...], int]:
+        """The no-grad statistics passes of a row segment's training-mode BNs (as
+        ``executor.rows.RowSegment._statistics`` runs them): per pass the rows it computes per node
+        (nodes that compute none left out), and the bytes the passes hold beyond a forward strip's.
+
+        Strip sweeps (``sched``: the segment's strip schedule): one pass per forward level through
+        the ancestors of that level's BNs; with one strip, one pass through every BN and its
+        ancestors; no transient.  ``layerwise``: one pass over the whole map (the executor's
+        one-strip OverL schedule), its tensors as a strip makes them, border padding copies of
+        spatial ops' inputs included: the peak of that pass is its transient."""
+        if not bs.bns:
+            return (), 0
+        names = list(bs.by)
+        if layerwise:
+            g = self.graph
+            one = full_map_schedule(self.rg, g.source_of(seg.first).name, names, bs.cover)
+            sgraph, sizes = self._strip_graph(g, [bs.by[n] for n in bs.cover], bs.by, one.rows[0])
+            pk, _ = self._walk(sgraph, {}, store=False, sizes=sizes)
+            return ({n: one.computed_rows(n) for n in bs.cover if one.computed_rows(n)},), pk
+        if sched.strips == 1:
+            actives = [set(bs.cover)]
+        else:
+            actives = [set().union(*(bs.anc[b] for b in lv)) for lv in bs.fwd_levels]
+        return tuple({n: sched.computed_rows(n) for n in names if n in active and sched.computed_rows(n)}
+                     for active in actives), 0
+
+    def _bn_state(self, bs: _BNStructure) -> int:
+        """Bytes a row segment keeps from forward to backward for its training-mode BNs: 4
+        per-channel vectors each (statistics in float32 at least, as executor.rows keeps them for
+        half-precision maps)."""
+        return sum(4 * self._round(bs.by[b].shape[1] * max(4, self._esize)) for b in bs.bns)
+
+    def bn_cost(self, seg: Segment) -> BNRowCost:
+        """The extra sweeps, rows per node and bytes of row segment ``seg``'s training-mode
+        BatchNorm handling for one step, at the captured shape (:class:`BNRowCost`); the time and
+        memory :meth:`segment` predicts for it are built from the same passes and bytes."""
+        if seg.mode != "rows":
+            raise CostError(f"segment {seg.first}..{seg.last}: bn_cost prices row segments, not {seg.mode!r}")
+        nodes = self.graph.span(seg.first, seg.last)
+        bs = self._bn_structure(nodes)
+        strategy = (seg.options or {}).get("bn", "sweeps")
+        if not bs.bns:
+            return BNRowCost(strategy=strategy, stat_passes=(), grad_sweeps=0, grad_rows={}, transient_bytes=0,
+                             state_bytes=0)
+        sched = self._row_schedule(seg, list(bs.by), bs.cover)
+        passes, transient = self._bn_stat_passes(seg, bs, sched, layerwise=strategy == "layerwise")
+        levels = len(bs.bwd_levels)
+        grad_rows = {n: levels * sched.computed_rows(n) for n in bs.by if sched.computed_rows(n)}
+        return BNRowCost(strategy=strategy, stat_passes=passes, grad_sweeps=levels, grad_rows=grad_rows,
+                         transient_bytes=int(transient), state_bytes=self._bn_state(bs))
+
     def _layerwise(self, seg: Segment, nodes, base: SegmentCost) -> SegmentCost:
         """The ``options.bn = layerwise`` variant of a row segment: one full-map no-grad pass
         finds every BN's statistics (faster than per-level strip sweeps, but the largest live set
         of full maps is a forward transient)."""
         bs = self._bn_structure(nodes)
-        by, cover = bs.by, bs.cover
         if not bs.bns or not base.supported:
             return base
-        stat_s = sum(self._time(by[n]) for n in cover)
-        # the pass is one strip over the whole map (the executor's one-strip OverL schedule): its
-        # tensors as a strip makes them, border padding copies of spatial ops' inputs included
-        g = self.graph
-        one = full_map_schedule(self.rg, g.source_of(seg.first).name, [n.name for n in nodes], cover)
-        sgraph, sizes = self._strip_graph(g, [by[n] for n in cover], by, one.rows[0])
-        pk, _ = self._walk(sgraph, {}, store=False, sizes=sizes)
+        (rows,), pk = self._bn_stat_passes(seg, bs, layerwise=True)
+        stat_s = sum(self._time(bs.by[n], r / max(1, bs.by[n].height)) for n, r in rows.items())
         d = dict(base.detail)
         return SegmentCost(keep=base.keep, fwd_peak=max(base.fwd_peak, d["out_full"] + pk + d["bn_state"]),
                            bwd_peak=base.bwd_peak, grad_bytes=base.grad_bytes, fwd_s=base.fwd_s,

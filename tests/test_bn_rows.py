@@ -20,6 +20,7 @@ from lrcnn.executor.measure import step_memory
 from lrcnn.models import capture, get_model
 from lrcnn.models.geometry import RowGraph, HGeom, strip_schedule
 from lrcnn.planner import Plan, PlanError, Segment
+from lrcnn.planner.cost import CostModel
 
 POLICIES = ["2ps", "overl"]
 
@@ -275,7 +276,7 @@ def test_schedule_cover_fills_gaps():
     assert sched.out == plain.out
 
 
-# -- cost: extra sweeps and rows, as documented in RowSegment.bn_cost ----------------------------
+# -- cost: extra sweeps and rows, as documented in CostModel.bn_cost ------------------------------
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sweep_counts_and_rows_match_the_cost_formula(strategy):
@@ -284,7 +285,7 @@ def test_sweep_counts_and_rows_match_the_cost_formula(strategy):
     graph = capture(m, tuple(x.shape), x.dtype)
     pm = apply_plan(m, Plan.build(graph, [rows("features", "features", "2ps", 4, strategy)]), graph)
     (seg,) = pm.row_segments
-    pred = seg.bn_cost()
+    pred = CostModel(graph).bn_cost(pm.plan.segments[0])
     F.cross_entropy(pm(x.requires_grad_(True)), y).backward()
     nodes = seg.nodes
     bns = [n for n in nodes if graph[n].op == "batchnorm2d"]
@@ -320,7 +321,7 @@ def test_parallel_bns_share_a_sweep():
     fwd, bwd = seg.bn_levels(seg.batch_bns())
     assert len(seg.batch_bns()) == 8 and len(fwd) == len(bwd) == 6
     assert ["layer1_0_downsample_1"] in [[b for b in lv if "downsample" in b] for lv in fwd]
-    assert seg.bn_cost()["grad_sweeps"] == 6
+    assert CostModel(graph).bn_cost(pm.plan.segments[0])["grad_sweeps"] == 6
 
 
 # -- no input gradient, fake tensors, plan validation ----------------------------------------------
