@@ -966,8 +966,8 @@ class CostModel:
             actives = [set(bs.cover)]
         else:
             actives = [set().union(*(bs.anc[b] for b in lv)) for lv in bs.fwd_levels]
-        return tuple({n: sched.computed_rows(n) for n in names if n in active and sched.computed_rows(n)}
-                     for active in actives), 0
+        computed = {n: sched.computed_rows(n) for n in names}
+        return tuple({n: computed[n] for n in names if n in active and computed[n]} for active in actives), 0
 
     def _bn_state(self, bs: _BNStructure) -> int:
         """Bytes a row segment keeps from forward to backward for its training-mode BNs: 4
