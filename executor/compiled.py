@@ -35,7 +35,7 @@ import torch.utils.checkpoint as tcp
 
 from lrcnn.errors import StateError
 from lrcnn.planner.plan import Plan
-from lrcnn.executor.program import PlannedModule, adopt, apply_plan
+from lrcnn.executor.program import CheckpointStep, NodeStep, PlannedModule, RowsStep, adopt, apply_plan
 from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows, update_running_stats
 
 
@@ -165,15 +165,14 @@ class CompilablePlan(nn.Module):
                 env[o] = g.call_function(operator.getitem, (out, k))
 
         for st in planned._steps:
-            kind = st[0]
-            if kind == "node":
-                env[st[1].name] = g.node_copy(st[1], lambda a: env[a.name])
-            elif kind == "rows":
-                env[st[3]] = g.call_module(attach(_EagerRows(st[1])), (env[st[2]],))
-            elif kind == "checkpoint":
-                env[st[3]] = checkpointed(st[1], [st[2]])
-            else:  # store
-                nodes, recompute = st[1], st[4]
+            if isinstance(st, NodeStep):
+                env[st.node.name] = g.node_copy(st.node, lambda a: env[a.name])
+            elif isinstance(st, RowsStep):
+                env[st.out] = g.call_module(attach(_EagerRows(st.seg)), (env[st.src],))
+            elif isinstance(st, CheckpointStep):
+                env[st.out] = checkpointed(list(st.nodes), [st.src])
+            else:  # StoreStep
+                nodes, recompute = st.nodes, st.recompute
                 runs: List[List[fx.Node]] = []
                 for k, n in enumerate(nodes):
                     if n.name not in recompute:

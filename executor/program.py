@@ -15,7 +15,8 @@ Its forward walks the model's fx graph; plan segments replace runs of nodes:
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, List, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -75,6 +76,66 @@ class _NodeRunner:
         result differs from the forward's output by a few units in the last place."""
         m = self._root().get_submodule(n.target)
         return bn_normalise(x, *stats, m.weight, m.bias)
+
+
+@dataclass(frozen=True)
+class NodeStep:
+    """A program step outside every plan segment: one fx node, run as the model runs it."""
+
+    node: fx.Node
+
+    @property
+    def inputs(self) -> List[str]:
+        return [a.name for a in self.node.all_input_nodes]
+
+
+@dataclass(frozen=True)
+class RowsStep:
+    """A ``rows`` plan segment: its executable :class:`RowSegment`, applied to value ``src``
+    (the segment input), giving value ``out`` (its last node)."""
+
+    seg: RowSegment
+    src: str
+    out: str
+
+    @property
+    def inputs(self) -> List[str]:
+        return [self.src]
+
+
+@dataclass(frozen=True)
+class CheckpointStep:
+    """A ``checkpoint`` plan segment: its fx ``nodes`` run from value ``src`` to value ``out``
+    under ``torch.utils.checkpoint``; ``slots``: the state its modules read and write."""
+
+    nodes: Tuple[fx.Node, ...]
+    src: str
+    out: str
+    slots: StateSlots
+
+    @property
+    def inputs(self) -> List[str]:
+        return [self.src]
+
+
+@dataclass(frozen=True)
+class StoreStep:
+    """A ``store`` plan segment: its fx ``nodes`` run from value ``src`` to value ``out`` with plain
+    autograd, the outputs of the nodes named in ``recompute`` dropped and recomputed in backward;
+    ``slots``: the state of the recomputed nodes' modules."""
+
+    nodes: Tuple[fx.Node, ...]
+    src: str
+    out: str
+    recompute: FrozenSet[str]
+    slots: StateSlots
+
+    @property
+    def inputs(self) -> List[str]:
+        return [self.src]
+
+
+Step = Union[NodeStep, RowsStep, CheckpointStep, StoreStep]  # one step of a PlannedModule's program
 
 
 class _Recipe:
@@ -162,7 +223,7 @@ class PlannedModule(nn.Module):
         seg_at = {}
         for s in plan.segments:
             seg_at[s.first] = s
-        steps: List[tuple] = []
+        steps: List[Step] = []
         seg_index: Dict[int, int] = {}  # step position -> index of its plan segment
         order = list(self._fx.nodes)
         i = 0
@@ -170,7 +231,7 @@ class PlannedModule(nn.Module):
             n = order[i]
             s = seg_at.get(n.name)
             if s is None:
-                steps.append(("node", n))
+                steps.append(NodeStep(n))
                 i += 1
                 continue
             j = graph.index(s.last)
@@ -180,9 +241,9 @@ class PlannedModule(nn.Module):
             if s.mode == "rows":
                 seg = RowSegment(self, graph, fxnodes, s)
                 seg.allow_amp = bool(plan.training.get("amp_rows"))
-                steps.append(("rows", seg, src, s.last))
+                steps.append(RowsStep(seg, src, s.last))
             elif s.mode == "checkpoint":
-                steps.append(("checkpoint", nodes, src, s.last, StateSlots(self._modules_of(nodes))))
+                steps.append(CheckpointStep(tuple(nodes), src, s.last, StateSlots(self._modules_of(nodes))))
             else:
                 rec = set(s.recompute)
                 for r in rec:
@@ -192,12 +253,12 @@ class PlannedModule(nn.Module):
                                         f"({gn.kind}); only activation, BatchNorm and add outputs can be "
                                         f"recomputed ({', '.join(sorted(_ops.RECOMPUTE_OPS))})")
                 mods = self._modules_of([n for n in nodes if n.name in rec])
-                steps.append(("store", nodes, src, s.last, rec, StateSlots(mods)))
+                steps.append(StoreStep(tuple(nodes), src, s.last, frozenset(rec), StateSlots(mods)))
             i = j + 1
         # last use of every value, for freeing
         last: Dict[str, int] = {}
         for k, st in enumerate(steps):
-            for name in self._step_inputs(st):
+            for name in st.inputs:
                 last[name] = k
         object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_last", last)
@@ -213,12 +274,6 @@ class PlannedModule(nn.Module):
                 owner = str(n.target).rpartition(".")[0]
                 mods.append(self.get_submodule(owner) if owner else self)
         return mods
-
-    @staticmethod
-    def _step_inputs(st) -> List[str]:
-        if st[0] == "node":
-            return [a.name for a in st[1].all_input_nodes]
-        return [st[2]]
 
     def _mode_key(self) -> tuple:
         self._model.training = self.training  # (train()/eval() on us reach its children, not it)
@@ -244,7 +299,7 @@ class PlannedModule(nn.Module):
 
     @property
     def row_segments(self) -> List[RowSegment]:
-        return [st[1] for st in self._steps if st[0] == "rows"]
+        return [st.seg for st in self._steps if isinstance(st, RowsStep)]
 
     # -- execution ----------------------------------------------------------------------------
     def forward(self, x):
@@ -259,29 +314,28 @@ class PlannedModule(nn.Module):
         # gradient hooks that return None (the gradient is untouched).
         marks: Dict[str, List[str]] = {} if _measuring() else None
         for k, st in enumerate(self._steps):
-            kind = st[0]
             seg = self._seg_index.get(k) if marks is not None else None
             if seg is not None:
                 _mark(f"segment {seg} forward begin")
-                self._grad_mark(env[st[2]], st[2], f"segment {seg} backward", marks)
-            if kind == "node":
-                n = st[1]
+                self._grad_mark(env[st.src], st.src, f"segment {seg} backward", marks)
+            if isinstance(st, NodeStep):
+                n = st.node
                 if n.op == "placeholder":
                     env[n.name] = x
                 elif n.op == "output":
                     result = fx.node.map_arg(n.args[0], lambda a: env[a.name])
                 else:
                     env[n.name] = runner.run(n, env)
-            elif kind == "rows":
-                env[st[3]] = run_rows(st[1], env[st[2]])
-            elif kind == "checkpoint":
-                env[st[3]] = self._run_checkpoint(st[1], env[st[2]], st[2], st[4])
+            elif isinstance(st, RowsStep):
+                env[st.out] = run_rows(st.seg, env[st.src])
+            elif isinstance(st, CheckpointStep):
+                env[st.out] = self._run_checkpoint(st.nodes, env[st.src], st.src, st.slots)
             else:
-                env[st[3]] = self._run_store(st[1], env[st[2]], st[2], st[4], st[5])
+                env[st.out] = self._run_store(st.nodes, env[st.src], st.src, st.recompute, st.slots)
             if seg is not None:
                 _mark(f"segment {seg} forward")
-                self._grad_mark(env[st[3]], st[3], f"segment {seg} backward begin", marks)
-            for name in self._step_inputs(st):
+                self._grad_mark(env[st.out], st.out, f"segment {seg} backward begin", marks)
+            for name in st.inputs:
                 if self._last.get(name) == k:
                     env.pop(name, None)
         return result

@@ -15,7 +15,8 @@ with autograd and back-propagates the matching rows of the output gradient.
 Training-mode BatchNorm (batch statistics over N, H, W of the whole map) stays exact: the statistics
 are found before the strips run (strip sweeps, one per BN level, or one layer-wise pass:
 ``options.bn``), and backward first runs one gradient sweep per BN level to find the two global
-per-channel sums BN's input gradient needs (see :class:`_BNStrip`, :meth:`RowSegment.bn_cost`).
+per-channel sums BN's input gradient needs (see :class:`_BNStrip`; the cost model prices the sweeps:
+:meth:`planner.cost.CostModel.bn_cost`).
 
 The segment is a ``torch.autograd.Function`` taking the segment input and the segment's parameters,
 so one ``loss.backward()`` drives everything, parameter gradients arrive through ordinary autograd
@@ -23,7 +24,6 @@ so one ``loss.backward()`` drives everything, parameter gradients arrive through
 """
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -34,10 +34,9 @@ import torch.nn as nn
 from lrcnn.models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
                              max_strips, propagate_heights, segment_ancestors, strip_schedule)
 from lrcnn.models import memory
+from lrcnn.planner.plan import BN_STRATEGIES
 from lrcnn.executor.state import StateSlots, amp_replay, amp_state, no_cast_cache
 from lrcnn.executor.strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
-
-BN_STRATEGIES = ("sweeps", "layerwise")
 
 
 class RowSegment:
@@ -90,11 +89,7 @@ class RowSegment:
         if self.bn_strategy not in BN_STRATEGIES:
             raise RowSegmentError(f"row segment {self.name}: options.bn {self.bn_strategy!r} is not one of "
                                   f"{', '.join(BN_STRATEGIES)}")
-        self.row_bytes = {n: graph[n].out_bytes // max(1, graph[n].height) for n in names}  # at the plan's shape
-        first = graph[names[0]]
-        # bytes of one BN statistic: float32 at least (half-precision maps keep float32 statistics)
-        self.itemsize = max(4, first.out_bytes // max(1, math.prod(first.shape)))
-        # what the last step's training-mode BN handling did (see bn_cost for the prediction)
+        # what the last step's training-mode BN handling did (planner.cost.CostModel.bn_cost predicts it)
         self.bn_sweeps: Dict[str, int] = {"forward": 0, "backward": 0}
         self.bn_rows: Dict[str, Dict[str, int]] = {"forward": {}, "backward": {}}
 
@@ -446,61 +441,6 @@ class RowSegment:
         ins = ([x] if need_gx else []) + list(params)
         got = torch.autograd.grad(y, ins, gy, create_graph=True, allow_unused=True)
         return (got[0] if need_gx else None), list(got[1 if need_gx else 0:])
-
-    # -- cost ------------------------------------------------------------------------------------
-    def bn_cost(self, in_h: Optional[int] = None) -> Dict[str, object]:
-        """Predicted extra work and memory of the training-mode BN handling for one step.
-
-        * ``stat_sweeps``: ``sweeps``: the number of forward levels L (longest chain of training-mode
-          BNs on a path through the segment); ``layerwise`` or one strip: 1.
-        * ``stat_rows``: rows computed per node by those passes (``sweeps``: level l computes the
-          ancestors of its BNs, strip-wise: sum over levels of their ``computed_rows``;
-          ``layerwise``: every ancestor of a BN and the BNs themselves, each row once).
-        * ``grad_sweeps``: L again (backward levels); each recomputes every node of the segment
-          strip-wise with autograd: ``grad_rows[n] = L * computed_rows(n)``, plus the backward.
-        * ``transient_bytes``: ``layerwise``: the largest set of full maps live at once during
-          its pass; ``sweeps``: 0 beyond a forward strip's own bands.
-        * ``state_bytes``: 4 per-channel vectors per BN (mean, invstd, the two gradient constants)
-          kept from forward to backward.
-        """
-        h = self.plan_height if in_h is None else in_h
-        bns = self.batch_bns()
-        zero = {"strategy": self.bn_strategy, "stat_sweeps": 0, "grad_sweeps": 0, "stat_rows": {},
-                "grad_rows": {}, "transient_bytes": 0, "state_bytes": 0}
-        if not bns:
-            return zero
-        sched = self.schedule(h)
-        fwd, bwd = self.bn_levels(bns)
-        one = self.bn_strategy == "layerwise" or sched.strips == 1
-        stat_rows: Dict[str, int] = {}
-        transient = 0
-        if one:
-            sc = self._schedule(h, True) if sched.strips > 1 else sched
-            active = set(bns).union(*(self._anc[b] for b in bns))
-            for n in self.nodes:
-                if n in active and sc.computed_rows(n):
-                    stat_rows[n] = sc.computed_rows(n)
-            if sc is not sched or self.bn_strategy == "layerwise":  # full maps, dropped after last use
-                last = {u: k for k, n in enumerate(self.nodes) if n in active for u in self.ops[n].inputs}
-                live: Dict[str, int] = {}
-                for k, n in enumerate(self.nodes):
-                    if n in active:
-                        live[n] = self.row_bytes[n] * sc.computed_rows(n)
-                        transient = max(transient, sum(live.values()))
-                        for u in self.ops[n].inputs:
-                            if last.get(u) == k:
-                                live.pop(u, None)
-        else:
-            for lv in fwd:
-                active = set().union(*(self._anc[b] for b in lv))
-                for n in self.nodes:
-                    if n in active and sched.computed_rows(n):
-                        stat_rows[n] = stat_rows.get(n, 0) + sched.computed_rows(n)
-        grad_rows = {n: len(bwd) * sched.computed_rows(n) for n in self.nodes if sched.computed_rows(n)}
-        state = sum(4 * self.ops[b].module.num_features for b in bns)
-        return {"strategy": self.bn_strategy, "stat_sweeps": 1 if one else len(fwd), "grad_sweeps": len(bwd),
-                "stat_rows": stat_rows, "grad_rows": grad_rows, "transient_bytes": int(transient),
-                "state_bytes": int(state * self.itemsize)}
 
 
 def update_running_stats(m: nn.Module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

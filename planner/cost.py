@@ -58,7 +58,7 @@ from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map
                              segment_ancestors, strip_schedule)
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
-__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "CostModel", "STATE_COPIES",
+__all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
            "CostError"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
@@ -179,6 +179,90 @@ class SegmentCost:
     supported: bool = True
     why: str = ""
     detail: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BNRowCost:
+    """The extra work and memory of a row segment's training-mode BatchNorm handling for one step,
+    as the cost model prices it (:meth:`CostModel.bn_cost`; the executor's ``RowSegment.bn_sweeps``
+    and ``bn_rows`` count what a step did).
+
+    * ``strategy``: the segment's ``options.bn`` (``sweeps`` or ``layerwise``);
+    * ``stat_passes``: per no-grad statistics pass, the rows it computes per node: ``sweeps``, one
+      strip pass per forward level L (the longest chain of training-mode BNs on a path through the
+      segment) through the ancestors of that level's BNs; ``layerwise`` or one strip: one pass
+      through every BN and its ancestors.  ``stat_sweeps`` is their number, ``stat_rows`` the rows
+      per node summed over them;
+    * ``grad_sweeps``: L again (backward levels), each a strip-wise recompute of every node with
+      autograd plus the backward below the level's BNs: ``grad_rows[n] = L * computed_rows(n)``;
+    * ``transient_bytes``: ``layerwise``: the peak of its one full-map pass (its tensors as a strip
+      makes them); ``sweeps``: 0 beyond a forward strip's own;
+    * ``state_bytes``: 4 per-channel vectors per BN (mean, invstd, the two gradient constants, in
+      float32 at least) kept from forward to backward.
+
+    Its fields read by name, or as ``cost["stat_sweeps"]``."""
+
+    strategy: str
+    stat_passes: Tuple[Dict[str, int], ...]
+    grad_sweeps: int
+    grad_rows: Dict[str, int]
+    transient_bytes: int
+    state_bytes: int
+
+    @property
+    def stat_sweeps(self) -> int:
+        return len(self.stat_passes)
+
+    @property
+    def stat_rows(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for rows in self.stat_passes:
+            for n, r in rows.items():
+                out[n] = out.get(n, 0) + r
+        return out
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+@dataclass(frozen=True)
+class _StripCost:
+    """What one strip of a row segment costs on its own (:meth:`CostModel._rows`; relative bytes).
+
+    ``fwd_peak``: its no-grad forward walk's peak; ``carry``: the 2PS boundary rows it hands to the
+    next strip; ``rec_peak`` / ``rec_keep``: its backward's store-mode recompute, peak and what
+    stays live; ``bwd_peak`` / ``bwd_net``: its backward, peak and net change; ``pending``: the
+    gradients pending from the strip below (2PS); ``const_peak``: the peak of its gradient-constant
+    sweeps (training-mode BN); ``fwd_s`` / ``bwd_s``: its forward and recompute + backward seconds.
+    """
+
+    fwd_peak: int
+    carry: int
+    rec_peak: int
+    rec_keep: int
+    bwd_peak: int
+    bwd_net: int
+    pending: int
+    const_peak: int
+    fwd_s: float
+    bwd_s: float
+
+
+@dataclass(frozen=True)
+class _BNStructure:
+    """The training-mode BatchNorms of a row segment (:meth:`CostModel._bn_structure`).
+
+    ``by``: the segment's nodes by name; ``anc``: each node's ancestors within the segment;
+    ``bns``: the BNs that normalise with batch statistics, in order; ``fwd_levels`` /
+    ``bwd_levels``: their forward and backward levels (:func:`models.geometry.bn_levels`, as the
+    executor sweeps them); ``cover``: the nodes whose every row must be computed."""
+
+    by: Dict[str, object]
+    anc: Dict[str, set]
+    bns: List[str]
+    fwd_levels: List[List[str]]
+    bwd_levels: List[List[str]]
+    cover: List[str]
 
 
 class _StripNode:
@@ -655,14 +739,11 @@ class CostModel:
         source = g.source_of(seg.first).name
         names = [n.name for n in nodes]
         out = names[-1]
-        if seg.bounds:
-            bounds = list(seg.bounds)
-        else:
-            count = min(seg.strips, max_strips(self.rg, source, out, seg.policy))
-            bounds = default_bounds(self.rg, source, out, seg.policy, count)
-        by, anc, bns, fwd_levels, blevels, cover = self._bn_structure(nodes)
-        levels = len(fwd_levels)
-        sched = strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
+        bs = self._bn_structure(nodes)
+        by, anc, bns = bs.by, bs.anc, bs.bns
+        blevels = bs.bwd_levels
+        levels = len(bs.fwd_levels)
+        sched = self._row_schedule(seg, names, bs.cover)
         src = g[source]
         need_gx = g.index(seg.first) > 1  # (the executor's: the segment input requires grad)
         out_full = self._round(by[out].out_bytes)
@@ -695,12 +776,10 @@ class CostModel:
             below_t = [n for n in nodes if n.name not in targets and any(t in anc[n.name] for t in targets)]
             const_sweeps.append((targets, carry_nodes, below_t))
         strip_const = 0
-        memo: Dict[tuple, tuple] = {}
+        memo: Dict[tuple, _StripCost] = {}
 
-        def strip_costs(i: int, strip) -> tuple:
-            """What strip ``i`` costs on its own: (forward walk peak, 2PS carry, recompute
-            peak, recompute keep, backward peak, backward net, gradients pending from the strip
-            below, peak of its gradient-constant sweeps, forward s, backward s)."""
+        def strip_costs(i: int, strip) -> _StripCost:
+            """What strip ``i`` costs on its own (:class:`_StripCost`)."""
             comp = {n: strip[n].computed / max(1, by[n].height) for n in names}
             band = {n: (strip[n].hi - strip[n].lo) / max(1, by[n].height) for n in names}
             # (a node that computes no rows in this strip neither saves nor back-propagates)
@@ -767,33 +846,30 @@ class CostModel:
             f_s = sum(self._time(by[n], comp[n], warm=w) for n in names)
             b_s = sum(self._time(by[n], band[n], warm=w) + self._time(by[n], band[n], backward=True, warm=w)
                       for n in names)
-            return pk, carry, rpk, rkeep, bpk, bnet, pend, const, f_s, b_s
+            return _StripCost(fwd_peak=pk, carry=carry, rec_peak=rpk, rec_keep=rkeep, bwd_peak=bpk, bwd_net=bnet,
+                              pending=pend, const_peak=const, fwd_s=f_s, bwd_s=b_s)
 
         for i, strip in enumerate(sched.rows):
             # strips alike in every relative row position cost the same (interior strips)
             key = self._strip_key(nodes, by, sched, i)
-            hit = memo.get(key)
-            if hit is None:
-                hit = memo[key] = strip_costs(i, strip)
-            pk, carry, rpk, rkeep, bpk, bnet, pend, const, f_s, b_s = hit
-            fwd_peak = max(fwd_peak, out_full + carries_total + pk + carry)
-            carries_total += carry
-            strip_const = max(strip_const, const)
+            c = memo.get(key)
+            if c is None:
+                c = memo[key] = strip_costs(i, strip)
+            fwd_peak = max(fwd_peak, out_full + carries_total + c.fwd_peak + c.carry)
+            carries_total += c.carry
+            strip_const = max(strip_const, c.const_peak)
             # during the strip's backward, then while its parameter gradients are summed
-            strip_bwd = max(strip_bwd, acc_before[i] + pend + max(rpk, rkeep + bpk),
-                            acc_before[i] + rkeep + bnet + acc_new[i])
-            fwd_s += f_s
-            bwd_s += b_s
+            strip_bwd = max(strip_bwd, acc_before[i] + c.pending + max(c.rec_peak, c.rec_keep + c.bwd_peak),
+                            acc_before[i] + c.rec_keep + c.bwd_net + acc_new[i])
+            fwd_s += c.fwd_s
+            bwd_s += c.bwd_s
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
         if levels:
-            one = sched.strips == 1
-            for lv in range(1 if one else levels):  # statistics by strip sweeps (one per level)
-                active = set().union(*(anc[b] | ({b} if one else set()) for b in (bns if one else fwd_levels[lv])))
-                stat_s += sum(self._time(by[n], sched.computed_rows(n) / max(1, by[n].height))
-                              for n in names if n in active)
+            passes, _ = self._bn_stat_passes(seg, bs, sched, layerwise=False)
+            for rows in passes:  # statistics by strip sweeps (one per level)
+                stat_s += sum(self._time(by[n], r / max(1, by[n].height)) for n, r in rows.items())
             bn_s = stat_s + levels * bwd_s  # one gradient-constant sweep per level: recompute + backward
-            # (statistics in float32 at least, as executor.rows keeps them for half-precision maps)
-            bn_state = sum(4 * self._round(by[b].shape[1] * max(4, self._esize)) for b in bns)
+            bn_state = self._bn_state(bs)
         grads = self._grads(nodes)
         gx = self._round(src.out_bytes) if need_gx else 0
         gy = out_full
@@ -847,31 +923,88 @@ class CostModel:
         parts.append((oa - rows[last].start, ob - rows[last].start))
         return tuple(parts)
 
-    def _bn_structure(self, nodes):
-        """Training-mode BNs of a row segment: (nodes by name, ancestors within the segment, the
-        BNs, their forward and backward levels (:func:`lrcnn.models.geometry.bn_levels`, as the
-        executor sweeps them), the nodes whose every row must be computed)."""
+    def _bn_structure(self, nodes) -> _BNStructure:
+        """Training-mode BNs of a row segment (:class:`_BNStructure`)."""
         by = {n.name: n for n in nodes}
         names = [n.name for n in nodes]
         anc = segment_ancestors(names, {n.name: n.inputs for n in nodes})
         bns = [n.name for n in nodes if n.batch_stats]
         fwd, bwd = bn_levels(bns, anc)
-        return by, anc, bns, fwd, bwd, bn_cover(names, bns, anc) if bns else []
+        return _BNStructure(by=by, anc=anc, bns=bns, fwd_levels=fwd, bwd_levels=bwd,
+                            cover=bn_cover(names, bns, anc) if bns else [])
+
+    def _row_schedule(self, seg: Segment, names: List[str], cover: Sequence[str]):
+        """The strip schedule of row segment ``seg`` (its nodes ``names``), as the executor builds
+        it: the plan's bounds, or its strip count (at most the segment's maximum) split evenly."""
+        source = self.graph.source_of(seg.first).name
+        if seg.bounds:
+            bounds = list(seg.bounds)
+        else:
+            count = min(seg.strips, max_strips(self.rg, source, names[-1], seg.policy))
+            bounds = default_bounds(self.rg, source, names[-1], seg.policy, count)
+        return strip_schedule(self.rg, source, names, bounds, seg.policy, cover)
+
+    def _bn_stat_passes(self, seg: Segment, bs: _BNStructure, sched=None,
+                        layerwise: bool = False) -> Tuple[Tuple[Dict[str, int], ...], int]:
+        """The no-grad statistics passes of a row segment's training-mode BNs (as
+        ``executor.rows.RowSegment._statistics`` runs them): per pass the rows it computes per node
+        (nodes that compute none left out), and the bytes the passes hold beyond a forward strip's.
+
+        Strip sweeps (``sched``: the segment's strip schedule): one pass per forward level through
+        the ancestors of that level's BNs; with one strip, one pass through every BN and its
+        ancestors; no transient.  ``layerwise``: one pass over the whole map (the executor's
+        one-strip OverL schedule), its tensors as a strip makes them, border padding copies of
+        spatial ops' inputs included: the peak of that pass is its transient."""
+        if not bs.bns:
+            return (), 0
+        names = list(bs.by)
+        if layerwise:
+            g = self.graph
+            one = full_map_schedule(self.rg, g.source_of(seg.first).name, names, bs.cover)
+            sgraph, sizes = self._strip_graph(g, [bs.by[n] for n in bs.cover], bs.by, one.rows[0])
+            pk, _ = self._walk(sgraph, {}, store=False, sizes=sizes)
+            return ({n: one.computed_rows(n) for n in bs.cover if one.computed_rows(n)},), pk
+        if sched.strips == 1:
+            actives = [set(bs.cover)]
+        else:
+            actives = [set().union(*(bs.anc[b] for b in lv)) for lv in bs.fwd_levels]
+        computed = {n: sched.computed_rows(n) for n in names}
+        return tuple({n: computed[n] for n in names if n in active and computed[n]} for active in actives), 0
+
+    def _bn_state(self, bs: _BNStructure) -> int:
+        """Bytes a row segment keeps from forward to backward for its training-mode BNs: 4
+        per-channel vectors each (statistics in float32 at least, as executor.rows keeps them for
+        half-precision maps)."""
+        return sum(4 * self._round(bs.by[b].shape[1] * max(4, self._esize)) for b in bs.bns)
+
+    def bn_cost(self, seg: Segment) -> BNRowCost:
+        """The extra sweeps, rows per node and bytes of row segment ``seg``'s training-mode
+        BatchNorm handling for one step, at the captured shape (:class:`BNRowCost`); the time and
+        memory :meth:`segment` predicts for it are built from the same passes and bytes."""
+        if seg.mode != "rows":
+            raise CostError(f"segment {seg.first}..{seg.last}: bn_cost prices row segments, not {seg.mode!r}")
+        nodes = self.graph.span(seg.first, seg.last)
+        bs = self._bn_structure(nodes)
+        strategy = (seg.options or {}).get("bn", "sweeps")
+        if not bs.bns:
+            return BNRowCost(strategy=strategy, stat_passes=(), grad_sweeps=0, grad_rows={}, transient_bytes=0,
+                             state_bytes=0)
+        sched = self._row_schedule(seg, list(bs.by), bs.cover)
+        passes, transient = self._bn_stat_passes(seg, bs, sched, layerwise=strategy == "layerwise")
+        levels = len(bs.bwd_levels)
+        grad_rows = {n: levels * sched.computed_rows(n) for n in bs.by if sched.computed_rows(n)}
+        return BNRowCost(strategy=strategy, stat_passes=passes, grad_sweeps=levels, grad_rows=grad_rows,
+                         transient_bytes=int(transient), state_bytes=self._bn_state(bs))
 
     def _layerwise(self, seg: Segment, nodes, base: SegmentCost) -> SegmentCost:
         """The ``options.bn = layerwise`` variant of a row segment: one full-map no-grad pass
         finds every BN's statistics (faster than per-level strip sweeps, but the largest live set
         of full maps is a forward transient)."""
-        by, anc, bns, _, _, cover = self._bn_structure(nodes)
-        if not bns or not base.supported:
+        bs = self._bn_structure(nodes)
+        if not bs.bns or not base.supported:
             return base
-        stat_s = sum(self._time(by[n]) for n in cover)
-        # the pass is one strip over the whole map (the executor's one-strip OverL schedule): its
-        # tensors as a strip makes them, border padding copies of spatial ops' inputs included
-        g = self.graph
-        one = full_map_schedule(self.rg, g.source_of(seg.first).name, [n.name for n in nodes], cover)
-        sgraph, sizes = self._strip_graph(g, [by[n] for n in cover], by, one.rows[0])
-        pk, _ = self._walk(sgraph, {}, store=False, sizes=sizes)
+        (rows,), pk = self._bn_stat_passes(seg, bs, layerwise=True)
+        stat_s = sum(self._time(bs.by[n], r / max(1, bs.by[n].height)) for n, r in rows.items())
         d = dict(base.detail)
         return SegmentCost(keep=base.keep, fwd_peak=max(base.fwd_peak, d["out_full"] + pk + d["bn_state"]),
                            bwd_peak=base.bwd_peak, grad_bytes=base.grad_bytes, fwd_s=base.fwd_s,

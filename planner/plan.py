@@ -14,7 +14,7 @@ of nodes between two cut points (places where one tensor alone crosses) with a m
                  far as it can, carrying the few rows the next strip shares).  ``options.bn``:
                  how training-mode BatchNorm statistics are found: ``"sweeps"`` (default; one
                  strip pass per BN level) or ``"layerwise"`` (one full-map pass); see
-                 ``executor.rows.RowSegment.bn_cost`` for what each costs.
+                 ``planner.cost.CostModel.bn_cost`` for what each costs.
 
 Nodes not covered by any segment run as ``store``.  ``training`` says how the step runs:
 ``optimizer``, ``bn`` (BatchNorm mode), ``num_classes``, ``world_size`` and ``amp`` (``"bf16"`` or
