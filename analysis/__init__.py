@@ -7,16 +7,16 @@
 * :func:`report` -- what ``planner report`` prints.
 """
 from lrcnn.analysis.compare import compare, phase_table, runs_summary, segment_table, timeline
+from lrcnn.analysis.plot import draw_report as _draw
 from lrcnn.analysis.records import RecordsError, load_records
+from lrcnn.analysis.report import report as _report
 
 
 def draw_report(df, path):
-    from lrcnn.analysis.plot import draw_report as _draw  # matplotlib only when drawing
     return _draw(df, path)
 
 
 def report(paths, csv=None, png=None):
-    from lrcnn.analysis.report import report as _report
     return _report(paths, csv=csv, png=png)
 
 

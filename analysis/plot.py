@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrcnn.analysis.compare import segment_table, timeline
+from lrcnn.planner.files import atomic_write
 
 MiB = 2 ** 20
 
@@ -67,8 +68,6 @@ def draw_report(df, path: str) -> None:
     ax2.set_ylabel("MiB")
     ax2.set_title("per-segment peak: predicted vs actual (relative error above the bars)")
     fig.tight_layout()
-
-    from lrcnn.planner.files import atomic_write
 
     try:
         atomic_write(path, "PNG", lambda tmp: fig.savefig(tmp, dpi=100, format="png"), ".png")

@@ -5,6 +5,7 @@ import os
 from typing import Iterable, Union
 
 from lrcnn.errors import LrcnnError
+from lrcnn.planner.files import read_table
 
 #: columns a records file must have for the report (``executor.run.COLUMNS`` has more)
 REQUIRED = ["run_id", "step", "tracked", "scope", "name", "phase", "segment", "predicted_peak_bytes",
@@ -18,8 +19,6 @@ class RecordsError(LrcnnError, ValueError):
 def load_records(paths: Union[str, Iterable[str]]):
     """One DataFrame from one or more records files (.parquet, or .csv by extension)."""
     import pandas as pd
-
-    from lrcnn.planner.files import read_table
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from lrcnn.analysis.compare import compare, runs_summary
+from lrcnn.analysis.plot import draw_report
 from lrcnn.analysis.records import load_records
 from lrcnn.planner.files import check_output_path, write_csv_atomic
 from lrcnn.planner.units import format_table
@@ -51,7 +52,6 @@ def report(paths, csv=None, png=None) -> str:
         write_csv_atomic(cmp, csv)
         out.append(f"\nwrote {csv} ({len(cmp)} rows)")
     if png:
-        from lrcnn.analysis.plot import draw_report
         draw_report(df, png)
         out.append(f"wrote {png}")
     return "\n".join(out)

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from lrcnn.errors import UsageError
+from lrcnn.executor.measure import make_optimizer
 from lrcnn.models.ops import TIME_CLASSES, time_class
-
 from lrcnn.planner.cost import DeviceProfile
 from lrcnn.planner.files import write_json_atomic
+from lrcnn.planner.plan import OPTIMIZERS
 
 __all__ = ["calibrate", "save_profile"]
 
@@ -196,8 +197,6 @@ def _op_costs(device, dtype, quick: bool, progress=lambda s: None) -> Dict[str, 
 def _optimizer_costs(device, dtype, timeit, quick: bool) -> Dict[str, list]:
     """Per optimizer: ``[seconds per step, s per parameter tensor, s per parameter byte]`` of
     ``zero_grad(set_to_none=True)`` + ``step()``, fitted on many small and a few large tensors."""
-    from lrcnn.executor.measure import make_optimizer
-    from lrcnn.planner.plan import OPTIMIZERS
 
     sets = [[(256,)] * 200, [(1024, 1024)] * (4 if quick else 16), [(64, 64, 3, 3)] * 64]
     out: Dict[str, list] = {}

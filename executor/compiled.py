@@ -34,9 +34,9 @@ import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
 from lrcnn.errors import StateError
-from lrcnn.planner.plan import Plan
 from lrcnn.executor.program import CheckpointStep, NodeStep, PlannedModule, RowsStep, adopt, apply_plan
 from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows, update_running_stats
+from lrcnn.planner.plan import Plan
 
 
 class _EagerRows(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lrcnn.errors import UsageError
 from lrcnn.models import memory
+from lrcnn.models.capture import amp_dtype
 from lrcnn.planner.plan import OPTIMIZERS
 
 
@@ -98,7 +99,6 @@ def make_optimizer(params, name: str, lr: Optional[float] = None, momentum: floa
 def autocast(device_type: str, amp: Optional[str]):
     """``torch.autocast`` on ``device_type`` in the dtype ``amp`` names (``"bf16"``/``"fp16"``),
     a no-op context for ``amp=None``."""
-    from lrcnn.models.capture import amp_dtype
 
     dtype = amp_dtype(amp)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)

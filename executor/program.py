@@ -24,13 +24,13 @@ import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
 from lrcnn.errors import UsageTypeError
-from lrcnn.models import ops as _ops
-from lrcnn.models.ops import call, out_of_place_call, out_of_place_module
-from lrcnn.models.capture import capture, fetch_attr, trace
-from lrcnn.planner.plan import Plan, PlanError
-from lrcnn.models.memory import mark as _mark, measuring as _measuring
 from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows
 from lrcnn.executor.state import StateSlots, amp_replay, amp_state, no_cast_cache
+from lrcnn.models import ops as _ops
+from lrcnn.models.capture import capture, fetch_attr, trace
+from lrcnn.models.memory import mark as _mark, measuring as _measuring
+from lrcnn.models.ops import call, out_of_place_call, out_of_place_module
+from lrcnn.planner.plan import Plan, PlanError
 
 
 def _dtype(name: str) -> torch.dtype:

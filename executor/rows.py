@@ -31,12 +31,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from lrcnn.models.geometry import (RowGraph, StripSchedule, bn_cover, bn_levels, default_bounds, full_map_schedule,
-                             max_strips, propagate_heights, segment_ancestors, strip_schedule)
+from lrcnn.executor.state import amp_replay, amp_state, no_cast_cache, StateSlots
+from lrcnn.executor.strips import Band, build_strip_op, check_module, RowSegmentError, StripOp
 from lrcnn.models import memory
+from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
+                                   propagate_heights, RowGraph, segment_ancestors, strip_schedule, StripSchedule)
 from lrcnn.planner.plan import BN_STRATEGIES
-from lrcnn.executor.state import StateSlots, amp_replay, amp_state, no_cast_cache
-from lrcnn.executor.strips import Band, RowSegmentError, StripOp, build_strip_op, check_module
 
 
 class RowSegment:

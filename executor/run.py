@@ -49,13 +49,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
-from lrcnn.planner.files import write_csv_atomic
-from lrcnn.planner.files import atomic_write, check_output_path
-
+from lrcnn.executor import distributed as D
+from lrcnn.executor.measure import (autocast, DEFAULT_LR, grad_scaler, make_optimizer as _make_optimizer, opt_state,
+                                    train_step)
+from lrcnn.executor.program import apply_plan
 from lrcnn.models import memory
-from lrcnn.planner.plan import OPTIMIZERS
-from lrcnn.executor.measure import (DEFAULT_LR, autocast, grad_scaler, make_optimizer as _make_optimizer, opt_state,
-                      train_step)
+from lrcnn.models.capture import compute_dtype
+from lrcnn.planner.cost import CostError, CostModel, load_profile
+from lrcnn.planner.files import atomic_write, check_output_path, write_csv_atomic
+from lrcnn.planner.plan import OPTIMIZERS, Plan, plan_model
 
 PHASES = ("forward", "backward", "optimizer")
 #: norm-wise relative tolerance of --check-grads per dtype.  float32: 1e-4, not 1e-5: plain float32
@@ -91,7 +93,6 @@ def predicted_for(plan, graph, device_kind: str = "cpu") -> Dict[str, Any]:
     made for this kind of device (``cpu`` / ``cuda``), else a fresh prediction with the matching
     profile (a plan solved for an H100 carries CUDA workspace and timings: on the CPU it is
     re-predicted with the ``cpu`` profile).  ``{}`` (NaN in the records) if that fails."""
-    from lrcnn.planner.cost import CostError, CostModel, load_profile
 
     pred = dict(plan.predicted or {})
     prof = pred.get("device_profile")
@@ -155,7 +156,6 @@ def device_info(device: torch.device) -> Dict[str, Any]:
 def build_model(plan, seed: int = 0):
     """The plan's model with random weights (``seed``) on the CPU, and its capture, checked
     against the plan (:func:`lrcnn.planner.plan.plan_model`)."""
-    from lrcnn.planner.plan import plan_model
 
     torch.manual_seed(seed)
     return plan_model(plan, real=True)
@@ -335,7 +335,6 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
     """One forward+backward of the plain model and the planned one on the same input: loss and
     every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype (with
     ``amp``: both under autocast, within the tolerance of its half-precision dtype)."""
-    from lrcnn.models.capture import compute_dtype
 
     tol = GRAD_TOL[compute_dtype(dtype, amp)]
     results = []
@@ -470,10 +469,6 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     """
     import pandas as pd
     from tqdm import tqdm
-
-    from lrcnn.planner.plan import Plan
-    from lrcnn.executor import distributed as D
-    from lrcnn.executor.program import apply_plan
 
     info = dist_info or D.DistInfo()
     if steps < 1 or warmup < 0:

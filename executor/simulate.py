@@ -11,6 +11,10 @@ import time
 from typing import Optional, Tuple
 
 import torch
+from lrcnn.executor import apply_plan
+from lrcnn.executor.measure import train_step_memory
+from lrcnn.planner.cost import CostModel, CostError, load_profile
+from lrcnn.planner.plan import plan_model, Plan
 
 __all__ = ["simulate_plan"]
 
@@ -24,17 +28,10 @@ def simulate_plan(path, profile: Optional[str] = None, optimizer: Optional[str] 
     allocate it, so like is compared with like (``info['workspace']`` says how much)."""
     import pandas as pd
 
-    from lrcnn.executor import apply_plan
-    from lrcnn.executor.measure import train_step_memory
-    from lrcnn.planner.plan import plan_model
-    from lrcnn.planner.cost import CostModel
-    from lrcnn.planner.plan import Plan
-
     plan = Plan.load(path) if isinstance(path, str) else path
     optimizer = optimizer or plan.training.get("optimizer", "sgd")
     model, graph = plan_model(plan)
     if profile is None:
-        from lrcnn.planner.cost import CostError, load_profile
 
         profile = (plan.solver or {}).get("device_profile") or "cpu"
         try:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
-from lrcnn.models.ops import call, out_of_place_call, out_of_place_module, pair
 from lrcnn.models.geometry import HGeom, input_rows
+from lrcnn.models.ops import call, out_of_place_call, out_of_place_module, pair
 
 
 class RowSegmentError(LrcnnError, ValueError):

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from lrcnn.errors import UsageError
+from lrcnn.executor.run import resolve_device, run_plan
+from lrcnn.models.capture import build_and_capture, quiet_torch_logs
+from lrcnn.planner.files import atomic_write
+from lrcnn.planner.solve import Solver
+from lrcnn.planner.units import format_table
 
 VALIDATE_COLUMNS = ["point", "budget_bytes", "predicted_peak_bytes", "measured_peak_bytes", "peak_err",
                     "within_budget", "predicted_s", "measured_s", "time_err", "segments", "run_id"]
@@ -66,10 +71,6 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
     ``cpu`` on the CPU, ``h100`` on CUDA).  Bad input raises a ValueError subclass (one line)."""
     import pandas as pd
     from tqdm import tqdm
-
-    from lrcnn.models.capture import build_and_capture, quiet_torch_logs
-    from lrcnn.planner.solve import Solver
-    from lrcnn.executor.run import resolve_device, run_plan
 
     if steps < 1 or warmup < 0:
         raise UsageError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
@@ -126,7 +127,6 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
 
 def format_validate(res: ValidateResult) -> str:
     """The validate table: one row per plan, MiB and ms, errors in percent."""
-    from lrcnn.planner.units import format_table
 
     def mib(v):
         return "-" if v is None or math.isnan(v) else f"{v / 2**20:.1f}"
@@ -157,8 +157,6 @@ def draw_validate(res: ValidateResult, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-
-    from lrcnn.planner.files import atomic_write
 
     t = res.table.sort_values("budget_bytes")
     x = t.budget_bytes / 2**20

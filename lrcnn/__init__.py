@@ -19,9 +19,9 @@ The main names are here::
     model = apply_plan(model, plan)
 """
 from lrcnn.errors import LrcnnError, UsageError
+from lrcnn.executor import CompilablePlan, PlannedModule, RowSegmentError, apply_plan, compile_plan
 from lrcnn.models import CaptureError, ModelError, capture, get_model, list_models
 from lrcnn.planner import Plan, PlanError, Segment, fmt_bytes, parse_bytes, solve
-from lrcnn.executor import CompilablePlan, PlannedModule, RowSegmentError, apply_plan, compile_plan
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Model zoo, graph capture and row geometry."""
-from lrcnn.models.zoo import get_model, list_models, default_resolution, load_weights, set_bn_mode, ModelError
 from lrcnn.models.capture import capture, trace, LayerGraph, Node, CaptureError, AMP_DTYPES
 from lrcnn.models.geometry import HGeom, input_rows, propagate_rows, strip_schedule, even_bounds, StripSchedule
+from lrcnn.models.zoo import get_model, list_models, default_resolution, load_weights, set_bn_mode, ModelError
 
 __all__ = [
     "get_model", "list_models", "default_resolution", "load_weights", "set_bn_mode", "ModelError",

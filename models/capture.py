@@ -23,8 +23,9 @@ from torch.utils._pytree import tree_flatten
 
 from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
-from lrcnn.models.zoo import default_resolution, get_model, parse_dtype, set_bn_mode
 from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
+from lrcnn.models.memory import StorageTracker
+from lrcnn.models.zoo import default_resolution, get_model, parse_dtype, set_bn_mode
 
 
 class CaptureError(LrcnnError, ValueError):
@@ -407,8 +408,6 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     Returns the Node profile fields.
     """
     from torch.func import functional_call
-
-    from lrcnn.models.memory import StorageTracker
 
     prof: Dict[str, dict] = {}
     # storage key -> (node whose output it is, weak reference to that storage): a key is the

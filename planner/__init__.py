@@ -1,6 +1,6 @@
 """Planning: plan format, byte units, the cost model (planner.cost) and the ILP planner (solve)."""
 from lrcnn.planner.plan import Plan, Segment, PlanError, SCHEMA
-from lrcnn.planner.units import parse_bytes, fmt_bytes, fmt_both
 from lrcnn.planner.solve import solve  # noqa: E402  (the function; the module stays importable as planner.solve)
+from lrcnn.planner.units import parse_bytes, fmt_bytes, fmt_both
 
 __all__ = ["Plan", "Segment", "PlanError", "SCHEMA", "parse_bytes", "fmt_bytes", "fmt_both", "solve"]

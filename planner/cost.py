@@ -54,8 +54,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
-from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
-                             segment_ancestors, strip_schedule)
+from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, input_rows, max_strips,
+                                   segment_ancestors, strip_schedule)
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
@@ -483,7 +483,6 @@ class CostModel:
         (no new bytes), so the whole band is new; a spatial op's captured backward already makes
         the gradient of the rows it reads.  ``source``: the segment input, when the strip's
         backward makes the gradient of its input band (the rows it sliced from the input map)."""
-        from lrcnn.models.geometry import input_rows
 
         out: Dict[str, list] = {}
         for n in nodes:
@@ -895,7 +894,6 @@ class CostModel:
         two strips against the strip before them (2PS carries), the output rows, and whether the
         strip is the first (cold weights).  Two strips with equal keys cost the same
         (:meth:`_rows` prices one and reuses it)."""
-        from lrcnn.models.geometry import input_rows
 
         parts: List = [i > 0]
         for k in range(i, min(i + 3, sched.strips) if sched.policy == "2ps" else i + 1):
@@ -1044,7 +1042,6 @@ class CostModel:
         ``keep``: nodes whose new rows stay live anyway (autograd roots of a backward strip).
         Returns (the graph, ``sizes``).
         """
-        from lrcnn.models.geometry import input_rows
 
         out: List[_StripNode] = []
         sizes: Dict[str, int] = {}

@@ -49,9 +49,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from lrcnn.errors import LrcnnError, UsageError
+from lrcnn.models.geometry import max_strips
 from lrcnn.models.ops import recomputable
-
 from lrcnn.planner.plan import Segment
+from lrcnn.planner.units import fmt_both
 
 MODES_BY_POLICY = {
     "auto": ("store", "checkpoint", "rows"),
@@ -68,8 +69,6 @@ class InfeasibleError(LrcnnError, ValueError):
     """No plan fits the budget; ``min_peak`` is the smallest predicted peak any plan reaches."""
 
     def __init__(self, budget: int, min_peak: int, hint: str = ""):
-        from lrcnn.planner.units import fmt_both
-
         self.budget, self.min_peak = budget, min_peak
         super().__init__(f"infeasible: the smallest plan needs {fmt_both(min_peak)}; "
                          f"the budget is {fmt_both(budget)}: raise --budget or lower --batch/--resolution{hint}")
@@ -221,7 +220,6 @@ class Problem:
     def _row_candidates(self, i, j, first, last, source, pol, rg) -> List[Candidate]:
         """Row candidates of one range and policy: the forced strip count, or 2, 4, 8, ... while
         doubling the strips still lowers the segment's peak by ``strip_gain`` (and rows allow)."""
-        from lrcnn.models.geometry import max_strips
 
         top = max_strips(rg, source, last, pol)
         if self.strips is not None:

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lrcnn.errors import LrcnnError
 from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
+from lrcnn.models.geometry import check_bounds
 from lrcnn.models.zoo import BN_MODES, DTYPES
 from lrcnn.planner.files import write_json_atomic
 
@@ -203,8 +204,6 @@ class Plan:
 
     @staticmethod
     def _check_strips(graph, s: Segment, where: str) -> None:
-        from lrcnn.models.geometry import check_bounds
-
         source = graph.source_of(s.first)
         rows = source.height if s.policy == "2ps" else graph[s.last].height
         what = "input" if s.policy == "2ps" else "output"

@@ -17,9 +17,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from lrcnn.errors import UsageError
-from lrcnn.planner.cost import STATE_COPIES
+from lrcnn.models import capture, default_resolution
+from lrcnn.models.capture import build_and_capture, quiet_torch_logs
+from lrcnn.planner.cost import CostModel, STATE_COPIES
+from lrcnn.planner.ilp import InfeasibleError, Problem, Result
 from lrcnn.planner.plan import BN_MODES, DTYPES, OPTIMIZERS, Plan, Segment
-from lrcnn.planner.units import parse_bytes
+from lrcnn.planner.units import fmt_bytes, parse_bytes
 
 POLICIES = ("auto", "2ps", "overl", "checkpoint")
 SOLVERS = ("auto", "cbc", "highs")
@@ -61,9 +64,6 @@ def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "flo
     A module's BatchNorm layers are put in ``bn`` mode for the capture and restored afterwards.
     """
     import torch.nn as nn
-
-    from lrcnn.models import capture, default_resolution
-    from lrcnn.models.capture import build_and_capture, quiet_torch_logs
 
     if isinstance(model, str):
         if input_shape is None:
@@ -111,7 +111,6 @@ class Solver:
                  strips: Optional[int] = None, optimizer: str = "momentum",
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", headroom: float = HEADROOM,
                  compiled: bool = False, amp_rows: bool = False, **problem_kw):
-        from lrcnn.planner.cost import CostModel
 
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
         # under autocast, row strips differ from plain autocast at half-precision rounding
@@ -142,7 +141,6 @@ class Solver:
     def hint(self) -> str:
         """What a budget no plan fits could still try, and the floor no plan goes under (the tail
         of :class:`lrcnn.planner.ilp.InfeasibleError`'s message)."""
-        from lrcnn.planner.units import fmt_bytes
 
         g, cm = self.graph, self.cm
         levers = []
@@ -173,7 +171,6 @@ class Solver:
     def problem(self):
         """The priced candidates (built on first use: a budget the plain step fits needs none)."""
         if self._problem is None:
-            from lrcnn.planner.ilp import Problem
 
             t0 = time.perf_counter()
             self._problem = Problem(self.cm, self.graph, policy=self.policy, strips=self.strips,
@@ -208,7 +205,6 @@ class Solver:
     def solve(self, budget, time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP,
               warm: Optional[List] = None, merge_store: bool = True) -> Plan:
         """The fastest plan whose predicted peak fits ``budget`` (bytes or a size string)."""
-        from lrcnn.planner.ilp import InfeasibleError, Result
 
         budget = parse_bytes(budget)
         user_budget = budget

@@ -13,9 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
-from lrcnn.models import memory
 from lrcnn.executor.measure import make_optimizer, opt_state, train_step
-from lrcnn.models import get_model, set_bn_mode
+from lrcnn.models import get_model, memory, set_bn_mode
 
 
 EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wise relative)

@@ -63,12 +63,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 
-from lrcnn.models import get_model
 from lrcnn.analysis.bench import CASES, METHODS
-from lrcnn.analysis.bench.cases import BenchError, Case, Method, make_case, measure
-from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt, LrcnnPlans, compile_methods, compile_settings, lightstream_methods, rockmate_methods, split_blocks, sweep
+from lrcnn.analysis.bench.cases import BenchError, Case, make_case, measure, Method
+from lrcnn.analysis.bench.methods import (CheckpointBlocks, CheckpointSqrt, compile_methods, compile_settings,
+                                          lightstream_methods, LrcnnPlans, rockmate_methods, split_blocks, sweep)
 from lrcnn.analysis.bench.studies import size_study
-from lrcnn.analysis.bench.tables import write_compare, earlier_rows, machine_line, study_markdown
+from lrcnn.analysis.bench.tables import earlier_rows, machine_line, study_markdown, write_compare
+from lrcnn.models import get_model
+from lrcnn.models.capture import trace
+from lrcnn.planner.cost import check_profile
+from lrcnn.planner.files import check_output_path, write_csv_atomic, write_text_atomic
+from lrcnn.planner.units import parse_bytes
 
 
 def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float], points: int,
@@ -143,7 +148,6 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         if "lrcnn-compile" in methods:
             plans.append(LrcnnPlans(case, "auto", profile, compiled=True))
             if compiled_plain is None:  # compiled at its first call, under the first plan's setup (1.0)
-                from lrcnn.models.capture import trace
 
                 compiled_plain = torch.compile(trace(case.model))
         for pl in plans:
@@ -186,11 +190,6 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
     import os
 
     import pandas as pd
-
-    from lrcnn.planner.cost import check_profile
-    from lrcnn.planner.files import write_csv_atomic
-    from lrcnn.planner.files import check_output_path, write_text_atomic
-    from lrcnn.planner.units import parse_bytes
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

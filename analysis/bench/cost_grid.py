@@ -34,11 +34,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from lrcnn.executor import apply_plan
+from lrcnn.executor.calibrate import calibrate
+from lrcnn.executor.measure import autocast, make_optimizer, train_step_memory
 from lrcnn.models import capture, get_model, set_bn_mode
+from lrcnn.models.geometry import max_strips
 from lrcnn.planner import Plan, Segment
 from lrcnn.planner.cost import CostModel, load_profile
-from lrcnn.executor import apply_plan
-from lrcnn.executor.measure import autocast, make_optimizer, train_step_memory
+from lrcnn.planner.files import write_json_atomic
 
 MODELS = ["vgg16", "resnet50", "resnet18", "mobilenet_v2"]
 KINDS = ["plain", "checkpoint", "2ps", "overl", "mixed"]
@@ -67,7 +70,6 @@ def grid_plan(cm: CostModel, kind: str, strips: int = 4, bn: str = "eval") -> Li
     def rows(a, b, policy):
         seg = Segment(body[a][0], body[b - 1][1], "rows", policy=policy, strips=strips)
         src = g.source_of(seg.first).name
-        from lrcnn.models.geometry import max_strips
         seg.strips = max(1, min(strips, max_strips(cm.rg, src, seg.last, policy)))
         return seg
 
@@ -165,7 +167,6 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     if args.profile is None and not args.no_time:
-        from lrcnn.executor.calibrate import calibrate
         profile = calibrate("cpu")
     else:
         profile = load_profile(args.profile or "cpu")
@@ -176,7 +177,6 @@ def main(argv=None) -> int:
         import json
         import os
 
-        from lrcnn.planner.files import write_json_atomic
         cache = {}
         if os.path.exists(args.sim_cache):
             with open(args.sim_cache) as f:

@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lrcnn.models import capture, get_model
-from lrcnn.planner import Plan, Segment
-from lrcnn.planner.files import write_csv_atomic
 from lrcnn.executor import apply_plan
 from lrcnn.executor.measure import step_memory
+from lrcnn.models import capture, get_model, memory
+from lrcnn.planner import Plan, Segment
+from lrcnn.planner.files import write_csv_atomic
 
 GiB = 2**30
 
@@ -69,7 +69,6 @@ def _model(name, bn):
 
 def conv_flops(model, shape) -> int:
     """Convolution FLOPs of one forward pass (counted by torch's FlopCounterMode, fake tensors)."""
-    from lrcnn.models import memory
 
     with memory.fake_mode():
         state = memory.fake_state(model)

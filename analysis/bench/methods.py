@@ -11,8 +11,11 @@ import torch.nn as nn
 
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from lrcnn.executor import apply_plan
 from lrcnn.analysis.bench.cases import BenchError, Case, Method, OPTIMIZER
+from lrcnn.executor import apply_plan
+from lrcnn.executor.compiled import compile_plan
+from lrcnn.models.capture import trace, build_and_capture
+from lrcnn.planner.solve import Solver
 
 GiB = 2**30
 
@@ -105,7 +108,6 @@ def compile_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     guard on the budget, so compiling ``model`` itself at another budget would reuse compiled
     plain's program, and dropping the caches in between would drop compiled plain, the pair every
     other compiled method is timed against."""
-    from lrcnn.models.capture import trace
 
     out = []
     for b in sorted(set([1.0] + [float(v) for v in budgets]), reverse=True):
@@ -205,9 +207,6 @@ class LrcnnPlans:
     """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
 
     def __init__(self, case: Case, policy: str, profile: str, compiled: bool = False) -> None:
-        from lrcnn.models.capture import build_and_capture
-        from lrcnn.planner.solve import Solver
-
         _, self.graph = build_and_capture(case.model_name, case.batch, (case.resolution, case.resolution),
                                           case.dtype, "train")
         self.case = case
@@ -237,7 +236,6 @@ class LrcnnPlans:
         if not compiled:
             return Method(name, setting, apply_plan(self.case.model, plan, self.graph), budget_bytes=budget,
                           predicted_peak_bytes=float(plan.predicted["peak_bytes"]), note=note)
-        from lrcnn.executor.compiled import compile_plan
 
         fwd, mem, how = _compiled(self.case, lambda **kw: compile_plan(self.case.model, plan, self.graph, **kw))
         # the prediction is for eager execution: not this program's promise.  Budget 1.0: what is

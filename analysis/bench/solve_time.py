@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from lrcnn.planner.files import write_csv_atomic
+from lrcnn.planner.solve import Solver, capture_model
+from lrcnn.planner.units import format_table, fmt_both
 
 TARGETS = {"vgg16": 3.0, "resnet50": 10.0, "resnet152": 30.0}
 
@@ -35,11 +38,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import pandas as pd
-
-    from lrcnn.planner.units import format_table
-    from lrcnn.planner.files import write_csv_atomic
-    from lrcnn.planner.solve import Solver, capture_model
-    from lrcnn.planner.units import fmt_both
 
     capture_model("tiny_resnet", (2, 3, 32, 32))  # one-time warm-up (imports, fx, fake tensors)
     rows = []

@@ -9,11 +9,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 
-from lrcnn.models import memory
-from lrcnn.executor.measure import make_optimizer, opt_state, train_step
-from lrcnn.models import get_model, set_bn_mode
 from lrcnn.analysis.bench.cases import OPTIMIZER
 from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt
+from lrcnn.executor.measure import make_optimizer, opt_state, train_step
+from lrcnn.executor.simulate import simulate_plan
+from lrcnn.models import get_model, memory, set_bn_mode
+from lrcnn.models.capture import build_and_capture
+from lrcnn.planner.solve import max_batch, Solver
 
 
 def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int]) -> int:
@@ -37,11 +39,6 @@ def size_study(budget: int, profile: str, model_name: str = "resnet50", resoluti
           progress: bool = True, which: str = "both") -> List[Dict]:
     """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
     from tqdm import tqdm
-
-    from lrcnn.models.capture import build_and_capture
-    from lrcnn.planner.solve import max_batch
-    from lrcnn.executor.simulate import simulate_plan
-    from lrcnn.planner.solve import Solver
 
     rows = []
     alts = [("plain", None), ("checkpoint-blocks", CheckpointBlocks), ("checkpoint-sqrt", CheckpointSqrt)]

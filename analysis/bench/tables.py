@@ -11,6 +11,8 @@ import torch
 
 
 from lrcnn.analysis.bench.cases import BenchError, EXACT_RTOL, NOISE_FACTOR
+from lrcnn.planner.files import atomic_write, read_table, write_csv_atomic, write_text_atomic
+from lrcnn.planner.units import fmt_bytes
 
 
 def pareto(points: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
@@ -74,8 +76,6 @@ def machine_line(device: torch.device) -> str:
 
 
 def markdown(df, tg: List[Dict], device: torch.device) -> str:
-    from lrcnn.planner.units import fmt_bytes
-
     lines = [f"Measured on {machine_line(device)}. Peak = absolute bytes of one training step "
              f"(SGD momentum, train-mode BN); step peak = what the step adds above parameters, optimizer "
              f"state and batch (activations, gradients, transients: the original LR-CNN's measure); "
@@ -142,8 +142,6 @@ def plot(df, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lrcnn.planner.files import atomic_write
-
     ok = df[df.peak_bytes.notna()]
     cases = list(dict.fromkeys(ok.case))
     fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(5.5 * max(1, len(cases)), 4.5), squeeze=False)
@@ -166,8 +164,6 @@ def plot(df, path: str) -> None:
 
 
 def study_markdown(rows: List[Dict], budget: int, device: torch.device, model_name: str = "resnet50") -> str:
-    from lrcnn.planner.units import fmt_bytes
-
     here = machine_line(device)
     runs = {r["study"]: (r["device"] if isinstance(r.get("device"), str) else here) for r in rows}
     where = here if set(runs.values()) <= {here} else "; ".join(f"{k}: {v}" for k, v in runs.items())
@@ -193,8 +189,6 @@ def earlier_rows(csv: str, running: Sequence[str], key: str = "case",
     such a CSV is an error naming ``--fresh``."""
     import os
 
-    from lrcnn.planner.files import read_table
-
     if not os.path.exists(csv):
         return []
     df = read_table(csv, list(required), what, "pass --fresh to start it anew or choose another --out-dir",
@@ -205,9 +199,6 @@ def earlier_rows(csv: str, running: Sequence[str], key: str = "case",
 
 def write_compare(rows: List[Dict], dev: torch.device, csv: str, png: str, md: str) -> str:
     import pandas as pd
-
-    from lrcnn.planner.files import write_csv_atomic
-    from lrcnn.planner.files import write_text_atomic
 
     df = pd.DataFrame(rows)
     here = machine_line(dev)

@@ -68,6 +68,16 @@ import sys
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+from lrcnn.executor import apply_plan
+from lrcnn.executor.exactness import compare, train_step
+from lrcnn.executor.strips import RowSegmentError
+from lrcnn.models.capture import CaptureError
+from lrcnn.models.zoo import ModelError
+from lrcnn.planner.cost import CostError
+from lrcnn.planner.files import write_csv_atomic
+from lrcnn.planner.ilp import InfeasibleError
+from lrcnn.planner.plan import PlanError
+from lrcnn.planner.solve import Solver, capture_model
 
 #: Default sweep: a spread of timm CNN families (plain / bottleneck / grouped / SE / depthwise /
 #: dense / cross-stage / dual-path / multi-branch / weight-standardised / NAS), plus LayerNorm ones
@@ -97,13 +107,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _refusal_types() -> Tuple[type, ...]:
-    from lrcnn.executor.strips import RowSegmentError
-    from lrcnn.models.capture import CaptureError
-    from lrcnn.models.zoo import ModelError
-    from lrcnn.planner.cost import CostError
-    from lrcnn.planner.ilp import InfeasibleError
-    from lrcnn.planner.plan import PlanError
-
     return (CaptureError, PlanError, RowSegmentError, CostError, InfeasibleError, ModelError)
 
 
@@ -197,10 +200,6 @@ def sweep_model(name: str, batch: int = 2, resolution: int = 64, tol: float = TO
                 seed: int = 0, profile: str = "cpu", steps: int = 1) -> List[Dict[str, Any]]:
     """The records of one model: one per plan solved, or one saying where it failed."""
     import torch
-
-    from lrcnn.executor import apply_plan
-    from lrcnn.executor.exactness import compare, train_step
-    from lrcnn.planner.solve import Solver, capture_model
 
     t_model = time.perf_counter()
     base: Dict[str, Any] = {"model": name}
@@ -449,8 +448,6 @@ def failure_classes(rows: List[Dict[str, Any]]) -> Dict[str, Tuple[List[str], st
 def write_outputs(rows: List[Dict[str, Any]], csv_path: str, md_path: Optional[str], settings: str,
                   runtime_s: float) -> None:
     import pandas as pd
-
-    from lrcnn.planner.files import write_csv_atomic
 
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     write_csv_atomic(pd.DataFrame(rows, columns=FIELDS), csv_path)

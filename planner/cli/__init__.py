@@ -23,9 +23,8 @@ import traceback
 from typing import Optional, Sequence
 
 from lrcnn.errors import LrcnnError
-from lrcnn.planner.cli import (bench, calibrate, check_plan, inspect, models, report, run, simulate, solve,
-                               validate)
-from lrcnn.planner.cli.args import EXIT_ERROR, EXIT_OK, Parser, one_line
+from lrcnn.planner.cli import bench, calibrate, check_plan, inspect, models, report, run, simulate, solve, validate
+from lrcnn.planner.cli.args import EXIT_ERROR, EXIT_OK, one_line, Parser
 
 EXIT_BUG = 1
 #: The verbs in the order ``planner --help`` lists them.

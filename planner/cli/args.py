@@ -1,25 +1,18 @@
 """Argument types and options the verbs share; the parser whose errors are one line."""
 from __future__ import annotations
 
-from lrcnn.errors import UsageError
-
 import argparse
 import re
 from typing import Callable, Tuple
 
+from lrcnn.errors import UsageError
 from lrcnn.models.zoo import BN_MODES, DTYPES
 from lrcnn.planner.plan import AMP_DTYPES
 
 
 EXIT_OK = 0
-
-
 EXIT_ERROR = 2
-
-
 DEFAULT_BATCH = 32
-
-
 _RES_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 
 

@@ -7,6 +7,7 @@ import sys
 from typing import List
 
 from lrcnn.analysis.bench import CASES, METHODS
+from lrcnn.analysis.bench.compare import bench
 from lrcnn.planner.cli.args import EXIT_OK, positive_int
 
 
@@ -81,8 +82,6 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args) -> int:
-    from lrcnn.analysis.bench.compare import bench
-
     text = bench(case=args.case, model=args.model, batch=args.batch, resolution=args.resolution,
                  methods=args.methods, compile_budgets=args.compile_budgets, points=args.points,
                  warmup=args.warmup, repeats=args.repeats, unpaired=args.unpaired, dtype=args.dtype,

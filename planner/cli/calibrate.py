@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import sys
 
+from lrcnn.executor.calibrate import calibrate, save_profile
 from lrcnn.models.zoo import DTYPES
-from lrcnn.planner.files import check_output_path
 from lrcnn.planner.cli.args import EXIT_OK
+from lrcnn.planner.files import check_output_path
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -22,8 +24,6 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
-    from lrcnn.executor.calibrate import calibrate, save_profile
-
     check_output_path(args.output, "device profile")
     prof = calibrate(args.device, tuple(args.dtype or ("float32",)), args.quick,
                      progress=lambda s: print(f"calibrate: {s} ...", file=sys.stderr))

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 
-from lrcnn.planner.plan import plan_model, precision
 from lrcnn.planner.cli.args import EXIT_OK, positive_int, shape_text
+from lrcnn.planner.plan import Plan, plan_model, precision
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,7 +20,6 @@ def add_parser(sub) -> None:
 
 def command(args) -> int:
     """``planner check-plan PLAN.json``: one OK line, or one error line and exit 2."""
-    from lrcnn.planner.plan import Plan
 
     plan = Plan.load(args.plan)  # schema and field types
     _, graph = plan_model(plan, num_classes=args.num_classes)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 
 from lrcnn.models.capture import build_and_capture
+from lrcnn.planner.cli.args import EXIT_OK, add_model_args, gflop_text, mib_text, shape_text
 from lrcnn.planner.files import write_csv_atomic
 from lrcnn.planner.plan import precision
 from lrcnn.planner.units import format_table
-from lrcnn.planner.cli.args import EXIT_OK, add_model_args, gflop_text, mib_text, shape_text
 
 INSPECT_COLUMNS = ["name", "op", "target", "shape", "out_MiB", "saved_MiB", "GFLOPs_fwd", "GFLOPs_bwd",
                    "rf", "stride", "cut"]

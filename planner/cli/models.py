@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 
-from lrcnn.planner.units import format_table
+from lrcnn.models import default_resolution, get_model, list_models
 from lrcnn.planner.cli.args import EXIT_OK
+from lrcnn.planner.units import format_table
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list the models planner knows",
@@ -13,7 +15,6 @@ def add_parser(sub) -> None:
 
 def command(args) -> int:
     """``planner models``: one line per zoo model (built on the meta device: no memory)."""
-    from lrcnn.models import default_resolution, get_model, list_models
 
     rows = []
     for name in list_models():

@@ -1,8 +1,8 @@
 """``planner report``: tables and plots of run records."""
 from __future__ import annotations
 
+from lrcnn.analysis.report import report
 from lrcnn.planner.cli.args import EXIT_OK
-
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,5 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
-    from lrcnn.analysis.report import report
-
     print(report(args.records, csv=args.csv, png=args.png))
     return EXIT_OK

@@ -11,11 +11,10 @@ import torch
 
 from lrcnn.analysis.report import summarize
 from lrcnn.executor import distributed as D
-from lrcnn.executor.run import RunError, check_out, plan_precision, resolve_device, run_plan
-from lrcnn.planner.plan import Plan
-
-from lrcnn.planner.plan import AMP_DTYPES
+from lrcnn.executor.run import check_out, plan_precision, resolve_device, run_plan, RunError
 from lrcnn.planner.cli.args import argtype, nonneg_int, positive_int, positive_number
+from lrcnn.planner.plan import AMP_DTYPES, Plan
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(

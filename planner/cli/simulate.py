@@ -1,12 +1,12 @@
 """``planner simulate``: predicted vs simulated peak of a plan (fake tensors)."""
 from __future__ import annotations
 
-from lrcnn.planner.plan import OPTIMIZERS
-
-
-from lrcnn.planner.files import check_output_path, write_csv_atomic
-from lrcnn.planner.units import format_table
+from lrcnn.executor.simulate import simulate_plan
 from lrcnn.planner.cli.args import EXIT_OK, mib_text
+from lrcnn.planner.files import check_output_path, write_csv_atomic
+from lrcnn.planner.plan import OPTIMIZERS
+from lrcnn.planner.units import format_table
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,8 +25,6 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
-    from lrcnn.executor.simulate import simulate_plan
-
     if args.csv:
         check_output_path(args.csv, "CSV")
     df, info = simulate_plan(args.plan, args.device_profile, args.optimizer)

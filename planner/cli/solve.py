@@ -1,19 +1,22 @@
 """``planner solve``: the fastest plan that fits a budget."""
 from __future__ import annotations
 
-from lrcnn.errors import UsageError
-
 import argparse
 import math
 
+from lrcnn.errors import UsageError
 from lrcnn.models.capture import build_and_capture
 from lrcnn.models.zoo import BN_MODES, DTYPES
+from lrcnn.planner.cli.args import (add_amp_arg, DEFAULT_BATCH, EXIT_OK, positive_int, positive_int_value,
+                                    positive_number, resolution_arg, shape_text)
 from lrcnn.planner.cost import check_profile
 from lrcnn.planner.files import check_output_path, write_csv_atomic
-from lrcnn.planner.plan import precision
-from lrcnn.planner.solve import max_batch, pareto_frame
-from lrcnn.planner.units import format_table
-from lrcnn.planner.cli.args import DEFAULT_BATCH, EXIT_OK, add_amp_arg, positive_int, positive_int_value, positive_number, resolution_arg, shape_text
+from lrcnn.planner.ilp import InfeasibleError
+from lrcnn.planner.plan import OPTIMIZERS, precision
+from lrcnn.planner.solve import (DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, max_batch, pareto_frame, POLICIES,
+                                 Solver, SOLVERS)
+from lrcnn.planner.units import fmt_both, fmt_bytes, format_table, parse_bytes
+
 
 def batch_arg(text: str):
     if str(text).strip().lower() == "max":
@@ -36,8 +39,6 @@ def gap_arg(text: str) -> float:
 
 
 def budget_arg(text: str) -> int:
-    from lrcnn.planner.units import parse_bytes
-
     try:
         return parse_bytes(text)
     except ValueError as e:
@@ -45,9 +46,6 @@ def budget_arg(text: str) -> int:
 
 
 def add_parser(sub) -> None:
-    from lrcnn.planner.plan import OPTIMIZERS
-    from lrcnn.planner.solve import DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, POLICIES, SOLVERS
-
     p = sub.add_parser(
         "solve", help="find the fastest plan that fits a memory budget (ILP)",
         description="Capture the model, price every candidate segment (store / checkpoint / rows, "
@@ -105,8 +103,6 @@ def add_parser(sub) -> None:
 
 
 def solver_for(args, batch: int):
-    from lrcnn.planner.solve import Solver
-
     _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes,
                                  amp=args.amp)
     return Solver(graph, args.model, policy=args.policy, bn=args.bn, strips=args.strips,
@@ -117,9 +113,6 @@ def solver_for(args, batch: int):
 def command(args) -> int:
     """``planner solve``: solve, print the summary, write the plan (and the Pareto CSV)."""
     import time
-
-    from lrcnn.planner.ilp import InfeasibleError
-    from lrcnn.planner.units import fmt_both, fmt_bytes
 
     t0 = time.perf_counter()
     check_output_path(args.output, "plan")
@@ -183,7 +176,6 @@ def command(args) -> int:
 
 def format_solve_summary(plan, solver, note: str = "") -> str:
     """The readable summary of a solved plan: segments, predicted peak vs budget, time, solver."""
-    from lrcnn.planner.units import fmt_both, fmt_bytes
 
     cm = solver.cm
     units = cm.units()  # (not solver.problem: pricing candidates is not needed to print)

@@ -1,17 +1,18 @@
 """``planner validate``: plans across the budget range, each run and compared."""
 from __future__ import annotations
 
-from lrcnn.errors import UsageError
-
 import sys
 
+from lrcnn.errors import UsageError
+from lrcnn.executor.run import check_out, write_records
+from lrcnn.executor.validate import draw_validate, format_validate, validate
+from lrcnn.planner.cli.args import add_model_args, argtype, nonneg_int, positive_int
 from lrcnn.planner.cost import check_profile
 from lrcnn.planner.files import check_output_path, write_csv_atomic
-from lrcnn.planner.cli.args import add_model_args, argtype, nonneg_int, positive_int
+from lrcnn.planner.plan import OPTIMIZERS
+
 
 def add_parser(sub) -> None:
-    from lrcnn.planner.plan import OPTIMIZERS
-
     p = sub.add_parser(
         "validate", help="prove the planner on this device: solve plans across the budget range, run each, "
                          "compare predicted with measured",
@@ -46,8 +47,6 @@ def add_parser(sub) -> None:
 
 def command(args) -> int:
     """``planner validate``: the table, optional records / CSV / PNG; exit 1 on a plan over budget."""
-    from lrcnn.executor.run import check_out, write_records
-    from lrcnn.executor.validate import draw_validate, format_validate, validate
 
     if args.weights is not None:
         raise UsageError("--weights: validate builds random weights; drop --weights")
