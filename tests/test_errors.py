@@ -177,3 +177,33 @@ def test_unreadable_files_are_one_error(tmp_path):
         check_profile(str(binary))
     with pytest.raises(PlanError, match="is not a text file .*give a JSON plan"):
         Plan.load(str(binary))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: lrcnn's errors are one line (exit 2), anything else is a bug (traceback, exit 1)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raised, code", [
+    (UsageError("--thing 3: give at most 2"), 2),       # bad input: the library's root error
+    (OutputError("cannot write 'x.csv': disk full"), 2),
+    (PermissionError(13, "Permission denied"), 2),       # an OSError: the environment, not a bug
+    (ValueError("a plain ValueError inside lrcnn"), 1),  # a bug: kept with its traceback
+    (KeyError("missing"), 1),
+    (ZeroDivisionError("division by zero"), 1),
+])
+def test_cli_prints_lrcnn_errors_as_one_line_and_bugs_with_their_traceback(monkeypatch, capfd, raised, code):
+    from lrcnn.planner import cli
+    from lrcnn.planner.cli import models as models_verb
+
+    def verb(args):
+        raise raised
+
+    monkeypatch.setattr(models_verb, "command", verb)
+    assert cli.main(["models"]) == code
+    out, err = capfd.readouterr()
+    assert out == ""
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("planner: error: ") and "Traceback" not in err
+    else:
+        assert "Traceback (most recent call last)" in err and type(raised).__name__ in err
+        assert err.strip().splitlines()[-1].startswith("planner: internal error (a bug in lrcnn, not in your input): "
+                                                       "please report it")

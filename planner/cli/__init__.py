@@ -29,7 +29,6 @@ from lrcnn.planner.cli.args import EXIT_ERROR, EXIT_OK, one_line, Parser
 EXIT_BUG = 1
 #: The verbs in the order ``planner --help`` lists them.
 VERBS = (models, inspect, check_plan, solve, calibrate, simulate, run, validate, report, bench)
-ISSUES_URL = "the lrcnn issue tracker"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +73,8 @@ def run_parser(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         return EXIT_ERROR
     except Exception:  # a bug in lrcnn: keep the traceback
         traceback.print_exc()
-        print(f"planner: internal error (a bug in lrcnn, not in your input): please report it, with the command "
-              f"line and the traceback above, to {ISSUES_URL}", file=sys.stderr)
+        print("planner: internal error (a bug in lrcnn, not in your input): please report it with the command "
+              "line and the traceback above", file=sys.stderr)
         return EXIT_BUG
 
 
