@@ -112,3 +112,52 @@ def test_report_bad_input(tmp_path, capfd):
     bad(empty, needles=["no rows"])
     with pytest.raises(RecordsError):
         load_records([])
+
+
+def rows_records(run_id="rows1", rank=0, world_size=1):
+    """Hand-made records shaped like a real run's (the executor's mark labels): a rows segment of
+    2 strips (backward: one BatchNorm sweep, then the real one) and a store segment; the first
+    segment's backward has no end mark (its input needs no gradient)."""
+    names = {0: "0 conv1..layer1_0_relu_2", 1: "1 layer2_0_conv1..fc"}
+    modes = {0: "rows", 1: "store"}
+    marks = ["segment 0 forward begin", f"rows {names[0][2:]} forward", "segment 0 forward",
+             "segment 1 forward begin", "segment 1 forward", "forward",
+             "segment 1 backward begin", "segment 1 backward", "segment 0 backward begin",
+             *[f"rows {names[0][2:]} backward strip {i}" for i in (1, 0, 1, 0)],
+             "backward", "optimizer", "end"]
+    base = {c: None for c in COLUMNS}
+    base.update(run_id=run_id, rank=rank, world_size=world_size, model="tiny_resnet", device="cuda:0",
+                device_name="NVIDIA H100 80GB HBM3", torch_version="2.9.0", batch=4, resolution="64x64",
+                dtype="float32", amp="bf16", budget_bytes=900_000.0, optimizer="momentum", lr=0.01,
+                plan_path="/x/plan.json", mem_method="cuda")
+    rows = []
+    for s in (1, 2, 3):
+        t = s == 1
+
+        def add(scope, name, phase, peak, p_peak, secs=0.01, seg=-1, order=-1, mode=None):
+            rows.append(dict(base, step=s, tracked=t, scope=scope, name=name, phase=phase, segment=seg, order=order,
+                             mode=mode, actual_peak_bytes=peak if t else np.nan,
+                             actual_live_bytes=peak if t else np.nan, actual_s=secs, predicted_peak_bytes=p_peak, predicted_s=secs * 0.9, loss=1.0))
+        add("step", "step", "step", 800_000, 810_000)
+        for ph, pk in (("forward", 600_000), ("backward", 800_000), ("optimizer", 300_000)):
+            add("phase", ph, ph, pk, pk + 5_000)
+        for i in (0, 1):
+            for ph, pk in (("forward", 500_000 + i), ("backward", 700_000 + i)):
+                add("segment", names[i], ph, pk, pk * 1.1, seg=i, mode=modes[i])
+        if t:
+            for k, lab in enumerate(marks):
+                add("timeline", lab, "timeline", 300_000 + 10_000 * k, np.nan, secs=np.nan, order=k)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_timeline_spans():
+    from lrcnn.analysis.compare import timeline_spans
+
+    sp = timeline_spans(timeline(rows_records()))
+    assert sp["phases"] == [("forward", 0, 5), ("backward", 6, 13), ("optimizer", 14, 14)]
+    assert sp["phase_of"][-1] is None  # "end": after the step's phases
+    passes = [(s["segment"], s["direction"], s["first"], s["last"], s["strips"], s["sweeps"]) for s in sp["segments"]]
+    assert passes == [(0, "forward", 1, 2, 0, 0), (1, "forward", 4, 4, 0, 0), (1, "backward", 7, 7, 0, 0),
+                      (0, "backward", 9, 13, 2, 2)]  # segment 0's backward closes at the "backward" mark
+    assert sp["strips"] == [9, 10, 11, 12]
+
