@@ -264,7 +264,7 @@ def _draw_bars(ax_p, ax_t, segs, budget, unit):
         right = max(ends.max() if len(ends) else 0, budget / scale if (ax is ax_p and _finite(budget)) else 0)
         for yi, e, rel in zip(y, ends, segs[err_col]):
             ax.text(e + right * 0.01, yi, f"{rel:+.1%}" if _finite(rel) else "no prediction", va="center",
-                    fontsize=8)
+                    fontsize=8, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
         ax.set_xlim(0, right * 1.18 if right > 0 else 1)
         ax.set_xlabel(what, fontsize=9)
         ax.grid(axis="x", color="0.9", lw=0.6)
