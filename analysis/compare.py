@@ -91,3 +91,61 @@ def timeline(df, run_id=None):
         run_id = t["run_id"].iloc[0]
     t = t[t["run_id"] == run_id]
     return t.sort_values(["step", "order"]).reset_index(drop=True)
+
+
+def timeline_spans(t):
+    """Where the marks of a :func:`timeline` fall in the step: mark ``k`` closes interval ``k`` (the
+    bytes since mark ``k-1``; interval 0 starts with the step).  Returns a dict of
+
+    * ``phases``: ``(phase, first, last)`` intervals of forward, backward and optimizer in order
+      (the phase marks close them; what follows the optimizer mark, ``end``, is in none);
+    * ``segments``: one dict per segment pass, in step order: ``segment``, ``direction``
+      (forward/backward), ``first``/``last`` interval, ``strips`` (the row strips its marks name,
+      0 when none) and ``sweeps`` (backward strip sweeps: one per BatchNorm level, then the real one);
+    * ``strips``: the intervals a row strip closes (``rows ... strip i`` marks).
+
+    Segment passes open at their ``begin`` mark and close at their own end mark; a backward
+    pass with none (the first segment's: its input needs no gradient) closes at the ``backward``
+    mark, as :meth:`lrcnn.executor.run.StepMeasure.span` measures it."""
+    names = [str(n) for n in t["name"]]
+    phase_of, phases, segs, strips = [], [], [], []
+    current, order = "forward", {"forward": "backward", "backward": "optimizer", "optimizer": None}
+    open_seg = None
+    for k, lab in enumerate(names):
+        phase_of.append(current)
+        parts = lab.split()
+        if len(parts) >= 3 and parts[0] == "segment" and parts[1].isdigit() and parts[2] in ("forward", "backward"):
+            i, direction = int(parts[1]), parts[2]
+            if parts[-1] == "begin":
+                if open_seg is not None:  # a pass left open (no end mark): it ends where the next begins
+                    open_seg["last"] = k
+                    segs.append(open_seg)
+                open_seg = dict(segment=i, direction=direction, first=k + 1, last=None, strips=0, sweeps=0,
+                                _ids=[])
+            elif open_seg is not None and open_seg["segment"] == i and open_seg["direction"] == direction:
+                open_seg["last"] = k
+                segs.append(open_seg)
+                open_seg = None
+        elif parts[:1] == ["rows"] and len(parts) >= 3 and parts[-2] == "strip" and parts[-1].isdigit():
+            strips.append(k)
+            if open_seg is not None:
+                open_seg["_ids"].append(int(parts[-1]))
+        if lab in order and current == lab:
+            if open_seg is not None and lab == "backward":  # the first segment's backward: no end mark
+                open_seg["last"] = k
+                segs.append(open_seg)
+                open_seg = None
+            current = order[lab]
+    if open_seg is not None:
+        open_seg["last"] = len(names) - 1
+        segs.append(open_seg)
+    for s in segs:
+        ids = s.pop("_ids")
+        if ids:
+            s["strips"] = len(set(ids))
+            s["sweeps"] = sum(1 for a, b in zip([None] + ids, ids) if a is None or b >= a)  # a sweep counts down
+    for ph in ("forward", "backward", "optimizer"):
+        ks = [k for k, p in enumerate(phase_of) if p == ph]
+        if ks:
+            phases.append((ph, ks[0], ks[-1]))
+    return dict(phases=phases, segments=segs, strips=strips, phase_of=phase_of)

@@ -321,3 +321,18 @@ def test_solve_run_report_chain(tmp_path, capfd):
     import matplotlib.image as mpimg
     img = mpimg.imread(str(png))
     assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
+    # the figure reads the executor's own marks: every segment pass found on the timeline, named in full
+    import matplotlib.text
+    from lrcnn.analysis import load_records, report_figure, timeline
+    from lrcnn.analysis.compare import timeline_spans
+    df = load_records(rec)
+    n_seg = len(Plan.load(str(plan)).segments)
+    passes = timeline_spans(timeline(df))["segments"]
+    assert sorted((s["segment"], s["direction"]) for s in passes) == sorted(
+        (i, d) for i in range(n_seg) for d in ("forward", "backward"))
+    fig = report_figure(df)
+    fig.draw_without_rendering()
+    texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+    assert {"forward", "backward", "optimizer step"} <= set(texts)
+    for name in df.loc[df.scope == "segment", "name"].unique():
+        assert sum(name in t for t in texts) >= 4, name
