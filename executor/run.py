@@ -190,8 +190,8 @@ def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0
 
     n, _, h, w = plan.input_shape
     if not os.path.isdir(path):
-        raise RunError(f"--data {path!r} is not a folder; give an ImageFolder root (one sub-folder "
-                       f"per class) or 'synthetic'")
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise RunError(f"--data {path!r} {what}; give an ImageFolder root (one sub-folder per class) or 'synthetic'")
     tf = T.Compose([T.Resize(max(h, w)), T.CenterCrop((h, w)), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
                     T.ConvertImageDtype(getattr(torch, plan.dtype))])

@@ -56,6 +56,7 @@ from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, input_rows, max_strips,
                                    segment_ancestors, strip_schedule)
+from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
@@ -151,14 +152,22 @@ def load_profile(profile: Union[str, DeviceProfile, None]) -> DeviceProfile:
         return profile
     if profile in PROFILES:
         return PROFILES[profile]
-    if os.path.exists(profile):
+    if not isinstance(profile, (str, os.PathLike)):
+        raise CostError(f"device profile {profile!r}: give a profile name ({', '.join(PROFILES)}), a JSON file "
+                        f"written by 'planner calibrate' or a DeviceProfile")
+    if os.path.exists(profile) or os.fspath(profile).lower().endswith(".json") or os.sep in os.fspath(profile):
+        check_input_file(profile, "device profile", "give the JSON file 'planner calibrate' wrote", CostError)
         try:
-            with open(profile) as f:
+            with open(profile, encoding="utf-8") as f:
                 return DeviceProfile.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:  # a binary file
+            raise CostError(f"cannot read device profile {profile!r}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                            f"give the JSON file 'planner calibrate' wrote, or re-run 'planner calibrate'") from None
+        except (OSError, json.JSONDecodeError) as e:
             raise CostError(f"cannot read device profile {profile!r} ({e}); re-run 'planner calibrate'") from None
-        except TypeError as e:
-            raise CostError(f"device profile {profile!r} is malformed ({e}); re-run 'planner calibrate'") from None
+        except (CostError, TypeError) as e:
+            raise CostError(f"device profile {profile!r} is malformed: {e}; fix the file or re-run "
+                            f"'planner calibrate'") from None
     raise CostError(f"unknown device profile {profile!r}: use one of {', '.join(PROFILES)} "
                     f"or a file written by 'planner calibrate'")
 

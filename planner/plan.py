@@ -39,7 +39,7 @@ from lrcnn.errors import LrcnnError
 from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
 from lrcnn.models.geometry import check_bounds
 from lrcnn.models.zoo import BN_MODES, DTYPES
-from lrcnn.planner.files import write_json_atomic
+from lrcnn.planner.files import check_input_file, write_json_atomic
 
 SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
@@ -298,8 +298,9 @@ class Plan:
     @classmethod
     def load(cls, path: str, graph=None) -> "Plan":
         """Read a plan; with ``graph`` also check schema, fingerprint and segments against it."""
+        check_input_file(path, "plan", "give a JSON plan written by 'planner solve'", PlanError)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except OSError as e:
             raise PlanError(f"cannot read plan {path!r}: {e.strerror}") from None
