@@ -108,3 +108,128 @@ def test_infeasible_names_the_levers_and_the_floor(capfd):
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "50KB", "--batch", 2, "--optimizer", "sgd",
                        "--bn", "eval", "--device-profile", "cpu")
     assert rc == 2 and "--optimizer sgd" not in err and "--bn eval" not in err and "workspace" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# files a user hands over: device profiles, plans, records, folders
+
+@pytest.fixture(scope="module")
+def small_plan(tmp_path_factory):
+    """A tiny_resnet plan solved on the cpu profile (rows segments), shared by the file probes."""
+    path = str(tmp_path_factory.mktemp("plan") / "p.json")
+    assert main(["solve", "--model", "tiny_resnet", "--batch", "8", "--resolution", "64", "--budget", "1.2MB",
+                 "--device-profile", "cpu", "-o", path]) == 0
+    return path
+
+
+def one_error_line(capfd, tmp_path, *argv, needles=()):
+    """Run ``planner ARGV`` in a folder of its own: exit 2, one line on stderr holding every needle,
+    no traceback, and nothing written beside the inputs."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = set(os.listdir(tmp_path))
+    cwd = os.getcwd()
+    os.chdir(out_dir)
+    try:
+        rc, out, err = run(capfd, *argv)
+    finally:
+        os.chdir(cwd)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, rc, err)
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert os.listdir(out_dir) == [] and set(os.listdir(tmp_path)) == before, os.listdir(out_dir)
+    return lines[0]
+
+
+def _profile_file(tmp_path, name, **fields):
+    import json
+
+    from lrcnn.planner.cost import PROFILES
+
+    d = PROFILES["cpu"].to_dict()
+    for k, v in fields.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    path = tmp_path / name
+    path.write_text(json.dumps(d))  # (NaN written as NaN, as Python's json does)
+    return str(path)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"bandwidth": 0}, "'bandwidth'"),
+    ({"bandwidth": -1.0}, "'bandwidth'"),
+    ({"bandwidth": float("nan")}, "'bandwidth'"),
+    ({"bandwidth": "fast"}, "'bandwidth'"),
+    ({"flops": "lots"}, "'flops'"),
+    ({"flops": {"float32": 0}}, "'flops.float32'"),
+    ({"flops": {}}, "'flops'"),
+    ({"memory": "24GB"}, "'memory'"),
+    ({"memory": None}, "missing memory"),
+    ({"efficiency": 2}, "'efficiency'"),
+    ({"kind": "tpu"}, "'kind'"),
+    ({"op_costs": [1, 2]}, "'op_costs'"),
+    ({"op_costs": {"conv": {"fwd": [1, 2]}}}, "'op_costs.conv.fwd'"),
+])
+def test_a_malformed_device_profile_is_one_line_naming_file_and_field(capfd, tmp_path, fields, needle):
+    prof = _profile_file(tmp_path, "prof.json", **fields)
+    one_error_line(capfd, tmp_path, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget",
+                   "1.2MB", "--device-profile", prof, "-o", "p.json", needles=(prof, needle, "planner calibrate"))
+
+
+def test_device_profile_fields_checked_in_python_too():
+    from lrcnn.planner.cost import CostError, DeviceProfile, PROFILES, load_profile
+
+    with pytest.raises(CostError, match="'bandwidth' must be a positive number"):
+        DeviceProfile("x", {"float32": 1e12}, 0, 2**30)
+    with pytest.raises(CostError, match="'measured' must be true or false"):
+        DeviceProfile("x", {"float32": 1e12}, 1e11, 2**30, measured="yes")
+    for p in PROFILES.values():  # the built-in ones pass as they are
+        assert DeviceProfile.from_dict(p.to_dict()) == p
+    with pytest.raises(CostError, match="does not exist"):
+        load_profile("no/such/profile.json")
+
+
+def test_non_utf8_plan_and_profile_name_the_file_in_every_verb(capfd, tmp_path, small_plan):
+    import json
+
+    with open(small_plan) as f:
+        text = json.dumps(json.load(f))
+    bad_plan = tmp_path / "latin1_plan.json"
+    bad_plan.write_bytes(text.replace('"tiny_resnet"', '"tiny_resn\xe9t"', 1).encode("latin-1"))
+    bad_prof = tmp_path / "latin1_prof.json"
+    bad_prof.write_bytes(open(_profile_file(tmp_path, "ok.json")).read().replace('"cpu"', '"cp\xe9"', 1)
+                         .encode("latin-1"))
+    bad_rec = tmp_path / "latin1_records.csv"
+    bad_rec.write_bytes(b"run_id,step\n\xe9,1\n")
+    plan, prof = str(bad_plan), str(bad_prof)
+    for argv in (["check-plan", plan], ["run", plan, "--steps", 1, "--quiet", "--out", "r.csv"],
+                 ["simulate", plan, "--csv", "s.csv"]):
+        one_error_line(capfd, tmp_path, *argv, needles=(f"plan {plan!r}", "not a text file"))
+    for argv in (["solve", "--model", "tiny_resnet", "--budget", "1GB", "--device-profile", prof, "-o", "p.json"],
+                 ["simulate", small_plan, "--device-profile", prof, "--csv", "s.csv"],
+                 ["validate", "--model", "tiny_resnet", "--device-profile", prof, "--csv", "v.csv"]):
+        one_error_line(capfd, tmp_path, *argv, needles=(f"device profile {prof!r}", "not UTF-8 text"))
+    one_error_line(capfd, tmp_path, "report", str(bad_rec), "--csv", "r.csv",
+                   needles=(f"records file {str(bad_rec)!r}", "not UTF-8 text"))
+
+
+def test_a_folder_where_a_file_is_expected_is_called_a_folder(capfd, tmp_path, small_plan):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    d = str(folder)
+    for argv, what in ((["check-plan", d], "plan"), (["run", d, "--steps", 1, "--quiet"], "plan"),
+                       (["simulate", d], "plan"),
+                       (["solve", "--model", "tiny_resnet", "--budget", "1GB", "--device-profile", d, "-o", "p.json"],
+                        "device profile"),
+                       (["report", d, "--csv", "r.csv"], "records file"),
+                       (["inspect", "--model", "tiny_resnet", "--weights", d, "--csv", "i.csv"], "weights file")):
+        line = one_error_line(capfd, tmp_path, *argv, needles=(f"{what} {d!r} is a folder, not a file",))
+        assert "does not exist" not in line
+    # and the other way round: --data takes a folder
+    one_error_line(capfd, tmp_path, "run", small_plan, "--steps", 1, "--quiet", "--data", small_plan, "--out", "r.csv",
+                   needles=("--data", "is a file, not a folder"))
+    one_error_line(capfd, tmp_path, "run", small_plan, "--steps", 1, "--quiet", "--data", d + "/missing",
+                   needles=("--data", "does not exist"))
