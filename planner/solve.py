@@ -144,6 +144,8 @@ class Solver:
 
         g, cm = self.graph, self.cm
         levers = []
+        if self.strips is not None:  # a forced strip count leaves out every other row candidate
+            levers.append(f"without --strips {self.strips} (the planner picks the strips per segment)")
         if g.amp and not self.amp_rows:
             levers.append("allow row segments with --amp-rows")
         if STATE_COPIES[self.optimizer]:

@@ -233,3 +233,22 @@ def test_a_folder_where_a_file_is_expected_is_called_a_folder(capfd, tmp_path, s
                    needles=("--data", "is a file, not a folder"))
     one_error_line(capfd, tmp_path, "run", small_plan, "--steps", 1, "--quiet", "--data", d + "/missing",
                    needles=("--data", "does not exist"))
+
+
+def test_strips_beyond_every_segments_rows_names_strips(capfd, tmp_path):
+    """--strips more than any row segment has rows: say so and the largest count that works, not
+    "infeasible"; a count some segments allow that still leaves no plan names --strips as a lever."""
+    line = one_error_line(capfd, tmp_path, "solve", "--model", "tiny_resnet", "--batch", 2, "--budget", "100KB",
+                          "--device-profile", "cpu", "--strips", 64, "-o", "p.json",
+                          needles=("--strips 64", "has 64 rows at input size 32x32", "largest usable count is 32",
+                                   "--strips 32 or less"))
+    assert "infeasible" not in line
+    one_error_line(capfd, tmp_path, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget",
+                   "1.2MB", "--device-profile", "cpu", "--strips", 64, "-o", "p.json",
+                   needles=("infeasible", "without --strips 64"))
+    from lrcnn.errors import UsageError
+    from lrcnn.planner import solve
+
+    with pytest.raises(UsageError, match="largest usable count is 32"):
+        solve("tiny_resnet", (2, 3, 32, 32), "100KB", device_profile="cpu", strips=33)
+
