@@ -252,3 +252,19 @@ def test_strips_beyond_every_segments_rows_names_strips(capfd, tmp_path):
     with pytest.raises(UsageError, match="largest usable count is 32"):
         solve("tiny_resnet", (2, 3, 32, 32), "100KB", device_profile="cpu", strips=33)
 
+
+def test_a_typod_keyword_is_refused_at_once_with_the_valid_ones():
+    from lrcnn.errors import UsageTypeError
+    from lrcnn.planner import solve
+    from lrcnn.planner.solve import Solver
+
+    # a budget the plain step fits (where the keyword used to be ignored) and one it does not (a
+    # TypeError from deep inside the search, after the capture)
+    for budget in ("1GB", "150KB"):
+        with pytest.raises(UsageTypeError, match=r"solve\(\) got an unknown keyword argument 'strip' "
+                                                 r"\(did you mean strips=\?\); it takes model, .*strips.*max_strips"):
+            solve("tiny_resnet", (2, 3, 32, 32), budget, device_profile="cpu", strip=64)
+    with pytest.raises(TypeError, match="unknown keyword arguments 'time_limt', 'zzz'"):
+        solve("tiny_resnet", (2, 3, 32, 32), "1GB", time_limt=3, zzz=1)
+    with pytest.raises(UsageTypeError, match=r"Solver\(\) got an unknown keyword argument 'strip'"):
+        Solver(None, strip=3)
