@@ -268,3 +268,43 @@ def test_a_typod_keyword_is_refused_at_once_with_the_valid_ones():
         solve("tiny_resnet", (2, 3, 32, 32), "1GB", time_limt=3, zzz=1)
     with pytest.raises(UsageTypeError, match=r"Solver\(\) got an unknown keyword argument 'strip'"):
         Solver(None, strip=3)
+
+
+class _TwoInputs(__import__("torch").nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = __import__("torch").nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, y):
+        return self.conv(x) + y
+
+
+def _capture_failures():
+    import torch.nn as nn
+
+    return [
+        ("wrong input channels", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), (2, 3, 32, 32),
+         "takes 1 input channel(s) and the input shape has 3: give an input shape (2, 1, H, W)"),
+        ("layers that do not fit", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(8, 4, 3)), (2, 3, 32, 32),
+         "a layer takes 8 channels where the one before it makes 4"),
+        ("two inputs", _TwoInputs(), (2, 3, 32, 32), "_TwoInputs.forward takes 2 inputs (x, y)"),
+        ("a fixed Linear", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(100, 10)), (2, 3, 32, 32),
+         "use the input size the model was built for"),
+        ("a map too small", nn.Sequential(nn.Conv2d(3, 4, 7), nn.MaxPool2d(2), nn.Conv2d(4, 4, 7)), (2, 3, 12, 12),
+         "use a larger --resolution"),
+    ]
+
+
+@pytest.mark.parametrize("case", _capture_failures(), ids=lambda c: c[0])
+def test_capture_failure_advice_matches_its_cause(case):
+    """Only a map too small for the network asks for a larger resolution."""
+    from lrcnn.models import CaptureError, capture
+    from lrcnn.planner import solve
+
+    _, model, shape, advice = case
+    for call in (lambda: capture(model, shape), lambda: solve(model, shape, "1GB")):
+        with pytest.raises(CaptureError) as e:
+            call()
+        msg = str(e.value)
+        assert advice in msg and len(msg.splitlines()) == 1, msg
+        assert ("larger --resolution" in msg) == (advice == "use a larger --resolution"), msg
