@@ -308,3 +308,24 @@ def test_capture_failure_advice_matches_its_cause(case):
         msg = str(e.value)
         assert advice in msg and len(msg.splitlines()) == 1, msg
         assert ("larger --resolution" in msg) == (advice == "use a larger --resolution"), msg
+
+
+def test_a_custom_module_plan_in_the_cli_shows_the_python_path(capfd, tmp_path):
+    """A plan made by solve(my_module, ...) names the module's class; check-plan, run and simulate
+    cannot rebuild it (whatever its channels) and say how to use it instead."""
+    import torch.nn as nn
+
+    from lrcnn.planner import solve
+
+    for c in (3, 1):
+        m = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+        plan = str(tmp_path / f"custom{c}.json")
+        solve(m, (4, c, 32, 32), "1GB", device_profile="cpu").save(plan)
+        for argv in (["check-plan", plan], ["run", plan, "--steps", 1, "--quiet", "--out", "r.csv"],
+                     ["simulate", plan, "--csv", "s.csv"]):
+            line = one_error_line(capfd, tmp_path, *argv,
+                                  needles=("'Sequential' is not one of 'planner models'", "custom nn.Module",
+                                           "cannot rebuild", "apply_plan(your_model, Plan.load('plan.json'))"))
+            assert "channel" not in line
+
