@@ -329,3 +329,33 @@ def test_a_custom_module_plan_in_the_cli_shows_the_python_path(capfd, tmp_path):
                                            "cannot rebuild", "apply_plan(your_model, Plan.load('plan.json'))"))
             assert "channel" not in line
 
+
+def test_a_model_in_another_dtype_than_its_plan_warns():
+    """The plan runs (it captures the model in its own dtype) but its memory prediction is for the
+    plan's dtype: apply_plan says so, and how to re-plan; a model in the plan's dtype is quiet."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    from lrcnn import apply_plan, solve
+    from lrcnn.executor import PlanDtypeWarning
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 10))
+
+    plan = solve(net(), (4, 3, 32, 32), "1GB", device_profile="cpu")
+    assert plan.dtype == "float32" and issubclass(PlanDtypeWarning, UserWarning)
+    with pytest.warns(PlanDtypeWarning) as w:
+        pm = apply_plan(net().double(), plan)
+    msg = str(w[0].message)
+    for needle in ("parameters are float64", "made for float32", "memory prediction", "dtype='float64'",
+                   "planner solve --dtype float64", "model.to(torch.float32)"):
+        assert needle in msg, msg
+    assert w[0].filename == __file__  # pointed at the caller's line
+    assert pm(torch.randn(4, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64  # (it still runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanDtypeWarning)
+        apply_plan(net(), plan)
