@@ -359,3 +359,55 @@ def test_a_model_in_another_dtype_than_its_plan_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanDtypeWarning)
         apply_plan(net(), plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# --check-grads at low precision
+
+def test_check_grads_passes_a_correct_bfloat16_plan(capfd, tmp_path):
+    """A bfloat16 (and float16) plan with row segments is judged against plain's own spread at that
+    precision: plain bfloat16 is ~0.15-0.2 from float32 and so is the correct planned step from
+    plain (it failed at 0.2-0.34 > 0.05 before)."""
+    for dtype in ("bfloat16", "float16"):
+        plan = str(tmp_path / f"{dtype}.json")
+        rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget",
+                           "600KB", "--dtype", dtype, "--device-profile", "cpu", "-o", plan)
+        assert rc == 0 and " rows " in out, err
+        rc, out, err = run(capfd, "run", plan, "--steps", 1, "--warmup", 0, "--device", "cpu", "--check-grads",
+                           "--quiet")
+        assert rc == 0 and "check-grads OK" in out, err
+        line = next(l for l in out.splitlines() if l.startswith("check-grads OK"))
+        assert f"from plain {dtype}" in line and f"own distance from float32" in line, line
+
+
+def test_check_grads_low_precision_still_finds_a_wrong_gradient():
+    """The spread rule is no blank cheque: a planned step with one conv gradient doubled fails, one
+    scaled by 1.25 passes at bfloat16 (inside its rounding) and fails at float16; identical passes."""
+    import copy
+
+    import torch
+
+    from lrcnn.executor.exactness import within_plain_spread
+    from lrcnn.executor.run import check_grads
+    from lrcnn.models import get_model
+
+    for dtype, scale, ok in (("bfloat16", 1.0, True), ("bfloat16", 2.0, False), ("float16", 2.0, False),
+                             ("float16", 1.25, False)):
+        torch.manual_seed(0)
+        plain = get_model("tiny_resnet").to(getattr(torch, dtype))
+        planned = copy.deepcopy(plain)
+        if scale != 1.0:
+            planned.layer1[0].conv1.weight.register_hook(lambda g, s=scale: g * s)
+        x = torch.randn(8, 3, 32, 32).to(getattr(torch, dtype))
+        y = torch.randint(0, 10, (8,))
+        got, msg = check_grads(plain, planned, x, y, dtype)
+        assert got == ok, (dtype, scale, msg)
+        if not ok:
+            assert "'layer1.0.conv1.weight'" in msg, msg
+    # the rule itself: a quantity may move by factor x plain's spread (or the whole gradient's)
+    t = torch.tensor
+    ref = {"loss": t(1.0), "a": t([1.0, 0.0]), "b": t([0.0, 1.0])}
+    plain = {"loss": t(1.0), "a": t([1.1, 0.0]), "b": t([0.0, 1.0])}
+    assert within_plain_spread({"loss": t(1.0), "a": t([1.25, 0.0]), "b": t([0.0, 1.0])}, plain, ref)[0]
+    ok, worst = within_plain_spread({"loss": t(1.0), "a": t([1.1, 0.0]), "b": t([0.0, 1.3])}, plain, ref)
+    assert not ok and worst[0] == "b" and worst[2] == pytest.approx(2 * 0.1 / 2 ** 0.5)
