@@ -536,8 +536,8 @@ def _failure_hint(msg: str, where: Optional[str], gm: fx.GraphModule, input_shap
         return "use a batch of 2 or more, or BN in eval mode"
     if node is not None and node.op == "placeholder" and inputs and node is not inputs[0]:
         args = ", ".join(n.target for n in inputs)
-        return (f"{name}.forward takes {len(inputs)} inputs ({args}); lrcnn plans a model of one input tensor (N, C, H, W): "
-                f"wrap it in a module whose forward takes one tensor and makes the others")
+        return (f"{name}.forward takes {len(inputs)} inputs ({args}); lrcnn plans a model of one input tensor "
+                f"(N, C, H, W): wrap it in a module whose forward takes one tensor and makes the others")
     m = next(iter(_re.findall(r"to have (\d+) channels, but got (\d+) channels", msg)), None)
     if m:
         want, got = int(m[0]), int(m[1])

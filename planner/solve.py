@@ -61,7 +61,8 @@ def _check_keywords(name: str, fn: Callable, problem_kw: Dict[str, Any]) -> None
     """Refuse a keyword that neither ``fn`` nor :class:`~lrcnn.planner.ilp.Problem` takes, at once
     (a typo such as ``strip=64`` is not passed on to fail, or be ignored, later), listing the valid
     ones (:class:`~lrcnn.errors.UsageTypeError`: also the ``TypeError`` Python raises for one)."""
-    extra = [k for k in inspect.signature(Problem.__init__).parameters if k not in ("self", "cm", "graph", "policy", "strips")]
+    extra = [k for k in inspect.signature(Problem.__init__).parameters
+             if k not in ("self", "cm", "graph", "policy", "strips")]
     unknown = [k for k in problem_kw if k not in extra]
     if not unknown:
         return
@@ -69,7 +70,8 @@ def _check_keywords(name: str, fn: Callable, problem_kw: Dict[str, Any]) -> None
     valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds and p.name != "self"] + extra
     near = difflib.get_close_matches(unknown[0], valid, n=1)
     hint = f" (did you mean {near[0]}=?)" if near else ""
-    raise UsageTypeError(f"{name}() got an unknown keyword argument{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}{hint}; "
+    plural = "s" * (len(unknown) > 1)
+    raise UsageTypeError(f"{name}() got an unknown keyword argument{plural} {', '.join(map(repr, unknown))}{hint}; "
                          f"it takes {', '.join(valid)}")
 
 
