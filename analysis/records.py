@@ -5,7 +5,7 @@ import os
 from typing import Iterable, Union
 
 from lrcnn.errors import LrcnnError
-from lrcnn.planner.files import read_table
+from lrcnn.planner.files import check_input_file, read_table
 
 #: columns a records file must have for the report (``executor.run.COLUMNS`` has more)
 REQUIRED = ["run_id", "step", "tracked", "scope", "name", "phase", "segment", "predicted_peak_bytes",
@@ -25,8 +25,7 @@ def load_records(paths: Union[str, Iterable[str]]):
     frames = []
     for p in paths:
         p = os.fspath(p)
-        if not os.path.isfile(p):
-            raise RecordsError(f"records file {p!r} does not exist; give files written by 'planner run --out'")
+        check_input_file(p, "records file", "give files written by 'planner run --out'", RecordsError)
         df = read_table(p, REQUIRED, "records file", "give a .parquet or .csv file written by 'planner run --out'",
                         RecordsError)
         if df.empty:

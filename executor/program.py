@@ -14,6 +14,7 @@ Its forward walks the model's fx graph; plan segments replace runs of nodes:
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Tuple, Union
@@ -465,6 +466,24 @@ class PlannedModule(nn.Module):
         return env[nodes[-1].name]
 
 
+class PlanDtypeWarning(UserWarning):
+    """:func:`apply_plan` was given a model whose parameters are not in the plan's dtype: the plan
+    runs (it captures the model in its own dtype), but its memory prediction and budget are for the
+    plan's dtype, not the model's."""
+
+
+def _check_model_dtype(model: nn.Module, plan: Plan) -> None:
+    """Warn (:class:`PlanDtypeWarning`) when the model's floating parameters are not in ``plan.dtype``."""
+    have = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()})
+    if not have or have == [plan.dtype]:
+        return
+    model_dtype = " and ".join(have)
+    fix = (f"re-plan for it: solve(model, {tuple(plan.input_shape)}, budget, dtype={have[0]!r}) "
+           f"(planner solve --dtype {have[0]}), or convert the model: model.to(torch.{plan.dtype})")
+    warnings.warn(f"apply_plan: the model's parameters are {model_dtype} but the plan was made for {plan.dtype}: "
+                  f"its memory prediction and budget do not hold for this model; {fix}", PlanDtypeWarning, stacklevel=3)
+
+
 def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
     """Return a module that computes exactly what ``model`` computes, with the plan's memory use.
 
@@ -477,6 +496,7 @@ def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
     if not isinstance(plan, Plan):
         raise UsageTypeError(f"apply_plan needs a planner.Plan, got {type(plan).__name__} (use Plan.load(path) "
                              f"for a JSON file)")
+    _check_model_dtype(model, plan)
     gm = trace(model)
     if graph is None:
         graph = capture(model, plan.input_shape, _dtype(plan.dtype), model_name=plan.model, gm=gm,

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re as _re
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -516,6 +517,43 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     return prof
 
 
+# torch's messages for a map too small for a kernel, a pooling or a padding (the input's H or W)
+_TOO_SMALL = ("output size is too small", "kernel size can't be greater", "calculated padded input size",
+              "padding size should be less than", "input and output sizes should be greater than 0",
+              "non-positive", "negative dimension")
+
+
+def _failure_hint(msg: str, where: Optional[str], gm: fx.GraphModule, input_shape: Tuple[int, ...],
+                  name: str) -> str:
+    """What to do about a capture that failed at node ``where`` with torch's message ``msg``: the
+    advice that matches the cause (only a map too small for the network asks for a larger input)."""
+    low = msg.lower()
+    node = next((n for n in gm.graph.nodes if n.name == where), None)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    shape = ", ".join(map(str, input_shape))
+    runs = f"check that the model runs on such a tensor: model(torch.randn({shape}))"
+    if "more than 1 value per channel" in low:
+        return "use a batch of 2 or more, or BN in eval mode"
+    if node is not None and node.op == "placeholder" and inputs and node is not inputs[0]:
+        args = ", ".join(n.target for n in inputs)
+        return (f"{name}.forward takes {len(inputs)} inputs ({args}); lrcnn plans a model of one input tensor "
+                f"(N, C, H, W): wrap it in a module whose forward takes one tensor and makes the others")
+    m = next(iter(_re.findall(r"to have (\d+) channels, but got (\d+) channels", msg)), None)
+    if m:
+        want, got = int(m[0]), int(m[1])
+        if node is not None and any(a.op == "placeholder" for a in node.all_input_nodes) and got == input_shape[1]:
+            return (f"{name} takes {want} input channel(s) and the input shape has {got}: give an input shape "
+                    f"({input_shape[0]}, {want}, H, W)")
+        return (f"a layer takes {want} channels where the one before it makes {got}: the model's layers do not fit "
+                f"together; {runs}")
+    if any(t in low for t in _TOO_SMALL):
+        return "use a larger --resolution"
+    if "mat1 and mat2" in low or "same reduction dim" in low:
+        return ("a Linear layer takes a fixed number of features, which a Flatten before it ties to H and W: use the "
+                "input size the model was built for, or an adaptive pooling before the Flatten")
+    return runs
+
+
 def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
             model_name: str = "", gm: Optional[fx.GraphModule] = None, amp: Optional[str] = None) -> LayerGraph:
     """Capture ``model`` at ``input_shape`` (N, C, H, W) into a :class:`LayerGraph`.
@@ -610,8 +648,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = current["node"]
-        hint = ("use a batch of 2 or more, or BN in eval mode" if "more than 1 value per channel" in msg
-                else "use a larger --resolution")
+        hint = _failure_hint(msg, where, gm, input_shape, model_name or type(model).__name__)
         raise CaptureError(f"input shape {'x'.join(map(str, input_shape))} does not fit "
                            f"{model_name or type(model).__name__} (at node {where}: {msg}); {hint}") from None
     finally:

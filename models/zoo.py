@@ -170,6 +170,8 @@ def get_model(name: str, num_classes: Optional[int] = None, weights: Optional[st
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a local state dict into ``model``; a clear ModelError if it cannot be used."""
+    if os.path.isdir(path):
+        raise ModelError(f"weights file {path!r} is a folder, not a file; pass a state dict saved with torch.save")
     if not os.path.isfile(path):
         raise ModelError(f"weights file {path!r} does not exist; pass a state dict saved with torch.save")
     try:

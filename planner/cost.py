@@ -56,6 +56,7 @@ from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, input_rows, max_strips,
                                    segment_ancestors, strip_schedule)
+from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
@@ -109,11 +110,50 @@ class DeviceProfile:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self):
+        """Refuse a field the cost model cannot use (a string, zero, negative, NaN), naming it:
+        a hand-edited profile file fails here, not as a traceback deep in a solve."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def bad(field: str, want: str, v) -> CostError:
+            return CostError(f"field {field!r} must be {want} (it is {v!r})")
+
+        if not isinstance(self.name, str):
+            raise bad("name", "a string", self.name)
+        if not isinstance(self.flops, dict) or not self.flops:
+            raise bad("flops", "an object of peak FLOP/s per dtype such as {\"float32\": 1e11}", self.flops)
+        for k, v in self.flops.items():
+            if not number(v) or v <= 0:
+                raise bad(f"flops.{k}", "a positive number of FLOP/s", v)
+        for f, want, ok in (
+                ("bandwidth", "a positive number of bytes per second", lambda v: number(v) and v > 0),
+                ("memory", "a whole number of bytes, 0 or more", lambda v: number(v) and v >= 0 and v == int(v)),
+                ("efficiency", "a fraction of peak FLOP/s above 0, at most 1", lambda v: number(v) and 0 < v <= 1),
+                ("launch_s", "seconds per op call, 0 or more", lambda v: number(v) and v >= 0),
+                ("alloc_round", "a whole number of bytes, 1 or more", lambda v: number(v) and v >= 1 and v == int(v)),
+                ("workspace", "a whole number of bytes, 0 or more", lambda v: number(v) and v >= 0 and v == int(v)),
+                ("kind", "'cuda' or 'cpu'", lambda v: v in ("cuda", "cpu")),
+                ("measured", "true or false", lambda v: isinstance(v, bool))):
+            if not ok(getattr(self, f)):
+                raise bad(f, want, getattr(self, f))
+        if not isinstance(self.op_costs, dict):
+            raise bad("op_costs", "an object of fitted costs (as 'planner calibrate' writes it)", self.op_costs)
+        for cls, fits in self.op_costs.items():
+            if not isinstance(fits, dict):
+                raise bad(f"op_costs.{cls}", "an object of fits such as {\"fwd\": [a, b, c]}", fits)
+            for k, fit in fits.items():
+                if not (isinstance(fit, (list, tuple)) and len(fit) == 3 and all(number(x) for x in fit)):
+                    raise bad(f"op_costs.{cls}.{k}", "a list of three numbers [s per call, s per work, s per byte]",
+                              fit)
+
     @classmethod
     def from_dict(cls, d: dict) -> "DeviceProfile":
         need = {"name", "flops", "bandwidth", "memory"}
         if not isinstance(d, dict) or not need <= set(d):
-            raise CostError(f"a device profile needs the fields {sorted(need)}")
+            missing = sorted(need - set(d)) if isinstance(d, dict) else sorted(need)
+            raise CostError(f"a device profile needs the fields {sorted(need)} "
+                            f"({'missing ' + ', '.join(missing) if isinstance(d, dict) else 'not a JSON object'})")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -151,14 +191,22 @@ def load_profile(profile: Union[str, DeviceProfile, None]) -> DeviceProfile:
         return profile
     if profile in PROFILES:
         return PROFILES[profile]
-    if os.path.exists(profile):
+    if not isinstance(profile, (str, os.PathLike)):
+        raise CostError(f"device profile {profile!r}: give a profile name ({', '.join(PROFILES)}), a JSON file "
+                        f"written by 'planner calibrate' or a DeviceProfile")
+    if os.path.exists(profile) or os.fspath(profile).lower().endswith(".json") or os.sep in os.fspath(profile):
+        check_input_file(profile, "device profile", "give the JSON file 'planner calibrate' wrote", CostError)
         try:
-            with open(profile) as f:
+            with open(profile, encoding="utf-8") as f:
                 return DeviceProfile.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:  # a binary file
+            raise CostError(f"cannot read device profile {profile!r}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                            f"give the JSON file 'planner calibrate' wrote, or re-run 'planner calibrate'") from None
+        except (OSError, json.JSONDecodeError) as e:
             raise CostError(f"cannot read device profile {profile!r} ({e}); re-run 'planner calibrate'") from None
-        except TypeError as e:
-            raise CostError(f"device profile {profile!r} is malformed ({e}); re-run 'planner calibrate'") from None
+        except (CostError, TypeError) as e:
+            raise CostError(f"device profile {profile!r} is malformed: {e}; fix the file or re-run "
+                            f"'planner calibrate'") from None
     raise CostError(f"unknown device profile {profile!r}: use one of {', '.join(PROFILES)} "
                     f"or a file written by 'planner calibrate'")
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 from lrcnn.errors import LrcnnError, UsageError
 
 __all__ = ["atomic_write", "write_text_atomic", "write_csv_atomic", "write_json_atomic", "read_table", "check_output_path",
-           "OutputError"]
+           "check_input_file", "OutputError"]
 
 
 class OutputError(LrcnnError, OSError):
@@ -40,6 +40,21 @@ def check_output_path(path: Optional[str], what: str, suffixes: Sequence[str] = 
                          f"choose another path")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"cannot write {what} {path!r}: permission denied; choose a writable path")
+
+
+def check_input_file(path, what: str, fix: str, error: type = UsageError) -> None:
+    """Refuse an input path that is not a readable file, saying which: it does not exist, it is a
+    folder, or it cannot be read (``error``, one line: ``what`` it should be and ``fix``).  The one
+    input-path check of the project (a folder is not reported as missing)."""
+    path = os.fspath(path)
+    if not str(path).strip():
+        raise error(f"the {what} path is empty: {fix}")
+    if os.path.isdir(path):
+        raise error(f"{what} {path!r} is a folder, not a file; {fix}")
+    if not os.path.exists(path):
+        raise error(f"{what} {path!r} does not exist; {fix}")
+    if not os.access(path, os.R_OK):
+        raise error(f"cannot read {what} {path!r}: permission denied; {fix}")
 
 
 def atomic_write(path: str, what: str, write: Callable[[str], object], suffix: str = "") -> None:
@@ -84,6 +99,8 @@ def read_table(path: str, required, what: str, fix: str, error: type = UsageErro
 
     try:
         df = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise error(f"cannot read {what} {path!r}: not UTF-8 text; {fix}") from None
     except Exception as e:  # pandas/pyarrow raise many types for an empty, binary or truncated file
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise error(f"cannot read {what} {path!r} ({msg}); {fix}") from None

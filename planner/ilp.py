@@ -130,7 +130,10 @@ class Problem:
         self.cands: List[Candidate] = []
         self.priced = 0
         self.refused: Dict[str, int] = {}
+        self.strips_top = 0  # the most strips any row segment considered allows (its rows)
         self._build()
+        if strips is not None and strips > self.strips_top:
+            self._refuse_strips(strips)
         # quantum: ~1/2^22 of the largest activation-like quantity, at least one byte
         if quantum is None:
             top = max([self.fixed] + [c.cost.bwd_peak + c.cost.keep for c in self.cands] + [1])
@@ -157,6 +160,18 @@ class Problem:
         self.by_start: List[List[Candidate]] = [[] for _ in range(self.U)]
         for c in self.cands:
             self.by_start[c.i].append(c)
+
+    def _refuse_strips(self, strips: int) -> None:
+        """A forced strip count no row segment has rows for: say so, and the largest that works,
+        instead of an infeasible budget (every row candidate was left out)."""
+        size = "x".join(str(v) for v in self.graph.input_shape[2:])
+        if not self.strips_top:
+            raise UsageError(f"--strips {strips}: no segment of this model can run in row strips at input size {size} "
+                             f"(policy {self.policy!r}; a row segment needs a map of at least {self.min_row_height} "
+                             f"rows); drop --strips, or use a larger --resolution")
+        raise UsageError(f"--strips {strips}: no row segment of this model has {strips} rows at input size {size}; "
+                         f"the largest usable count is {self.strips_top}: give --strips {self.strips_top} or less, "
+                         f"or leave --strips out (the planner picks per segment)")
 
     # ------------------------------------------------------------------------------------------
     def _price(self, i: int, j: int, seg: Segment) -> Optional[Candidate]:
@@ -222,6 +237,7 @@ class Problem:
         doubling the strips still lowers the segment's peak by ``strip_gain`` (and rows allow)."""
 
         top = max_strips(rg, source, last, pol)
+        self.strips_top = max(self.strips_top, top)
         if self.strips is not None:
             if self.strips > top:
                 return []

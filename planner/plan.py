@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from typing import Any, Dict, List, Optional, Sequence
 
 from lrcnn.errors import LrcnnError
 from lrcnn.models.capture import AMP_DTYPES as _AMP, build_and_capture
 from lrcnn.models.geometry import check_bounds
-from lrcnn.models.zoo import BN_MODES, DTYPES
-from lrcnn.planner.files import write_json_atomic
+from lrcnn.models.zoo import BN_MODES, DTYPES, list_models
+from lrcnn.planner.files import check_input_file, write_json_atomic
 
 SCHEMA = "lrcnn.plan/1"
 MODES = ("store", "checkpoint", "rows")
@@ -298,8 +299,9 @@ class Plan:
     @classmethod
     def load(cls, path: str, graph=None) -> "Plan":
         """Read a plan; with ``graph`` also check schema, fingerprint and segments against it."""
+        check_input_file(path, "plan", "give a JSON plan written by 'planner solve'", PlanError)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except OSError as e:
             raise PlanError(f"cannot read plan {path!r}: {e.strerror}") from None
@@ -324,6 +326,13 @@ def plan_model(plan, real: bool = False, num_classes: Optional[int] = None):
     dtype and BN mode, and its capture at the plan's input shape, checked against the plan
     (schema, fingerprint, segments).  Returns ``(model, graph)``; PlanError says what differs."""
     n, c, h, w = plan.input_shape
+    names = list_models()
+    if plan.model not in names and (plan.model != plan.model.lower() or not get_close_matches(plan.model, names)):
+        # solve(my_module, ...) names the plan after the module's class (a zoo name's typo: unknown model, below)
+        raise PlanError(f"the plan's model {plan.model!r} is not one of 'planner models': a plan of a custom "
+                        f"nn.Module, which the command line cannot rebuild; use it in Python with your own model: "
+                        f"from lrcnn import Plan, apply_plan; planned = apply_plan(your_model, Plan.load('plan.json')) "
+                        f"(a hand-edited model name: fix it to one of 'planner models')")
     if c != 3:  # every zoo model takes RGB input
         raise PlanError(f"plan input_shape {list(plan.input_shape)} has {c} channel(s), {plan.model} takes 3; "
                         f"re-create the plan for this model")

@@ -13,10 +13,12 @@ plan reaches under the same cost model.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from lrcnn.errors import UsageError
+from lrcnn.errors import UsageError, UsageTypeError
 from lrcnn.models import capture, default_resolution
 from lrcnn.models.capture import build_and_capture, quiet_torch_logs
 from lrcnn.planner.cost import CostModel, STATE_COPIES
@@ -53,6 +55,24 @@ def _check_options(policy, bn, strips, dtype, optimizer, solver) -> None:
     if strips is not None and policy == "checkpoint":
         raise UsageError("--strips applies to row segments; policy 'checkpoint' has none: drop --strips or "
                          "choose another --policy")
+
+
+def _check_keywords(name: str, fn: Callable, problem_kw: Dict[str, Any]) -> None:
+    """Refuse a keyword that neither ``fn`` nor :class:`~lrcnn.planner.ilp.Problem` takes, at once
+    (a typo such as ``strip=64`` is not passed on to fail, or be ignored, later), listing the valid
+    ones (:class:`~lrcnn.errors.UsageTypeError`: also the ``TypeError`` Python raises for one)."""
+    extra = [k for k in inspect.signature(Problem.__init__).parameters
+             if k not in ("self", "cm", "graph", "policy", "strips")]
+    unknown = [k for k in problem_kw if k not in extra]
+    if not unknown:
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds and p.name != "self"] + extra
+    near = difflib.get_close_matches(unknown[0], valid, n=1)
+    hint = f" (did you mean {near[0]}=?)" if near else ""
+    plural = "s" * (len(unknown) > 1)
+    raise UsageTypeError(f"{name}() got an unknown keyword argument{plural} {', '.join(map(repr, unknown))}{hint}; "
+                         f"it takes {', '.join(valid)}")
 
 
 def capture_model(model, input_shape: Optional[Sequence[int]], dtype: str = "float32",
@@ -112,6 +132,7 @@ class Solver:
                  device_profile: Any = DEFAULT_PROFILE, solver: str = "auto", headroom: float = HEADROOM,
                  compiled: bool = False, amp_rows: bool = False, **problem_kw):
 
+        _check_keywords("Solver", Solver.__init__, problem_kw)
         _check_options(policy, bn, strips, graph.dtype, optimizer, solver)
         # under autocast, row strips differ from plain autocast at half-precision rounding
         # (executor.rows.amp_refusal): planned only where the user accepts that (--amp-rows)
@@ -144,6 +165,8 @@ class Solver:
 
         g, cm = self.graph, self.cm
         levers = []
+        if self.strips is not None:  # a forced strip count leaves out every other row candidate
+            levers.append(f"without --strips {self.strips} (the planner picks the strips per segment)")
         if g.amp and not self.amp_rows:
             levers.append("allow row segments with --amp-rows")
         if STATE_COPIES[self.optimizer]:
@@ -328,6 +351,7 @@ def solve(model, input_shape: Optional[Sequence[int]] = None, budget=None, *,
     Under ``amp`` row segments are planned only with ``amp_rows=True`` (their gradients differ
     from plain autocast at half-precision rounding; recorded as ``training.amp_rows``).
     """
+    _check_keywords("solve", solve, problem_kw)
     if budget is None:
         raise UsageError("a budget is needed, e.g. budget='8GB'")
     budget = parse_bytes(budget)

@@ -352,7 +352,7 @@ def test_check_plan_not_json(capfd, tmp_path):
     path.write_text("[1, 2, 3]")
     assert_one_line_error(*run(capfd, "check-plan", path), "a plan must be a JSON object")
     assert_one_line_error(*run(capfd, "check-plan", tmp_path / "missing.json"),
-                          "cannot read plan", "No such file or directory")
+                          "missing.json' does not exist", "give a JSON plan")
 
 
 # ------------------------------------------------------------------------------------------------

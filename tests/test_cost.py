@@ -237,7 +237,7 @@ def test_simulate_prints_phases_and_csv(capfd, plan_file, tmp_path):
 
 
 def test_simulate_bad_input(capfd, plan_file, tmp_path):
-    assert_one_line_error(*run(capfd, "simulate", tmp_path / "missing.json"), "cannot read plan")
+    assert_one_line_error(*run(capfd, "simulate", tmp_path / "missing.json"), "does not exist")
     (tmp_path / "corrupt.json").write_text("{oops")
     assert_one_line_error(*run(capfd, "simulate", tmp_path / "corrupt.json"), "not valid JSON")
     d = json.loads(plan_file.read_text())

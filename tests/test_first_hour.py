@@ -108,3 +108,306 @@ def test_infeasible_names_the_levers_and_the_floor(capfd):
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "50KB", "--batch", 2, "--optimizer", "sgd",
                        "--bn", "eval", "--device-profile", "cpu")
     assert rc == 2 and "--optimizer sgd" not in err and "--bn eval" not in err and "workspace" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# files a user hands over: device profiles, plans, records, folders
+
+@pytest.fixture(scope="module")
+def small_plan(tmp_path_factory):
+    """A tiny_resnet plan solved on the cpu profile (rows segments), shared by the file probes."""
+    path = str(tmp_path_factory.mktemp("plan") / "p.json")
+    assert main(["solve", "--model", "tiny_resnet", "--batch", "8", "--resolution", "64", "--budget", "1.2MB",
+                 "--device-profile", "cpu", "-o", path]) == 0
+    return path
+
+
+def one_error_line(capfd, tmp_path, *argv, needles=()):
+    """Run ``planner ARGV`` in a folder of its own: exit 2, one line on stderr holding every needle,
+    no traceback, and nothing written beside the inputs."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = set(os.listdir(tmp_path))
+    cwd = os.getcwd()
+    os.chdir(out_dir)
+    try:
+        rc, out, err = run(capfd, *argv)
+    finally:
+        os.chdir(cwd)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, rc, err)
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert os.listdir(out_dir) == [] and set(os.listdir(tmp_path)) == before, os.listdir(out_dir)
+    return lines[0]
+
+
+def _profile_file(tmp_path, name, **fields):
+    import json
+
+    from lrcnn.planner.cost import PROFILES
+
+    d = PROFILES["cpu"].to_dict()
+    for k, v in fields.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    path = tmp_path / name
+    path.write_text(json.dumps(d))  # (NaN written as NaN, as Python's json does)
+    return str(path)
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"bandwidth": 0}, "'bandwidth'"),
+    ({"bandwidth": -1.0}, "'bandwidth'"),
+    ({"bandwidth": float("nan")}, "'bandwidth'"),
+    ({"bandwidth": "fast"}, "'bandwidth'"),
+    ({"flops": "lots"}, "'flops'"),
+    ({"flops": {"float32": 0}}, "'flops.float32'"),
+    ({"flops": {}}, "'flops'"),
+    ({"memory": "24GB"}, "'memory'"),
+    ({"memory": None}, "missing memory"),
+    ({"efficiency": 2}, "'efficiency'"),
+    ({"kind": "tpu"}, "'kind'"),
+    ({"op_costs": [1, 2]}, "'op_costs'"),
+    ({"op_costs": {"conv": {"fwd": [1, 2]}}}, "'op_costs.conv.fwd'"),
+])
+def test_a_malformed_device_profile_is_one_line_naming_file_and_field(capfd, tmp_path, fields, needle):
+    prof = _profile_file(tmp_path, "prof.json", **fields)
+    one_error_line(capfd, tmp_path, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget",
+                   "1.2MB", "--device-profile", prof, "-o", "p.json", needles=(prof, needle, "planner calibrate"))
+
+
+def test_device_profile_fields_checked_in_python_too():
+    from lrcnn.planner.cost import CostError, DeviceProfile, PROFILES, load_profile
+
+    with pytest.raises(CostError, match="'bandwidth' must be a positive number"):
+        DeviceProfile("x", {"float32": 1e12}, 0, 2**30)
+    with pytest.raises(CostError, match="'measured' must be true or false"):
+        DeviceProfile("x", {"float32": 1e12}, 1e11, 2**30, measured="yes")
+    for p in PROFILES.values():  # the built-in ones pass as they are
+        assert DeviceProfile.from_dict(p.to_dict()) == p
+    with pytest.raises(CostError, match="does not exist"):
+        load_profile("no/such/profile.json")
+
+
+def test_non_utf8_plan_and_profile_name_the_file_in_every_verb(capfd, tmp_path, small_plan):
+    import json
+
+    with open(small_plan) as f:
+        text = json.dumps(json.load(f))
+    bad_plan = tmp_path / "latin1_plan.json"
+    bad_plan.write_bytes(text.replace('"tiny_resnet"', '"tiny_resn\xe9t"', 1).encode("latin-1"))
+    bad_prof = tmp_path / "latin1_prof.json"
+    bad_prof.write_bytes(open(_profile_file(tmp_path, "ok.json")).read().replace('"cpu"', '"cp\xe9"', 1)
+                         .encode("latin-1"))
+    bad_rec = tmp_path / "latin1_records.csv"
+    bad_rec.write_bytes(b"run_id,step\n\xe9,1\n")
+    plan, prof = str(bad_plan), str(bad_prof)
+    for argv in (["check-plan", plan], ["run", plan, "--steps", 1, "--quiet", "--out", "r.csv"],
+                 ["simulate", plan, "--csv", "s.csv"]):
+        one_error_line(capfd, tmp_path, *argv, needles=(f"plan {plan!r}", "not a text file"))
+    for argv in (["solve", "--model", "tiny_resnet", "--budget", "1GB", "--device-profile", prof, "-o", "p.json"],
+                 ["simulate", small_plan, "--device-profile", prof, "--csv", "s.csv"],
+                 ["validate", "--model", "tiny_resnet", "--device-profile", prof, "--csv", "v.csv"]):
+        one_error_line(capfd, tmp_path, *argv, needles=(f"device profile {prof!r}", "not UTF-8 text"))
+    one_error_line(capfd, tmp_path, "report", str(bad_rec), "--csv", "r.csv",
+                   needles=(f"records file {str(bad_rec)!r}", "not UTF-8 text"))
+
+
+def test_a_folder_where_a_file_is_expected_is_called_a_folder(capfd, tmp_path, small_plan):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    d = str(folder)
+    for argv, what in ((["check-plan", d], "plan"), (["run", d, "--steps", 1, "--quiet"], "plan"),
+                       (["simulate", d], "plan"),
+                       (["solve", "--model", "tiny_resnet", "--budget", "1GB", "--device-profile", d, "-o", "p.json"],
+                        "device profile"),
+                       (["report", d, "--csv", "r.csv"], "records file"),
+                       (["inspect", "--model", "tiny_resnet", "--weights", d, "--csv", "i.csv"], "weights file")):
+        line = one_error_line(capfd, tmp_path, *argv, needles=(f"{what} {d!r} is a folder, not a file",))
+        assert "does not exist" not in line
+    # and the other way round: --data takes a folder
+    one_error_line(capfd, tmp_path, "run", small_plan, "--steps", 1, "--quiet", "--data", small_plan, "--out", "r.csv",
+                   needles=("--data", "is a file, not a folder"))
+    one_error_line(capfd, tmp_path, "run", small_plan, "--steps", 1, "--quiet", "--data", d + "/missing",
+                   needles=("--data", "does not exist"))
+
+
+def test_strips_beyond_every_segments_rows_names_strips(capfd, tmp_path):
+    """--strips more than any row segment has rows: say so and the largest count that works, not
+    "infeasible"; a count some segments allow that still leaves no plan names --strips as a lever."""
+    line = one_error_line(capfd, tmp_path, "solve", "--model", "tiny_resnet", "--batch", 2, "--budget", "100KB",
+                          "--device-profile", "cpu", "--strips", 64, "-o", "p.json",
+                          needles=("--strips 64", "has 64 rows at input size 32x32", "largest usable count is 32",
+                                   "--strips 32 or less"))
+    assert "infeasible" not in line
+    one_error_line(capfd, tmp_path, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget",
+                   "1.2MB", "--device-profile", "cpu", "--strips", 64, "-o", "p.json",
+                   needles=("infeasible", "without --strips 64"))
+    from lrcnn.errors import UsageError
+    from lrcnn.planner import solve
+
+    with pytest.raises(UsageError, match="largest usable count is 32"):
+        solve("tiny_resnet", (2, 3, 32, 32), "100KB", device_profile="cpu", strips=33)
+
+
+def test_a_typod_keyword_is_refused_at_once_with_the_valid_ones():
+    from lrcnn.errors import UsageTypeError
+    from lrcnn.planner import solve
+    from lrcnn.planner.solve import Solver
+
+    # a budget the plain step fits (where the keyword used to be ignored) and one it does not (a
+    # TypeError from deep inside the search, after the capture)
+    for budget in ("1GB", "150KB"):
+        with pytest.raises(UsageTypeError, match=r"solve\(\) got an unknown keyword argument 'strip' "
+                                                 r"\(did you mean strips=\?\); it takes model, .*strips.*max_strips"):
+            solve("tiny_resnet", (2, 3, 32, 32), budget, device_profile="cpu", strip=64)
+    with pytest.raises(TypeError, match="unknown keyword arguments 'time_limt', 'zzz'"):
+        solve("tiny_resnet", (2, 3, 32, 32), "1GB", time_limt=3, zzz=1)
+    with pytest.raises(UsageTypeError, match=r"Solver\(\) got an unknown keyword argument 'strip'"):
+        Solver(None, strip=3)
+
+
+class _TwoInputs(__import__("torch").nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = __import__("torch").nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, y):
+        return self.conv(x) + y
+
+
+def _capture_failures():
+    import torch.nn as nn
+
+    return [
+        ("wrong input channels", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), (2, 3, 32, 32),
+         "takes 1 input channel(s) and the input shape has 3: give an input shape (2, 1, H, W)"),
+        ("layers that do not fit", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(8, 4, 3)), (2, 3, 32, 32),
+         "a layer takes 8 channels where the one before it makes 4"),
+        ("two inputs", _TwoInputs(), (2, 3, 32, 32), "_TwoInputs.forward takes 2 inputs (x, y)"),
+        ("a fixed Linear", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(100, 10)), (2, 3, 32, 32),
+         "use the input size the model was built for"),
+        ("a map too small", nn.Sequential(nn.Conv2d(3, 4, 7), nn.MaxPool2d(2), nn.Conv2d(4, 4, 7)), (2, 3, 12, 12),
+         "use a larger --resolution"),
+    ]
+
+
+@pytest.mark.parametrize("case", _capture_failures(), ids=lambda c: c[0])
+def test_capture_failure_advice_matches_its_cause(case):
+    """Only a map too small for the network asks for a larger resolution."""
+    from lrcnn.models import CaptureError, capture
+    from lrcnn.planner import solve
+
+    _, model, shape, advice = case
+    for call in (lambda: capture(model, shape), lambda: solve(model, shape, "1GB")):
+        with pytest.raises(CaptureError) as e:
+            call()
+        msg = str(e.value)
+        assert advice in msg and len(msg.splitlines()) == 1, msg
+        assert ("larger --resolution" in msg) == (advice == "use a larger --resolution"), msg
+
+
+def test_a_custom_module_plan_in_the_cli_shows_the_python_path(capfd, tmp_path):
+    """A plan made by solve(my_module, ...) names the module's class; check-plan, run and simulate
+    cannot rebuild it (whatever its channels) and say how to use it instead."""
+    import torch.nn as nn
+
+    from lrcnn.planner import solve
+
+    for c in (3, 1):
+        m = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+        plan = str(tmp_path / f"custom{c}.json")
+        solve(m, (4, c, 32, 32), "1GB", device_profile="cpu").save(plan)
+        for argv in (["check-plan", plan], ["run", plan, "--steps", 1, "--quiet", "--out", "r.csv"],
+                     ["simulate", plan, "--csv", "s.csv"]):
+            line = one_error_line(capfd, tmp_path, *argv,
+                                  needles=("'Sequential' is not one of 'planner models'", "custom nn.Module",
+                                           "cannot rebuild", "apply_plan(your_model, Plan.load('plan.json'))"))
+            assert "channel" not in line
+
+
+def test_a_model_in_another_dtype_than_its_plan_warns():
+    """The plan runs (it captures the model in its own dtype) but its memory prediction is for the
+    plan's dtype: apply_plan says so, and how to re-plan; a model in the plan's dtype is quiet."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    from lrcnn import apply_plan, solve
+    from lrcnn.executor import PlanDtypeWarning
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 10))
+
+    plan = solve(net(), (4, 3, 32, 32), "1GB", device_profile="cpu")
+    assert plan.dtype == "float32" and issubclass(PlanDtypeWarning, UserWarning)
+    with pytest.warns(PlanDtypeWarning) as w:
+        pm = apply_plan(net().double(), plan)
+    msg = str(w[0].message)
+    for needle in ("parameters are float64", "made for float32", "memory prediction", "dtype='float64'",
+                   "planner solve --dtype float64", "model.to(torch.float32)"):
+        assert needle in msg, msg
+    assert w[0].filename == __file__  # pointed at the caller's line
+    assert pm(torch.randn(4, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64  # (it still runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanDtypeWarning)
+        apply_plan(net(), plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# --check-grads at low precision
+
+def test_check_grads_passes_a_correct_bfloat16_plan(capfd, tmp_path):
+    """A bfloat16 (and float16) plan with row segments is judged against plain's own spread at that
+    precision: plain bfloat16 is ~0.15-0.2 from float32 and so is the correct planned step from
+    plain (it failed at 0.2-0.34 > 0.05 before)."""
+    for dtype in ("bfloat16", "float16"):
+        plan = str(tmp_path / f"{dtype}.json")
+        rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--batch", 8, "--resolution", 64, "--budget",
+                           "600KB", "--dtype", dtype, "--device-profile", "cpu", "-o", plan)
+        assert rc == 0 and " rows " in out, err
+        rc, out, err = run(capfd, "run", plan, "--steps", 1, "--warmup", 0, "--device", "cpu", "--check-grads",
+                           "--quiet")
+        assert rc == 0 and "check-grads OK" in out, err
+        line = next(l for l in out.splitlines() if l.startswith("check-grads OK"))
+        assert f"from plain {dtype}" in line and f"own distance from float32" in line, line
+
+
+def test_check_grads_low_precision_still_finds_a_wrong_gradient():
+    """The spread rule is no blank cheque: a planned step with one conv gradient doubled fails, one
+    scaled by 1.25 passes at bfloat16 (inside its rounding) and fails at float16; identical passes."""
+    import copy
+
+    import torch
+
+    from lrcnn.executor.exactness import within_plain_spread
+    from lrcnn.executor.run import check_grads
+    from lrcnn.models import get_model
+
+    for dtype, scale, ok in (("bfloat16", 1.0, True), ("bfloat16", 2.0, False), ("float16", 2.0, False),
+                             ("float16", 1.25, False)):
+        torch.manual_seed(0)
+        plain = get_model("tiny_resnet").to(getattr(torch, dtype))
+        planned = copy.deepcopy(plain)
+        if scale != 1.0:
+            planned.layer1[0].conv1.weight.register_hook(lambda g, s=scale: g * s)
+        x = torch.randn(8, 3, 32, 32).to(getattr(torch, dtype))
+        y = torch.randint(0, 10, (8,))
+        got, msg = check_grads(plain, planned, x, y, dtype)
+        assert got == ok, (dtype, scale, msg)
+        if not ok:
+            assert "'layer1.0.conv1.weight'" in msg, msg
+    # the rule itself: a quantity may move by factor x plain's spread (or the whole gradient's)
+    t = torch.tensor
+    ref = {"loss": t(1.0), "a": t([1.0, 0.0]), "b": t([0.0, 1.0])}
+    plain = {"loss": t(1.0), "a": t([1.1, 0.0]), "b": t([0.0, 1.0])}
+    assert within_plain_spread({"loss": t(1.0), "a": t([1.25, 0.0]), "b": t([0.0, 1.0])}, plain, ref)[0]
+    ok, worst = within_plain_spread({"loss": t(1.0), "a": t([1.1, 0.0]), "b": t([0.0, 1.3])}, plain, ref)
+    assert not ok and worst[0] == "b" and worst[2] == pytest.approx(2 * 0.1 / 2 ** 0.5)

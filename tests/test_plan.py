@@ -128,7 +128,7 @@ def test_load_validates_against_graph(plan, captured, tmp_path):
     path.write_text("{not json")
     with pytest.raises(PlanError, match=r"^plan '.*plan\.json' is not valid JSON \(line 1: "):
         Plan.load(str(path))
-    with pytest.raises(PlanError, match=r"^cannot read plan '.*missing\.json': No such file or directory$"):
+    with pytest.raises(PlanError, match=r"^plan '.*missing\.json' does not exist; give a JSON plan written by 'planner solve'$"):
         Plan.load(str(tmp_path / "missing.json"))
 
 

@@ -264,7 +264,7 @@ def _bad(capfd, tmp_path, *argv, needles=()):
 
 
 def test_bad_plan_inputs(tmp_path, capfd, tiny_plan):
-    _bad(capfd, tmp_path, tmp_path / "missing.json", needles=["cannot read plan", "missing.json"])
+    _bad(capfd, tmp_path, tmp_path / "missing.json", needles=["missing.json' does not exist"])
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text('{"schema": "lrcnn.plan/1", "model": ')
     _bad(capfd, tmp_path, corrupt, needles=["not valid JSON"])
@@ -283,7 +283,7 @@ def test_bad_data_and_device(tmp_path, capfd, tiny_plan):
     (tmp_path / "noimg" / "a").mkdir(parents=True)
     (tmp_path / "noimg" / "a" / "readme.txt").write_text("x")
     _bad(capfd, tmp_path, tiny_plan, "--data", tmp_path / "noimg", needles=["no usable images"])
-    _bad(capfd, tmp_path, tiny_plan, "--data", tmp_path / "nowhere", needles=["is not a folder"])
+    _bad(capfd, tmp_path, tiny_plan, "--data", tmp_path / "nowhere", needles=["does not exist"])
     rc, out, err = run(capfd, "run", tiny_plan, "--out", tmp_path / "r.txt")
     assert_one_line_error(rc, out, err, ".parquet or .csv")
     if not torch.cuda.is_available():
