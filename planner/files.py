@@ -99,7 +99,7 @@ def read_table(path: str, required, what: str, fix: str, error: type = UsageErro
 
     try:
         df = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
-    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+    except UnicodeDecodeError:  # a binary file, or text in another encoding
         raise error(f"cannot read {what} {path!r}: not UTF-8 text; {fix}") from None
     except Exception as e:  # pandas/pyarrow raise many types for an empty, binary or truncated file
         msg = " ".join(str(e).split())[:200] or type(e).__name__

@@ -377,7 +377,7 @@ def test_check_grads_passes_a_correct_bfloat16_plan(capfd, tmp_path):
                            "--quiet")
         assert rc == 0 and "check-grads OK" in out, err
         line = next(l for l in out.splitlines() if l.startswith("check-grads OK"))
-        assert f"from plain {dtype}" in line and f"own distance from float32" in line, line
+        assert f"from plain {dtype}" in line and "own distance from float32" in line, line
 
 
 def test_check_grads_low_precision_still_finds_a_wrong_gradient():
