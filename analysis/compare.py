@@ -106,7 +106,7 @@ def timeline_spans(t):
 
     Segment passes open at their ``begin`` mark and close at their own end mark; a backward
     pass with none (the first segment's: its input needs no gradient) closes at the ``backward``
-    mark, as :meth:`lrcnn.executor.run.StepMeasure.span` measures it."""
+    mark, as :meth:`lrcnn.executor.measure.StepMeasure.span` measures it."""
     names = [str(n) for n in t["name"]]
     phase_of, phases, segs, strips = [], [], [], []
     current, order = "forward", {"forward": "backward", "backward": "optimizer", "optimizer": None}

@@ -9,7 +9,10 @@ counted.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -185,3 +188,98 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# One step measured for the run records: a memory timeline or mark-to-mark times
+# ------------------------------------------------------------------------------------------------
+
+class Clock(memory.Meter):
+    """Time stamps at every :func:`memory.mark` (no memory): perf_counter, or CUDA events."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.cuda = device.type == "cuda"
+        self.stamps: list = []
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def mark(self, label: str) -> None:
+        self.timeline.append((label, 0, 0))
+        self.stamps.append(self._now())
+
+    def __enter__(self) -> "Clock":
+        self._start(0)
+        self.t0 = self._now()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+    def seconds(self) -> List[float]:
+        """Seconds since entry at each mark."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.t0.elapsed_time(e) / 1e3 for e in self.stamps]
+        return [s - self.t0 for s in self.stamps]
+
+
+@dataclass
+class StepMeasure:
+    """Timeline of one step: ``(label, live_bytes, peak_bytes_since_previous, t_seconds)``."""
+
+    entries: List[Tuple[str, float, float, float]]
+    start_live: float = math.nan   # absolute live bytes at the step start (memory steps)
+
+    def _index(self, label: str) -> Optional[int]:
+        for i, e in enumerate(self.entries):
+            if e[0] == label:
+                return i
+        return None
+
+    def span(self, begin: Optional[str], end: str, fallback_end: Optional[str] = None):
+        """``(peak, seconds)`` between the mark ``begin`` (exclusive; None = step start) and
+        ``end`` (inclusive; ``fallback_end`` when ``end`` never fired); NaN when absent."""
+        i = -1 if begin is None else self._index(begin)
+        j = self._index(end)
+        if j is None and fallback_end is not None:
+            j = self._index(fallback_end)
+        if i is None or j is None or j <= i:
+            return math.nan, math.nan
+        peak = max(e[2] for e in self.entries[i + 1: j + 1])
+        t0 = 0.0 if i < 0 else self.entries[i][3]
+        return peak, self.entries[j][3] - t0
+
+
+def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
+                        scaler=None) -> Tuple[StepMeasure, float, str]:
+    """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
+    state and batch included).  ``amp``, ``scaler``: see :func:`lrcnn.executor.measure.train_step`.
+    Returns (timeline, loss, method)."""
+    state = opt_state(opt)
+    loss = []
+    t0 = time.perf_counter()
+    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler)), device=device,
+                              track_existing=[model, state, x, y])
+    wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
+    b = rep.baseline_bytes
+    entries = [(lab, float(live + b), float(peak + b), math.nan) for lab, live, peak in rep.timeline]
+    if entries:
+        lab, live, peak, _ = entries[-1]
+        entries[-1] = (lab, live, peak, wall)
+    return StepMeasure(entries, float(b)), float(loss[0]), rep.method
+
+
+def measure_time_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
+                      scaler=None) -> Tuple[StepMeasure, float]:
+    clock = Clock(device)
+    with clock:
+        loss = train_step(model, opt, x, y, amp, scaler)
+    secs = clock.seconds()
+    entries = [(lab, math.nan, math.nan, t) for (lab, _, _), t in zip(clock.timeline, secs)]
+    return StepMeasure(entries), float(loss)
