@@ -380,7 +380,7 @@ class CostModel:
 
     def _walk(self, nodes, scale: Dict[str, float], store: bool,
               sizes: Optional[Dict[str, int]] = None, keep_output: bool = True,
-              storage: Optional[Tuple[Dict[str, str], set]] = None) -> Tuple[int, int]:
+              storage: Optional[Tuple[Dict[str, str], set]] = None, keep: Sequence[str] = ()) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
@@ -391,7 +391,8 @@ class CostModel:
         (:meth:`_strip_graph`: every node has its own storage there).  ``storage``: (owner of
         each node's storage, the storages autograd saves) when they differ from the plain
         step's, with ``sizes`` 0 for a node that shares its owner's storage (a recompute set:
-        :meth:`_recompute_effect`).
+        :meth:`_recompute_effect`).  ``keep``: values that stay live anyway (autograd roots of a
+        row strip's backward), as if saved.
         """
         names = [n.name for n in nodes]
         last = names[-1]
@@ -413,6 +414,7 @@ class CostModel:
                     saved.add(n.name if (n.alias and self._owner[n.name] == p) else p)
         if storage is not None:
             saved = set(storage[1])
+        saved.update(keep)
         live, peak = 0, 0
         size: Dict[str, int] = {}
         for i, n in enumerate(nodes):
@@ -803,8 +805,8 @@ class CostModel:
                     below = self._carry_grads(by, sched, i + 1)
                     pend = sum(below.values())
                     roots = [n for n in below if strip[n].computed]
-            sgraph, sizes = self._strip_graph(g, nodes, by, strip, keep=roots)
-            rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes)
+            # (the same tensors as the forward's; ``keep`` adds the roots to what stays live)
+            rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes, keep=roots)
             # training-mode BN in strips (executor.rows._BNStrip, an autograd root through a
             # scalar token): its backward holds xhat next to the input gradient (one band of the
             # rows it computes; the constant part of the rows it owns is made in place on xhat),
@@ -835,8 +837,7 @@ class CostModel:
                 below_c = {n: v for n, v in below.items() if n in carry_nodes}
                 roots_c = [n for n in below_c if strip[n].computed]
                 held = [t for t in targets if strip[t].computed]
-                sg, sz = self._strip_graph(g, nodes, by, strip, keep=roots_c + held)
-                cpk, ckeep = self._walk(sg, mem, store=True, sizes=sz)
+                cpk, ckeep = self._walk(sgraph, mem, store=True, sizes=sizes, keep=roots_c + held)
                 cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
                                                params=False)
                 const = max(const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
@@ -1030,7 +1031,7 @@ class CostModel:
             out[n] = self._round(row * rows)
         return out
 
-    def _strip_graph(self, g, nodes, by, strip, keep: Sequence[str] = ()):
+    def _strip_graph(self, g, nodes, by, strip):
         """The tensors one strip makes, as a graph :meth:`_walk` follows (with its ``sizes``).
 
         Per node: its newly computed rows (named as the node); for a 2PS node with carried rows
@@ -1039,14 +1040,13 @@ class CostModel:
         (``node#pad``, before the node).  What each op saves is mapped onto these tensors the way
         the executor's strip ops make them: an op saves the band (or padded copy) it read, and an
         op that saves its own output (ReLU, in place in the full model) saves its new rows.
-        ``keep``: nodes whose new rows stay live anyway (autograd roots of a backward strip).
-        Returns (the graph, ``sizes``).
+        The same graph serves a strip's forward, recompute and gradient-constant sweeps (what
+        each keeps live besides: :meth:`_walk`'s ``keep``).  Returns (the graph, ``sizes``).
         """
 
         out: List[_StripNode] = []
         sizes: Dict[str, int] = {}
         band_key: Dict[str, str] = {}
-        keep = set(keep)
         for n in nodes:
             name = n.name
             r = strip[name]
@@ -1080,8 +1080,6 @@ class CostModel:
             if n.alias and extra:  # an in-place op keeps a copy of its input; out of place, the input
                 saves.append(band_key.get(n.inputs[0], n.inputs[0]))
                 extra = 0
-            if name in keep:
-                saves.append(name)
             # a half-precision map's BN normalises its rows in float32 (one float32 temporary)
             work = n.fwd_work + (n.out_bytes * BN_HALF_FWD * self._half_bn(n) if n.batch_stats else 0)
             out.append(_StripNode(name, ins, saves, extra, work, fixed if extra else 0))
