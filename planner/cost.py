@@ -394,6 +394,14 @@ class CostModel:
         :meth:`_recompute_effect`).  ``keep``: values that stay live anyway (autograd roots of a
         row strip's backward), as if saved.
         """
+        return self._walk_run(self._walk_plan(nodes, scale, sizes, keep_output, storage), store, keep)
+
+    def _walk_plan(self, nodes, scale: Dict[str, float], sizes: Optional[Dict[str, int]] = None,
+                   keep_output: bool = True, storage: Optional[Tuple[Dict[str, str], set]] = None):
+        """What :meth:`_walk` follows, whatever ``store`` and ``keep``: per node, the bytes its call
+        peaks at above the live ones, the bytes of its output and of what it keeps besides, and
+        the values (with their bytes) whose last use it is; and the values the nodes save.  A row
+        strip's forward, recompute and gradient-constant sweeps walk one plan."""
         names = [n.name for n in nodes]
         last = names[-1]
         owner = self._owner if sizes is None else {n: n for n in names}
@@ -414,9 +422,9 @@ class CostModel:
                     saved.add(n.name if (n.alias and self._owner[n.name] == p) else p)
         if storage is not None:
             saved = set(storage[1])
-        saved.update(keep)
-        live, peak = 0, 0
+        steps = []
         size: Dict[str, int] = {}
+        rnd = self._round
         for i, n in enumerate(nodes):
             f = scale.get(n.name, 1.0)
             o = owner[n.name]
@@ -425,21 +433,34 @@ class CostModel:
             # half-precision weight copy) exists as it returns, saved (store) or not
             # (a parameter's cast copy is whole in every strip: extra_fixed is not scaled)
             fixed = n.extra_fixed
-            extra = self._round((n.extra_saved - fixed) * f) + self._round(fixed)
-            peak = max(peak, live + new + extra + self._round(n.fwd_work * f))
+            extra = rnd((n.extra_saved - fixed) * f) + rnd(fixed)
+            top = new + extra + rnd(n.fwd_work * f)
             if new:
                 size[o] = size.get(o, 0) + new
-                live += new
-            if store:
-                live += extra
             if not keep_output and i == len(nodes) - 1:
                 last_use[owner[last]] = i  # freed at once unless saved
+            frees = []
             for key in {owner.get(u, u) for u in n.inputs} | {o}:
                 if key not in size or last_use.get(key) != i or (keep_output and key == owner[last]):
                     continue
-                if store and key in saved:
-                    continue
-                live -= size.pop(key)
+                frees.append((key, size.pop(key)))
+            steps.append((top, new, extra, frees))
+        return steps, saved
+
+    @staticmethod
+    def _walk_run(plan, store: bool, keep: Sequence[str] = ()) -> Tuple[int, int]:
+        """(peak, live at the end) of a :meth:`_walk_plan` with or without autograd saving."""
+        steps, saved = plan
+        if keep:
+            saved = saved | set(keep)
+        live, peak = 0, 0
+        for top, new, extra, frees in steps:
+            if live + top > peak:
+                peak = live + top
+            live += new + extra if store else new
+            for key, b in frees:
+                if not (store and key in saved):
+                    live -= b
         return peak, live
 
     def _store_backward(self, nodes, scale: Dict[str, float], retain: Optional[Dict[str, int]] = None,
@@ -786,8 +807,9 @@ class CostModel:
             # (a node that computes no rows in this strip neither saves nor back-propagates)
             mem = {n: band[n] if strip[n].computed else 0.0 for n in names}
             sgraph, sizes = self._strip_graph(g, nodes, by, strip)
+            walk = self._walk_plan(sgraph, mem, sizes=sizes)
             # forward (no grad): bands live until their last use; output rows copied into the map
-            pk, _ = self._walk(sgraph, mem, store=False, sizes=sizes)
+            pk, _ = self._walk_run(walk, store=False)
             carry = 0
             if seg.policy == "2ps" and i + 1 < sched.strips:
                 nxt = sched.rows[i + 1]
@@ -806,7 +828,7 @@ class CostModel:
                     pend = sum(below.values())
                     roots = [n for n in below if strip[n].computed]
             # (the same tensors as the forward's; ``keep`` adds the roots to what stays live)
-            rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes, keep=roots)
+            rpk, rkeep = self._walk_run(walk, store=True, keep=roots)
             # training-mode BN in strips (executor.rows._BNStrip, an autograd root through a
             # scalar token): its backward holds xhat next to the input gradient (one band of the
             # rows it computes; the constant part of the rows it owns is made in place on xhat),
@@ -837,7 +859,7 @@ class CostModel:
                 below_c = {n: v for n, v in below.items() if n in carry_nodes}
                 roots_c = [n for n in below_c if strip[n].computed]
                 held = [t for t in targets if strip[t].computed]
-                cpk, ckeep = self._walk(sgraph, mem, store=True, sizes=sizes, keep=roots_c + held)
+                cpk, ckeep = self._walk_run(walk, store=True, keep=roots_c + held)
                 cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
                                                params=False)
                 const = max(const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
