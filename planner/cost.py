@@ -297,6 +297,7 @@ class CostModel:
         self.compiled = bool(compiled)
         self.rg = graph.row_graph()
         self._cache: Dict[tuple, SegmentCost] = {}
+        self._time_terms: Dict[tuple, tuple] = {}  # _time's per-node terms
         self._consumers = graph.consumers()
         nodes = graph.nodes
         self._esize = max(1, nodes[0].out_bytes // max(1, math.prod(nodes[0].shape)))
@@ -550,12 +551,16 @@ class CostModel:
         if n.kind in (_ops.INPUT, _ops.OUTPUT) or (n.alias and not n.flops_fwd) or f <= 0:
             return 0.0
         flops = (n.flops_bwd if backward else n.flops_fwd) * f
-        ins = sum(self.graph[u].out_bytes for u in n.inputs)
         stats = batch_stats and n.batch_stats
+        key = (n.name, backward, warm, stats)
+        hit = self._time_terms.get(key)
+        if hit is None:  # (what does not depend on f: the candidates ask for many row shares)
+            ins = sum(self.graph[u].out_bytes for u in n.inputs)
+            hit = self._time_terms[key] = (ins, self._fit(_ops.time_class(n.op, n.groups, stats), backward, warm))
+        ins, fit = hit
         moved = (n.out_bytes + ins) * f * (2 if backward else 1) + n.param_bytes * (2 if backward else 1)
         if stats and not backward:
             moved += ins * f  # the statistics read the input once more
-        fit = self._fit(_ops.time_class(n.op, n.groups, stats), backward, warm)
         if fit:
             work = flops if n.op in ("conv2d", "linear") else \
                 math.prod(n.shape) * f * (2 if backward else 1)
