@@ -108,3 +108,45 @@ def test_infeasible_names_the_levers_and_the_floor(capfd):
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "50KB", "--batch", 2, "--optimizer", "sgd",
                        "--bn", "eval", "--device-profile", "cpu")
     assert rc == 2 and "--optimizer sgd" not in err and "--bn eval" not in err and "workspace" not in err
+
+
+# -- the graph at other batch sizes (solve --batch max captures twice) -------------------------------
+
+def _graph_fields(g):
+    import dataclasses
+
+    nodes = [dataclasses.asdict(n) for n in g.nodes]
+    return nodes, tuple(g.input_shape), g.dtype, g.amp, g.buffer_bytes, g.saved_input_bytes, g.memory_timeline
+
+
+@pytest.mark.parametrize("model,res,bn,dtype,amp,base", [
+    ("tiny_resnet", 32, "train", "float32", None, 2),
+    ("tiny_vgg_bn", 32, "train", "float64", None, 2),
+    # under autocast the classifier's backward peaks at another tensor above batch 5: a peak is
+    # the largest of the live bytes after each op (each affine in the batch), not itself affine
+    ("tiny_mobilenet", 32, "eval", "float32", "bf16", 3),
+    ("resnet18", 64, "train", "float32", None, 6),
+])
+def test_graph_at_batch_equals_a_capture(model, res, bn, dtype, amp, base):
+    """A graph derived from captures at two batches equals a real capture at any other batch in
+    every field (bytes, FLOPs, shapes, the memory profile and its timeline), odd batches and
+    batches below the base included."""
+    from lrcnn.models.capture import BatchGraphs, build_and_capture
+
+    def cap(n):
+        return build_and_capture(model, n, (res, res), dtype, bn, None, None, amp=amp)[1]
+
+    graphs = BatchGraphs(cap, base)
+    for n in (1, 2, 5, 17, 33, 255):
+        assert _graph_fields(graphs(n)) == _graph_fields(cap(n)), (model, n)
+    assert graphs.captures == 3  # the base, the base + 1 and batch 1
+
+
+def test_graph_at_batch_refuses_unrelated_graphs():
+    from lrcnn.models.capture import CaptureError, build_and_capture, graph_at_batch
+
+    a = build_and_capture("tiny_resnet", 2, (32, 32))[1]
+    with pytest.raises(CaptureError, match="consecutive"):
+        graph_at_batch(a, build_and_capture("tiny_resnet", 4, (32, 32))[1], 9)
+    with pytest.raises(CaptureError, match="differ|different|consecutive"):
+        graph_at_batch(a, build_and_capture("tiny_vgg", 3, (32, 32))[1], 9)
