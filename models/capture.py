@@ -333,6 +333,13 @@ def graph_at_batch(ga: LayerGraph, gb: LayerGraph, n: int) -> LayerGraph:
     return g
 
 
+def same_graph(a: LayerGraph, b: LayerGraph) -> bool:
+    """Whether two graphs agree in every field a capture records (nodes, input shape, dtype,
+    autocast, totals and the memory timeline)."""
+    keys = ("input_shape", "dtype", "model_name", "training", "amp") + _GRAPH_COUNTS + ("memory_timeline",)
+    return a.nodes == b.nodes and all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
+
+
 class BatchGraphs:
     """One model's layer graph at any batch size from two captures (:func:`graph_at_batch`).
 
@@ -360,6 +367,12 @@ class BatchGraphs:
         if n not in self._captured:
             self._captured[n] = self._capture_at(n)
         return self._captured[n]
+
+    def check(self, n: int) -> bool:
+        """Whether the graph derived at batch ``n`` equals a real capture there (one capture, which
+        is kept)."""
+        derived = self(n)
+        return derived is self.captured(n) or same_graph(derived, self.captured(n))
 
     def __call__(self, n: int) -> LayerGraph:
         n = int(n)
