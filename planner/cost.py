@@ -59,7 +59,7 @@ from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
-           "CostError"]
+           "CostError", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 # A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
@@ -106,6 +106,29 @@ class DeviceProfile:
     def flops_for(self, dtype: str) -> float:
         return self.flops.get(dtype) or self.flops.get("float32") or next(iter(self.flops.values()))
 
+    @property
+    def device_memory(self) -> Optional[int]:
+        """The device's memory in bytes, or ``None`` when the profile leaves it unknown (0)."""
+        m = self.memory
+        return int(m) if isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 else None
+
+    @property
+    def usable_memory(self) -> Optional[int]:
+        """The largest budget worth planning on this device (``None``: unknown).  A budget covers
+        the bytes the training step allocates; on a GPU the process also holds the CUDA context
+        (:data:`CUDA_CONTEXT_BYTES`) and the caching allocator's reserve (blocks it keeps after
+        freeing them, fragmentation: about :data:`ALLOCATOR_RESERVE` of the rest)."""
+        m = self.device_memory
+        if m is None or self.kind != "cuda":
+            return m
+        return int((m - CUDA_CONTEXT_BYTES) * (1 - ALLOCATOR_RESERVE))
+
+    @property
+    def datasheet(self) -> bool:
+        """Times predicted from a GPU's datasheet (peak FLOP/s, bandwidth), never calibrated on a
+        GPU (``planner calibrate --device cuda`` measures one)."""
+        return self.kind == "cuda" and not self.measured
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -119,6 +142,12 @@ class DeviceProfile:
 
 
 GB = 10**9
+#: What a CUDA process holds besides the bytes its training step allocates (what a budget
+#: covers): the CUDA context with cuBLAS and cuDNN loaded (about 0.5-1 GiB) ...
+CUDA_CONTEXT_BYTES = 2**30
+#: ... and the caching allocator's reserve, a share of the rest (PyTorch keeps freed blocks
+#: for reuse; fragmentation leaves some of them too small to use)
+ALLOCATOR_RESERVE = 0.1
 # Datasheet peaks (dense, no sparsity).  Tensor-core rates are used for float32 as TF32 on
 # A100/H100/H200 (PyTorch's cuDNN convolutions allow TF32 by default).
 PROFILES: Dict[str, DeviceProfile] = {
