@@ -278,3 +278,20 @@ def test_budget_over_device_memory_warns(capfd, tmp_path):
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "200GB", "--batch", 2,
                        "--device-profile", prof)
     assert rc == 0 and err == "", err
+
+
+def test_batch_max_captures_every_batch_when_a_derived_graph_differs(capfd, monkeypatch):
+    """The answer's derived graph is compared with a capture; were they ever to differ, the
+    search runs again on captures only (the same answer here, where they do not differ)."""
+    from lrcnn.models.capture import BatchGraphs
+
+    argv = ["solve", "--model", "tiny_resnet", "--budget", "400MB", "--batch", "max", "--resolution", 32,
+            "--device-profile", "cpu", "--bn", "eval"]
+    rc, out, err = run(capfd, *argv)
+    assert rc == 0, err
+    monkeypatch.setattr(BatchGraphs, "check", lambda self, n: False)
+    rc, again, err = run(capfd, *argv)
+    assert rc == 0, err
+    first = [l for l in out.splitlines() if l.startswith("largest batch that fits")]
+    assert first == [l for l in again.splitlines() if l.startswith("largest batch that fits")]
+    assert "a derived graph differed from its capture" in again

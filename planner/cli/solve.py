@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -15,8 +16,8 @@ from lrcnn.planner.cost import ALLOCATOR_RESERVE, check_profile, CUDA_CONTEXT_BY
 from lrcnn.planner.files import check_output_path, write_csv_atomic
 from lrcnn.planner.ilp import InfeasibleError
 from lrcnn.planner.plan import OPTIMIZERS, precision
-from lrcnn.planner.solve import (BatchSearch, DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, max_batch, pareto_frame,
-                                 POLICIES, Solver, SOLVERS)
+from lrcnn.planner.solve import (BatchSearch, DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, pareto_frame, POLICIES,
+                                 Solver, SOLVERS)
 from lrcnn.planner.units import fmt_both, fmt_bytes, format_table, parse_bytes
 
 BUDGET_HELP = (f"memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes.  It covers the bytes the training "
@@ -164,20 +165,24 @@ def _warn(text: str) -> None:
     print(f"planner: warning: {text}", file=sys.stderr)
 
 
-def _capture_search(args, budget: int, world):
-    """``--batch max`` by a capture and a full pricing per batch tried (the way before derived
-    graphs): the fallback where a derived graph differs from a capture."""
-    cache = {}
-
-    def reserve(s) -> int:
-        return s.graph.param_bytes if (world or 1) > 1 else 0
-
-    def fits_at(n):
-        s = solver_for(args, n)
-        cache[n] = s
-        return s.fits(budget - reserve(s)), s.min_peak()
-
-    return max_batch(fits_at, budget), cache
+def _batch_search(args, graphs, budget: int, world, slowdown):
+    """``--batch max`` (with ``slowdown``: ``--max-slowdown``) over the graphs ``graphs(n)``:
+    (the search, the batch found, the plain step's largest batch and its step time)."""
+    search = _search(args, graphs, budget, world)
+    plain_n = search.largest_plain()
+    plain_t = search.solver(plain_n).baseline()["time_s"] if plain_n else None
+    if slowdown is None:
+        guess = search.estimate(max(plain_n, 1), _cheap_policy(args))[0]
+        return search, search.largest(start=max(guess, 1)), plain_n, plain_t
+    if not plain_n:
+        raise UsageError(f"--max-slowdown compares with the plain step's time per sample at its largest batch, but "
+                         f"the plain step fits no batch in {fmt_both(budget)}: drop --max-slowdown (--batch max "
+                         f"finds the largest batch a plan fits)")
+    limit_s = slowdown * plain_t / plain_n
+    if not search.passes(plain_n, limit_s):
+        raise UsageError(f"--max-slowdown {slowdown:g}: the plain step at its largest batch {plain_n} takes 1x "
+                         f"its own time per sample; give 1 or more")
+    return search, search.largest(start=plain_n, slowdown=limit_s), plain_n, plain_t
 
 
 def command(args) -> int:
@@ -215,36 +220,21 @@ def command(args) -> int:
     notes = []
     if batch == "max":
         graphs = BatchGraphs(_capture_at(args), base=2)
-        search = _search(args, graphs, budget, world)
-        plain_n = search.largest_plain()
-        plain_t = search.solver(plain_n).baseline()["time_s"] if plain_n else None
-        who = "per-process " if world else ""
-        if slowdown is not None:
-            if not plain_n:
-                raise UsageError(f"--max-slowdown compares with the plain step's time per sample at its largest "
-                                 f"batch, but the plain step fits no batch in {fmt_both(budget)}: drop "
-                                 f"--max-slowdown (--batch max finds the largest batch a plan fits)")
-            limit_s = slowdown * plain_t / plain_n
-            if not search.passes(plain_n, limit_s):
-                raise UsageError(f"--max-slowdown {slowdown:g}: the plain step at its largest batch {plain_n} "
-                                 f"takes 1x its own time per sample; give 1 or more")
-            batch = search.largest(start=plain_n, slowdown=limit_s)
-        else:
-            guess = search.estimate(max(plain_n, 1), _cheap_policy(args))[0]
-            batch = search.largest(start=max(guess, 1))
+        search, batch, plain_n, plain_t = _batch_search(args, graphs, budget, world, slowdown)
+        same = not batch or graphs.check(batch)  # (one more capture)
+        how = (f"{graphs.captures} captures (the graph at every other batch derived from them), "
+               f"{len(search.priced)} batches priced")
+        if not same:
+            # (never seen: tests compare derived graphs with captures) again, capturing every batch
+            captured = functools.lru_cache(maxsize=None)(_capture_at(args))
+            search, batch, plain_n, plain_t = _batch_search(args, captured, budget, world, slowdown)
+            how = (f"{captured.cache_info().currsize} captures (a derived graph differed from its capture), "
+                   f"{len(search.priced)} batches priced")
         if batch == 0:
             s1 = search.solver(1)
             raise InfeasibleError(budget, s1.smallest_budget() + reserve(s1), s1.hint)
-        if graphs.check(batch):
-            solver = search.solver(batch)
-            how = (f"{graphs.captures} captures (the graph at every other batch derived from them), "
-                   f"{len(search.priced)} batches priced")
-        else:  # (never seen: the tests compare derived graphs with captures) the slow, sure way
-            batch, cache = _capture_search(args, budget, world)
-            if batch == 0:
-                raise InfeasibleError(budget, cache[1].smallest_budget() + reserve(cache[1]), cache[1].hint)
-            solver = cache[batch]
-            how = f"{len(cache)} captures (a derived graph differed from its capture)"
+        solver = search.solver(batch)
+        who = "per-process " if world else ""
     else:
         solver = solver_for(args, batch)
     held = reserve(solver)
