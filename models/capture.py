@@ -14,8 +14,8 @@ import json
 import logging
 import re as _re
 import weakref
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -263,6 +263,128 @@ class LayerGraph:
 
 
 # ------------------------------------------------------------------------------------------------
+# the graph at another batch size
+
+def _affine(va, vb, n: int, a: int):
+    """The value at batch ``n`` of a field that is ``va`` at batch ``a`` and ``vb`` at ``a + 1``:
+    equal values are kept, integers (and tuples of them, shapes) follow the line through both;
+    :data:`_NO_LINE` where the field is neither (then no graph can be derived)."""
+    if va == vb:
+        return va
+    if isinstance(va, int) and isinstance(vb, int) and not isinstance(va, bool) and not isinstance(vb, bool):
+        return va + (vb - va) * (n - a)
+    if isinstance(va, tuple) and isinstance(vb, tuple) and len(va) == len(vb):
+        out = tuple(_affine(x, y, n, a) for x, y in zip(va, vb))
+        return _NO_LINE if any(v is _NO_LINE for v in out) else out
+    return _NO_LINE
+
+
+_NO_LINE = object()
+
+
+_GRAPH_COUNTS = ("buffer_bytes", "saved_input_bytes")  # LayerGraph's totals set by capture()
+
+
+def graph_at_batch(ga: LayerGraph, gb: LayerGraph, n: int) -> LayerGraph:
+    """The layer graph at batch ``n`` from captures of one model at two consecutive batches
+    ``ga`` (batch a) and ``gb`` (batch a + 1), without capturing again.
+
+    What a capture records per node is affine in the batch: a tensor's bytes and an op's FLOPs
+    grow with its rows of the batch, and what does not belong to a sample (parameters, their
+    gradients, optimizer state, BatchNorm statistics, buffers) stays; so every byte, FLOP and
+    shape field is ``value(a) + (value(a + 1) - value(a)) * (n - a)``, exactly (tests compare
+    such graphs with real captures field by field).  :class:`CaptureError` when the two graphs
+    differ otherwise (another structure: no line to follow)."""
+    a = int(ga.input_shape[0])
+    if int(gb.input_shape[0]) != a + 1 or len(ga.nodes) != len(gb.nodes) or n < 1:
+        raise CaptureError(f"cannot derive batch {n} from captures at batches {ga.input_shape[0]} and "
+                           f"{gb.input_shape[0]}: give two consecutive batches of one model")
+    if (ga.dtype, ga.model_name, ga.training, ga.amp) != (gb.dtype, gb.model_name, gb.training, gb.amp):
+        raise CaptureError(f"cannot derive batch {n}: the captures at batches {a} and {a + 1} differ in "
+                           f"dtype, model, training mode or autocast")
+    ta, tb = getattr(ga, "memory_timeline", None), getattr(gb, "memory_timeline", None)
+    if ta is None or tb is None or len(ta) != len(tb) or any(
+            la != lb or len(ea) != len(eb) for (la, _, ea), (lb, _, eb) in zip(ta, tb)):
+        raise CaptureError(f"cannot derive batch {n} of {ga.model_name or 'the model'}: the steps captured at "
+                           f"batches {a} and {a + 1} run different ops; capture at batch {n}")
+    # live bytes at every mark and after every op are affine; the peaks between marks are the
+    # largest of them, so the profile fields that are peaks are found again from the timeline
+    timeline = [(la, _affine(va, vb, n, a), tuple(_affine(x, y, n, a) for x, y in zip(ea, eb)))
+                for (la, va, ea), (_, vb, eb) in zip(ta, tb)]
+    peaks = _timeline_fields(timeline)
+    nodes = []
+    for x, y in zip(ga.nodes, gb.nodes):
+        changes = {}
+        for f in fields(Node):
+            va, vb = getattr(x, f.name), getattr(y, f.name)
+            v = _affine(va, vb, n, a)
+            if v is _NO_LINE:
+                raise CaptureError(f"cannot derive batch {n} of {ga.model_name or 'the model'}: node "
+                                   f"{x.name}'s {f.name} is {va!r} at batch {a} and {vb!r} at batch {a + 1}")
+            if v is not va:
+                changes[f.name] = v
+        changes.update({k: peaks.get(x.name, {}).get(k, 0) for k in ("fwd_work", "bwd_peak", "bwd_net")})
+        nodes.append(replace(x, **changes))
+    g = LayerGraph(nodes, _affine(ga.input_shape, gb.input_shape, n, a), ga.dtype, ga.model_name,
+                   training=ga.training, amp=ga.amp)
+    for k in _GRAPH_COUNTS:
+        if hasattr(ga, k):
+            setattr(g, k, _affine(getattr(ga, k), getattr(gb, k), n, a))
+    g.memory_timeline = timeline
+    return g
+
+
+def same_graph(a: LayerGraph, b: LayerGraph) -> bool:
+    """Whether two graphs agree in every field a capture records (nodes, input shape, dtype,
+    autocast, totals and the memory timeline)."""
+    keys = ("input_shape", "dtype", "model_name", "training", "amp") + _GRAPH_COUNTS + ("memory_timeline",)
+    return a.nodes == b.nodes and all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
+
+
+class BatchGraphs:
+    """One model's layer graph at any batch size from two captures (:func:`graph_at_batch`).
+
+    ``capture_at(n)`` captures the model at batch ``n``; it runs for ``base`` and ``base + 1``
+    (``base`` at least 2) and for batch 1 (a real capture refuses what the model refuses there,
+    a train-mode BatchNorm over one value per channel), every other batch is derived.
+    ``captures`` counts the captures made."""
+
+    def __init__(self, capture_at: Callable[[int], LayerGraph], base: int = 2):
+        self._capture_at = capture_at
+        self.base = max(2, int(base))
+        self._captured: Dict[int, LayerGraph] = {}
+        self._graphs: Dict[int, LayerGraph] = {}
+
+    @property
+    def captures(self) -> int:
+        return len(self._captured)
+
+    def add(self, graph: LayerGraph) -> None:
+        """A capture made elsewhere (at its own batch), used as if captured here."""
+        self._captured[int(graph.input_shape[0])] = graph
+
+    def captured(self, n: int) -> LayerGraph:
+        """A real capture at batch ``n`` (made once)."""
+        if n not in self._captured:
+            self._captured[n] = self._capture_at(n)
+        return self._captured[n]
+
+    def check(self, n: int) -> bool:
+        """Whether the graph derived at batch ``n`` equals a real capture there (one capture, which
+        is kept)."""
+        derived = self(n)
+        return derived is self.captured(n) or same_graph(derived, self.captured(n))
+
+    def __call__(self, n: int) -> LayerGraph:
+        n = int(n)
+        if n in self._captured or n < 2 or n in (self.base, self.base + 1):
+            return self.captured(n)
+        if n not in self._graphs:
+            self._graphs[n] = graph_at_batch(self.captured(self.base), self.captured(self.base + 1), n)
+        return self._graphs[n]
+
+
+# ------------------------------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, changed so that tracing never runs the model's own code on its real state
@@ -426,7 +548,7 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
     seen: set = set()
     current = {"node": None}
     hooked: set = set()
-    tracker = StorageTracker()
+    tracker = _SpanTracker()
 
     def rec(name):
         return prof.setdefault(name, {"alias": False, "saves": [], "also_saves": [], "extra_saved": 0,
@@ -505,16 +627,50 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
             tracker.mark(("end", ""))
             del loss
         del out
-    tl = tracker.timeline
-    for i, ((kind, name), live, _) in enumerate(tl):
+    timeline = [(label, live, tuple(ev)) for (label, live, _), ev in zip(tracker.timeline, tracker.spans)]
+    for name, fields_ in _timeline_fields(timeline).items():
+        rec(name).update(fields_)
+    return prof, timeline
+
+
+def _timeline_fields(timeline) -> Dict[str, Dict[str, int]]:
+    """The profile fields the memory timeline of a step gives (``fwd_work``, ``bwd_peak``,
+    ``bwd_net`` per node).  ``timeline``: per mark ``((kind, node), live bytes, live bytes after
+    each op since the previous mark)``; the peak between two marks is the largest of the first
+    mark's live bytes and those (what the tracker's running peak is)."""
+    out: Dict[str, Dict[str, int]] = {}
+    peak = [live for _, live, _ in timeline]
+    for i in range(1, len(timeline)):
+        peak[i] = max([timeline[i - 1][1], *timeline[i][2]])
+    for i, ((kind, name), live, _) in enumerate(timeline):
         if kind == "post":
-            r = rec(name)
-            r["fwd_work"] = max(0, tl[i][2] - live)
-        elif kind == "bwd" and i + 1 < len(tl):
-            r = rec(name)
-            r["bwd_peak"] += max(0, tl[i + 1][2] - live)
-            r["bwd_net"] += tl[i + 1][1] - live
-    return prof
+            out.setdefault(name, {"bwd_peak": 0, "bwd_net": 0})["fwd_work"] = max(0, peak[i] - live)
+        elif kind == "bwd" and i + 1 < len(timeline):
+            r = out.setdefault(name, {"bwd_peak": 0, "bwd_net": 0})
+            r["bwd_peak"] += max(0, peak[i + 1] - live)
+            r["bwd_net"] += timeline[i + 1][1] - live
+    return out
+
+
+class _SpanTracker(StorageTracker):
+    """:class:`StorageTracker` that also keeps the live bytes after every op, per span between
+    marks (``spans[i]``: the ops before mark ``i``): a step's peaks at another batch size follow
+    from them (each is affine in the batch, a peak the largest of them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans: List[List[int]] = []
+        self._span: List[int] = []
+
+    def _record(self, label, live: int, since_mark: int) -> None:
+        super()._record(label, live, since_mark)
+        self.spans.append(self._span)
+        self._span = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self._span.append(self.live)
+        return out
 
 
 # torch's messages for a map too small for a kernel, a pooling or a padding (the input's H or W)
@@ -642,7 +798,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             x = torch.empty(input_shape, dtype=dtype, device=device).requires_grad_(True)
             input_key.add(_storage_key(x))
             functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
-        profile = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
+        profile, timeline = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
     except LrcnnError:  # lrcnn code the model runs refused something: its own message names the fix
         raise
     except Exception as e:
@@ -729,6 +885,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     graph.buffer_bytes = sum(b.numel() * (esize if b.is_floating_point() else b.element_size())
                              for b in gm.buffers())
     graph.saved_input_bytes = sum(r.get("saved_input", 0) for r in records.values())
+    graph.memory_timeline = timeline  # (graph_at_batch derives the peaks at other batches from it)
     return graph
 
 

@@ -60,7 +60,7 @@ from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
-           "CostError"]
+           "CostError", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 # A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
@@ -106,6 +106,29 @@ class DeviceProfile:
 
     def flops_for(self, dtype: str) -> float:
         return self.flops.get(dtype) or self.flops.get("float32") or next(iter(self.flops.values()))
+
+    @property
+    def device_memory(self) -> Optional[int]:
+        """The device's memory in bytes, or ``None`` when the profile leaves it unknown (0)."""
+        m = self.memory
+        return int(m) if isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 else None
+
+    @property
+    def usable_memory(self) -> Optional[int]:
+        """The largest budget worth planning on this device (``None``: unknown).  A budget covers
+        the bytes the training step allocates; on a GPU the process also holds the CUDA context
+        (:data:`CUDA_CONTEXT_BYTES`) and the caching allocator's reserve (blocks it keeps after
+        freeing them, fragmentation: about :data:`ALLOCATOR_RESERVE` of the rest)."""
+        m = self.device_memory
+        if m is None or self.kind != "cuda":
+            return m
+        return int((m - CUDA_CONTEXT_BYTES) * (1 - ALLOCATOR_RESERVE))
+
+    @property
+    def datasheet(self) -> bool:
+        """Times predicted from a GPU's datasheet (peak FLOP/s, bandwidth), never calibrated on a
+        GPU (``planner calibrate --device cuda`` measures one)."""
+        return self.kind == "cuda" and not self.measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,6 +182,12 @@ class DeviceProfile:
 
 
 GB = 10**9
+#: What a CUDA process holds besides the bytes its training step allocates (what a budget
+#: covers): the CUDA context with cuBLAS and cuDNN loaded (about 0.5-1 GiB) ...
+CUDA_CONTEXT_BYTES = 2**30
+#: ... and the caching allocator's reserve, a share of the rest (PyTorch keeps freed blocks
+#: for reuse; fragmentation leaves some of them too small to use)
+ALLOCATOR_RESERVE = 0.1
 # Datasheet peaks (dense, no sparsity).  Tensor-core rates are used for float32 as TF32 on
 # A100/H100/H200 (PyTorch's cuDNN convolutions allow TF32 by default).
 PROFILES: Dict[str, DeviceProfile] = {
@@ -345,6 +374,7 @@ class CostModel:
         self.compiled = bool(compiled)
         self.rg = graph.row_graph()
         self._cache: Dict[tuple, SegmentCost] = {}
+        self._time_terms: Dict[tuple, tuple] = {}  # _time's per-node terms
         self._consumers = graph.consumers()
         nodes = graph.nodes
         self._esize = max(1, nodes[0].out_bytes // max(1, math.prod(nodes[0].shape)))
@@ -428,7 +458,7 @@ class CostModel:
 
     def _walk(self, nodes, scale: Dict[str, float], store: bool,
               sizes: Optional[Dict[str, int]] = None, keep_output: bool = True,
-              storage: Optional[Tuple[Dict[str, str], set]] = None) -> Tuple[int, int]:
+              storage: Optional[Tuple[Dict[str, str], set]] = None, keep: Sequence[str] = ()) -> Tuple[int, int]:
         """Forward liveness over ``nodes`` (a segment): (peak, live at the end), relative.
 
         The segment input is not counted (it belongs to the segment before).  ``store``: values
@@ -439,8 +469,17 @@ class CostModel:
         (:meth:`_strip_graph`: every node has its own storage there).  ``storage``: (owner of
         each node's storage, the storages autograd saves) when they differ from the plain
         step's, with ``sizes`` 0 for a node that shares its owner's storage (a recompute set:
-        :meth:`_recompute_effect`).
+        :meth:`_recompute_effect`).  ``keep``: values that stay live anyway (autograd roots of a
+        row strip's backward), as if saved.
         """
+        return self._walk_run(self._walk_plan(nodes, scale, sizes, keep_output, storage), store, keep)
+
+    def _walk_plan(self, nodes, scale: Dict[str, float], sizes: Optional[Dict[str, int]] = None,
+                   keep_output: bool = True, storage: Optional[Tuple[Dict[str, str], set]] = None):
+        """What :meth:`_walk` follows, whatever ``store`` and ``keep``: per node, the bytes its call
+        peaks at above the live ones, the bytes of its output and of what it keeps besides, and
+        the values (with their bytes) whose last use it is; and the values the nodes save.  A row
+        strip's forward, recompute and gradient-constant sweeps walk one plan."""
         names = [n.name for n in nodes]
         last = names[-1]
         owner = self._owner if sizes is None else {n: n for n in names}
@@ -461,8 +500,9 @@ class CostModel:
                     saved.add(n.name if (n.alias and self._owner[n.name] == p) else p)
         if storage is not None:
             saved = set(storage[1])
-        live, peak = 0, 0
+        steps = []
         size: Dict[str, int] = {}
+        rnd = self._round
         for i, n in enumerate(nodes):
             f = scale.get(n.name, 1.0)
             o = owner[n.name]
@@ -471,21 +511,34 @@ class CostModel:
             # half-precision weight copy) exists as it returns, saved (store) or not
             # (a parameter's cast copy is whole in every strip: extra_fixed is not scaled)
             fixed = n.extra_fixed
-            extra = self._round((n.extra_saved - fixed) * f) + self._round(fixed)
-            peak = max(peak, live + new + extra + self._round(n.fwd_work * f))
+            extra = rnd((n.extra_saved - fixed) * f) + rnd(fixed)
+            top = new + extra + rnd(n.fwd_work * f)
             if new:
                 size[o] = size.get(o, 0) + new
-                live += new
-            if store:
-                live += extra
             if not keep_output and i == len(nodes) - 1:
                 last_use[owner[last]] = i  # freed at once unless saved
+            frees = []
             for key in {owner.get(u, u) for u in n.inputs} | {o}:
                 if key not in size or last_use.get(key) != i or (keep_output and key == owner[last]):
                     continue
-                if store and key in saved:
-                    continue
-                live -= size.pop(key)
+                frees.append((key, size.pop(key)))
+            steps.append((top, new, extra, frees))
+        return steps, saved
+
+    @staticmethod
+    def _walk_run(plan, store: bool, keep: Sequence[str] = ()) -> Tuple[int, int]:
+        """(peak, live at the end) of a :meth:`_walk_plan` with or without autograd saving."""
+        steps, saved = plan
+        if keep:
+            saved = saved | set(keep)
+        live, peak = 0, 0
+        for top, new, extra, frees in steps:
+            if live + top > peak:
+                peak = live + top
+            live += new + extra if store else new
+            for key, b in frees:
+                if not (store and key in saved):
+                    live -= b
         return peak, live
 
     def _store_backward(self, nodes, scale: Dict[str, float], retain: Optional[Dict[str, int]] = None,
@@ -575,12 +628,16 @@ class CostModel:
         if n.kind in (_ops.INPUT, _ops.OUTPUT) or (n.alias and not n.flops_fwd) or f <= 0:
             return 0.0
         flops = (n.flops_bwd if backward else n.flops_fwd) * f
-        ins = sum(self.graph[u].out_bytes for u in n.inputs)
         stats = batch_stats and n.batch_stats
+        key = (n.name, backward, warm, stats)
+        hit = self._time_terms.get(key)
+        if hit is None:  # (what does not depend on f: the candidates ask for many row shares)
+            ins = sum(self.graph[u].out_bytes for u in n.inputs)
+            hit = self._time_terms[key] = (ins, self._fit(_ops.time_class(n.op, n.groups, stats), backward, warm))
+        ins, fit = hit
         moved = (n.out_bytes + ins) * f * (2 if backward else 1) + n.param_bytes * (2 if backward else 1)
         if stats and not backward:
             moved += ins * f  # the statistics read the input once more
-        fit = self._fit(_ops.time_class(n.op, n.groups, stats), backward, warm)
         if fit:
             work = flops if n.op in ("conv2d", "linear") else \
                 math.prod(n.shape) * f * (2 if backward else 1)
@@ -832,8 +889,9 @@ class CostModel:
             # (a node that computes no rows in this strip neither saves nor back-propagates)
             mem = {n: band[n] if strip[n].computed else 0.0 for n in names}
             sgraph, sizes = self._strip_graph(g, nodes, by, strip)
+            walk = self._walk_plan(sgraph, mem, sizes=sizes)
             # forward (no grad): bands live until their last use; output rows copied into the map
-            pk, _ = self._walk(sgraph, mem, store=False, sizes=sizes)
+            pk, _ = self._walk_run(walk, store=False)
             carry = 0
             if seg.policy == "2ps" and i + 1 < sched.strips:
                 nxt = sched.rows[i + 1]
@@ -851,8 +909,8 @@ class CostModel:
                     below = self._carry_grads(by, sched, i + 1)
                     pend = sum(below.values())
                     roots = [n for n in below if strip[n].computed]
-            sgraph, sizes = self._strip_graph(g, nodes, by, strip, keep=roots)
-            rpk, rkeep = self._walk(sgraph, mem, store=True, sizes=sizes)
+            # (the same tensors as the forward's; ``keep`` adds the roots to what stays live)
+            rpk, rkeep = self._walk_run(walk, store=True, keep=roots)
             # training-mode BN in strips (executor.rows._BNStrip, an autograd root through a
             # scalar token): its backward holds xhat next to the input gradient (one band of the
             # rows it computes; the constant part of the rows it owns is made in place on xhat),
@@ -883,8 +941,7 @@ class CostModel:
                 below_c = {n: v for n, v in below.items() if n in carry_nodes}
                 roots_c = [n for n in below_c if strip[n].computed]
                 held = [t for t in targets if strip[t].computed]
-                sg, sz = self._strip_graph(g, nodes, by, strip, keep=roots_c + held)
-                cpk, ckeep = self._walk(sg, mem, store=True, sizes=sz)
+                cpk, ckeep = self._walk_run(walk, store=True, keep=roots_c + held)
                 cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
                                                params=False)
                 const = max(const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
@@ -1078,7 +1135,7 @@ class CostModel:
             out[n] = self._round(row * rows)
         return out
 
-    def _strip_graph(self, g, nodes, by, strip, keep: Sequence[str] = ()):
+    def _strip_graph(self, g, nodes, by, strip):
         """The tensors one strip makes, as a graph :meth:`_walk` follows (with its ``sizes``).
 
         Per node: its newly computed rows (named as the node); for a 2PS node with carried rows
@@ -1087,14 +1144,13 @@ class CostModel:
         (``node#pad``, before the node).  What each op saves is mapped onto these tensors the way
         the executor's strip ops make them: an op saves the band (or padded copy) it read, and an
         op that saves its own output (ReLU, in place in the full model) saves its new rows.
-        ``keep``: nodes whose new rows stay live anyway (autograd roots of a backward strip).
-        Returns (the graph, ``sizes``).
+        The same graph serves a strip's forward, recompute and gradient-constant sweeps (what
+        each keeps live besides: :meth:`_walk`'s ``keep``).  Returns (the graph, ``sizes``).
         """
 
         out: List[_StripNode] = []
         sizes: Dict[str, int] = {}
         band_key: Dict[str, str] = {}
-        keep = set(keep)
         for n in nodes:
             name = n.name
             r = strip[name]
@@ -1128,8 +1184,6 @@ class CostModel:
             if n.alias and extra:  # an in-place op keeps a copy of its input; out of place, the input
                 saves.append(band_key.get(n.inputs[0], n.inputs[0]))
                 extra = 0
-            if name in keep:
-                saves.append(name)
             # a half-precision map's BN normalises its rows in float32 (one float32 temporary)
             work = n.fwd_work + (n.out_bytes * BN_HALF_FWD * self._half_bn(n) if n.batch_stats else 0)
             out.append(_StripNode(name, ins, saves, extra, work, fixed if extra else 0))

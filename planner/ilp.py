@@ -305,9 +305,15 @@ class Problem:
 
     # -- dynamic programmes ----------------------------------------------------------------------
     def _min_keep_feasible(self, cap: int) -> bool:
+        return self._min_keep(cap)[0]
+
+    def _min_keep(self, cap: int) -> Tuple[bool, List[Optional[Candidate]]]:
+        """Whether a plan fits ``cap`` (the min-keep DP), and per boundary the last candidate of
+        the path that reaches it keeping the least."""
         INF = float("inf")
         best = [INF] * (self.U + 1)
         best[0] = 0
+        last: List[Optional[Candidate]] = [None] * (self.U + 1)
         for b in range(self.U):
             M = best[b]
             if M == INF:
@@ -316,7 +322,21 @@ class Problem:
                 e = c.j + 1
                 if M + c.q[1] <= cap and M + self.grad_suffix[e] + c.q[2] <= cap and M + c.q[0] < best[e]:
                     best[e] = M + c.q[0]
-        return best[self.U] + self.tail_q <= cap and self.grad_suffix[0] + _ceil_div(self.opt_peak, self.quantum) <= cap
+                    last[e] = c
+        ok = best[self.U] + self.tail_q <= cap and self.grad_suffix[0] + _ceil_div(self.opt_peak, self.quantum) <= cap
+        return ok, last
+
+    def min_peak_path(self) -> List[Candidate]:
+        """A plan with the smallest peak (:meth:`min_peak`): the min-keep DP's path at that cap."""
+        ok, last = self._min_keep(self.min_cap())
+        path: List[Candidate] = []
+        b = self.U
+        while b > 0 and last[b] is not None:
+            path.append(last[b])
+            b = last[b].i
+        if not ok or b != 0:
+            raise ValueError("no plan is feasible at the smallest cap")
+        return path[::-1]
 
     def min_cap(self) -> int:
         """Smallest quantised cap that admits a plan (bisection on the min-keep DP)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -438,3 +439,186 @@ def pareto_frame(solver, points: int = 10, lo: Optional[int] = None, hi: Optiona
             "segments": " ".join(f"{k}:{v}" for k, v in sorted(modes.items())),
         })
     return pd.DataFrame(rows)
+
+
+def _largest(test: Callable[[int], Tuple[bool, int]], lo: int, hi: int, target: float) -> int:
+    """Largest ``n`` in ``[lo, hi)`` with ``test(n)[0]``, where ``lo`` passes (or is 0) and ``hi``
+    fails (or bounds the search), ``test`` true up to the answer and false after it.  ``test(n)``
+    returns (passes, peak bytes); secant guesses on the peak (about linear in the batch) alternate
+    with bisection, as in :func:`max_batch`."""
+    plo = phi = slope = None
+    turn = 0
+    while hi - lo > 1:
+        turn += 1
+        if turn % 2 == 0 and plo is not None and phi is not None and phi > plo:
+            c = lo + int((target - plo) * (hi - lo) / (phi - plo))  # secant across the bracket
+        elif turn % 2 == 1 and plo is not None and (slope or lo):
+            c = lo + int((target - plo) / (slope or plo / lo))  # along the slope (else through 0)
+        else:
+            c = (lo + hi) // 2
+        c = min(max(c, lo + 1), hi - 1)
+        ok, pk = test(c)
+        if ok:
+            if plo is not None and pk > plo:
+                slope = (pk - plo) / (c - lo)
+            lo, plo = c, pk
+        else:
+            hi, phi = c, pk
+    return lo
+
+
+class BatchSearch:
+    """One model's solvers at every batch size, and the searches over the batch that ``solve
+    --batch max`` answers, capturing the model twice (:class:`lrcnn.models.capture.BatchGraphs`:
+    every other batch's graph is derived, exactly).
+
+    ``graphs(n)``: the graph at batch ``n``; ``make_solver(graph, **overrides)``: a
+    :class:`Solver` for a graph (``overrides``: another ``policy``); ``budget``: device bytes;
+    ``reserve(graph)``: bytes held back from the budget at that batch (DDP's gradient buckets).
+
+    Pricing every candidate at a batch (:attr:`Solver.problem`) is the costly step, so the search
+    prices few batches: a plan found at one batch says, cheaply, up to which batch that plan fits
+    (its segments priced again at each size), and that is the next batch priced; the answer is
+    the same as testing every batch (the smallest plan's peak grows with the batch: the search
+    assumes so, as :func:`max_batch` does).  :attr:`priced` lists the batches priced."""
+
+    def __init__(self, graphs: Callable[[int], Any], make_solver: Callable[..., "Solver"], budget: int,
+                 reserve: Optional[Callable[[Any], int]] = None, limit: int = 1 << 16,
+                 time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP):
+        self.graphs, self.make_solver, self.budget, self.limit = graphs, make_solver, int(budget), int(limit)
+        self.reserve = reserve or (lambda g: 0)
+        self.time_limit, self.gap = time_limit, gap
+        self._solvers: Dict[Tuple[int, str], Solver] = {}
+        self._exact: Dict[Tuple[int, Optional[float]], Tuple[bool, Any]] = {}
+        self.priced: List[int] = []
+
+    # -- one batch ----------------------------------------------------------------------------
+    def solver(self, n: int, policy: Optional[str] = None) -> "Solver":
+        key = (int(n), policy or "")
+        s = self._solvers.get(key)
+        if s is None:
+            s = self._solvers[key] = self.make_solver(self.graphs(int(n)), **({"policy": policy} if policy else {}))
+        return s
+
+    def budget_at(self, n: int) -> int:
+        """The budget a plan at batch ``n`` has (the reserve held back)."""
+        return self.budget - self.reserve(self.graphs(n))
+
+    def plain_fits(self, n: int) -> bool:
+        """The plain step (no plan) fits at batch ``n``: what :meth:`Solver.solve` tests first."""
+        s, b = self.solver(n), self.budget_at(n)
+        return s.baseline()["peak"] <= b - int(b * s.headroom)
+
+    def plan_at(self, n: int, segments: Sequence[Segment]) -> Dict[str, float]:
+        """compose() of a plan's ``segments`` at batch ``n`` (peak, phases, step time)."""
+        cm = self.solver(n).cm
+        return cm.compose([cm.segment(s) for s in cm.cover(list(segments))])
+
+    def _plan_test(self, segments, slowdown: Optional[float] = None):
+        """Cheap: at batch m, whether the plan of ``segments`` fits (and keeps the time per sample
+        within ``slowdown``), with its peak."""
+        def test(m: int) -> Tuple[bool, int]:
+            c = self.plan_at(m, segments)
+            ok = self.solver(m).budget_for(c["peak"]) <= self.budget_at(m)
+            if ok and slowdown is not None:
+                ok = c["time_s"] / m <= slowdown
+            return ok, int(c["peak"])
+        return test
+
+    def _fits(self, n: int, slowdown: Optional[float] = None):
+        """Exact at batch ``n`` (every candidate priced): (whether a plan fits, and within the
+        time per sample ``slowdown`` when given; a cheap test from the plan found here)."""
+        key = (int(n), slowdown)
+        if key not in self._exact:
+            s, b = self.solver(n), self.budget_at(n)
+            plain = slowdown is not None and self.plain_fits(n)
+            if not plain:
+                self.priced.append(int(n))
+            if plain:
+                plan = s.solve(b)
+                ok = plan.predicted["time_s"] / n <= slowdown
+                guide = self._plan_test(plan.segments, slowdown=slowdown)
+            elif not s.fits(b):
+                ok, guide = False, self._plan_test([c.seg for c in s.problem.min_peak_path()], slowdown=slowdown)
+            elif slowdown is None:
+                ok, guide = True, self._plan_test([c.seg for c in s.problem.min_peak_path()])
+            else:
+                plan = s.solve(b, time_limit=self.time_limit, gap=self.gap)
+                ok = plan.predicted["time_s"] / n <= slowdown
+                guide = self._rescaled_test(n, slowdown)
+            self._exact[key] = (ok, guide)
+        return self._exact[key]
+
+    def _rescaled_test(self, n: int, slowdown: float):
+        """Cheap, from the candidates priced at batch ``n``: at batch m, whether the fastest plan
+        at ``n`` whose activations would fit batch m's budget (their bytes scaled by m / n; the
+        exact DP over the priced candidates) fits at m and keeps the time per sample within
+        ``slowdown``, with its peak.  The fastest plan at ``n`` itself fills the budget, so it
+        fits few larger batches; this one leaves room for them."""
+        s = self.solver(n)
+        p = s.problem
+
+        def test(m: int) -> Tuple[bool, int]:
+            sm, bm = self.solver(m), self.budget_at(m)
+            room = (bm - int(bm * sm.headroom) - sm.cm.fixed_bytes()) * n / m
+            path = p.pareto_dp(int(room) // p.quantum, max_labels=DP_LABELS) if room > 0 else None
+            if not path:
+                return False, 1 << 62
+            return self._plan_test([c.seg for c in path], slowdown=slowdown)(m)
+        return test
+
+    # -- searches -----------------------------------------------------------------------------
+    def target(self) -> float:
+        """The peak a budget allows, for the secant guesses (the tests decide)."""
+        return self.budget * (1 - HEADROOM)
+
+    def largest_plain(self) -> int:
+        """The largest batch the plain step fits (0: not even one sample)."""
+        # (from batch 3: batch 1 is a capture of its own, needed only when batch 3 does not fit)
+        return max_batch(lambda n: (self.plain_fits(n), self.solver(n).baseline()["peak"]), self.target(),
+                         self.limit, start=min(3, self.limit))
+
+    def estimate(self, n: int, policy: str = "overl") -> Tuple[int, float]:
+        """A batch a plan surely fits, found cheaply (a lower bound on :meth:`largest`; 0 if
+        none), and that plan's step time there: the smallest plan of a quicker search at batch
+        ``n`` (row segments of one ``policy``), grown to the largest batch it fits."""
+        segs = [c.seg for c in self.solver(n, policy).problem.min_peak_path()]
+        test = self._plan_test(segs)
+        ok, _ = test(n)
+        m = _largest(test, n if ok else 0, (self.limit + 1) if ok else n, self.target())
+        return m, (self.plan_at(m, segs)["time_s"] if m else math.nan)
+
+    def passes(self, n: int, slowdown: Optional[float] = None) -> bool:
+        """Exact at batch ``n``: a plan fits (and, with ``slowdown``, the fastest one that fits takes
+        at most ``slowdown`` seconds per sample)."""
+        return self._fits(n, slowdown)[0]
+
+    def largest(self, start: Optional[int] = None, slowdown: Optional[float] = None) -> int:
+        """The largest batch a plan fits (0: none), or with ``slowdown`` (seconds per sample)
+        the largest whose fastest plan within the budget takes at most that per sample (above
+        ``start``, which then passes: the plain step's largest batch).  ``start``: the first
+        batch priced (a good guess: :meth:`estimate`)."""
+        lo, hi = 0, self.limit + 1
+        guide = None
+        n = max(1, min(int(start or 1), self.limit))
+        checked = False  # the last batch priced was the one after a guide's answer
+        crawl = 0  # passes in a row that moved the answer by a batch or two
+        while hi - lo > 1:
+            n = min(max(n, lo + 1), hi - 1)
+            ok, g = self._fits(n, slowdown)
+            crawl = crawl + 1 if ok and n - lo <= 2 else 0
+            if ok:
+                lo = n
+            else:
+                hi = n
+            guide = g or guide
+            if hi - lo <= 1:
+                break
+            m = _largest(guide, lo, hi, self.target()) if guide is not None else lo
+            if m > lo and crawl < 3:
+                n, checked = m, False  # as far as the plan found fits
+            elif ok and not checked and crawl < 3:
+                n, checked = lo + 1, True  # the guide's answer passed: is it the last?
+            else:  # the guides no longer lead: bisect, or double
+                n, checked = ((lo + hi) // 2 if hi <= self.limit else 2 * lo), False
+        return lo

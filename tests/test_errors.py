@@ -67,6 +67,8 @@ INTERNAL = {
         "byte counts of the cost model are sizes, never negative",
     ("planner/ilp.py", "Problem.min_cap", "ValueError", "no plan is feasible at any budget"):
         "the all-store path fits a large enough cap; the bisection never runs off",
+    ("planner/ilp.py", "Problem.min_peak_path", "ValueError", "no plan is feasible at the smallest cap"):
+        "min_cap is the smallest cap the min-keep DP finds a path for; its path is that path",
     ("planner/ilp.py", "Problem.solve_ilp", "RuntimeError", "solver returned an inconsistent solution"):
         "the MILP solver's answer is neither a valid path nor infeasible: a solver bug, no input fixes it",
     ("executor/strips.py", "Band.rows", "RuntimeError", "internal: rows ["):

@@ -2,20 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import sys
+import time
 
 from lrcnn.errors import UsageError
-from lrcnn.models.capture import build_and_capture
+from lrcnn.models.capture import BatchGraphs, build_and_capture
 from lrcnn.models.zoo import BN_MODES, DTYPES
 from lrcnn.planner.cli.args import (add_amp_arg, DEFAULT_BATCH, EXIT_OK, positive_int, positive_int_value,
                                     positive_number, resolution_arg, shape_text)
-from lrcnn.planner.cost import check_profile
+from lrcnn.planner.cost import ALLOCATOR_RESERVE, check_profile, CUDA_CONTEXT_BYTES, load_profile
 from lrcnn.planner.files import check_output_path, write_csv_atomic
 from lrcnn.planner.ilp import InfeasibleError
 from lrcnn.planner.plan import OPTIMIZERS, precision
-from lrcnn.planner.solve import (DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, max_batch, pareto_frame, POLICIES,
+from lrcnn.planner.solve import (BatchSearch, DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, pareto_frame, POLICIES,
                                  Solver, SOLVERS)
 from lrcnn.planner.units import fmt_both, fmt_bytes, format_table, parse_bytes
+
+BUDGET_HELP = (f"memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes.  It covers the bytes the training "
+               f"step allocates (what torch.cuda.max_memory_allocated reports); the CUDA context and the caching "
+               f"allocator's reserve come on top: on a GPU leave about {CUDA_CONTEXT_BYTES / 2**30:g} GiB plus "
+               f"{ALLOCATOR_RESERVE:.0%} of the rest free (the summary says how much that is for the device "
+               f"profile)").replace("%", "%%")  # (argparse formats help with %)
 
 
 def batch_arg(text: str):
@@ -54,10 +63,13 @@ def add_parser(sub) -> None:
                     "(forward, each backward step, optimizer step) fits the budget.  Budgets are "
                     "device bytes: 8GB = 8*10^9, 8GiB = 8*2^30.")
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see 'planner models')")
-    p.add_argument("--budget", required=True, type=budget_arg, metavar="SIZE",
-                   help="memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes")
-    p.add_argument("--batch", type=batch_arg, default=DEFAULT_BATCH, metavar="N|max",
-                   help=f"batch size, or 'max': the largest batch a plan fits (default {DEFAULT_BATCH})")
+    p.add_argument("--budget", required=True, type=budget_arg, metavar="SIZE", help=BUDGET_HELP)
+    p.add_argument("--batch", type=batch_arg, default=None, metavar="N|max",
+                   help=f"batch size, or 'max': the largest batch a plan fits, with its samples/s against the "
+                        f"plain step's at the plain step's own largest batch (default {DEFAULT_BATCH})")
+    p.add_argument("--max-slowdown", type=positive_number("a factor such as 2"), default=None, metavar="X",
+                   help="with --batch max (implied): the largest batch whose time per sample is at most X times "
+                        "the plain step's at the largest batch the plain step fits")
     p.add_argument("--world-size", type=positive_int, default=None, metavar="W",
                    help="plan for W DistributedDataParallel processes: --batch is the global batch, split "
                         "evenly (the plan's batch is each process's; 'max': the largest per-process batch) "
@@ -102,68 +114,159 @@ def add_parser(sub) -> None:
     p.set_defaults(func=command)
 
 
-def solver_for(args, batch: int):
-    _, graph = build_and_capture(args.model, batch, args.resolution, args.dtype, args.bn, None, args.num_classes,
-                                 amp=args.amp)
-    return Solver(graph, args.model, policy=args.policy, bn=args.bn, strips=args.strips,
-                  optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver,
-                  compiled=getattr(args, "compiled", False), amp_rows=getattr(args, "amp_rows", False))
+def _capture_at(args):
+    def capture_at(n: int):
+        return build_and_capture(args.model, n, args.resolution, args.dtype, args.bn, None, args.num_classes,
+                                 amp=args.amp)[1]
+    return capture_at
+
+
+def _make_solver(args):
+    def make(graph, policy=None) -> Solver:
+        return Solver(graph, args.model, policy=policy or args.policy, bn=args.bn, strips=args.strips,
+                      optimizer=args.optimizer, device_profile=args.device_profile, solver=args.solver,
+                      compiled=getattr(args, "compiled", False), amp_rows=getattr(args, "amp_rows", False))
+    return make
+
+
+def solver_for(args, batch: int) -> Solver:
+    return _make_solver(args)(_capture_at(args)(batch))
+
+
+def _cheap_policy(args) -> str:
+    """The policy of the quick search behind a first guess of the largest batch: row segments of
+    one policy (OverL: half the pricing of both), or none where the plan may have none."""
+    if args.amp and not getattr(args, "amp_rows", False):
+        return "checkpoint"
+    return "overl" if args.policy == "auto" else args.policy
+
+
+def _search(args, graphs, budget: int, world) -> BatchSearch:
+    # per process: DDP's gradient buckets, one copy of the parameter bytes
+    reserve = (lambda g: g.param_bytes) if (world or 1) > 1 else None
+    return BatchSearch(graphs, _make_solver(args), budget, reserve, time_limit=args.time_limit, gap=args.gap)
+
+
+def _per_sample(time_s: float, n: int, ref: float = 0.0) -> str:
+    """'158 samples/s (6.31 ms a sample)', with ``ref`` (seconds a sample) ', 15.8x the plain
+    step's time per sample' inside the brackets."""
+    t = time_s / n
+    rate = f"{1 / t:,.0f}" if t > 0 else "inf"
+    ms = ("%#.3g" % (t * 1e3)).rstrip(".")
+    vs = f", {t / ref:.3g}x the plain step's" if ref else ""
+    return f"{rate} samples/s ({ms} ms a sample{vs})"
+
+
+def _up_to(n: int, search: BatchSearch) -> str:
+    return f"{n} or more" if n >= search.limit else str(n)
+
+
+def _warn(text: str) -> None:
+    print(f"planner: warning: {text}", file=sys.stderr)
+
+
+def _batch_search(args, graphs, budget: int, world, slowdown):
+    """``--batch max`` (with ``slowdown``: ``--max-slowdown``) over the graphs ``graphs(n)``:
+    (the search, the batch found, the plain step's largest batch and its step time)."""
+    search = _search(args, graphs, budget, world)
+    plain_n = search.largest_plain()
+    plain_t = search.solver(plain_n).baseline()["time_s"] if plain_n else None
+    if slowdown is None:
+        guess = search.estimate(max(plain_n, 1), _cheap_policy(args))[0]
+        return search, search.largest(start=max(guess, 1)), plain_n, plain_t
+    if not plain_n:
+        raise UsageError(f"--max-slowdown compares with the plain step's time per sample at its largest batch, but "
+                         f"the plain step fits no batch in {fmt_both(budget)}: drop --max-slowdown (--batch max "
+                         f"finds the largest batch a plan fits)")
+    limit_s = slowdown * plain_t / plain_n
+    if not search.passes(plain_n, limit_s):
+        raise UsageError(f"--max-slowdown {slowdown:g}: the plain step at its largest batch {plain_n} takes 1x "
+                         f"its own time per sample; give 1 or more")
+    return search, search.largest(start=plain_n, slowdown=limit_s), plain_n, plain_t
 
 
 def command(args) -> int:
     """``planner solve``: solve, print the summary, write the plan (and the Pareto CSV)."""
-    import time
-
     t0 = time.perf_counter()
     check_output_path(args.output, "plan")
     check_output_path(args.pareto, "Pareto CSV", (".csv",))
     if args.strips is not None and args.policy == "checkpoint":
         raise UsageError("--strips applies to row segments; --policy checkpoint has none")
     check_profile(args.device_profile)
+    profile = load_profile(args.device_profile)
     budget = args.budget
     batch = args.batch
+    slowdown = getattr(args, "max_slowdown", None)
+    if slowdown is not None:
+        if batch not in (None, "max"):
+            raise UsageError(f"--max-slowdown searches the batch: drop --batch {batch} (or give --batch max)")
+        batch = "max"
+    if batch is None:
+        batch = DEFAULT_BATCH
     world = getattr(args, "world_size", None)
     if world is not None and batch != "max":
         if batch % world:
             raise UsageError(f"--batch {batch} does not split evenly over --world-size {world}; "
                              f"give a multiple of {world}")
         batch //= world
+    mem = profile.device_memory
+    if mem is not None and budget > mem:
+        _warn(f"the budget {fmt_both(budget)} is more than the {profile.name} profile's device memory "
+              f"{fmt_both(mem)}: no plan that uses it can run there")
 
     def reserve(s) -> int:  # per process: DDP's gradient buckets, one copy of the parameter bytes
         return s.graph.param_bytes if (world or 1) > 1 else 0
 
-    note = ""
+    notes = []
     if batch == "max":
-        cache = {}
-
-        def fits_at(n):
-            s = solver_for(args, n)
-            cache[n] = s
-            return s.fits(budget - reserve(s)), s.min_peak()
-
-        batch = max_batch(fits_at, budget)
+        graphs = BatchGraphs(_capture_at(args), base=2)
+        search, batch, plain_n, plain_t = _batch_search(args, graphs, budget, world, slowdown)
+        same = not batch or graphs.check(batch)  # (one more capture)
+        how = (f"{graphs.captures} captures (the graph at every other batch derived from them), "
+               f"{len(search.priced)} batches priced")
+        if not same:
+            # (never seen: tests compare derived graphs with captures) again, capturing every batch
+            captured = functools.lru_cache(maxsize=None)(_capture_at(args))
+            search, batch, plain_n, plain_t = _batch_search(args, captured, budget, world, slowdown)
+            how = (f"{captured.cache_info().currsize} captures (a derived graph differed from its capture), "
+                   f"{len(search.priced)} batches priced")
         if batch == 0:
-            raise InfeasibleError(budget, cache[1].smallest_budget() + reserve(cache[1]), cache[1].hint)
-        solver = cache[batch]
-        note = f"largest {'per-process ' if world else ''}batch that fits: {batch} ({len(cache)} captures)"
+            s1 = search.solver(1)
+            raise InfeasibleError(budget, s1.smallest_budget() + reserve(s1), s1.hint)
+        solver = search.solver(batch)
+        who = "per-process " if world else ""
     else:
         solver = solver_for(args, batch)
     held = reserve(solver)
     if held and budget - held < solver.smallest_budget():
         raise InfeasibleError(budget, solver.smallest_budget() + held, solver.hint)
     plan = solver.solve(budget - held, time_limit=args.time_limit, gap=args.gap)
+    if args.batch == "max" or slowdown is not None:
+        what = (f"largest {who}batch within {slowdown:g}x the plain step's time per sample" if slowdown is not None
+                else f"largest {who}batch that fits")
+        ref = plain_t / plain_n if plain_n else 0.0
+        line = f"{what}: {batch} at {_per_sample(plan.predicted['time_s'], batch, ref)}"
+        line += (f"; the plain step fits up to batch {_up_to(plain_n, search)} at {_per_sample(plain_t, plain_n)}"
+                 if plain_n else "; the plain step fits no batch")
+        notes += [line, f"search: {how}, {time.perf_counter() - t0:.1f} s"]
     if world is not None:
         plan.budget_bytes = budget
         plan.training["world_size"] = world
         plan.solver["ddp_bucket_bytes"] = held
-        note = "\n".join(filter(None, [note, f"world size {world}: batch {batch} per process, global batch "
-                                              f"{batch * world}; budget per process, DDP gradient buckets "
-                                              f"{fmt_bytes(held)} reserved from it"]))
+        notes.append(f"world size {world}: batch {batch} per process, global batch {batch * world}; budget per "
+                     f"process, DDP gradient buckets {fmt_bytes(held)} reserved from it")
+    if plan.solver.get("solver") == "none" and args.batch != "max" and slowdown is None:
+        # the plain step fits: nothing to search, so say what the budget buys
+        notes.append(_what_it_buys(args, solver, budget, world))
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
+    peak = plan.predicted.get("peak_bytes", 0)
+    if mem is not None and peak > mem:
+        _warn(f"the plan's predicted peak {fmt_both(peak)} is more than the {profile.name} profile's device memory "
+              f"{fmt_both(mem)}: it cannot run there")
     frame = None
     if args.pareto:
         frame = pareto_frame(solver, args.pareto_points, time_limit=args.time_limit, gap=args.gap)
-    print(format_solve_summary(plan, solver, note))
+    print(format_solve_summary(plan, solver, "\n".join(notes)))
     if args.output:
         plan.save(args.output)
         print(f"\nwrote {args.output}")
@@ -172,6 +275,30 @@ def command(args) -> int:
         print(f"wrote {args.pareto} ({len(frame)} budgets, {fmt_both(frame['budget_bytes'].min())} .. "
               f"{fmt_both(frame['budget_bytes'].max())})")
     return EXIT_OK
+
+
+def _what_it_buys(args, solver: Solver, budget: int, world) -> str:
+    """One line: the largest batch the plain step fits in the budget against a batch lrcnn
+    surely fits (a quick search: --batch max finds the largest), each with its time per sample."""
+    graphs = BatchGraphs(_capture_at(args), base=solver.graph.input_shape[0])
+    graphs.add(solver.graph)
+    search = _search(args, graphs, budget, world)
+    plain_n = search.largest_plain()
+    n, t = search.estimate(max(plain_n, 1), _cheap_policy(args))
+    who = " per process" if world else ""
+    line = f"what {fmt_both(budget)} buys{who}: the plain step up to batch {_up_to(plain_n, search)}"
+    ref = 0.0
+    if plain_n:
+        plain_t = search.solver(plain_n).baseline()["time_s"]
+        ref = plain_t / plain_n
+        line += f" at {_per_sample(plain_t, plain_n)}"
+    if n > plain_n:
+        line += f"; lrcnn at least batch {n} at {_per_sample(t, n, ref)}; --batch max finds lrcnn's largest"
+    elif plain_n >= search.limit:
+        line += " (the largest batch searched)"
+    else:
+        line += "; lrcnn finds no larger batch quickly (--batch max searches them all)"
+    return line
 
 
 def format_solve_summary(plan, solver, note: str = "") -> str:
@@ -191,7 +318,7 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     if plan.training.get("amp") and not plan.training.get("amp_rows"):
         lines.append("no row segments under --amp (their gradients would differ from plain autocast at "
                      "half-precision rounding): --amp-rows allows them")
-    lines.append(f"budget {fmt_both(budget)}")
+    lines.append(budget_text(budget, cm.profile))
     lines.append("")
     rows = []
     for k, s in enumerate(plan.segments):
@@ -217,7 +344,8 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     base_t, base_p = info.get("baseline_time_s"), info.get("baseline_peak_bytes")
     t = pred.get("time_s", 0.0)
     over = f"{100 * (t / base_t - 1) + 0.0:+.1f}%".replace("-0.0%", "+0.0%") if base_t else "n/a"
-    lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})")
+    lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})"
+                 + (f"; {cm.profile.name} datasheet estimates, never calibrated on a GPU" if cm.profile.datasheet else ""))
     mp = info.get("min_peak_bytes")
     lines.append(f"smallest plan    needs --budget {fmt_both(solver.budget_for(mp))} (its peak {fmt_both(mp)} "
                  f"plus the {solver.headroom:.1%} kept free)" if mp is not None
@@ -227,3 +355,16 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     lines.append(f"solver           {info.get('solver')}: {info.get('status')}, gap {gap_s}, solve {info.get('solve_s', 0):.2f} s, "
                  f"total {info.get('total_s', 0):.2f} s, {info.get('candidates')} candidates over {info.get('units')} units")
     return "\n".join(lines)
+
+
+def budget_text(budget: int, profile) -> str:
+    """The summary's budget line: what a budget covers and, on a GPU profile, how much of the
+    device to leave free."""
+    text = f"budget {fmt_both(budget)} of allocated bytes (the training step's)"
+    mem, usable = profile.device_memory, profile.usable_memory
+    if mem is None:
+        return text
+    if profile.kind != "cuda":
+        return text + f"; the {profile.name} profile's memory: {fmt_both(mem)}"
+    return (text + f"; the {profile.name}'s {fmt_both(mem)} also hold the CUDA context and the allocator's "
+            f"reserve: budget at most {fmt_both(usable)} there")
