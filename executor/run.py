@@ -49,14 +49,16 @@ import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
 from lrcnn.executor import distributed as D
-from lrcnn.executor.exactness import SPREAD_FACTOR, within_plain_spread
+from lrcnn.executor.exactness import GRAD_FLOOR, rel, SPREAD_FACTOR, within_plain_spread
 from lrcnn.executor.measure import (autocast, DEFAULT_LR, grad_scaler, make_optimizer as _make_optimizer,
                                     measure_memory_step, measure_time_step, StepMeasure, train_step)
 from lrcnn.executor.program import apply_plan
 from lrcnn.models.capture import compute_dtype
+from lrcnn.models.zoo import set_bn_mode
 from lrcnn.planner.cost import CostError, CostModel, load_profile
 from lrcnn.planner.files import atomic_write, check_output_path, write_csv_atomic
 from lrcnn.planner.plan import OPTIMIZERS, Plan, plan_model
+from lrcnn.planner.solve import capture_model
 
 PHASES = ("forward", "backward", "optimizer")
 #: norm-wise relative tolerance of --check-grads per dtype.  float32: 1e-4, not 1e-5: plain float32
@@ -162,6 +164,19 @@ def build_model(plan, seed: int = 0):
     return plan_model(plan, real=True)
 
 
+def module_graph(model: nn.Module, plan):
+    """The capture of your own ``model`` at the plan's input shape, dtype, BN mode and precision,
+    checked against the plan (fingerprint, segments: a plan of another model is a PlanError); the
+    model is left in training mode with its BatchNorm in the plan's mode."""
+    if not isinstance(model, nn.Module):
+        raise RunError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    bn = plan.training.get("bn", "train")
+    _, graph = capture_model(model, plan.input_shape, plan.dtype, bn, amp=plan.training.get("amp"))
+    plan.validate(graph)
+    set_bn_mode(model, bn)
+    return graph
+
+
 def make_optimizer(plan, params, lr: Optional[float] = None):
     """The optimizer named by ``plan.training['optimizer']`` (sgd | momentum | adam | adamw)."""
     t = plan.training
@@ -225,10 +240,15 @@ def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0
 def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     epoch = 0
     while True:
-        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: a new order per epoch
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # DistributedSampler: a new order per epoch
             loader.sampler.set_epoch(epoch)
+        n = 0
         for x, y in loader:
+            n += 1
             yield x, y
+        if n == 0:  # an empty loader, or a one-shot iterator already used up
+            raise RunError(f"the data ({type(loader).__name__}) gave no batch; give a DataLoader or another "
+                           f"iterable that can be iterated again, with at least one batch")
         epoch += 1
 
 
@@ -250,7 +270,9 @@ def _grad_step(m: nn.Module, x, y, amp: Optional[str]) -> Tuple[torch.Tensor, Di
 def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
                 amp: Optional[str] = None) -> Tuple[bool, str]:
     """One forward+backward of the plain model and the planned one on the same input: loss and
-    every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype (with
+    every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype, each
+    gradient against at least :data:`~lrcnn.executor.exactness.GRAD_FLOOR` x the whole gradient's
+    norm (with
     ``amp``: both under autocast, within the tolerance of its half-precision dtype: parameters and
     gradients stay float32, so the planned step tracks plain autocast closely).
 
@@ -277,15 +299,16 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
                     f"{SPREAD_FACTOR:g} x plain {dtype}'s own distance from float32, {spread:.3g} there, {whole:.3g} "
                     f"over the whole gradient, the larger counts; {dtype} rounding hides smaller errors)")
 
-    def rel(a, b):
-        return float((a - b).norm() / max(float(b.norm()), torch.finfo(b.dtype).tiny))
-
-    worst = ("loss", rel(l1.reshape(1).double(), l0.reshape(1).double()))
+    # a gradient that is zero by the maths (a conv bias before a train-mode BN) is rounding noise on
+    # both sides: each is measured against at least a floor of the whole gradient's norm
+    floor = GRAD_FLOOR[torch.float64 if dtype == "float64" else torch.float32] * math.sqrt(
+        sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in g0.values() if g is not None))
+    worst = ("loss", rel(l1.reshape(1), l0.reshape(1)))
     for name, ref_g in g0.items():
         got = g1.get(name)
         if ref_g is None:
             continue
-        r = rel(got.double(), ref_g.double())
+        r = rel(got, ref_g, floor)
         if not r <= worst[1]:  # NaN counts as worst
             worst = (name, r)
     ok = worst[1] <= tol
@@ -374,11 +397,17 @@ def plan_precision(plan, amp: Optional[str] = None) -> Optional[str]:
 
 
 def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
-             data: str = "synthetic", lr: Optional[float] = None, check: bool = False,
+             data: Any = "synthetic", lr: Optional[float] = None, check: bool = False,
              out: Optional[str] = None, seed: int = 0, progress: bool = True,
-             dist_info=None, amp: Optional[str] = None) -> RunResult:
+             dist_info=None, amp: Optional[str] = None, model: Optional[nn.Module] = None) -> RunResult:
     """Run a plan (a path, or a :class:`lrcnn.planner.Plan`) for real and return its records (see the
     module docstring).
+
+    The model is the plan's zoo model with random weights (``seed``), or ``model``: your own
+    ``nn.Module`` (the one the plan was solved for, e.g. by :func:`lrcnn.solve`), captured again
+    and checked against the plan, then trained in place.  ``data``: ``"synthetic"``, an
+    ``ImageFolder`` root, or any iterable of ``(images, labels)`` batches of the plan's shape
+    (a ``DataLoader``; it is iterated again when it runs out).
 
     Mixed precision is the plan's (``training.amp``, set by ``planner solve --amp``): forward and
     loss under ``torch.autocast`` in that dtype, float16 with a ``torch.amp.GradScaler``.
@@ -409,9 +438,15 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
         print(f"planner: warning: the plan was made for {planned_world} process(es), this run has "
               f"{info.world_size}; memory per process is the same, the global batch is "
               f"{plan.input_shape[0]} x {info.world_size}", file=sys.stderr)
-    model, graph = build_model(plan, seed)
+    if model is None:
+        model, graph = build_model(plan, seed)
+    else:
+        graph = module_graph(model, plan)
     num_classes = graph.output_node.shape[-1]
-    if data == "synthetic":
+    if not isinstance(data, str):
+        batches = _cycle(data)
+        data_label = type(data).__name__
+    elif data == "synthetic":
         batches = _synthetic(plan, num_classes, seed + info.rank)  # every rank its own data
         data_label = "synthetic"
     else:

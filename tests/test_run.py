@@ -336,3 +336,62 @@ def test_solve_run_report_chain(tmp_path, capfd):
     assert {"forward", "backward", "optimizer step"} <= set(texts)
     for name in df.loc[df.scope == "segment", "name"].unique():
         assert sum(name in t for t in texts) >= 4, name
+
+
+# ------------------------------------------------------------------------------------------------
+# Your own model and your own data (run_plan(model=..., data=loader)), then the report
+# ------------------------------------------------------------------------------------------------
+
+def _own_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+
+
+def test_run_plan_trains_your_own_model_on_your_own_data_and_reports_it(tmp_path):
+    import lrcnn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lrcnn.analysis import load_records, report
+    from lrcnn.executor.run import run_plan
+
+    model = _own_model()
+    shape = (4, 3, 96, 96)
+    smallest = lrcnn.solve(model, shape, "1GB", device_profile="cpu", policy="2ps")  # (the plain step fits 1 GB)
+    plan = lrcnn.solve(model, shape, int(0.25 * smallest.solver["baseline_peak_bytes"]), device_profile="cpu")
+    assert any(s.mode == "rows" for s in plan.segments), [s.mode for s in plan.segments]
+    torch.manual_seed(1)
+    data = TensorDataset(torch.randn(12, 3, 96, 96), torch.randint(0, 5, (12,)))
+    loader = DataLoader(data, batch_size=4, shuffle=True, drop_last=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = str(tmp_path / "own.parquet")
+    res = run_plan(plan, steps=4, warmup=1, device="cpu", data=loader, check=True, out=out, progress=False,
+                   model=model)
+    assert res.failures == []
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trained in place
+    df = load_records(out)
+    steps = df[df.scope == "step"]
+    assert len(steps) == 4 and (steps["model"] == "Sequential").all() and (steps["data"] == "DataLoader").all()
+    assert steps["actual_peak_bytes"].notna().sum() == 1
+    assert steps["actual_peak_bytes"].max() <= plan.budget_bytes
+    text = report([out], png=str(tmp_path / "own.png"))
+    assert "Sequential" in text and (tmp_path / "own.png").exists()
+
+
+def test_run_plan_refuses_another_model_and_data_that_runs_dry(tmp_path):
+    import lrcnn
+    from lrcnn.executor.run import RunError, run_plan
+    from lrcnn.planner.plan import PlanError
+
+    model = _own_model()
+    plan = lrcnn.solve(model, (2, 3, 32, 32), "1GB", device_profile="cpu")
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    with pytest.raises(PlanError):
+        run_plan(plan, steps=1, warmup=0, device="cpu", model=other, progress=False)
+    one_shot = iter([(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,)))])
+    with pytest.raises(RunError, match="gave no batch"):
+        run_plan(plan, steps=3, warmup=0, device="cpu", model=model, data=one_shot, progress=False)
+    assert not list(tmp_path.iterdir())
