@@ -8,19 +8,9 @@
 * :func:`report` -- what ``planner report`` prints.
 """
 from lrcnn.analysis.compare import compare, phase_table, runs_summary, segment_table, timeline
-from lrcnn.analysis.plot import draw_report as _draw
-from lrcnn.analysis.plot import report_figure
+from lrcnn.analysis.plot import draw_report, report_figure
 from lrcnn.analysis.records import RecordsError, load_records
-from lrcnn.analysis.report import report as _report
-
-
-def draw_report(df, path):
-    return _draw(df, path)
-
-
-def report(paths, csv=None, png=None):
-    return _report(paths, csv=csv, png=png)
-
+from lrcnn.analysis.report import report
 
 __all__ = ["load_records", "RecordsError", "compare", "segment_table", "phase_table", "runs_summary",
            "timeline", "report_figure", "draw_report", "report"]
