@@ -17,7 +17,7 @@ import numpy as np
 
 from lrcnn.analysis.compare import compare, timeline, timeline_spans
 from lrcnn.planner.files import atomic_write
-from lrcnn.planner.units import fmt_both, fmt_bytes
+from lrcnn.planner.units import binary_unit, fmt_both, fmt_bytes
 
 #: runs drawn in one figure; the others are named in a line at the bottom
 MAX_RUNS = 8
@@ -40,14 +40,6 @@ def _value(row, col):
 
 def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float, np.number)) and math.isfinite(float(v))
-
-
-def _unit(largest: float):
-    """The binary unit the figure's memory axes use: (name, bytes)."""
-    for name, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
-        if largest >= scale:
-            return name, scale
-    return "KiB", 2 ** 10
 
 
 def _ms(s) -> str:
@@ -300,7 +292,7 @@ def _panel(sub, g, cmp_run, index: int, runs: int) -> None:
         vals += [float(v) for v in cmp_run[c] if _finite(v)]
         if c in t:
             vals += [float(v) for v in t[c] if _finite(v)]
-    unit = _unit(max(vals))
+    unit = binary_unit(max(vals), "KiB")
 
     gs = sub.add_gridspec(3, 2, height_ratios=_heights(len(segs))[1:], width_ratios=[1, 1])
     head = sub.add_subplot(gs[0, :])

@@ -57,6 +57,16 @@ _BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B",
 _DECIMAL = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3), ("B", 1))
 
 
+def binary_unit(n: float, smallest: str = "B"):
+    """``(name, bytes)`` of the largest binary unit ``n`` bytes reach, at least ``smallest``
+    (an axis in KiB / MiB / GiB; the same units :func:`fmt_bytes` prints)."""
+    names = [name for name, _ in _BINARY]
+    for name, scale in _BINARY[:names.index(smallest)]:
+        if abs(n) >= scale:
+            return name, scale
+    return smallest, dict(_BINARY)[smallest]
+
+
 def fmt_bytes(n: float) -> str:
     """Human form in binary units, three significant digits: '1.23 GiB', '759 KiB'."""
     return _sig3(float(n), _BINARY)
