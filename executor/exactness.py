@@ -108,28 +108,28 @@ def within_plain_spread(got: Dict[str, torch.Tensor], plain: Dict[str, torch.Ten
     """Judge a low-precision step by plain PyTorch's own spread at that precision.
 
     ``got`` (the planned step), ``plain`` (plain PyTorch, same precision, same weights and batch)
-    and ``reference`` (plain in float32): quantities by name (the loss, every parameter gradient;
-    None where autograd made none).  Per quantity, ``got`` may differ from ``plain`` by ``factor``
-    times plain's distance from ``reference`` (that quantity's, or the whole gradient's if larger:
-    one parameter's rounding is no measure of another's), at least ``tol``; every distance
-    norm-wise, against at least ``floor`` x the whole reference gradient (a gradient that is zero
-    by the maths is rounding noise).  Returns ``(ok, worst)``, ``worst`` as ``(name, difference,
-    limit, plain's spread there, plain's spread over the whole gradient)`` for the quantity nearest
-    its limit (None: nothing to compare)."""
+    and ``reference`` (plain at a higher precision): quantities by name (the loss, every parameter
+    gradient; None where autograd made none).  Per quantity, ``got`` may differ from ``plain`` by
+    ``factor`` times plain's distance from ``reference``: that quantity's, or plain's largest over
+    all gradients if larger (rounding that cancellation amplifies lands on whichever parameter it
+    lands on: plain may be lucky on one that the planned step, summing in another order, is not),
+    at least ``tol``; every distance norm-wise, against at least ``floor`` x the whole reference
+    gradient (a gradient that is zero by the maths is rounding noise).  Returns ``(ok, worst)``,
+    ``worst`` as ``(name, difference, limit, plain's spread there, plain's largest spread)`` for
+    the quantity nearest its limit (None: nothing to compare)."""
     grads = [k for k, t in reference.items() if k != "loss" and t is not None]
     ref_norm = math.sqrt(sum(_norm(reference[k]) ** 2 for k in grads))
     fl = floor * ref_norm
-    whole = math.sqrt(sum(_norm(plain[k].double() - reference[k].double()) ** 2 for k in grads
-                          if plain.get(k) is not None)) / ref_norm if ref_norm else 0.0
+    largest = max((rel(plain.get(k), reference[k], fl) for k in grads), default=0.0)
     worst, ok = None, True
     for k in sorted(set(reference) | set(plain) | set(got)):
         f = 0.0 if k == "loss" else fl
         d, spread = rel(got.get(k), plain.get(k), f), rel(plain.get(k), reference.get(k), f)
-        limit = max(tol, factor * max(spread, whole))
+        limit = max(tol, factor * max(spread, largest))
         if not d <= limit:  # NaN fails
             ok = False
         if worst is None or not _ratio(d, limit) <= _ratio(worst[1], worst[2]):
-            worst = (k, d, limit, spread, whole)
+            worst = (k, d, limit, spread, largest)
     return ok, worst
 
 

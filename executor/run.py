@@ -61,11 +61,9 @@ from lrcnn.planner.plan import OPTIMIZERS, Plan, plan_model
 from lrcnn.planner.solve import capture_model
 
 PHASES = ("forward", "backward", "optimizer")
-#: norm-wise relative tolerance of --check-grads per dtype.  float32: 1e-4, not 1e-5: plain float32
-#: is itself ~1e-5..1e-4 away from float64 on BN-heavy nets at tiny batches (sums with heavy
-#: cancellation), and a planned run sums in another order.  bfloat16 / float16: under autocast
-#: (float32 parameters and gradients); a plan whose dtype is half precision is judged by plain's own
-#: spread instead (:func:`check_grads`), these tolerances its least limit.
+#: norm-wise relative tolerance of --check-grads per compute dtype: float64 must agree within it;
+#: for lower precisions it is the least limit, the judgement being plain's own spread at that
+#: precision (:func:`check_grads`).
 GRAD_TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 COLUMNS = [
@@ -269,39 +267,44 @@ def _grad_step(m: nn.Module, x, y, amp: Optional[str]) -> Tuple[torch.Tensor, Di
 
 def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
                 amp: Optional[str] = None) -> Tuple[bool, str]:
-    """One forward+backward of the plain model and the planned one on the same input: loss and
-    every parameter gradient must agree norm-wise within :data:`GRAD_TOL` of the dtype, each
-    gradient against at least :data:`~lrcnn.executor.exactness.GRAD_FLOOR` x the whole gradient's
-    norm (with
-    ``amp``: both under autocast, within the tolerance of its half-precision dtype: parameters and
-    gradients stay float32, so the planned step tracks plain autocast closely).
+    """One forward+backward of the plain model and the planned one on the same input: the loss and
+    every parameter gradient, compared norm-wise, each gradient against at least
+    :data:`~lrcnn.executor.exactness.GRAD_FLOOR` x the whole gradient's norm (a gradient that is
+    zero by the maths, a conv bias before a train-mode BN, is rounding noise on both sides).
 
-    A half-precision ``dtype`` (bfloat16, float16 parameters) is judged by plain PyTorch's own
-    spread instead: plain bfloat16 is itself 0.1-0.3 from the maths, and a planned step summing in
-    another order is as far from plain as plain is from a float32 step of the same weights (made
-    here from ``plain``'s weights): each quantity may differ from plain's by
-    :data:`~lrcnn.executor.exactness.SPREAD_FACTOR` times that spread
-    (:func:`~lrcnn.executor.exactness.within_plain_spread`)."""
+    float64 must agree within :data:`GRAD_TOL` (1e-10): the planned step is the same maths.  Any
+    lower precision (float32, bfloat16/float16 parameters, or ``amp`` autocast) is judged by plain
+    PyTorch's own spread at that precision: plain float32 is itself ~1e-4 from the maths on BN-heavy
+    nets at small batches, plain bfloat16 0.1-0.3, and a planned step summing in another order is
+    as far from plain as plain is from a more precise step of the same weights (float64 for a
+    float32 step, float32 for a half-precision one; made here from ``plain``'s weights).  Each
+    quantity may differ from plain's by :data:`~lrcnn.executor.exactness.SPREAD_FACTOR` times that
+    spread, there or plain's largest over the gradients
+    (:func:`~lrcnn.executor.exactness.within_plain_spread`), at least :data:`GRAD_TOL`."""
 
-    tol = GRAD_TOL[compute_dtype(dtype, amp)]
-    low = amp is None and dtype in ("bfloat16", "float16")
-    ref = copy.deepcopy(plain).float() if low else None  # (before plain's step moves BN running stats)
+    compute = compute_dtype(dtype, amp)
+    tol = GRAD_TOL[compute]
+    exact = compute == "float64"
+    ref_dtype = torch.float64 if compute == "float32" else torch.float32
+    ref = None if exact else copy.deepcopy(plain).to(ref_dtype)  # (before plain's step moves BN running stats)
     (l0, g0), (l1, g1) = _grad_step(plain, x, y, amp), _grad_step(planned, x, y, amp)
     for name, r in g0.items():
         if (r is None) != (g1.get(name) is None):
             return False, f"parameter {name!r} has a gradient in one model only"
-    if low:
-        lr, gr = _grad_step(ref, x.float(), y, None)
+    under = f"{dtype} under autocast {amp}" if amp else dtype
+    if not exact:
+        lr, gr = _grad_step(ref, x.to(ref_dtype), y, None)
         del ref
-        ok, worst = within_plain_spread({"loss": l1, **g1}, {"loss": l0, **g0}, {"loss": lr, **gr}, tol=tol)
-        name, d, limit, spread, whole = worst
-        return ok, (f"worst norm-wise relative difference from plain {dtype} {d:.3g} at {name!r} (limit {limit:.3g}: "
-                    f"{SPREAD_FACTOR:g} x plain {dtype}'s own distance from float32, {spread:.3g} there, {whole:.3g} "
-                    f"over the whole gradient, the larger counts; {dtype} rounding hides smaller errors)")
+        ok, worst = within_plain_spread({"loss": l1, **g1}, {"loss": l0, **g0}, {"loss": lr, **gr},
+                                        factor=SPREAD_FACTOR, tol=tol)
+        name, d, limit, spread, largest = worst
+        more = str(ref_dtype).replace("torch.", "")
+        return ok, (f"worst norm-wise relative difference from plain {under} {d:.3g} at {name!r} (limit {limit:.3g}: "
+                    f"{SPREAD_FACTOR:g} x plain {under}'s own distance from {more}, {spread:.3g} there, {largest:.3g} "
+                    f"at most over the gradients, the larger counts, at least {tol:g}; its rounding hides smaller "
+                    f"errors)")
 
-    # a gradient that is zero by the maths (a conv bias before a train-mode BN) is rounding noise on
-    # both sides: each is measured against at least a floor of the whole gradient's norm
-    floor = GRAD_FLOOR[torch.float64 if dtype == "float64" else torch.float32] * math.sqrt(
+    floor = GRAD_FLOOR[torch.float64] * math.sqrt(
         sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in g0.values() if g is not None))
     worst = ("loss", rel(l1.reshape(1), l0.reshape(1)))
     for name, ref_g in g0.items():
@@ -312,8 +315,7 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
         if not r <= worst[1]:  # NaN counts as worst
             worst = (name, r)
     ok = worst[1] <= tol
-    return ok, (f"worst norm-wise relative difference {worst[1]:.3g} at {worst[0]!r} "
-                f"(tolerance {tol:g} for {dtype}{' under autocast ' + amp if amp else ''})")
+    return ok, f"worst norm-wise relative difference {worst[1]:.3g} at {worst[0]!r} (tolerance {tol:g} for {under})"
 
 
 # ------------------------------------------------------------------------------------------------

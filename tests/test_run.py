@@ -154,11 +154,13 @@ def test_image_folder(tmp_path, capfd, tiny_plan):
 
 
 def test_check_grads_mismatch_fails_loudly(tmp_path, capfd, tiny_plan, monkeypatch):
-    monkeypatch.setitem(runmod.GRAD_TOL, "float32", 0.0)  # planned sums differ in the last bits
+    # no room at all: the planned sums differ from plain's in the last bits
+    monkeypatch.setitem(runmod.GRAD_TOL, "float32", 0.0)
+    monkeypatch.setattr(runmod, "SPREAD_FACTOR", 0.0)
     rec = tmp_path / "r.parquet"
     rc, out, err = run(capfd, "run", tiny_plan, "--check-grads", "--steps", 1, "--device", "cpu", "--out", rec)
     assert rc == 1
-    assert "FAILED: --check-grads" in err and "tolerance 0 for float32" in err
+    assert "FAILED: --check-grads" in err and "(limit 0: 0 x plain float32's own distance from float64" in err
     assert not rec.exists()
 
 
