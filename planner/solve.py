@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from lrcnn.errors import UsageError, UsageTypeError
 from lrcnn.models import capture, default_resolution
 from lrcnn.models.capture import build_and_capture, quiet_torch_logs
+from lrcnn.models.geometry import cumulative_strides
 from lrcnn.planner.cost import CostModel, STATE_COPIES
 from lrcnn.planner.ilp import InfeasibleError, Problem, Result
 from lrcnn.planner.plan import BN_MODES, DTYPES, OPTIMIZERS, Plan, Segment
@@ -582,11 +583,16 @@ class BatchSearch:
         """A batch a plan surely fits, found cheaply (a lower bound on :meth:`largest`; 0 if
         none), and that plan's step time there: the smallest plan of a quicker search at batch
         ``n`` (row segments of one ``policy``), grown to the largest batch it fits."""
-        segs = [c.seg for c in self.solver(n, policy).problem.min_peak_path()]
+        segs = self.smallest_segments(n, policy)
         test = self._plan_test(segs)
         ok, _ = test(n)
         m = _largest(test, n if ok else 0, (self.limit + 1) if ok else n, self.target())
         return m, (self.plan_at(m, segs)["time_s"] if m else math.nan)
+
+    def smallest_segments(self, n: int, policy: str = "overl") -> List[Segment]:
+        """A plan with the smallest peak at batch ``n`` among row segments of one ``policy`` (the
+        quicker search :meth:`estimate` starts from)."""
+        return [c.seg for c in self.solver(n, policy).problem.min_peak_path()]
 
     def passes(self, n: int, slowdown: Optional[float] = None) -> bool:
         """Exact at batch ``n``: a plan fits (and, with ``slowdown``, the fastest one that fits takes
@@ -622,3 +628,54 @@ class BatchSearch:
             else:  # the guides no longer lead: bisect, or double
                 n, checked = ((lo + hi) // 2 if hi <= self.limit else 2 * lo), False
         return lo
+
+
+def largest_inputs(solver: Solver, graph_at: Callable[[Tuple[int, int]], Any], make_solver: Callable[[Any], Solver],
+                   budget: int, segments: Optional[Sequence[Segment]] = None, tries: int = 3) -> Dict[str, Any]:
+    """At the solver's batch: the largest input (the captured one scaled, aspect kept, in steps of
+    the network's total stride) the plain step fits in ``budget``, against one the plan of
+    ``segments`` (a small-peak plan, e.g. :meth:`BatchSearch.smallest_segments`) surely fits.
+
+    Guessed cheaply, then confirmed: activation bytes grow with the pixel count (exactly so for the
+    plain step at multiples of the total stride, and for a plan that keeps its strip counts), the
+    parameters, gradients, optimizer state and workspace not at all, so the captured size's peak
+    scales to a first guess; a capture at the guess (``graph_at((h, w))``, priced by
+    ``make_solver(graph)``) confirms it or, from the peak found there, gives a smaller guess (at
+    most ``tries`` captures each).  The plan keeps its strip counts, so its answer is a lower bound: with
+    more strips a plan fits larger inputs still.  Returns ``{"plain": (h, w, step seconds) or None,
+    "lrcnn": ...}`` (None: nothing larger than the captured input fits, or it was not found)."""
+    g, cm = solver.graph, solver.cm
+    _, _, h0, w0 = g.input_shape
+    stride = max(1, max(cumulative_strides(g.row_graph()).values(), default=1))
+    fixed = cm.fixed_breakdown()
+    floor = fixed["params"] + fixed["buffers"] + fixed["optimizer"] + fixed["workspace"] + g.grad_bytes
+    target = budget * (1 - solver.headroom)
+
+    def size(f: float) -> Tuple[int, int]:
+        return max(stride, int(h0 * f) // stride * stride), max(stride, int(w0 * f) // stride * stride)
+
+    def search(peak0: float, step: Callable[[Solver], Dict[str, float]]):
+        if target <= floor or peak0 <= floor:
+            return None
+        f = math.sqrt((target - floor) / (peak0 - floor))
+        for _ in range(tries):
+            hw = size(f)
+            if hw[0] <= h0 and hw[1] <= w0:  # no larger than the captured input
+                return None
+            s = make_solver(graph_at(hw))
+            c = step(s)
+            if s.budget_for(c["peak"]) <= budget:
+                return hw[0], hw[1], float(c["time_s"])
+            # guess again from the peak just found (activations a little above quadratic: padding,
+            # per-strip halos), at least a stride smaller
+            grown = (c["peak"] - floor) / (hw[0] * hw[1] / (h0 * w0))
+            f = min(math.sqrt(max(target - floor, 0) / grown), (hw[0] - stride) / h0)
+        return None
+
+    def planned(s: Solver) -> Dict[str, float]:
+        return s.cm.compose([s.cm.segment(x) for x in s.cm.cover(list(segments))])
+
+    out = {"plain": search(solver.baseline()["peak"], lambda s: s.baseline()), "lrcnn": None}
+    if segments:
+        out["lrcnn"] = search(planned(solver)["peak"], planned)
+    return out

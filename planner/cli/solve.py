@@ -16,8 +16,8 @@ from lrcnn.planner.cost import ALLOCATOR_RESERVE, check_profile, CUDA_CONTEXT_BY
 from lrcnn.planner.files import check_output_path, write_csv_atomic
 from lrcnn.planner.ilp import InfeasibleError
 from lrcnn.planner.plan import OPTIMIZERS, precision
-from lrcnn.planner.solve import (BatchSearch, DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, pareto_frame, POLICIES,
-                                 Solver, SOLVERS)
+from lrcnn.planner.solve import (BatchSearch, DEFAULT_GAP, DEFAULT_PROFILE, DEFAULT_TIME_LIMIT, largest_inputs,
+                                 pareto_frame, POLICIES, Solver, SOLVERS)
 from lrcnn.planner.units import fmt_both, fmt_bytes, format_table, parse_bytes
 
 BUDGET_HELP = (f"memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes.  It covers the bytes the training "
@@ -284,7 +284,8 @@ def _what_it_buys(args, solver: Solver, budget: int, world) -> str:
     graphs.add(solver.graph)
     search = _search(args, graphs, budget, world)
     plain_n = search.largest_plain()
-    n, t = search.estimate(max(plain_n, 1), _cheap_policy(args))
+    policy = _cheap_policy(args)
+    n, t = search.estimate(max(plain_n, 1), policy)
     who = " per process" if world else ""
     line = f"what {fmt_both(budget)} buys{who}: the plain step up to batch {_up_to(plain_n, search)}"
     ref = 0.0
@@ -298,7 +299,36 @@ def _what_it_buys(args, solver: Solver, budget: int, world) -> str:
         line += " (the largest batch searched)"
     else:
         line += "; lrcnn finds no larger batch quickly (--batch max searches them all)"
+    return line + "\n" + _inputs_it_buys(args, solver, budget, search.smallest_segments(max(plain_n, 1), policy))
+
+
+def _inputs_it_buys(args, solver: Solver, budget: int, segments) -> str:
+    """One line: at the plan's batch, the largest input the plain step fits against one a small-peak
+    plan surely fits (:func:`lrcnn.planner.solve.largest_inputs`), each with its step time."""
+    n = solver.graph.input_shape[0]
+    found = largest_inputs(solver, lambda hw: build_and_capture(args.model, n, hw, args.dtype, args.bn, None,
+                                                                args.num_classes, amp=args.amp)[1],
+                           _make_solver(args), budget, segments)
+    plain, ours = found["plain"], found["lrcnn"]
+    h0, w0 = solver.graph.input_shape[2:]
+
+    def per_pixel(hw_t) -> float:
+        return hw_t[2] / (hw_t[0] * hw_t[1])
+
+    line = f"at batch {n}: the plain step up to input " + (
+        f"{plain[0]}x{plain[1]} ({_step_time(plain[2])} a step)" if plain else f"{h0}x{w0} (no larger one)")
+    if ours and (not plain or ours[0] * ours[1] > plain[0] * plain[1]):
+        ref = per_pixel(plain) if plain else solver.baseline()["time_s"] / (h0 * w0)
+        line += (f"; lrcnn at least {ours[0]}x{ours[1]} ({_step_time(ours[2])} a step with its smallest plan, "
+                 f"{per_pixel(ours) / ref:.3g}x the plain step's time per pixel)")
+    else:
+        line += "; lrcnn finds no larger input quickly"
     return line
+
+
+def _step_time(seconds: float) -> str:
+    value, unit = (seconds, "s") if seconds >= 1 else (seconds * 1e3, "ms")
+    return ("%#.3g" % value).rstrip(".") + " " + unit
 
 
 def format_solve_summary(plan, solver, note: str = "") -> str:
