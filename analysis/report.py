@@ -33,12 +33,15 @@ def report(paths, csv=None, png=None) -> str:
     out = ["Runs"]
     out.append(format_table(
         ["run", "model", "device", "batch", "res", "dtype", "steps", "pred_MiB", "actual_MiB", "peak_err",
-         "pred_ms", "actual_ms", "time_err", "budget_MiB", "ok", "loss"],
+         "resv_MiB", "pred_ms", "actual_ms", "time_err", "budget_MiB", "ok", "loss"],
         [[str(r.run_id)[:12], r.model, r.device, r.batch, r.resolution, r.dtype, r.steps,
-          _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes), _pct(r.peak_rel_err), _ms(r.predicted_s),
+          _mib(r.predicted_peak_bytes), _mib(r.actual_peak_bytes), _pct(r.peak_rel_err),
+          _mib(r.reserved_bytes) + ("*" if r.reserved_method == "model" else ""), _ms(r.predicted_s),
           _ms(r.actual_s), _pct(r.time_rel_err), _mib(r.budget_bytes), "yes" if r.within_budget else "OVER",
           f"{r.first_loss:.4g}->{r.last_loss:.4g}"] for r in runs.itertuples()],
-        "lllrllrrrrrrrrll"))
+        "lllrllrrrrrrrrrll"))
+    if (runs.reserved_method == "model").any():
+        out.append("* reserved peak modeled (the CUDA caching allocator model on the step's allocations), not measured")
     out.append("")
     out.append("Per phase and segment (peak: tracked step; time: median of the other steps)")
     out.append(format_table(
@@ -89,4 +92,28 @@ def summarize(df) -> str:
     if multi:
         info += (f" on rank {first['rank']}; {len(set(ranks.values()))} ranks (DDP), "
                  f"global batch {int(first['batch']) * len(set(ranks.values()))}")
-    return info + "\n" + format_table(head, rows, ("r" if multi else "") + "lllrrrrrr")
+    return info + "\n" + format_table(head, rows, ("r" if multi else "") + "lllrrrrrr") + _reserved_line(steps)
+
+
+def _reserved_line(steps) -> str:
+    """The run summary's reserved line (records that carry it): the step's reserved peak, measured
+    or modeled, and on CUDA the model's figure beside it."""
+    if "actual_reserved_bytes" not in steps:
+        return ""
+    tracked = steps[steps["tracked"]]
+    resv = tracked["actual_reserved_bytes"].max() if len(tracked) else math.nan
+    if not isinstance(resv, float) or math.isnan(resv):
+        return ""
+    first = tracked.iloc[0]
+    conf = first.get("alloc_conf")
+    conf = conf if isinstance(conf, str) and conf else "default settings"
+    if first.get("reserved_method") == "cuda":
+        text = (f"reserved peak {_mib(resv)} MiB measured (torch.cuda.max_memory_reserved; the allocator model on "
+                f"the step's storages: {_mib(tracked['modeled_reserved_bytes'].max())} MiB)")
+    else:
+        text = (f"reserved peak {_mib(resv)} MiB modeled (the CUDA caching allocator model on the step's "
+                f"allocations; no GPU measured it)")
+    pred = first.get("predicted_reserved_bytes")
+    if isinstance(pred, float) and not math.isnan(pred) and pred != first.get("predicted_peak_bytes"):
+        text += f", {_mib(pred)} MiB kept for it by the plan"
+    return "\n" + text + f"; allocator {conf}"

@@ -3,6 +3,10 @@
 #
 #   planner validate  ResNet-50 224 batch 32 (train BN), batch 128 --amp bf16 (--amp-rows), VGG-16 batch 32
 #   planner calibrate --device cuda, then ResNet-50 batch 32 validated again with the calibrated profile
+#   ResNet-50 batch 32 once more with the default caching allocator (no expandable segments; informative:
+#   the planner's reserve assumes expandable segments, so it does not count towards the exit status)
+# Every validate table has the reserved peak (max_memory_reserved) beside the allocated one, and the
+# allocator model's figure for the same steps (columns reserved_bytes, modeled_reserved_bytes).
 #
 # On the device machine (PyTorch, pandas, matplotlib there; PuLP is not: carry it as a wheel):
 #   here, once:  echo /.whl/ >> .git/info/exclude
@@ -37,6 +41,7 @@ LOG="$OUT/log.txt"
   echo "# $(date -u +%FT%TZ) $(uname -m)"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  echo "PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-} PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-} (unset: lrcnn runs set expandable_segments:True)"
 } >"$LOG" 2>&1
 status=0
 run() {  # run NAME ARGS...: one validate, its table and plot under $OUT
@@ -55,6 +60,9 @@ if [ -f "$OUT/profile-$DEV.json" ]; then
   $PY -m lrcnn validate $R50 --device "$DEV" --device-profile "$OUT/profile-$DEV.json" --points 4 \
       --steps "$STEPS" --quiet --csv "$OUT/validate-resnet50-b32-calibrated.csv" >>"$LOG" 2>&1 || status=1
 fi
+echo "## planner validate $R50 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False (informative)" >>"$LOG"
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False $PY -m lrcnn validate $R50 --device "$DEV" --points 2 --steps "$STEPS" \
+    --quiet --csv "$OUT/validate-resnet50-b32-default-alloc.csv" >>"$LOG" 2>&1 || echo "(over budget here: informative)" >>"$LOG"
 rm -f "$OUT"/validate-vgg16-b32.png "$OUT"/validate-resnet50-b128-bf16.png  # (8 files come back at most)
 echo "## exit $status" >>"$LOG"
 cat "$LOG"

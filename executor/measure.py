@@ -145,7 +145,7 @@ def opt_state(opt: torch.optim.Optimizer) -> list:
 def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: str = "sgd",
                       fake: bool = True, dtype: torch.dtype = torch.float32,
                       device: Optional[str] = None, warmup: int = 1,
-                      amp: Optional[str] = None) -> memory.MemoryReport:
+                      amp: Optional[str] = None, reserved: bool = False) -> memory.MemoryReport:
     """Absolute peak device bytes of one whole training step, as the cost model predicts it.
 
     Counts everything live: parameters, buffers, optimizer state, input batch and labels,
@@ -153,7 +153,9 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
     Phases in the report: ``forward`` (model + loss), ``backward``, ``optimizer``.
     ``fake=True`` runs the same code under ``FakeTensorMode`` (any size, no memory).  ``amp``: the
     step's forward and loss under autocast in that dtype (:func:`train_step`); a model on the meta
-    device is then simulated with fake CPU tensors, where CPU autocast applies.
+    device is then simulated with fake CPU tensors, where CPU autocast applies.  ``reserved``: also
+    model the CUDA caching allocator's reserved peak on the step's allocation sequence
+    (:func:`lrcnn.models.memory.measure_step`).
     """
     n_cls = _classes(model)
     ctx = memory.fake_mode() if fake else None
@@ -184,7 +186,7 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
         for _ in range(warmup):
             train_step(run, opt, x, y, amp)
         return memory.measure_step(lambda: train_step(run, opt, x, y, amp), device=device,
-                                   track_existing=existing + [x, y] + opt_state(opt))
+                                   track_existing=existing + [x, y] + opt_state(opt), reserved=reserved)
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -231,10 +233,16 @@ class Clock(memory.Meter):
 
 @dataclass
 class StepMeasure:
-    """Timeline of one step: ``(label, live_bytes, peak_bytes_since_previous, t_seconds)``."""
+    """Timeline of one step: ``(label, live_bytes, peak_bytes_since_previous, t_seconds)``; memory
+    steps also carry the CUDA caching allocator's reserved peak (absolute): ``reserved`` (measured
+    on CUDA, modeled elsewhere: ``reserved_method`` ``'cuda'`` / ``'model'``) and
+    ``modeled_reserved`` (the allocator model on the step's storages, on CUDA too)."""
 
     entries: List[Tuple[str, float, float, float]]
     start_live: float = math.nan   # absolute live bytes at the step start (memory steps)
+    reserved: float = math.nan
+    modeled_reserved: float = math.nan
+    reserved_method: str = ""
 
     def _index(self, label: str) -> Optional[int]:
         for i, e in enumerate(self.entries):
@@ -259,20 +267,22 @@ class StepMeasure:
 def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
                         scaler=None) -> Tuple[StepMeasure, float, str]:
     """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
-    state and batch included).  ``amp``, ``scaler``: see :func:`lrcnn.executor.measure.train_step`.
-    Returns (timeline, loss, method)."""
+    state and batch included), with the reserved peak (:class:`StepMeasure`).  ``amp``, ``scaler``:
+    see :func:`lrcnn.executor.measure.train_step`.  Returns (timeline, loss, method)."""
     state = opt_state(opt)
     loss = []
     t0 = time.perf_counter()
     rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler)), device=device,
-                              track_existing=[model, state, x, y])
+                              track_existing=[model, state, x, y], reserved=True)
     wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
     b = rep.baseline_bytes
     entries = [(lab, float(live + b), float(peak + b), math.nan) for lab, live, peak in rep.timeline]
     if entries:
         lab, live, peak, _ = entries[-1]
         entries[-1] = (lab, live, peak, wall)
-    return StepMeasure(entries, float(b)), float(loss[0]), rep.method
+    num = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    return (StepMeasure(entries, float(b), num(rep.reserved_bytes), num(rep.modeled_reserved_bytes), rep.reserved_method),
+            float(loss[0]), rep.method)
 
 
 def measure_time_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,

@@ -15,6 +15,13 @@ What is measured, and how (kept honest):
   counted from the start of the step (``track_existing``), gradients, activations and transients
   as they appear.  CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
   (everything allocated on the device, so the same definition).
+* **Reserved memory** (what a CUDA out-of-memory error depends on; a plan solved for a GPU profile
+  keeps its budget in reserved bytes): CUDA: ``torch.cuda.max_memory_reserved`` of the tracked
+  step (``reserved_method='cuda'``), beside the allocator model on the same step's storages
+  (``modeled_reserved_bytes``); CPU: the model only (:mod:`lrcnn.models.allocator` on the step's
+  recorded allocations, ``reserved_method='model'``).  On CUDA the run uses expandable segments
+  unless the allocator is configured otherwise (``alloc_conf`` records the settings, modeled or in
+  effect; :func:`lrcnn.models.allocator.prefer_expandable_segments`).
 * **Time** is measured on every untracked step (and reported for the tracked one, flagged):
   ``time.perf_counter`` on the CPU, CUDA events on the GPU, taken at the same marks as memory
   (phases and segment boundaries; :func:`lrcnn.models.memory.mark`).  Segment time = time between
@@ -53,6 +60,8 @@ from lrcnn.executor.exactness import GRAD_FLOOR, rel, SPREAD_FACTOR, within_plai
 from lrcnn.executor.measure import (autocast, DEFAULT_LR, grad_scaler, make_optimizer as _make_optimizer,
                                     measure_memory_step, measure_time_step, StepMeasure, train_step)
 from lrcnn.executor.program import apply_plan
+from lrcnn.models.allocator import (allocator_settings, expandable_segments, LRCNN_ALLOC_CONF,
+                                   prefer_expandable_segments)
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.zoo import set_bn_mode
 from lrcnn.planner.cost import CostError, CostModel, load_profile
@@ -68,10 +77,11 @@ GRAD_TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2
 
 COLUMNS = [
     "run_id", "rank", "world_size", "step", "tracked", "scope", "name", "phase", "segment", "mode", "order",
-    "predicted_peak_bytes", "actual_peak_bytes", "actual_live_bytes", "predicted_s", "actual_s", "loss",
+    "predicted_peak_bytes", "actual_peak_bytes", "actual_live_bytes", "predicted_reserved_bytes",
+    "actual_reserved_bytes", "modeled_reserved_bytes", "predicted_s", "actual_s", "loss",
     "device", "device_name", "torch_version", "cudnn_version", "cudnn_benchmark", "cudnn_deterministic",
-    "mem_method", "plan_path", "plan_fingerprint", "model", "batch", "resolution", "dtype", "amp", "optimizer",
-    "lr", "budget_bytes", "data", "started",
+    "mem_method", "reserved_method", "alloc_conf", "plan_path", "plan_fingerprint", "model", "batch", "resolution",
+    "dtype", "amp", "optimizer", "lr", "budget_bytes", "budget_in", "data", "started",
 ]
 
 
@@ -348,16 +358,21 @@ def _rows_for_step(step: int, tracked: bool, meas: StepMeasure, loss: float, pla
                    base: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
 
-    def add(scope, name, phase, peak, secs, p_peak, p_s, segment=-1, mode=None, order=-1, live=math.nan):
+    def add(scope, name, phase, peak, secs, p_peak, p_s, segment=-1, mode=None, order=-1, live=math.nan,
+            reserved=(math.nan, math.nan, math.nan)):
         rows.append(dict(base, step=step, tracked=tracked, scope=scope, name=name, phase=phase,
                          segment=segment, mode=mode, order=order,
                          predicted_peak_bytes=_num(p_peak), actual_peak_bytes=peak if tracked else math.nan,
-                         actual_live_bytes=live if tracked else math.nan,
+                         actual_live_bytes=live if tracked else math.nan, predicted_reserved_bytes=reserved[0],
+                         actual_reserved_bytes=reserved[1], modeled_reserved_bytes=reserved[2],
                          predicted_s=_num(p_s), actual_s=secs, loss=loss))
 
     e = meas.entries
     step_peak = max([meas.start_live] + [x[2] for x in e]) if tracked else math.nan
-    add("step", "step", "step", step_peak, e[-1][3] if e else math.nan, pred.get("peak_bytes"), pred.get("time_s"))
+    resv = (_num(pred.get("reserved_bytes")), meas.reserved if tracked else math.nan,
+            meas.modeled_reserved if tracked else math.nan)
+    add("step", "step", "step", step_peak, e[-1][3] if e else math.nan, pred.get("peak_bytes"), pred.get("time_s"),
+        reserved=resv)
     prev = None
     pphases = pred.get("phases") or {}
     for ph in PHASES:
@@ -386,6 +401,38 @@ def _rows_for_step(step: int, tracked: bool, meas: StepMeasure, loss: float, pla
                     p_peak = psegs.get(int(parts[1]), {}).get(f"{parts[2]}_peak")
             add("timeline", lab, "timeline", peak, math.nan, p_peak, None, order=k, live=live)
     return rows
+
+
+def gpu_budget(plan) -> bool:
+    """Whether the plan's budget is in reserved bytes: it was solved for a GPU profile."""
+    prof = (plan.solver or {}).get("device_profile")
+    try:
+        return bool(prof) and load_profile(prof).kind == "cuda"
+    except (CostError, OSError, ValueError):
+        return False
+
+
+def budget_failures(df, plan, device_type: str) -> List[str]:
+    """The run's budget failures from its records: the allocated peak over the plan's budget, and
+    the reserved one over it where the budget is in reserved bytes (a plan of a GPU profile,
+    :func:`gpu_budget`): measured on CUDA (``max_memory_reserved``), modeled from the step's
+    allocations on the CPU."""
+    budget = plan.budget_bytes
+    if budget is None:
+        return []
+    step = df[df.scope == "step"]
+    out = []
+    peak = step["actual_peak_bytes"].max()
+    if peak > budget:
+        out.append(f"measured peak {int(peak):,} bytes exceeds the plan's budget of {int(budget):,} bytes by "
+                   f"{int(peak - budget):,}")
+    resv = step["actual_reserved_bytes"].max()
+    if gpu_budget(plan) and resv > budget:
+        how = "measured (max_memory_reserved)" if device_type == "cuda" else \
+            "modeled (CUDA caching allocator model on this step's allocations)"
+        out.append(f"reserved peak {int(resv):,} bytes, {how}, exceeds the plan's budget of {int(budget):,} bytes "
+                   f"by {int(resv - budget):,} (allocated peak {int(peak):,})")
+    return out
 
 
 def plan_precision(plan, amp: Optional[str] = None) -> Optional[str]:
@@ -455,6 +502,14 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
         batches = _cycle(image_folder(data, plan, num_classes, seed, info.rank, info.world_size))
         data_label = os.path.abspath(data)
     pred = predicted_for(plan, graph, dev.type)
+    # the caching allocator lrcnn's reserve is modeled with (PyTorch reads it when CUDA starts)
+    expandable = prefer_expandable_segments() if dev.type == "cuda" else expandable_segments()
+    alloc_conf = allocator_settings() or (LRCNN_ALLOC_CONF if expandable else "")
+    if dev.type == "cuda" and not expandable and info.is_main:
+        print(f"planner: warning: CUDA's caching allocator runs without expandable segments "
+              f"({alloc_conf or 'CUDA started before lrcnn could set them'}); the reserve lrcnn keeps in a budget is "
+              f"modeled with them, so the reserved peak may exceed the budget (it is measured): set "
+              f"PYTORCH_CUDA_ALLOC_CONF={LRCNN_ALLOC_CONF} before CUDA starts", file=sys.stderr)
 
     model.to(dev)
     plain = copy.deepcopy(model) if check else None
@@ -485,8 +540,10 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     base = dict(run_id=run_id, rank=info.rank, world_size=info.world_size, plan_path=os.path.abspath(plan_path) if isinstance(plan_path, str) else "",
                 plan_fingerprint=plan.fingerprint, model=plan.model, batch=n, resolution=f"{h}x{w}",
                 dtype=plan.dtype, amp=plan_amp or "", optimizer=opt_name, lr=lr, budget_bytes=_num(plan.budget_bytes),
+                budget_in="reserved" if gpu_budget(plan) else "allocated",
                 data=data_label, started=D.broadcast(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), info),
-                mem_method="cuda" if dev.type == "cuda" else "storage", **device_info(dev))
+                mem_method="cuda" if dev.type == "cuda" else "storage",
+                reserved_method="cuda" if dev.type == "cuda" else "model", alloc_conf=alloc_conf, **device_info(dev))
     rows: List[Dict[str, Any]] = []
     bar = tqdm(total=warmup + steps, desc=f"run {plan.model}", unit="step", disable=not (progress and info.is_main),
                file=sys.stderr, leave=False)
@@ -518,10 +575,7 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     if out is not None and info.is_main:
         write_records(df, out)
 
-    peak = df.loc[df.scope == "step", "actual_peak_bytes"].max()
-    if plan.budget_bytes is not None and peak > plan.budget_bytes:
-        failures.append(f"measured peak {int(peak):,} bytes exceeds the plan's budget of "
-                        f"{int(plan.budget_bytes):,} bytes by {int(peak - plan.budget_bytes):,}")
+    failures += budget_failures(df, plan, dev.type)
     losses = df.loc[df.scope == "step", "loss"]
     if not losses.map(math.isfinite).all():
         failures.append("the loss is not finite (NaN/inf) in at least one step")

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from lrcnn.executor import apply_plan
 from lrcnn.executor.measure import train_step_memory
+from lrcnn.models.allocator import expandable_segments, replay
 from lrcnn.planner.cost import CostModel, CostError, load_profile
 from lrcnn.planner.plan import plan_model, Plan
 
@@ -25,7 +26,13 @@ def simulate_plan(path, profile: Optional[str] = None, optimizer: Optional[str] 
     ``profile``: the cost model's device profile; default the one the plan was solved with
     (``solver.device_profile``), else ``cpu``.  A profile's workspace reserve (cuDNN/cuBLAS
     scratch on a GPU profile) is left out of the predicted side: the simulated step does not
-    allocate it, so like is compared with like (``info['workspace']`` says how much)."""
+    allocate it, so like is compared with like (``info['workspace']`` says how much).
+
+    With a GPU profile a ``reserved`` row compares the bytes the plan keeps for the CUDA caching
+    allocator (:meth:`lrcnn.planner.cost.DeviceProfile.reserved_for`) with the allocator model's
+    reserved peak on the simulated step's allocations (:mod:`lrcnn.models.allocator`, with
+    expandable segments as lrcnn's CUDA runs use them unless ``PYTORCH_ALLOC_CONF`` says
+    otherwise; ``info['modeled_reserved_other_bytes']``: the other setting's)."""
     import pandas as pd
 
     plan = Plan.load(path) if isinstance(path, str) else path
@@ -44,15 +51,21 @@ def simulate_plan(path, profile: Optional[str] = None, optimizer: Optional[str] 
     planned = apply_plan(model, plan, graph)
     t0 = time.perf_counter()
     rep = train_step_memory(planned, plan.input_shape, optimizer, fake=True, dtype=getattr(torch, plan.dtype),
-                            amp=plan.training.get("amp"))
+                            amp=plan.training.get("amp"), reserved=True)
     sim_s = time.perf_counter() - t0
     sim = rep.absolute_phase_peaks()
     rows = []
     for ph in ("forward", "backward", "optimizer"):
         rows.append((ph, pred["phases"][ph] - ws, sim.get(ph, 0)))
     rows.append(("peak", pred["peak_bytes"] - ws, rep.absolute_peak))
+    expandable = expandable_segments()
+    other = replay(rep.events, rep.existing_events, expandable_segments=not expandable).reserved
+    if cm.profile.kind == "cuda":  # the budget is reserved bytes there: the allocator model's peak
+        rows.append(("reserved", cm.profile.reserved_for(pred["peak_bytes"] - ws), rep.modeled_reserved_bytes))
     df = pd.DataFrame(rows, columns=["phase", "predicted_bytes", "simulated_bytes"])
     df["error_pct"] = (df.predicted_bytes - df.simulated_bytes) / df.simulated_bytes * 100
     info = {"model": plan.model, "shape": "x".join(map(str, plan.input_shape)), "dtype": plan.dtype + (f" + autocast {plan.training['amp']}" if plan.training.get("amp") else ""),
-            "optimizer": optimizer, "profile": cm.profile.name, "sim_s": sim_s, "workspace": ws}
+            "optimizer": optimizer, "profile": cm.profile.name, "sim_s": sim_s, "workspace": ws,
+            "expandable_segments": expandable, "modeled_reserved_bytes": rep.modeled_reserved_bytes,
+            "modeled_reserved_other_bytes": other}
     return df, info

@@ -3,9 +3,12 @@
 Solve plans across the budget range of one model and input (the plain step's budget, then
 ``points - 1`` budgets down to the smallest feasible plan), run each for real training steps on
 the device (:func:`lrcnn.executor.run.run_plan`), and compare what was predicted with what was
-measured: peak memory (CPU: storage accounting; CUDA: allocated bytes) and step time.  One row per
-plan; the records of every run in one file; a PNG of predicted vs measured over the budget range.
-A plan measured above its budget is a failure (exit 1).
+measured: peak memory (CPU: storage accounting; CUDA: allocated bytes), the CUDA caching
+allocator's reserved peak (CUDA: ``max_memory_reserved``; CPU: modeled on the step's allocations,
+:mod:`lrcnn.models.allocator`) and step time.  One row per plan; the records of every run in one
+file; a PNG of predicted vs measured over the budget range.  A plan measured above its budget is a
+failure (exit 1): its allocated peak, and where the budget is in reserved bytes (a GPU profile) its
+reserved peak.
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from lrcnn.errors import UsageError
-from lrcnn.executor.run import resolve_device, run_plan
+from lrcnn.executor.run import budget_failures, resolve_device, run_plan
 from lrcnn.models.capture import build_and_capture, quiet_torch_logs
 from lrcnn.planner.files import atomic_write
 from lrcnn.planner.solve import Solver
 from lrcnn.planner.units import format_table
 
 VALIDATE_COLUMNS = ["point", "budget_bytes", "predicted_peak_bytes", "measured_peak_bytes", "peak_err",
+                    "predicted_reserved_bytes", "reserved_bytes", "modeled_reserved_bytes", "reserved_method",
                     "within_budget", "predicted_s", "measured_s", "time_err", "segments", "run_id"]
 
 
@@ -49,7 +53,8 @@ def budget_points(smallest: int, plain: int, points: int) -> List[int]:
     return out
 
 
-def _segments(plan) -> str:
+def plan_text(plan) -> str:
+    """A plan in a few words: its segments' modes, e.g. ``rows overlx8 store-r2 checkpoint``."""
     out = []
     for s in plan.segments:
         if s.mode == "rows":
@@ -81,8 +86,7 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
     with quiet_torch_logs():
         _, graph = build_and_capture(model, batch, resolution, dtype, bn, None, num_classes, amp=amp)
     solver = Solver(graph, model, bn=bn, optimizer=optimizer, device_profile=profile, amp_rows=amp_rows)
-    plain = solver.baseline()["peak"]
-    plain_budget = int(math.ceil(plain / (1 - solver.headroom)))  # the budget the plain step needs
+    plain_budget = solver.budget_for(solver.baseline()["peak"])  # the budget the plain step needs
     budgets = budget_points(solver.smallest_budget(), plain_budget, points)
     rows: List[Dict[str, Any]] = []
     records = []
@@ -103,13 +107,18 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
             timed = step[~step.tracked]["actual_s"] if (~step.tracked).any() else step["actual_s"]
             measured = float(tracked["actual_peak_bytes"].max())
             predicted = float(plan.predicted.get("peak_bytes", math.nan))
+            first = tracked.iloc[0] if len(tracked) else {}
             p_s = float(plan.predicted.get("time_s", math.nan))
             m_s = float(timed.median())
             rows.append({
                 "point": k, "budget_bytes": b, "predicted_peak_bytes": predicted, "measured_peak_bytes": measured,
                 "peak_err": (predicted - measured) / measured if measured else math.nan,
-                "within_budget": bool(measured <= b), "predicted_s": p_s, "measured_s": m_s,
-                "time_err": (p_s - m_s) / m_s if m_s else math.nan, "segments": _segments(plan),
+                "predicted_reserved_bytes": float(plan.predicted.get("reserved_bytes", math.nan)),
+                "reserved_bytes": float(tracked["actual_reserved_bytes"].max()),
+                "modeled_reserved_bytes": float(tracked["modeled_reserved_bytes"].max()),
+                "reserved_method": str(first.get("reserved_method", "")),
+                "within_budget": not budget_failures(df, plan, dev.type), "predicted_s": p_s, "measured_s": m_s,
+                "time_err": (p_s - m_s) / m_s if m_s else math.nan, "segments": plan_text(plan),
                 "run_id": str(df["run_id"].iloc[0]),
             })
             failures += [f"plan {k} (budget {b:,} bytes): {f}" for f in res.failures]
@@ -119,9 +128,15 @@ def validate(model: str, batch: int, resolution: Optional[Tuple[int, int]] = Non
     table = pd.DataFrame(rows, columns=VALIDATE_COLUMNS)
     first = records[0].iloc[0]
     n, c, h, w = graph.input_shape
+    gpu = solver.cm.profile.kind == "cuda"
+    resv = ("measured (max_memory_reserved)" if dev.type == "cuda" else
+            "modeled (the CUDA caching allocator model on the CPU step's allocations)")
+    conf = first.get("alloc_conf") or "default settings"
     header = (f"{model} {n}x{c}x{h}x{w} {dtype}{' + autocast ' + amp if amp else ''}, BatchNorm {bn}, "
               f"{optimizer}, on {first['device']} ({first['device_name']}, torch {first['torch_version']}), "
-              f"cost model profile {profile}, {steps} step(s) per plan")
+              f"cost model profile {profile}, {steps} step(s) per plan\n"
+              f"budgets in {'reserved' if gpu else 'allocated'} bytes (the CUDA context is in none); "
+              f"reserved peak {resv}, allocator {conf}")
     return ValidateResult(table, pd.concat(records, ignore_index=True), failures, header)
 
 
@@ -137,17 +152,25 @@ def format_validate(res: ValidateResult) -> str:
     def ms(v):
         return "-" if v is None or math.isnan(v) else f"{v * 1e3:.1f}"
 
-    rows = [[r.point, mib(r.budget_bytes), mib(r.predicted_peak_bytes), mib(r.measured_peak_bytes), pct(r.peak_err),
-             "yes" if r.within_budget else "NO", ms(r.predicted_s), ms(r.measured_s), pct(r.time_err), r.segments]
-            for r in res.table.itertuples()]
     t = res.table
-    lines = [res.header, "",
-             format_table(["#", "budget_MiB", "pred_MiB", "meas_MiB", "peak_err", "within", "pred_ms", "meas_ms",
-                           "time_err", "plan"], rows, "rrrrrlrrrl"), ""]
+    cuda = bool(len(t)) and bool((t.reserved_method == "cuda").any())
+    label = "resv_MiB" if cuda else "resv_MiB(model)"
+    rows = [[r.point, mib(r.budget_bytes), mib(r.predicted_peak_bytes), mib(r.measured_peak_bytes), pct(r.peak_err),
+             mib(r.reserved_bytes)] + ([mib(r.modeled_reserved_bytes)] if cuda else [])
+            + ["yes" if r.within_budget else "NO", ms(r.predicted_s), ms(r.measured_s), pct(r.time_err), r.segments]
+            for r in t.itertuples()]
+    head = (["#", "budget_MiB", "pred_MiB", "meas_MiB", "peak_err", label] + (["model_MiB"] if cuda else [])
+            + ["within", "pred_ms", "meas_ms", "time_err", "plan"])
+    lines = [res.header, "", format_table(head, rows, "rrrrrr" + "r" * cuda + "lrrrl"), ""]
     if len(t):
+        over = t.reserved_bytes / t.measured_peak_bytes - 1
         lines.append(f"peak error: median {t.peak_err.abs().median():.2%}, worst {t.peak_err.abs().max():.2%}; "
                      f"{int(t.within_budget.sum())}/{len(t)} plans within budget; step time error: median "
                      f"{t.time_err.abs().median():.1%}")
+        lines.append(f"reserved above allocated ({'measured' if cuda else 'modeled'}): median {over.median():+.1%}, "
+                     f"worst {over.max():+.1%}"
+                     + (f"; the model's reserved vs measured: median "
+                        f"{(t.modeled_reserved_bytes / t.reserved_bytes - 1).median():+.1%}" if cuda else ""))
     return "\n".join(lines)
 
 
@@ -164,6 +187,8 @@ def draw_validate(res: ValidateResult, path: str) -> None:
     ax1.plot(x, x, "k--", lw=1, label="budget")
     ax1.plot(x, t.predicted_peak_bytes / 2**20, "o-", label="predicted peak")
     ax1.plot(x, t.measured_peak_bytes / 2**20, "s-", label="measured peak")
+    cuda = (t.reserved_method == "cuda").any()
+    ax1.plot(x, t.reserved_bytes / 2**20, "^:", label="reserved peak" + ("" if cuda else " (modeled)"))
     ax1.set_xlabel("budget (MiB)")
     ax1.set_ylabel("peak (MiB)")
     ax1.set_title("memory")

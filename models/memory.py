@@ -8,7 +8,11 @@ Three methods, one report (:class:`MemoryReport`), chosen by :func:`measure_step
   again when the storage is freed.  Not RSS, not tracemalloc: allocator caching and the memory of
   kernel-internal scratch buffers are invisible, exactly like ``MemTracker``.
 * ``'cuda'``: ``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated`` around the step,
-  relative to what was allocated before it.
+  relative to what was allocated before it, and the step's ``max_memory_reserved``.
+
+Reserved bytes (what a CUDA OOM depends on) off CUDA: with ``measure_step(..., reserved=True)``
+the tracker records the step's allocation sequence and :mod:`lrcnn.models.allocator` replays it
+through a model of PyTorch's CUDA caching allocator (``MemoryReport.reserved_method == 'model'``).
 * ``'fake'``: the storage tracker running on top of an active ``FakeTensorMode`` -- the peak of a
   full-size step without the memory (see :func:`fake_mode` and :func:`fake_state`).
 
@@ -34,6 +38,7 @@ Fake (simulated) step::
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lrcnn.errors import StateError
+from lrcnn.models.allocator import expandable_segments, FREE, replay
 
 __all__ = ["MemoryReport", "StorageTracker", "CompiledStorageTracker", "measure_step", "mark", "measuring", "fake_mode", "fake_state"]
 
@@ -70,6 +76,18 @@ class MemoryReport:
             peak since the previous mark; :func:`measure_step` closes it with an ``'end'`` entry.
         device: the device measured (for ``'fake'``: the label the caller gave, default ``cpu``).
         method: ``'storage'``, ``'cuda'`` or ``'fake'``.
+        reserved_bytes: absolute peak of the CUDA caching allocator's *reserved* bytes during the
+            step, what a CUDA out-of-memory error depends on: measured
+            (``torch.cuda.max_memory_reserved``, ``reserved_method == 'cuda'``) or modeled from the
+            recorded allocation sequence (:mod:`lrcnn.models.allocator`, ``'model'``, when
+            :func:`measure_step` is asked for it); ``None`` when neither.
+        reserved_method: ``'cuda'``, ``'model'`` or ``''``.
+        modeled_reserved_bytes: the modeled reserved peak (``reserved=True``; on CUDA beside the
+            measured one, from the same step's storages), else ``None``.  The model follows the
+            allocator settings lrcnn's CUDA runs use here
+            (:func:`lrcnn.models.allocator.expandable_segments`).
+        events, existing_events: the recorded allocation sequence (with ``reserved=True``; see
+            :attr:`StorageTracker.events`), else ``None`` and 0.
     """
 
     peak_bytes: int
@@ -77,6 +95,11 @@ class MemoryReport:
     timeline: List[Entry] = field(default_factory=list)
     device: str = "cpu"
     method: str = "storage"
+    reserved_bytes: Optional[int] = None
+    reserved_method: str = ""
+    modeled_reserved_bytes: Optional[int] = None
+    events: Optional[List[Tuple[int, int]]] = field(default=None, repr=False)
+    existing_events: int = 0
 
     def phase_peaks(self) -> Dict[str, int]:
         """Peak bytes per phase label (the maximum when a label is marked more than once)."""
@@ -180,33 +203,55 @@ class StorageTracker(Meter, TorchDispatchMode):
     sees (tested).  On CUDA the engine's device threads run with the caller's thread-local state,
     the dispatch-mode stack included, as ``MemTracker`` also relies on.
 
-    Not seen: memory a kernel allocates and frees internally, allocator rounding and caching,
-    and ``UntypedStorage.resize_`` called directly on a storage (FSDP-style; ``MemTracker``
-    monkey-patches it, this tracker does not).
+    Not seen: memory a kernel allocates and frees internally, allocator rounding and caching
+    (``record=True`` keeps the allocation sequence, :attr:`events`, so that
+    :mod:`lrcnn.models.allocator` can model them), and ``UntypedStorage.resize_`` called directly
+    on a storage (FSDP-style; ``MemTracker`` monkey-patches it, this tracker does not).
 
     Attributes (absolute bytes): :attr:`live`, :attr:`peak` (overall), :attr:`baseline`,
     :attr:`timeline` (``(label, live, peak since previous mark)`` per :meth:`mark`).  On exit the
     numbers freeze (later frees no longer change them) and :meth:`tracks` answers ``False``.
     """
 
-    def __init__(self, track_existing: Iterable[Union[torch.Tensor, nn.Module]] = ()) -> None:
+    def __init__(self, track_existing: Iterable[Union[torch.Tensor, nn.Module]] = (),
+                 record: bool = False) -> None:
         Meter.__init__(self)
         TorchDispatchMode.__init__(self)
         self._existing = list(track_existing)
         self._sizes: Dict[int, Tuple[int, weakref.ref]] = {}  # _cdata -> (nbytes, weakref)
+        #: with ``record=True``: the allocation sequence, ``(id, nbytes)`` per new storage and
+        #: ``(id, FREE)`` per freed one (ids count up from 0), for :mod:`lrcnn.models.allocator`;
+        #: the first :attr:`existing_events` are the storages counted at entry
+        self.events: Optional[List[Tuple[int, int]]] = [] if record else None
+        self.existing_events = 0
+        self._ids: Dict[int, int] = {}  # _cdata -> id in events
+        self._next_id = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def _log_alloc(self, key: int, n: int) -> None:
+        """Append the allocation of storage ``key`` (``n`` bytes) to :attr:`events`."""
+        old = self._ids.get(key)
+        self._ids[key] = self._next_id
+        self.events.append((self._next_id, n))
+        self._next_id += 1
+        if old is not None:  # a resize: the new block is allocated before the old one is freed
+            self.events.append((old, FREE))
+
     def _track(self, st: torch.UntypedStorage) -> None:
         key, n = st._cdata, st.nbytes()
         self._sizes[key] = (n, weakref.ref(st, partial(self._freed, key)))
         self.live += n
         self._since_mark = max(self._since_mark, self.live)
+        if self.events is not None:
+            self._log_alloc(key, n)
 
     def _freed(self, key: int, ref: weakref.ref) -> None:
         entry = self._sizes.get(key)
         if entry is not None and entry[1] is ref:
             del self._sizes[key]
             self.live -= entry[0]
+            if self.events is not None:
+                self.events.append((self._ids.pop(key), FREE))
 
     def tracks(self, t: Union[torch.Tensor, torch.UntypedStorage]) -> bool:
         """Whether the storage of ``t`` is counted in :attr:`live`."""
@@ -223,9 +268,12 @@ class StorageTracker(Meter, TorchDispatchMode):
             else:
                 objs.append(o)
         self.live = 0
+        if self.events is not None:
+            self.events, self._ids, self._next_id = [], {}, 0
         for st in _storages(objs):
             if st._cdata not in self._sizes:
                 self._track(st)
+        self.existing_events = len(self.events) if self.events is not None else 0
         self._start(self.live)
         return TorchDispatchMode.__enter__(self)
 
@@ -245,6 +293,8 @@ class StorageTracker(Meter, TorchDispatchMode):
                     self.live += st.nbytes() - entry[0]
                     self._sizes[key] = (st.nbytes(), entry[1])
                     self._since_mark = max(self._since_mark, self.live)
+                    if self.events is not None:
+                        self._log_alloc(key, st.nbytes())
                 continue
             if inputs is None:
                 inputs = {s._cdata for s in _storages((args, kwargs))}
@@ -269,23 +319,32 @@ class CompiledStorageTracker(StorageTracker):
 
 
 class _CudaMeter(Meter):
-    """``max_memory_allocated`` around a step; each mark reads and resets the peak."""
+    """``max_memory_allocated`` around a step; each mark reads and resets the peak, and keeps the
+    step's peak of ``max_memory_reserved`` (:attr:`reserved_peak`, absolute)."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.device = device
+        self.reserved_peak = 0
 
     def mark(self, label: str) -> None:
         torch.cuda.synchronize(self.device)
         self.live = torch.cuda.memory_allocated(self.device)
         self._record(label, self.live, torch.cuda.max_memory_allocated(self.device))
+        self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def __enter__(self) -> "_CudaMeter":
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self.reserved_peak = torch.cuda.memory_reserved(self.device)
         self._start(torch.cuda.memory_allocated(self.device))
         return self
+
+    def report(self, device: str, method: str) -> MemoryReport:
+        rep = super().report(device, method)
+        rep.reserved_bytes, rep.reserved_method = int(self.reserved_peak), "cuda"
+        return rep
 
     def __exit__(self, *exc) -> None:
         self._stop()
@@ -305,7 +364,7 @@ def mark(label: str) -> None:
 def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device, None] = None,
                  warmup: int = 0,
                  track_existing: Iterable[Union[torch.Tensor, nn.Module]] = (),
-                 compiled: bool = False) -> MemoryReport:
+                 compiled: bool = False, reserved: bool = False) -> MemoryReport:
     """Run ``step_fn()`` once under the right measurement and report its peak memory.
 
     ``step_fn`` does one training step (forward, loss, backward, maybe the optimizer step) and
@@ -314,26 +373,47 @@ def measure_step(step_fn: Callable[[], object], device: Union[str, torch.device,
 
     Method: ``'fake'`` when a ``FakeTensorMode`` is active (see :func:`fake_mode`; ``device``
     then only labels the report), ``'cuda'`` when ``device`` is a CUDA device (allocator
-    statistics, ``track_existing`` ignored), else ``'storage'`` (:class:`StorageTracker`).
+    statistics; ``track_existing`` serves only the sequence ``reserved=True`` records), else
+    ``'storage'`` (:class:`StorageTracker`).
     The report's timeline ends with an ``'end'`` entry covering the rest of the step.
     ``compiled``: the step runs ``torch.compile``-d code; on the CPU use
     :class:`CompiledStorageTracker` (CUDA allocator statistics see compiled code anyway).
+
+    Reserved bytes (:attr:`MemoryReport.reserved_bytes`): measured on CUDA always; with
+    ``reserved=True`` a tracker also records the step's allocation sequence and
+    :func:`lrcnn.models.allocator.replay` models the caching allocator on it (steady state: the
+    step replayed after one warm-up replay): :attr:`MemoryReport.modeled_reserved_bytes`, and
+    ``reserved_bytes`` for ``'storage'``/``'fake'``.
     """
     device = torch.device(device if device is not None else "cpu")
     fake = active_fake_mode() is not None
     for _ in range(warmup):
         step_fn()
     gc.collect()
+    tracker = CompiledStorageTracker if compiled else StorageTracker
+    recorder = None
     if device.type == "cuda" and not fake:
         meter: Meter = _CudaMeter(device)
         method = "cuda"
+        if reserved:  # the storage sequence beside the allocator's own statistics (it sees no marks:
+            recorder = tracker(track_existing, record=True)  # the CUDA meter, entered last, gets them)
     else:
-        tracker = CompiledStorageTracker if compiled else StorageTracker
-        meter, method = tracker(track_existing), ("fake" if fake else "storage")
-    with meter:
-        step_fn()
-        meter.mark("end")
-    return meter.report(str(device), method)
+        meter, method = tracker(track_existing, record=reserved), ("fake" if fake else "storage")
+        recorder = meter if reserved else None
+    with contextlib.ExitStack() as stack:
+        if recorder is not None and recorder is not meter:
+            stack.enter_context(recorder)
+        with meter:
+            step_fn()
+            meter.mark("end")
+    rep = meter.report(str(device), method)
+    if recorder is not None:
+        rep.events, rep.existing_events = recorder.events, recorder.existing_events
+        rep.modeled_reserved_bytes = replay(rep.events, rep.existing_events,
+                                            expandable_segments=expandable_segments()).reserved
+        if rep.reserved_bytes is None:
+            rep.reserved_bytes, rep.reserved_method = rep.modeled_reserved_bytes, "model"
+    return rep
 
 
 def fake_mode(**kwargs) -> FakeTensorMode:

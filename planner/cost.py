@@ -60,7 +60,7 @@ from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
-           "CostError", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE"]
+           "CostError", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE", "ALLOCATOR_RESERVE_BYTES"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 # A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
@@ -115,14 +115,33 @@ class DeviceProfile:
 
     @property
     def usable_memory(self) -> Optional[int]:
-        """The largest budget worth planning on this device (``None``: unknown).  A budget covers
-        the bytes the training step allocates; on a GPU the process also holds the CUDA context
-        (:data:`CUDA_CONTEXT_BYTES`) and the caching allocator's reserve (blocks it keeps after
-        freeing them, fragmentation: about :data:`ALLOCATOR_RESERVE` of the rest)."""
+        """The largest budget worth planning on this device (``None``: unknown).  On a GPU a budget
+        covers the bytes the caching allocator reserves for the step (:meth:`reserved_for`); the
+        CUDA context (:data:`CUDA_CONTEXT_BYTES`) is not in it and must stay free beside it."""
         m = self.device_memory
         if m is None or self.kind != "cuda":
             return m
-        return int((m - CUDA_CONTEXT_BYTES) * (1 - ALLOCATOR_RESERVE))
+        return m - CUDA_CONTEXT_BYTES
+
+    def reserved_for(self, peak: float) -> int:
+        """The device bytes a step of ``peak`` allocated bytes needs: on a GPU the caching
+        allocator's reserved peak, ``peak`` plus :data:`ALLOCATOR_RESERVE` of it plus
+        :data:`ALLOCATOR_RESERVE_BYTES`; on the CPU ``peak`` itself."""
+        if self.kind != "cuda":
+            return int(math.ceil(peak))
+        return int(math.ceil(peak * (1 + ALLOCATOR_RESERVE))) + ALLOCATOR_RESERVE_BYTES
+
+    def allocatable(self, budget: float) -> int:
+        """The largest allocated peak whose :meth:`reserved_for` fits ``budget`` bytes (negative
+        when not even an empty step fits)."""
+        if self.kind != "cuda":
+            return int(budget)
+        a = int((budget - ALLOCATOR_RESERVE_BYTES) / (1 + ALLOCATOR_RESERVE))
+        while a > 0 and self.reserved_for(a) > budget:  # (float rounding, both ways)
+            a -= 1
+        while self.reserved_for(a + 1) <= budget:
+            a += 1
+        return a
 
     @property
     def datasheet(self) -> bool:
@@ -182,12 +201,21 @@ class DeviceProfile:
 
 
 GB = 10**9
-#: What a CUDA process holds besides the bytes its training step allocates (what a budget
-#: covers): the CUDA context with cuBLAS and cuDNN loaded (about 0.5-1 GiB) ...
+#: What a CUDA process holds outside the caching allocator, which no budget covers: the CUDA
+#: context with cuBLAS and cuDNN loaded (about 0.5-1 GiB); a budget on a GPU profile leaves this
+#: much of the device free (:attr:`DeviceProfile.usable_memory`).
 CUDA_CONTEXT_BYTES = 2**30
-#: ... and the caching allocator's reserve, a share of the rest (PyTorch keeps freed blocks
-#: for reuse; fragmentation leaves some of them too small to use)
-ALLOCATOR_RESERVE = 0.1
+#: What PyTorch's caching allocator reserves above the step's allocated peak, kept inside a budget
+#: on a GPU profile (:meth:`DeviceProfile.reserved_for`): a share of the peak (free blocks between
+#: live ones at the peak) ...
+ALLOCATOR_RESERVE = 0.10
+#: ... plus a fixed amount, about three of the large pool's 20 MiB pages (its partly used last page
+#: and the holes at the peak, which dominate small plans).  Derived from the allocator model
+#: (:mod:`lrcnn.models.allocator`, expandable segments, which lrcnn's CUDA runs use) on the
+#: simulated steps of real plans (``python -m lrcnn.analysis.bench.reserve``,
+#: bench/results/allocator-reserve.md: reserved above allocated up to 8% on large plans, up to
+#: 42 MiB on small ones); not yet measured on a GPU.
+ALLOCATOR_RESERVE_BYTES = 64 * 2**20
 # Datasheet peaks (dense, no sparsity).  Tensor-core rates are used for float32 as TF32 on
 # A100/H100/H200 (PyTorch's cuDNN convolutions allow TF32 by default).
 PROFILES: Dict[str, DeviceProfile] = {
@@ -1260,8 +1288,8 @@ class CostModel:
             kept += c.keep
         acts = int(max(ph["forward"], ph["backward"]) - sum(fb.values()))
         return {
-            "peak_bytes": int(ph["peak"]), "time_s": float(ph["time_s"]),
-            "device_profile": self.profile.name,
+            "peak_bytes": int(ph["peak"]), "reserved_bytes": self.profile.reserved_for(ph["peak"]),
+            "time_s": float(ph["time_s"]), "device_profile": self.profile.name,
             "phases": {k: int(ph[k]) for k in ("forward", "backward", "optimizer")},
             "segments": seg_rows,
             "breakdown": {"params": fb["params"] + fb["buffers"], "grads": sum(c.grad_bytes for c in costs),

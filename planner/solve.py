@@ -7,7 +7,10 @@
     plan = solve(my_module, (8, 3, 512, 512), 6 * 2**30, bn="eval", policy="2ps", time_limit=5)
     plan.save("plan.json"); plan.predicted["peak_bytes"], plan.solver["gap"]
 
-The budget is device bytes (``"8GB"`` = 8e9, ``"8GiB"`` = 8 * 2^30).  A budget no plan meets raises
+The budget is device bytes (``"8GB"`` = 8e9, ``"8GiB"`` = 8 * 2^30): with a GPU profile the bytes the
+CUDA caching allocator reserves (the plan's allocated peak plus the allocator's reserve,
+:meth:`lrcnn.planner.cost.DeviceProfile.reserved_for`), with the ``cpu`` profile the allocated
+bytes; the CUDA context is in neither.  A budget no plan meets raises
 :class:`lrcnn.planner.ilp.InfeasibleError` (a ``ValueError``) whose message names the smallest peak any
 plan reaches under the same cost model.
 """
@@ -213,12 +216,25 @@ class Solver:
         return parse_bytes(budget) >= self.smallest_budget()
 
     def smallest_budget(self) -> int:
-        """The smallest budget a plan fits: the smallest predicted peak plus the headroom."""
+        """The smallest budget a plan fits: the smallest predicted peak plus the headroom (and
+        on a GPU profile the caching allocator's reserve)."""
         return self.budget_for(self.min_peak())
 
+    def peak_room(self, budget: int) -> int:
+        """The largest predicted (allocated) peak a plan may have within ``budget``: the budget
+        less the headroom kept free and, on a GPU profile, less the caching allocator's reserve
+        (:meth:`lrcnn.planner.cost.DeviceProfile.allocatable`: a GPU budget is reserved bytes)."""
+        return self.cm.profile.allocatable(budget - int(budget * self.headroom))
+
     def budget_for(self, peak: int) -> int:
-        """The budget a plan of predicted ``peak`` bytes needs: the peak plus the headroom."""
-        return int(peak) if self.headroom <= 0 else int(peak / (1 - self.headroom)) + 1
+        """The smallest budget a plan of predicted ``peak`` bytes fits (:meth:`peak_room`)."""
+        need = self.cm.profile.reserved_for(peak)
+        b = need if self.headroom <= 0 else int(need / (1 - self.headroom)) + 1
+        while self.peak_room(b) < peak:  # (integer rounding: the smallest such budget)
+            b += 1
+        while b > 1 and self.peak_room(b - 1) >= peak:
+            b -= 1
+        return b
 
     def baseline(self) -> Dict[str, Any]:
         """compose() of the plan-less step (every unit stored, nothing recomputed)."""
@@ -229,12 +245,14 @@ class Solver:
 
     def solve(self, budget, time_limit: float = DEFAULT_TIME_LIMIT, gap: float = DEFAULT_GAP,
               warm: Optional[List] = None, merge_store: bool = True) -> Plan:
-        """The fastest plan whose predicted peak fits ``budget`` (bytes or a size string)."""
+        """The fastest plan whose predicted peak fits ``budget`` (bytes or a size string; with a
+        GPU profile reserved bytes: see :meth:`peak_room`)."""
 
         budget = parse_bytes(budget)
         user_budget = budget
-        # the plan must fit with HEADROOM to spare: the cost model's error on row segments
-        budget = budget - int(budget * self.headroom)
+        # the plan must fit with HEADROOM to spare (the cost model's error on row segments) and,
+        # on a GPU, with the caching allocator's reserve: the peak the plan may reach
+        budget = self.peak_room(budget)
         if self._problem is None and self.baseline()["peak"] <= budget:
             return self._plain_plan(user_budget)  # nothing to trade: no candidates to price
         p = self.problem
@@ -508,7 +526,7 @@ class BatchSearch:
     def plain_fits(self, n: int) -> bool:
         """The plain step (no plan) fits at batch ``n``: what :meth:`Solver.solve` tests first."""
         s, b = self.solver(n), self.budget_at(n)
-        return s.baseline()["peak"] <= b - int(b * s.headroom)
+        return s.baseline()["peak"] <= s.peak_room(b)
 
     def plan_at(self, n: int, segments: Sequence[Segment]) -> Dict[str, float]:
         """compose() of a plan's ``segments`` at batch ``n`` (peak, phases, step time)."""
@@ -561,7 +579,7 @@ class BatchSearch:
 
         def test(m: int) -> Tuple[bool, int]:
             sm, bm = self.solver(m), self.budget_at(m)
-            room = (bm - int(bm * sm.headroom) - sm.cm.fixed_bytes()) * n / m
+            room = (sm.peak_room(bm) - sm.cm.fixed_bytes()) * n / m
             path = p.pareto_dp(int(room) // p.quantum, max_labels=DP_LABELS) if room > 0 else None
             if not path:
                 return False, 1 << 62
@@ -571,7 +589,8 @@ class BatchSearch:
     # -- searches -----------------------------------------------------------------------------
     def target(self) -> float:
         """The peak a budget allows, for the secant guesses (the tests decide)."""
-        return self.budget * (1 - HEADROOM)
+        s = next(iter(self._solvers.values()), None)
+        return float(s.peak_room(self.budget)) if s is not None else self.budget * (1 - HEADROOM)
 
     def largest_plain(self) -> int:
         """The largest batch the plain step fits (0: not even one sample)."""

@@ -559,18 +559,21 @@ def test_plain_fits_says_what_the_budget_buys(capfd):
 def test_budget_line_help_and_datasheet_note(capfd):
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "1GB", "--batch", 2)
     assert rc == 0 and err == "", err
-    assert "budget 1.00 GB (954 MiB) of allocated bytes (the training step's); the h100's 85.9 GB (80.0 GiB) also hold " \
-           "the CUDA context and the allocator's reserve: budget at most 76.3 GB (71.1 GiB) there" in out
+    line = next(l for l in out.splitlines() if l.startswith("budget "))
+    assert line.startswith("budget 1.00 GB (954 MiB) of reserved bytes (the CUDA caching allocator's"), line
+    assert line.endswith("of the h100's 85.9 GB (80.0 GiB) it leaves 84.9 GB (79.1 GiB) for the CUDA context "
+                         "(about 0.5-1 GiB): budget at most 84.8 GB (79.0 GiB) there"), line
     step = next(l for l in out.splitlines() if l.startswith("predicted step"))
     assert step.endswith("h100 datasheet estimates, never calibrated on a GPU"), step
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "1GB", "--batch", 2,
                        "--device-profile", "cpu")
-    assert rc == 0 and "datasheet" not in out and "CUDA context" not in out
+    assert rc == 0 and "datasheet" not in out and "CUDA context" not in out and "of allocated bytes" in out
     rc, out, err = run(capfd, "solve", "--help")
     assert rc == 0
     text = " ".join(out.split())
-    assert "covers the bytes the training step allocates" in text and "CUDA context" in text
-    assert "leave about 1 GiB plus 10% of the rest free" in text
+    assert "covers the bytes the CUDA caching allocator reserves for the training step" in text
+    assert "the CUDA context is not in it: leave about 1 GiB of the device free" in text
+    assert "With the cpu profile it covers the bytes the step allocates" in text
 
 
 def test_budget_over_device_memory_warns(capfd, tmp_path):
@@ -589,6 +592,10 @@ def test_budget_over_device_memory_warns(capfd, tmp_path):
     lines = err.strip().splitlines()
     assert rc == 0 and len(lines) == 2 and all(l.startswith("planner: warning: ") for l in lines), err
     assert "the plan's predicted peak" in lines[1] and "85.9 GB (80.0 GiB)" in lines[1]
+    rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "85.5GB", "--batch", 2)
+    lines = err.strip().splitlines()  # within the device, but not leaving the CUDA context its room
+    assert rc == 0 and len(lines) == 1 and "leaves 399 MB (381 MiB) of the h100's 85.9 GB (80.0 GiB) for the CUDA " \
+        "context, which takes about 0.5-1 GiB: budget at most 84.8 GB (79.0 GiB) there" in lines[0], err
     prof = tmp_path / "gpu.json"
     prof.write_text(json.dumps(dict(PROFILES["h100"].to_dict(), name="mygpu", memory=0)))
     rc, out, err = run(capfd, "solve", "--model", "tiny_resnet", "--budget", "200GB", "--batch", 2,

@@ -383,7 +383,7 @@ def test_timm_solved_plans_are_accepted(name):
     m = timm.create_model(name, pretrained=False, num_classes=10).train()
     _, g = capture_model(m, (2, 3, 64, 64), bn="train")
     s = Solver(g, name, bn="train", optimizer="momentum")
-    lo, hi = s.smallest_budget(), int(s.baseline()["peak"] / (1 - s.headroom)) + 1
+    lo, hi = s.smallest_budget(), s.budget_for(s.baseline()["peak"])
     for k in range(4):
         apply_plan(m, s.solve(lo + (hi - lo) * k // 4), g)  # PlanError on a set it refuses
     units = s.cm.units()

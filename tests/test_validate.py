@@ -35,10 +35,28 @@ def test_validate_end_to_end_on_cpu(tmp_path, capsys):
     # the CPU cost model against storage accounting, real steps of real plans
     assert (table.peak_err.abs() <= 0.025).all(), table[["budget_bytes", "peak_err"]]
     assert (table.measured_peak_bytes <= table.budget_bytes).all()
+    # the reserved peak, modeled here (the CUDA caching allocator on each step's allocations)
+    assert "resv_MiB(model)" in text and "budgets in allocated bytes" in text and "reserved above allocated (modeled)" in text
+    assert (table.reserved_method == "model").all() and (table.reserved_bytes >= table.measured_peak_bytes).all()
     rec = pd.read_csv(out)
     assert set(rec.validate_point) == set(table.point) and set(rec.run_id) == set(table.run_id)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate_gpu_profile_on_cpu_keeps_reserved_bytes_within_budget(tmp_path, capsys):
+    """Plans of a GPU profile keep their budget in reserved bytes: run here, each plan's reserved
+    peak modeled on its real step's allocations stays within the budget (and within what the
+    plan kept for it)."""
+    csv = str(tmp_path / "t.csv")
+    rc = main(["validate", "--model", "tiny_resnet", "--batch", "2", "--resolution", "32", "--device", "cpu",
+               "--device-profile", "h100", "--points", "2", "--steps", "1", "--csv", csv, "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "budgets in reserved bytes" in text and "resv_MiB(model)" in text
+    t = pd.read_csv(csv)
+    assert t.within_budget.all() and (t.reserved_bytes <= t.budget_bytes).all()
+    assert (t.reserved_bytes <= t.predicted_reserved_bytes).all() and (t.predicted_reserved_bytes <= t.budget_bytes).all()
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -241,7 +241,7 @@ def sweep_model(name: str, batch: int = 2, resolution: int = 64, tol: float = TO
         peak = int(solver.baseline()["peak"])
         base["plain_peak_bytes"] = peak
         # budgets keep solver.headroom free: the plain step's own budget is its peak plus that
-        hi = peak if solver.headroom <= 0 else int(peak / (1 - solver.headroom)) + 1
+        hi = solver.budget_for(peak)
         lo = solver.smallest_budget()
         budgets = [("smallest", lo), ("middle", (lo + hi) // 2)] if lo < hi else [("plain", hi)]
         for kind, b in budgets:

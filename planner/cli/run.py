@@ -12,6 +12,7 @@ import torch
 from lrcnn.analysis.report import summarize
 from lrcnn.executor import distributed as D
 from lrcnn.executor.run import check_out, plan_precision, resolve_device, run_plan, RunError
+from lrcnn.models.allocator import prefer_expandable_segments
 from lrcnn.planner.cli.args import argtype, nonneg_int, positive_int, positive_number
 from lrcnn.planner.plan import AMP_DTYPES, Plan
 
@@ -23,8 +24,10 @@ def add_parser(sub) -> None:
                     "steps (cross-entropy, the plan's optimizer).  Records per step, phase and segment "
                     "predicted and actual peak bytes and time.  Memory is measured on the first "
                     "recorded step (absolute live bytes: parameters, optimizer state, batch, "
-                    "gradients, activations), time on the others.  Exit 1 when the measured peak "
-                    "exceeds the plan's budget or --check-grads finds a mismatch.  Under torchrun "
+                    "gradients, activations), time on the others, with the CUDA caching allocator's "
+                    "reserved peak (CUDA: measured, max_memory_reserved; CPU: modeled on the step's "
+                    "allocations).  Exit 1 when the measured peak exceeds the plan's budget (a plan solved "
+                    "for a GPU profile: its reserved peak too) or --check-grads finds a mismatch.  Under torchrun "
                     "every process is one DDP rank (torchrun --nproc-per-node N -m lrcnn run PLAN.json ...).")
     add_run_args(p)
     p.set_defaults(func=command)
@@ -62,9 +65,12 @@ def command(args) -> int:
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) this process joins the process group first and
     is one rank of a distributed run; only rank 0 prints."""
+    dev = resolve_device(args.device)
+    if dev.type == "cuda":  # before anything starts CUDA (the process group may): the ranks inherit it
+        prefer_expandable_segments()
     if getattr(args, "nproc", 1) > 1:
         return launch(args)
-    info = D.init(resolve_device(args.device))
+    info = D.init(dev)
     try:
         res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
                        lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         "simulate", help="predicted vs simulated peak memory of a plan (fake tensors, any size)",
         description="Run one training step of the plan's model with the plan applied under "
                     "FakeTensorMode (no real memory, full size in seconds) and print the cost model's "
-                    "predicted peak per phase next to the simulated one.")
+                    "predicted peak per phase next to the simulated one, and the CUDA caching allocator's "
+                    "reserved peak modeled on the simulated step's allocations.")
     p.add_argument("plan", metavar="PLAN.json", help="plan file")
     p.add_argument("--device-profile", default=None, metavar="NAME|FILE",
                    help="device profile for the prediction (default: the one the plan was solved with, else "
@@ -36,6 +37,9 @@ def command(args) -> int:
         print(f"(predicted without the profile's {info['workspace'] / 2**20:.0f} MiB workspace reserve, which the "
               f"simulated step does not allocate)")
     print(format_table(["phase", "predicted MiB", "simulated MiB", "error"], rows, "lrrr"))
+    on, off = ("with", "without") if info["expandable_segments"] else ("without", "with")
+    print(f"reserved (modeled CUDA caching allocator on the simulated step's allocations, {on} expandable segments): "
+          f"{mib_text(info['modeled_reserved_bytes'])} MiB; {off} them: {mib_text(info['modeled_reserved_other_bytes'])} MiB")
     if args.csv:
         write_csv_atomic(df, args.csv)
     return EXIT_OK

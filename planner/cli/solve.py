@@ -6,13 +6,15 @@ import functools
 import math
 import sys
 import time
+from typing import Optional
 
 from lrcnn.errors import UsageError
 from lrcnn.models.capture import BatchGraphs, build_and_capture
 from lrcnn.models.zoo import BN_MODES, DTYPES
 from lrcnn.planner.cli.args import (add_amp_arg, DEFAULT_BATCH, EXIT_OK, positive_int, positive_int_value,
                                     positive_number, resolution_arg, shape_text)
-from lrcnn.planner.cost import ALLOCATOR_RESERVE, check_profile, CUDA_CONTEXT_BYTES, load_profile
+from lrcnn.planner.cost import (ALLOCATOR_RESERVE, ALLOCATOR_RESERVE_BYTES, check_profile, CUDA_CONTEXT_BYTES,
+                                load_profile)
 from lrcnn.planner.files import check_output_path, write_csv_atomic
 from lrcnn.planner.ilp import InfeasibleError
 from lrcnn.planner.plan import OPTIMIZERS, precision
@@ -20,11 +22,13 @@ from lrcnn.planner.solve import (BatchSearch, DEFAULT_GAP, DEFAULT_PROFILE, DEFA
                                  pareto_frame, POLICIES, Solver, SOLVERS)
 from lrcnn.planner.units import fmt_both, fmt_bytes, format_table, parse_bytes
 
-BUDGET_HELP = (f"memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes.  It covers the bytes the training "
-               f"step allocates (what torch.cuda.max_memory_allocated reports); the CUDA context and the caching "
-               f"allocator's reserve come on top: on a GPU leave about {CUDA_CONTEXT_BYTES / 2**30:g} GiB plus "
-               f"{ALLOCATOR_RESERVE:.0%} of the rest free (the summary says how much that is for the device "
-               f"profile)").replace("%", "%%")  # (argparse formats help with %)
+BUDGET_HELP = (f"memory budget: 8GB (10^9), 7.5GiB (2^30), 512MiB, or bytes.  With a GPU profile it covers the bytes "
+               f"the CUDA caching allocator reserves for the training step (torch.cuda.max_memory_reserved: the "
+               f"allocated bytes plus the allocator's reserve, {ALLOCATOR_RESERVE:.0%} + "
+               f"{ALLOCATOR_RESERVE_BYTES // 2**20} MiB, kept free inside the budget); the CUDA context is not in "
+               f"it: leave about {CUDA_CONTEXT_BYTES / 2**30:g} GiB of the device free for it (the summary says what "
+               f"the budget leaves).  With the cpu profile it covers the bytes the step allocates"
+               ).replace("%", "%%")  # (argparse formats help with %)
 
 
 def batch_arg(text: str):
@@ -213,6 +217,10 @@ def command(args) -> int:
     if mem is not None and budget > mem:
         _warn(f"the budget {fmt_both(budget)} is more than the {profile.name} profile's device memory "
               f"{fmt_both(mem)}: no plan that uses it can run there")
+    elif profile.usable_memory is not None and budget > profile.usable_memory:
+        _warn(f"the budget {fmt_both(budget)} leaves {fmt_both(mem - budget)} of the {profile.name}'s "
+              f"{fmt_both(mem)} for the CUDA context, which takes about 0.5-1 GiB: budget at most "
+              f"{fmt_both(profile.usable_memory)} there")
 
     def reserve(s) -> int:  # per process: DDP's gradient buckets, one copy of the parameter bytes
         return s.graph.param_bytes if (world or 1) > 1 else 0
@@ -259,10 +267,10 @@ def command(args) -> int:
         # the plain step fits: nothing to search, so say what the budget buys
         notes.append(_what_it_buys(args, solver, budget, world))
     plan.solver["total_s"] = round(time.perf_counter() - t0, 4)
-    peak = plan.predicted.get("peak_bytes", 0)
+    peak = plan.predicted.get("reserved_bytes", plan.predicted.get("peak_bytes", 0))
     if mem is not None and peak > mem:
-        _warn(f"the plan's predicted peak {fmt_both(peak)} is more than the {profile.name} profile's device memory "
-              f"{fmt_both(mem)}: it cannot run there")
+        _warn(f"the plan's predicted peak {fmt_both(peak)}{' (reserved)' if profile.kind == 'cuda' else ''} is more "
+              f"than the {profile.name} profile's device memory {fmt_both(mem)}: it cannot run there")
     frame = None
     if args.pareto:
         frame = pareto_frame(solver, args.pareto_points, time_limit=args.time_limit, gap=args.gap)
@@ -348,7 +356,7 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     if plan.training.get("amp") and not plan.training.get("amp_rows"):
         lines.append("no row segments under --amp (their gradients would differ from plain autocast at "
                      "half-precision rounding): --amp-rows allows them")
-    lines.append(budget_text(budget, cm.profile))
+    lines.append(budget_text(budget, cm.profile, solver.peak_room(budget)))
     lines.append("")
     rows = []
     for k, s in enumerate(plan.segments):
@@ -361,7 +369,12 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
                                "keep_MiB", "peak_MiB", "time_ms"], rows, "rllllrrrrr"))
     lines.append("")
     peak = pred.get("peak_bytes", 0)
-    lines.append(f"predicted peak   {fmt_both(peak)} of {fmt_both(budget)} ({100 * peak / budget:.1f}% of the budget)")
+    if cm.profile.kind == "cuda":
+        resv = pred.get("reserved_bytes") or cm.profile.reserved_for(peak)
+        lines.append(f"predicted peak   {fmt_both(resv)} reserved of {fmt_both(budget)} ({100 * resv / budget:.1f}% of "
+                     f"the budget): {fmt_both(peak)} allocated plus the caching allocator's reserve")
+    else:
+        lines.append(f"predicted peak   {fmt_both(peak)} of {fmt_both(budget)} ({100 * peak / budget:.1f}% of the budget)")
     phases = pred.get("phases") or {}
     for name, v in phases.items():
         if isinstance(v, (int, float)):
@@ -377,8 +390,9 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     lines.append(f"predicted step   {t * 1e3:.2f} ms, {over} vs no plan ({base_t * 1e3:.2f} ms, peak {fmt_both(base_p)})"
                  + (f"; {cm.profile.name} datasheet estimates, never calibrated on a GPU" if cm.profile.datasheet else ""))
     mp = info.get("min_peak_bytes")
+    reserve = " and the allocator's reserve" if cm.profile.kind == "cuda" else ""
     lines.append(f"smallest plan    needs --budget {fmt_both(solver.budget_for(mp))} (its peak {fmt_both(mp)} "
-                 f"plus the {solver.headroom:.1%} kept free)" if mp is not None
+                 f"plus the {solver.headroom:.1%} kept free{reserve})" if mp is not None
                  else "smallest plan    not searched: the plain step fits the budget")
     gap = info.get("gap")
     gap_s = "n/a" if gap is None or gap != gap else f"{100 * gap:.2f}%"
@@ -387,14 +401,19 @@ def format_solve_summary(plan, solver, note: str = "") -> str:
     return "\n".join(lines)
 
 
-def budget_text(budget: int, profile) -> str:
-    """The summary's budget line: what a budget covers and, on a GPU profile, how much of the
-    device to leave free."""
-    text = f"budget {fmt_both(budget)} of allocated bytes (the training step's)"
+def budget_text(budget: int, profile, room: Optional[int] = None) -> str:
+    """The summary's budget line: what a budget covers (GPU profile: reserved bytes, the allocated
+    peak at most ``room``) and, on a GPU profile, what it leaves of the device for the CUDA
+    context."""
     mem, usable = profile.device_memory, profile.usable_memory
-    if mem is None:
-        return text
     if profile.kind != "cuda":
-        return text + f"; the {profile.name} profile's memory: {fmt_both(mem)}"
-    return (text + f"; the {profile.name}'s {fmt_both(mem)} also hold the CUDA context and the allocator's "
-            f"reserve: budget at most {fmt_both(usable)} there")
+        text = f"budget {fmt_both(budget)} of allocated bytes (the training step's)"
+        return text if mem is None else text + f"; the {profile.name} profile's memory: {fmt_both(mem)}"
+    room = profile.allocatable(budget) if room is None else room
+    text = (f"budget {fmt_both(budget)} of reserved bytes (the CUDA caching allocator's, for the training step: its "
+            f"allocated peak at most {fmt_both(max(room, 0))}, the allocator's reserve kept free beside it)")
+    if mem is None:
+        return text + "; the CUDA context (about 0.5-1 GiB) is not in it"
+    left = mem - budget
+    return text + (f"; of the {profile.name}'s {fmt_both(mem)} it leaves {fmt_both(max(left, 0))} for the CUDA context "
+                   f"(about 0.5-1 GiB): budget at most {fmt_both(usable)} there")

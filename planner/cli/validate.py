@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
         description="Solve plans of one model across its budget range (the plain step's budget, then "
                     "--points - 1 budgets down to the smallest feasible plan), run each for real training "
                     "steps on the device (as 'planner run'), and print per plan: budget, predicted and "
-                    "measured peak (CPU: storage accounting; CUDA: allocated bytes), error, whether it "
-                    "stayed within its budget, predicted and measured step time.  Exit 1 when a plan "
-                    "measured above its budget.")
+                    "measured peak (CPU: storage accounting; CUDA: allocated bytes), error, the CUDA caching "
+                    "allocator's reserved peak (CUDA: measured; CPU: modeled), whether it stayed within its "
+                    "budget, predicted and measured step time.  Budgets of a GPU profile are reserved bytes.  "
+                    "Exit 1 when a plan measured above its budget.")
     add_model_args(p, batch_default=8)
     p.add_argument("--amp-rows", action="store_true",
                    help="with --amp: also plan row segments (gradients at half-precision rounding of plain autocast)")
