@@ -73,14 +73,13 @@ def test_vgg16_odd_size_mixed_plans_and_max_strips():
                Segment(after(pools[1]), "features_30", "rows", policy="2ps", strips=g[pools[1]].height)])
 
 
-@pytest.mark.parametrize("dtype,steps", [(torch.float64, 2), (torch.float32, 1)])
-def test_vgg16_bn_eval(dtype, steps):
-    # float32 over several steps is not a meaningful comparison for this net: plain PyTorch itself
-    # (oneDNN vs native convolution, or float32 vs float64) differs by ~0.1 relative in the
-    # gradients after two SGD steps, because max-pool/ReLU decisions flip.  One step is compared
-    # in float32; the optimizer trajectory is compared in float64.
-    m = _model("vgg16_bn", dtype, num_classes=10)
-    ref = Reference(m, *_data(2, 96, 72, dtype, 10), steps=steps)
+def test_vgg16_bn_eval():
+    # float64 only: in float32 plain PyTorch itself (oneDNN vs native convolution, or float32 vs
+    # float64) differs by ~0.1 relative in the gradients after two SGD steps, because max-pool/ReLU
+    # decisions flip, so float32 agreement says little (float32 runs are judged against the float64
+    # truth on ResNet-50 and MobileNetV2 below)
+    m = _model("vgg16_bn", torch.float64, num_classes=10)
+    ref = Reference(m, *_data(2, 96, 72, torch.float64, 10), steps=2)
     ref.check([seg_rows("features", "features", "2ps", 3)])
     ref.check([seg_rows("features", "features", "overl", 2)])
 
@@ -94,7 +93,7 @@ def resnet50_small():
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("strips", [1, 3, 5])  # 5 = maximum: the trunk output has 5 rows
+@pytest.mark.parametrize("strips", [3, 5])  # 5 = maximum: the trunk output has 5 rows (1: the tiny nets below)
 def test_resnet50_whole_trunk(resnet50_small, policy, strips):
     assert resnet50_small.graph[resnet50_small.graph.resolve("layer4", "last")].height == 5
     resnet50_small.check([seg_rows("conv1", "layer4", policy, strips)])
@@ -168,7 +167,7 @@ def test_mobilenet_v2_float32():
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tiny_all_strip_counts(name, first, last, batch):
     m = _model(name, torch.float64)
-    ref = Reference(m, *_data(batch, 61, 35, torch.float64, 10, seed=batch), steps=3)
+    ref = Reference(m, *_data(batch, 61, 35, torch.float64, 10, seed=batch), steps=2)  # 2: state carries over
     rows = ref.graph[ref.graph.resolve(last, "last")].height
     for policy in POLICIES:
         for strips in sorted({1, 2, 3, 7, rows}):
