@@ -130,6 +130,13 @@ class RowSegment:
         key = (in_h, one_strip, tuple(cover))
         hit = self._sched.get(key)
         if hit is None:
+            if in_h != self.plan_height:
+                dyn = [n for n, op in self.ops.items() if getattr(op.geom, "dynamic", False)]
+                if dyn:
+                    raise RowSegmentError(
+                        f"row segment {self.name}: node {dyn[0]!r} resizes to a size read from a tensor at run time, "
+                        f"planned at input height {self.plan_height}: its rows at height {in_h} are not known from "
+                        f"the plan; run at height {self.plan_height}, or re-plan at this size")
             heights = propagate_heights(self.rowgraph, {self.source: in_h})
             self.rowgraph.height = heights
             if one_strip:
@@ -286,11 +293,11 @@ class RowSegment:
             self._update_running(bn)
         self.rows_computed = {}
         out: Optional[torch.Tensor] = None
-        carries: List[Optional[Dict[str, torch.Tensor]]] = []
+        carries = Carries(sched)
         carried = {} if sched.policy == "2ps" else None
         for i in range(sched.strips):
             lo, hi = sched.rows[i][self.source].lo, sched.rows[i][self.source].hi
-            carries.append(carried)
+            carries.keep(i, carried)
             bands, carry_out = self._run_strip(sched, i, Band(lo, x[:, :, lo:hi]), carried, forward=True,
                                                count=self.rows_computed, bn=bn)
             y = bands[self.out]
@@ -306,7 +313,7 @@ class RowSegment:
         memory.mark(f"rows {self.name} forward")
         return out, carries, bn
 
-    def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: list, need_gx: bool,
+    def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: "Carries", need_gx: bool,
                  params: List[torch.Tensor], bn: Optional[Dict[str, "_BNStat"]] = None):
         """Strip-wise recompute + backward, last strip first. Returns (grad_x, grads of params).
 
@@ -441,6 +448,49 @@ class RowSegment:
         ins = ([x] if need_gx else []) + list(params)
         got = torch.autograd.grad(y, ins, gy, create_graph=True, allow_unused=True)
         return (got[0] if need_gx else None), list(got[1 if need_gx else 0:])
+
+
+class Carries:
+    """The rows a 2PS forward carried into each strip, kept for the backward, each row once.
+
+    A node's carried rows overlap from strip to strip when its consumers lag behind it by more
+    than a strip (an encoder map a skip joins only after the decoder has come back up: its lag
+    is about half the receptive field): each strip keeps only the rows no earlier strip kept,
+    and ``carries[i]`` gives strip ``i``'s carried rows again (one kept chunk: a view of it; more:
+    the chunks concatenated, a transient of that strip's backward).  OverL strips carry nothing
+    (``carries[i]`` is None)."""
+
+    def __init__(self, sched: StripSchedule):
+        self.sched = sched
+        self.chunks: Dict[str, List[Tuple[int, torch.Tensor]]] = {}  # node -> (first row, rows), in order
+        self.none = sched.policy != "2ps"
+
+    def keep(self, i: int, carried: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Keep the rows carried into strip ``i`` that no earlier strip kept."""
+        for n, t in (carried or {}).items():
+            c0, c1 = self.sched.rows[i][n].carried
+            got = self.chunks.setdefault(n, [])
+            done = got[-1][0] + got[-1][1].shape[2] if got else c0
+            new0 = max(c0, done)
+            if new0 < c1:
+                got.append((new0, t if new0 == c0 else t[:, :, new0 - c0:].clone()))
+
+    def __getitem__(self, i: int) -> Optional[Dict[str, torch.Tensor]]:
+        if self.none:
+            return None
+        out: Dict[str, torch.Tensor] = {}
+        for n, r in self.sched.rows[i].items():
+            c0, c1 = r.carried
+            if c1 <= c0 or n not in self.chunks:
+                continue
+            parts = [t[:, :, max(c0 - a, 0): max(min(c1 - a, t.shape[2]), 0)]
+                     for a, t in self.chunks[n] if a < c1 and a + t.shape[2] > c0]
+            out[n] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return out
+
+    def stored_rows(self) -> Dict[str, int]:
+        """Rows kept per node (what the cost model prices as the segment's carries)."""
+        return {n: sum(t.shape[2] for _, t in c) for n, c in self.chunks.items()}
 
 
 def update_running_stats(m: nn.Module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

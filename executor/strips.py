@@ -4,6 +4,11 @@ Row bands carry their position: a :class:`Band` is a tensor holding rows ``[star
 node's full map.  Windowed ops read the input rows that :func:`lrcnn.models.geometry.input_rows` names,
 pad with the op's own pad value only at the true top/bottom of the map, and run with zero H-padding
 (W is untouched, so W padding, ceil_mode and count_include_pad along W keep PyTorch's semantics).
+Transposed convolutions run on their input band with zero H-padding and are cropped to the rows
+the band completes (rows no input row feeds: the bias); pixel shuffle likewise.  Interpolations
+take each output row's input rows and weights from the geometry (:func:`lrcnn.models.geometry.
+resize_taps`, PyTorch's own index arithmetic for the band's dtype and device) and leave W to
+PyTorch's interpolation with the rows kept as they are.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
-from lrcnn.models.geometry import HGeom, input_rows
+from lrcnn.models.geometry import ResizeGeom, RowGeom, input_rows, resize_taps
 from lrcnn.models.ops import call, out_of_place_call, out_of_place_module, pair
 
 
@@ -79,24 +84,42 @@ def _avgpool_row_scale(m: nn.AvgPool2d, lo: int, hi: int, in_h: int, like: torch
 class StripOp:
     """How one node computes a band of its output rows from bands of its inputs."""
 
-    def __init__(self, fxnode: fx.Node, info: _ops.OpInfo, module: Optional[nn.Module], in_heights: List[int]):
+    def __init__(self, fxnode: fx.Node, info: _ops.OpInfo, module: Optional[nn.Module], in_heights: List[int],
+                 out_width: Optional[int] = None):
         self.node = fxnode
         self.name = fxnode.name
         self.info = info
         self.module = module
         self.in_heights = in_heights
         self.inputs = [a.name for a in fxnode.all_input_nodes]
-        self.geom: HGeom = info.geom
+        self.geom: RowGeom = info.geom
         # a fused norm + activation layer: the modules applied after the normalisation
         tail = _ops.norm_act_tail(module) if module is not None else None
         self.tail = [out_of_place_module(t) for t in tail or ()]
-        self.wgeom: Optional[HGeom] = _ops.window_geom(module, 1) if info.kind == _ops.SPATIAL else None
+        # the op along W (output widths; an interpolation's W arguments)
+        self.wgeom: Optional[RowGeom] = None
+        if info.kind == _ops.SPATIAL:
+            if module is not None:
+                self.wgeom = _ops.window_geom(module, 1)
+            else:
+                self.wgeom = _ops.function_geom(fxnode.target, fxnode.args, fxnode.kwargs, axis=1)
+            if isinstance(self.wgeom, ResizeGeom) and self.wgeom.dynamic:  # (a size read at run time)
+                self.wgeom = ResizeGeom(self.wgeom.mode, self.wgeom.align_corners, size=out_width, dynamic=True)
+        self.factor = None  # pixel (un)shuffle
+        if info.op in ("pixel_shuffle", "pixel_unshuffle"):
+            self.factor = self.geom.stride
         self.fn = self._build()
 
     # A callable (inputs: list[Band], lo, hi) -> tensor of rows [lo, hi)
     def _build(self) -> Callable:
         m, info = self.module, self.info
         if info.kind == _ops.SPATIAL:
+            if isinstance(self.geom, ResizeGeom):
+                return self._resize
+            if isinstance(m, nn.ConvTranspose2d):
+                return self._transpose
+            if info.op == "pixel_shuffle":
+                return self._shuffle
             return self._spatial
         if info.kind == _ops.NORM:
             return self._norm
@@ -132,7 +155,66 @@ class StripOp:
                              count_include_pad=m.count_include_pad)
             scale = _avgpool_row_scale(m, lo, hi, self.in_heights[0], y)
             return y if scale is None else y * scale
-        raise RowSegmentError(f"node {self.name}: spatial op {type(m).__name__} has no strip implementation")
+        if self.info.op == "pixel_unshuffle":  # (kernel r, stride r: the band's rows, no padding)
+            return F.pixel_unshuffle(x, self.factor)
+        raise RowSegmentError(f"node {self.name}: spatial op {self.info.op} has no strip implementation")
+
+    def _transpose(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of a transposed convolution: the convolution of the input rows that feed
+        them (no H padding), cropped to them; rows none of those feeds get the bias alone."""
+        m, g = self.module, self.geom
+        ir = input_rows(g, lo, hi, self.in_heights[0])
+        x = bands[0].rows(ir.lo, ir.hi)
+        n = hi - lo
+        if ir.hi > ir.lo:
+            y = F.conv_transpose2d(x, m.weight, None, pair(m.stride), (0, pair(m.padding)[1]),
+                                   (0, pair(m.output_padding)[1]), m.groups, pair(m.dilation))
+            a = lo - g.first_row(ir.lo)  # (row 0 of y is full-map row first_row(ir.lo))
+            s0 = min(max(a, 0), y.shape[2])
+            s1 = min(max(a + n, s0), y.shape[2])
+            y = y[:, :, s0:s1]
+            top = min(max(-a, 0), n)
+            if y.shape[2] < n:
+                y = F.pad(y, (0, 0, top, n - top - y.shape[2]))
+        else:
+            y = x.new_zeros((x.shape[0], m.out_channels, n, self.wgeom.out_size(x.shape[3])))
+        return y if m.bias is None else y + m.bias.view(1, -1, 1, 1)
+
+    def _shuffle(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of a pixel shuffle: the shuffle of the input rows holding them, cropped."""
+        r = self.factor
+        ir = input_rows(self.geom, lo, hi, self.in_heights[0])
+        y = F.pixel_shuffle(bands[0].rows(ir.lo, ir.hi), r)
+        a = lo - ir.lo * r
+        return y[:, :, a: a + hi - lo]
+
+    def _resize(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of an interpolation: each output row from its input rows and weights
+        (:func:`resize_taps` with the arithmetic of the kernel PyTorch runs on this dtype and
+        device; the half types in float32, as PyTorch accumulates them), then PyTorch's own
+        interpolation along W with the rows kept as they are (its copy path)."""
+        g, in_h = self.geom, self.in_heights[0]
+        out_h = g.out_size(in_h)
+        ir = input_rows(g, lo, hi, in_h)
+        x = bands[0].rows(ir.lo, ir.hi)
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        variant = "f32" if x.dtype != torch.float64 else ("cuda64" if x.is_cuda else "cpu64")
+        taps = [resize_taps(g, o, in_h, out_h, variant) for o in range(lo, hi)]
+        i0 = torch.tensor([t[0] - ir.lo for t in taps], device=x.device)
+        y = x.index_select(2, i0)
+        if g.mode == "bilinear":
+            i1 = torch.tensor([t[1] - ir.lo for t in taps], device=x.device)
+            work = torch.float32 if half else x.dtype
+            l1 = torch.tensor([t[2] for t in taps], dtype=work, device=x.device).view(1, 1, -1, 1)
+            y = y.to(work) * (1 - l1) + x.index_select(2, i1).to(work) * l1
+        w = self.wgeom
+        if w.scale is not None:
+            y = F.interpolate(y, scale_factor=(1.0, w.scale), mode=g.mode,
+                              align_corners=g.align_corners if g.mode == "bilinear" else None)
+        else:
+            y = F.interpolate(y, size=(hi - lo, w.out_size(x.shape[3])), mode=g.mode,
+                              align_corners=g.align_corners if g.mode == "bilinear" else None)
+        return y.to(x.dtype)
 
     def _norm(self, bands: List[Band], lo: int, hi: int) -> torch.Tensor:
         m = self.module  # eval mode with running statistics (training-mode BN: executor.rows._BNStrip)
@@ -158,7 +240,13 @@ class StripOp:
         (a normalisation keeps its input's shape)."""
         x = bands[0].t
         if self.info.kind == _ops.SPATIAL:
-            c = self.module.out_channels if isinstance(self.module, nn.Conv2d) else x.shape[1]
+            c = x.shape[1]
+            if isinstance(self.module, (nn.Conv2d, nn.ConvTranspose2d)):
+                c = self.module.out_channels
+            elif self.info.op == "pixel_shuffle":
+                c = c // self.factor ** 2
+            elif self.info.op == "pixel_unshuffle":
+                c = c * self.factor ** 2
             return x.new_empty((x.shape[0], c, 0, self.wgeom.out_size(x.shape[3])))
         if self.info.kind == _ops.NORM:
             return x[:, :, :0]
@@ -175,4 +263,4 @@ def build_strip_op(fxnode: fx.Node, graph_node, module: Optional[nn.Module], in_
     else:
         info = _ops.classify_function(fxnode.target, fxnode.args, fxnode.kwargs)
     info = _ops.OpInfo(info.op, info.kind, graph_node.geom or info.geom, True)
-    return StripOp(fxnode, info, module, in_heights)
+    return StripOp(fxnode, info, module, in_heights, graph_node.shape[3] if graph_node.is_map else None)

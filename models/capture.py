@@ -67,7 +67,7 @@ class Node:
     param_tensors: int = 0    # parameter tensors of the node's module (weight, bias)
     groups: int = 1           # convolution groups (depthwise convolutions time differently)
     receptive_field: int = 1  # input rows one interior output row depends on
-    cum_stride: int = 1       # product of strides from the input
+    cum_stride: int = 1       # input rows per row (product of strides; a float below 1 after up-sampling)
     # Memory profile of one plain training step (fake tensors, storage accounting), used by the
     # cost model.  Forward: ``alias`` (the output reuses an input's storage: in-place or view),
     # ``saves`` (producers whose outputs this node keeps for backward), ``extra_saved`` (bytes it
@@ -837,6 +837,9 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         else:  # get_attr
             info = _ops.OpInfo("get_attr", _ops.GLOBAL, None, False, "attribute access")
             target = str(n.target)
+        if n.op in ("call_module", "call_function", "call_method"):  # (shapes: a size given at the call)
+            info = _ops.refine(info, in_shapes, shape, extra_inputs=n.op == "call_module" and (len(n.args) > 1
+                                                                                             or bool(n.kwargs)))
         rowwise, reason, geom = info.rowwise, info.reason, info.geom
         # Row-local only between maps of equal height (no broadcasting of global vectors).
         if info.kind in (_ops.JOIN, _ops.POINTWISE, _ops.NORM, _ops.SPATIAL) and rowwise:
@@ -857,7 +860,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             shape=shape, out_bytes=int(rec.get("bytes", 0)) if n.op != "output" else 0,
             saved_bytes=int(rec.get("saved", 0)), flops_fwd=int(fl[0]), flops_bwd=int(fl[1]),
             geom=geom, rowwise=rowwise, reason=reason, param_bytes=int(pbytes), grad_bytes=int(gbytes),
-            groups=int(getattr(mod, "groups", 1)) if info.op == "conv2d" else 1,
+            groups=int(getattr(mod, "groups", 1)) if info.op in ("conv2d", "conv_transpose2d") else 1,
             param_tensors=len(params),
             batch_stats=bool(isinstance(mod, nn.modules.batchnorm._BatchNorm)
                              and (mod.training or not mod.track_running_stats)),
@@ -879,8 +882,9 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             beyond.add(node.name)
             node.receptive_field = input_shape[2]
             node.cum_stride = max((graph[u].cum_stride for u in node.inputs), default=1)
-        else:
-            node.cum_stride = cs.get(node.name, 1)
+        else:  # (a whole number of rows, or a fraction of one after up-sampling)
+            c = cs.get(node.name, 1)
+            node.cum_stride = int(c) if c == int(c) else float(c)
             node.receptive_field = min(rf.get(node.name, 1), input_shape[2] + 2 * 10**6)
     graph.buffer_bytes = sum(b.numel() * (esize if b.is_floating_point() else b.element_size())
                              for b in gm.buffers())

@@ -6,6 +6,8 @@ may contain and how each is evaluated on a band of rows).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -15,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrcnn.models.geometry import HGeom, IDENTITY
+from lrcnn.models.geometry import HGeom, IDENTITY, RESIZE_MODES, ResizeGeom, RowGeom, TransposeGeom
 
 # kinds
-SPATIAL = "spatial"      # windowed along H (conv, pool): rows need a halo
+SPATIAL = "spatial"      # rows of other rows along H (conv, pool, transposed conv, resize): a halo
 POINTWISE = "pointwise"  # row-local elementwise (activations, eval BN, identity)
 JOIN = "join"            # residual add / channel concat: several inputs, same rows
 NORM = "norm"            # BatchNorm2d: pointwise in eval mode, a global barrier in train mode
@@ -57,7 +59,7 @@ class OpInfo:
 
     op: str              # short op name: conv2d, maxpool2d, avgpool2d, batchnorm2d, relu, add, ...
     kind: str            # one of the kinds above
-    geom: Optional[HGeom]  # H-geometry for spatial/pointwise/join/norm ops; None for global
+    geom: Optional[RowGeom]  # H-geometry for spatial/pointwise/join/norm ops; None for global
     rowwise: bool        # may run inside a row segment (norm: in eval mode; see executor)
     reason: str = ""     # why not rowwise, for error messages
 
@@ -111,10 +113,12 @@ def call(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
     return target(*args, **kwargs)
 
 
-def window_geom(m: nn.Module, axis: int = 0) -> HGeom:
-    """The window geometry of a conv / max-pool / avg-pool module along H (``axis=0``: its
-    :class:`HGeom`, what row strips reason with) or W (``axis=1``: the same formulas then give
-    output widths, e.g. of a band with no rows)."""
+def window_geom(m: nn.Module, axis: int = 0) -> RowGeom:
+    """The row geometry of a module along H (``axis=0``: what row strips reason with) or W
+    (``axis=1``: the same formulas then give output widths, e.g. of a band with no rows), derived
+    from its parameters: windows (conv, max-pool, avg-pool, ``PixelUnshuffle``), transposed
+    windows (``ConvTranspose2d``, ``PixelShuffle``) and interpolations (``nn.Upsample``, any mode
+    :data:`lrcnn.models.geometry.RESIZE_MODES` names).  TypeError for any other module."""
     if isinstance(m, nn.Conv2d):
         k, s, p, d = (pair(v)[axis] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
         return HGeom(k, s, p, d, False, 0.0)
@@ -124,7 +128,76 @@ def window_geom(m: nn.Module, axis: int = 0) -> HGeom:
     if isinstance(m, nn.AvgPool2d):
         k, s, p = (pair(v)[axis] for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
         return HGeom(k, s, p, 1, bool(m.ceil_mode), 0.0)
+    if isinstance(m, nn.ConvTranspose2d):
+        k, s, p, d, op = (pair(v)[axis] for v in (m.kernel_size, m.stride, m.padding, m.dilation, m.output_padding))
+        return TransposeGeom(k, s, p, d, op)
+    if isinstance(m, nn.PixelShuffle):
+        return TransposeGeom(m.upscale_factor, m.upscale_factor)
+    if isinstance(m, nn.PixelUnshuffle):
+        return HGeom(m.downscale_factor, m.downscale_factor)
+    if isinstance(m, nn.Upsample):
+        g = resize_geom(m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor, axis=axis)
+        if isinstance(g, ResizeGeom):
+            return g
     raise TypeError(f"{type(m).__name__} has no window geometry")
+
+
+def resize_geom(size, scale_factor, mode: str, align_corners, recompute_scale_factor=None, antialias=False,
+                axis: int = 0):
+    """The :class:`ResizeGeom` along ``axis`` of an interpolation called with these arguments
+    (``F.interpolate``'s), or a string saying why it has none (a mode without row geometry,
+    antialiasing).  A size that is not a literal (read from a tensor at run time) gives a
+    geometry with ``dynamic`` set and no size yet: :func:`refine` takes it from the captured map."""
+    if mode not in RESIZE_MODES:
+        return f"interpolation mode {mode!r} has no row geometry (row strips run {', '.join(RESIZE_MODES)})"
+    if antialias:
+        return "antialiased interpolation has no row geometry"
+    if size is not None:
+        v = size[axis] if isinstance(size, (tuple, list)) else size
+        if isinstance(v, int) and not isinstance(v, bool):
+            return ResizeGeom(mode, bool(align_corners), size=v)
+        return ResizeGeom(mode, bool(align_corners), dynamic=True)
+    if scale_factor is None:
+        return "interpolation without size or scale factor"
+    f = scale_factor[axis] if isinstance(scale_factor, (tuple, list)) else scale_factor
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not f > 0:
+        return "interpolation by a scale factor read at run time"
+    f = float(f)
+    return ResizeGeom(mode, bool(align_corners), factor=f, scale=None if recompute_scale_factor else f)
+
+
+# the interpolation functions: their arguments as F.interpolate's (the deprecated spellings fix some)
+_RESIZE_FUNCS = {F.interpolate: {}, F.upsample: {}, F.upsample_nearest: {"mode": "nearest"},
+                 F.upsample_bilinear: {"mode": "bilinear", "align_corners": True}}
+_SHUFFLE_FUNCS = {torch.pixel_shuffle: "pixel_shuffle", torch.pixel_unshuffle: "pixel_unshuffle"}
+
+
+def resize_call(target: Any, args: tuple, kwargs: dict) -> dict:
+    """The arguments of an interpolation function call, named as ``F.interpolate``'s
+    (``input``, ``size``, ``scale_factor``, ``mode``, ``align_corners``, ``recompute_scale_factor``,
+    ``antialias``), defaults filled in."""
+    bound = inspect.signature(target).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    a.update(_RESIZE_FUNCS.get(target, {}))
+    a.setdefault("recompute_scale_factor", None)
+    a.setdefault("antialias", False)
+    return a
+
+
+def function_geom(target: Any, args: tuple, kwargs: dict, axis: int = 0):
+    """Row geometry of a call_function node's op along ``axis`` (interpolation, pixel
+    (un)shuffle), a string saying why an interpolation has none, or None for other functions."""
+    if target in _RESIZE_FUNCS:
+        a = resize_call(target, args, kwargs)
+        return resize_geom(a["size"], a["scale_factor"], a["mode"], a["align_corners"],
+                           a["recompute_scale_factor"], a["antialias"], axis=axis)
+    if target in _SHUFFLE_FUNCS:
+        r = args[1] if len(args) > 1 else kwargs.get("upscale_factor", kwargs.get("downscale_factor"))
+        if not isinstance(r, int):
+            return None
+        return TransposeGeom(r, r) if target is torch.pixel_shuffle else HGeom(r, r)
+    return None
 
 
 def _conv_info(m: nn.Conv2d) -> OpInfo:
@@ -140,6 +213,19 @@ def _maxpool_info(m: nn.MaxPool2d) -> OpInfo:
     return OpInfo("maxpool2d", SPATIAL, window_geom(m), True)
 
 
+def _conv_transpose_info(m: nn.ConvTranspose2d) -> OpInfo:
+    if m.padding_mode != "zeros":
+        return OpInfo("conv_transpose2d", SPATIAL, None, False, f"padding_mode={m.padding_mode!r}")
+    return OpInfo("conv_transpose2d", SPATIAL, window_geom(m), True)
+
+
+def _upsample_info(m: nn.Upsample) -> OpInfo:
+    g = resize_geom(m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor)
+    if isinstance(g, str):
+        return OpInfo("interpolate", SPATIAL, None, False, g)
+    return OpInfo("interpolate", SPATIAL, g, True)
+
+
 def _avgpool_info(m: nn.AvgPool2d) -> OpInfo:
     if m.divisor_override is not None:
         return OpInfo("avgpool2d", SPATIAL, None, False, "divisor_override is set")
@@ -150,7 +236,9 @@ def _avgpool_info(m: nn.AvgPool2d) -> OpInfo:
 # F.conv2d, F.batch_norm, ... with the module's tensors): a subclass that overrides one of these
 # methods computes something else, and is run only as a whole module call.
 _STOCK_METHODS = ((nn.Conv2d, ("forward", "_conv_forward")), (nn.MaxPool2d, ("forward",)),
-                  (nn.AvgPool2d, ("forward",)), (nn.modules.batchnorm._BatchNorm, ("forward",)),
+                  (nn.AvgPool2d, ("forward",)), (nn.ConvTranspose2d, ("forward", "_output_padding")),
+                  (nn.Upsample, ("forward",)), (nn.PixelShuffle, ("forward",)),
+                  (nn.PixelUnshuffle, ("forward",)), (nn.modules.batchnorm._BatchNorm, ("forward",)),
                   (nn.Identity, ("forward",))) + tuple((c, ("forward",)) for c in _ACT_MODULES)
 
 _HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a forward hook"),
@@ -230,6 +318,14 @@ def _classify_module(m: nn.Module) -> OpInfo:
         return _maxpool_info(m)
     if isinstance(m, nn.AvgPool2d):
         return _avgpool_info(m)
+    if isinstance(m, nn.ConvTranspose2d):
+        return _conv_transpose_info(m)
+    if isinstance(m, nn.Upsample):
+        return _upsample_info(m)
+    if isinstance(m, nn.PixelShuffle):
+        return OpInfo("pixel_shuffle", SPATIAL, window_geom(m), True)
+    if isinstance(m, nn.PixelUnshuffle):
+        return OpInfo("pixel_unshuffle", SPATIAL, window_geom(m), True)
     if isinstance(m, nn.BatchNorm2d):
         return OpInfo("batchnorm2d", NORM, IDENTITY, True)
     for cls, name in _ACT_MODULES.items():
@@ -259,6 +355,15 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
         target = fn
     if target in _ACT_FUNCS:
         return OpInfo(_ACT_FUNCS[target], POINTWISE, IDENTITY, True)
+    if target in _RESIZE_FUNCS or target in _SHUFFLE_FUNCS:
+        op = "interpolate" if target in _RESIZE_FUNCS else _SHUFFLE_FUNCS[target]
+        try:
+            g = function_geom(target, args, kwargs)
+        except TypeError:  # (arguments that do not bind: the call itself fails)
+            g = None
+        if g is None or isinstance(g, str):
+            return OpInfo(op, SPATIAL, None, False, g or f"{op} with a factor read at run time")
+        return OpInfo(op, SPATIAL, g, True)
     if target in _ADD_FUNCS:
         return OpInfo("add", JOIN, IDENTITY, True)
     if target in _CAT_FUNCS:
@@ -278,6 +383,27 @@ def classify_function(target: Any, args: tuple, kwargs: dict) -> OpInfo:
         return OpInfo("dropout", POINTWISE, IDENTITY, False, "dropout is random")
     name = getattr(target, "__name__", str(target))
     return OpInfo(name, GLOBAL, None, False, f"function {name} is not supported in row segments")
+
+
+def refine(info: OpInfo, in_shapes: list, shape: tuple, extra_inputs: bool = False) -> OpInfo:
+    """An op's classification checked against what the capture saw (input and output shapes): an
+    interpolation to a size read at run time takes the captured height (its geometry then holds
+    at that height only, ``dynamic``); a spatial op whose geometry does not give the captured
+    output height from the input's (a transposed convolution called with ``output_size``, which
+    ``extra_inputs`` says: the call passes more than its input) has no row geometry."""
+    g = info.geom
+    if info.kind != SPATIAL or g is None or not info.rowwise or len(shape) != 4 or not in_shapes \
+            or len(in_shapes[0]) != 4:
+        return info
+    if isinstance(g, ResizeGeom) and g.dynamic and g.size is None:
+        g = dataclasses.replace(g, size=int(shape[2]))
+        info = dataclasses.replace(info, geom=g)
+    if (extra_inputs and info.op == "conv_transpose2d") or g.out_size(in_shapes[0][2]) != shape[2]:
+        return dataclasses.replace(info, geom=None, rowwise=False,
+                                   reason=f"{info.op} gives {shape[2]} rows from {in_shapes[0][2]}, not the "
+                                          f"{g.out_size(in_shapes[0][2])} its parameters say (a size given at the "
+                                          f"call): no row geometry")
+    return info
 
 
 # Ops whose output a store segment may drop after its forward and recompute when backward needs it
@@ -303,7 +429,7 @@ def time_class(op: str, groups: int = 1, batch_stats: bool = False) -> str:
     dense convolutions, grouped/depthwise convolutions, linear layers, batch norm with given
     statistics (``bn``) or computing its batch statistics (``bn_stats``: a train-mode BN run plainly
     or checkpointed), activations, pooling, and other element-wise maps (adds, concats, ...)."""
-    if op == "conv2d":
+    if op in ("conv2d", "conv_transpose2d"):
         return "dwconv" if groups > 1 else "conv"
     if op == "linear":
         return "linear"
@@ -327,6 +453,11 @@ def flops(op: str, module: Optional[nn.Module], in_shapes: list, out_shape: tupl
         kh, kw = pair(module.kernel_size)
         cin = module.in_channels // module.groups
         fwd = 2 * out_numel * cin * kh * kw + (out_numel if module.bias is not None else 0)
+        return fwd, 2 * fwd
+    if op == "conv_transpose2d" and module is not None and in_shapes:
+        kh, kw = pair(module.kernel_size)
+        cout = module.out_channels // module.groups
+        fwd = 2 * math.prod(in_shapes[0]) * cout * kh * kw + (out_numel if module.bias is not None else 0)
         return fwd, 2 * fwd
     if op == "linear" and module is not None:
         fwd = 2 * out_numel * module.in_features + (out_numel if module.bias is not None else 0)

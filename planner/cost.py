@@ -55,7 +55,7 @@ from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, input_rows, max_strips,
-                                   segment_ancestors, strip_schedule)
+                                   ResizeGeom, segment_ancestors, strip_schedule)
 from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
@@ -667,7 +667,7 @@ class CostModel:
         if stats and not backward:
             moved += ins * f  # the statistics read the input once more
         if fit:
-            work = flops if n.op in ("conv2d", "linear") else \
+            work = flops if n.op in ("conv2d", "conv_transpose2d", "linear") else \
                 math.prod(n.shape) * f * (2 if backward else 1)
             return fit[0] + fit[1] * work + fit[2] * moved
         t = max(flops / (p.flops_for(self._compute_dtype) * p.efficiency), moved / p.bandwidth)
@@ -981,18 +981,21 @@ class CostModel:
             return _StripCost(fwd_peak=pk, carry=carry, rec_peak=rpk, rec_keep=rkeep, bwd_peak=bpk, bwd_net=bnet,
                               pending=pend, const_peak=const, fwd_s=f_s, bwd_s=b_s)
 
+        kept, recon = self._carries_kept(by, sched) if seg.policy == "2ps" else ([0] * sched.strips,) * 2
         for i, strip in enumerate(sched.rows):
             # strips alike in every relative row position cost the same (interior strips)
             key = self._strip_key(nodes, by, sched, i)
             c = memo.get(key)
             if c is None:
                 c = memo[key] = strip_costs(i, strip)
+            # (forward: the rows carried into the next strip are a new band; the rows of it no
+            # earlier strip kept stay for the backward)
             fwd_peak = max(fwd_peak, out_full + carries_total + c.fwd_peak + c.carry)
-            carries_total += c.carry
-            strip_const = max(strip_const, c.const_peak)
+            carries_total += kept[i]
+            strip_const = max(strip_const, recon[i] + c.const_peak)
             # during the strip's backward, then while its parameter gradients are summed
-            strip_bwd = max(strip_bwd, acc_before[i] + c.pending + max(c.rec_peak, c.rec_keep + c.bwd_peak),
-                            acc_before[i] + c.rec_keep + c.bwd_net + acc_new[i])
+            strip_bwd = max(strip_bwd, acc_before[i] + recon[i] + c.pending + max(c.rec_peak, c.rec_keep + c.bwd_peak),
+                            acc_before[i] + recon[i] + c.rec_keep + c.bwd_net + acc_new[i])
             fwd_s += c.fwd_s
             bwd_s += c.bwd_s
         bn_s, bn_state, stat_s = 0.0, 0, 0.0
@@ -1141,6 +1144,30 @@ class CostModel:
                            bwd_peak=base.bwd_peak, grad_bytes=base.grad_bytes, fwd_s=base.fwd_s,
                            bwd_s=base.bwd_s - d["bn_stat_s"] + stat_s, detail={**d, "bn_stat_s": stat_s})
 
+    def _carries_kept(self, by, sched) -> Tuple[List[int], List[int]]:
+        """2PS: per strip, the bytes of the carried rows its forward keeps for the backward (the
+        rows carried into the next strip that no earlier strip kept: executor.rows.Carries keeps
+        each row once), and the bytes its backward makes to hand the strip its carried rows
+        again (a concatenation, where they span rows kept by two or more strips)."""
+        kept, recon = [0] * sched.strips, [0] * sched.strips
+        done: Dict[str, int] = {}
+        starts: Dict[str, List[int]] = {}
+        for i in range(sched.strips):
+            for n, r in sched.rows[i].items():
+                c0, c1 = r.carried
+                if c1 <= c0 or n not in by:
+                    continue
+                row = by[n].out_bytes / max(1, by[n].height)
+                new0 = max(c0, done.get(n, c0))
+                if new0 < c1:
+                    starts.setdefault(n, []).append(new0)
+                    done[n] = c1
+                    if i > 0:
+                        kept[i - 1] += self._round(row * (c1 - new0))
+                if sum(1 for a in starts.get(n, ()) if c0 < a < c1) or (new0 > c0 and new0 < c1):
+                    recon[i] += self._round(row * (c1 - c0))
+        return kept, recon
+
     def _carry_grads(self, by, sched, i: int) -> Dict[str, int]:
         """2PS backward of strip ``i``: bytes the gradient of each carried node's rows holds.
 
@@ -1214,6 +1241,11 @@ class CostModel:
                 extra = 0
             # a half-precision map's BN normalises its rows in float32 (one float32 temporary)
             work = n.fwd_work + (n.out_bytes * BN_HALF_FWD * self._half_bn(n) if n.batch_stats else 0)
+            if isinstance(n.geom, ResizeGeom) and r.computed:
+                # executor.strips interpolates a band along H first (its rows at the input's width:
+                # one band, bilinear three: the two taps and their sum) and then along W
+                u = g[n.inputs[0]]
+                work += self._round(u.out_bytes / max(1, u.height) * r.computed * (3 if n.geom.mode == "bilinear" else 1))
             out.append(_StripNode(name, ins, saves, extra, work, fixed if extra else 0))
             sizes[name] = self._round(row * r.computed) if r.computed else 0
             c0, c1 = r.carried

@@ -30,7 +30,8 @@ BIG = 1e15  # minimality perturbation: dominates any unperturbed value of these 
 
 # input_rows() is exactly minimal for one layer, dilation included.  Through a *stack* the rows of
 # every node are kept as an interval (the executor computes bands), so when a dilated layer reads
-# rows {r, r+d, ...} of the layer below, the gap rows in between are part of that band too, and at a
+# rows {r, r+d, ...} of the layer below (or a stride longer than its window reads rows {r, r+s, ...}),
+# the gap rows in between are part of that band too, and at a
 # map border their own windows can reach rows that no needed row reads.  Sound, minimal per layer,
 # but the composed hull may then exceed the true influence hull; only that case is allowed.
 
@@ -171,8 +172,9 @@ def check_band(net: Net, g: RowGraph, x: torch.Tensor, a: int, b: int, gen: torc
         assert torch.equal(net(xp)[:, :, a:b], y[:, :, a:b])
 
     brute = influence_hull(net, x, a, b)
-    stacked_dilation = any(gm.dilation > 1 for gm in g.geom.values()) and len(g.order) > 2
-    if brute != (lo, hi) and stacked_dilation:
+    # (a layer reads rows with gaps: dilated, or strided past its window, k=1 s=2)
+    gaps = any(gm.dilation > 1 or gm.stride > gm.span for gm in g.geom.values())
+    if brute != (lo, hi) and gaps and len(g.order) > 2:
         # only the composed-interval case described at the top of this file
         # (brute is None: every tap of the band falls in padding or a gap: no input row is read)
         assert brute is None or lo <= brute[0] < brute[1] <= hi, (brute, (lo, hi))
