@@ -199,6 +199,11 @@ class CompilablePlan(nn.Module):
         object.__setattr__(self, "compiled", torch.compile(self.program, **compile_kwargs))
 
     def forward(self, x):
+        if self.planned.graph.values and tuple(x.shape) != tuple(self.plan.input_shape):
+            # the program holds the model's shape values (x.shape[-2:] ...) as constants of the plan's shape
+            raise StateError(f"this compiled plan's model reads its tensors' shapes, folded in for the plan's input "
+                             f"shape {tuple(self.plan.input_shape)}; a batch of shape {tuple(x.shape)} runs with "
+                             f"apply_plan (eager), or compile a plan solved for that shape")
         return self.compiled(x)
 
 

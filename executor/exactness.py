@@ -16,7 +16,8 @@ import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from lrcnn.models.loss import cross_entropy, logits_of
 
 GRAD_FLOOR = {torch.float64: 1e-2, torch.float32: 1e-1}
 #: A half-precision step (bfloat16 or float16 parameters) is itself far from the maths: plain bfloat16
@@ -39,8 +40,8 @@ def train_step(module, owner, x, y, lr: float = 0.1, seed: int = 1234, steps: in
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         xin = x.clone().requires_grad_(True)
-        out = module(xin)
-        loss = F.cross_entropy(out, y)
+        out = logits_of(module(xin))
+        loss = cross_entropy(out, y)
         loss.backward()
         recs.append({"out": out.detach().clone(), "loss": loss.detach().clone(),
                      "xgrad": None if xin.grad is None else xin.grad.clone(),

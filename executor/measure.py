@@ -16,17 +16,26 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lrcnn.errors import UsageError
 from lrcnn.models import memory
 from lrcnn.models.capture import amp_dtype
+from lrcnn.models.loss import cross_entropy, synthetic_target
 from lrcnn.planner.plan import OPTIMIZERS
 
 
 def _classes(model: nn.Module) -> int:
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return last[-1].out_features if last else 10
+
+
+def _target(model: nn.Module, input_shape: Sequence[int], device) -> torch.Tensor:
+    """The class-index target of a step of ``model``: per pixel for a planned module whose
+    captured logits are dense (``model.graph``), else one class per sample."""
+    graph = getattr(model, "graph", None)
+    if graph is not None and len(graph.output_node.shape) > 2:
+        return synthetic_target(graph.output_node.shape, device=device)
+    return torch.randint(0, _classes(model), (input_shape[0],), device=device)
 
 
 def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
@@ -38,7 +47,6 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
     ``fake=False`` runs it for real on ``device`` (CPU: storage accounting; CUDA: allocator stats).
     """
     model.zero_grad(set_to_none=True)
-    n_cls = _classes(model)
     if fake:
         if device is None:  # a model built on the meta device is simulated on "meta"
             first = next(iter(model.parameters()), None)
@@ -46,24 +54,24 @@ def step_memory(model: nn.Module, input_shape: Sequence[int], fake: bool = True,
         with memory.fake_mode():
             state = memory.fake_state(model)
             x = torch.randn(*input_shape, dtype=dtype, device=device)
-            y = torch.randint(0, n_cls, (input_shape[0],), device=device)
+            y = _target(model, input_shape, device)
             if input_grad:
                 x.requires_grad_(True)
 
             def step():
                 out = torch.func.functional_call(model, state, (x,))
-                loss = F.cross_entropy(out, y)
+                loss = cross_entropy(out, y)
                 memory.mark("forward")
                 loss.backward()
                 memory.mark("backward")
 
             return memory.measure_step(step, device=device)
     x = torch.randn(*input_shape, dtype=dtype, device=device, requires_grad=input_grad)
-    y = torch.randint(0, n_cls, (input_shape[0],), device=device)
+    y = _target(model, input_shape, device)
 
     def step():
         out = model(x)
-        loss = F.cross_entropy(out, y)
+        loss = cross_entropy(out, y)
         memory.mark("forward")
         loss.backward()
         memory.mark("backward")
@@ -115,7 +123,7 @@ def grad_scaler(device_type: str, amp: Optional[str]):
 
 def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                amp: Optional[str] = None, scaler=None) -> torch.Tensor:
-    """One training step (cross-entropy) marking its phases ``forward``, ``backward``,
+    """One training step (cross-entropy, per pixel for dense logits: :func:`lrcnn.models.loss.cross_entropy`) marking its phases ``forward``, ``backward``,
     ``optimizer`` for :mod:`lrcnn.models.memory`; the gradients are released at the end
     (``zero_grad(set_to_none=True)``), so every step starts without them.  Returns the loss.
 
@@ -123,7 +131,7 @@ def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Te
     outside it, as PyTorch's recipe has it); ``scaler``: a ``GradScaler`` scales the loss, unscales
     and checks the gradients before the optimizer step and updates its scale."""
     with autocast(x.device.type, amp):
-        loss = F.cross_entropy(forward(x), y)
+        loss = cross_entropy(forward(x), y)
     memory.mark("forward")
     (scaler.scale(loss) if scaler is not None else loss).backward()
     memory.mark("backward")
@@ -157,7 +165,6 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
     model the CUDA caching allocator's reserved peak on the step's allocation sequence
     (:func:`lrcnn.models.memory.measure_step`).
     """
-    n_cls = _classes(model)
     ctx = memory.fake_mode() if fake else None
     if ctx is not None:
         ctx.__enter__()
@@ -180,7 +187,7 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
             existing = [model]
         opt = make_optimizer(params, optimizer)
         x = torch.randn(*input_shape, dtype=dtype, device=device)
-        y = torch.randint(0, n_cls, (input_shape[0],), device=device)
+        y = _target(model, input_shape, device)
 
         opt.zero_grad(set_to_none=True)  # gradients are made by the step, not pre-existing
         for _ in range(warmup):

@@ -28,7 +28,7 @@ from lrcnn.errors import UsageTypeError
 from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows
 from lrcnn.executor.state import StateSlots, amp_replay, amp_state, no_cast_cache
 from lrcnn.models import ops as _ops
-from lrcnn.models.capture import capture, fetch_attr, trace
+from lrcnn.models.capture import capture, fetch_attr, fold_values, read_values, shape_values, trace
 from lrcnn.models.memory import mark as _mark, measuring as _measuring
 from lrcnn.models.ops import call, out_of_place_call, out_of_place_module
 from lrcnn.planner.plan import Plan, PlanError
@@ -184,7 +184,8 @@ class PlannedModule(nn.Module):
     """The user's model, trained by a plan.  Same submodules, parameters and buffers."""
 
     # built from the model, plan and graph: not copied, pickled or saved, but built again
-    _DERIVED = ("_fx", "_runner", "_steps", "_last", "_seg_index", "_modes", "_code", "_by_modes")
+    _DERIVED = ("_fx", "_runner", "_steps", "_last", "_seg_index", "_modes", "_code", "_by_modes", "_traced",
+                "_by_shape")
 
     def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule):
         super().__init__()
@@ -203,9 +204,14 @@ class PlannedModule(nn.Module):
         object.__setattr__(self, "_modes", self._mode_key())
         object.__setattr__(self, "_code", gm.code)
         object.__setattr__(self, "_by_modes", {})
-        object.__setattr__(self, "_fx", gm.graph)
         object.__setattr__(self, "_runner", _NodeRunner(self))
-        self._build_steps({n.name: n for n in gm.graph.nodes})
+        # the model's shape values (x.shape[-2:] ...) folded in as the constants they are at the
+        # plan's input shape; a batch of another shape runs a program folded for it (_shape_program)
+        object.__setattr__(self, "_traced", gm)
+        object.__setattr__(self, "_by_shape", {})
+        fxg = fold_values(gm.graph, self.graph.values) if self.graph.values else gm.graph
+        object.__setattr__(self, "_fx", fxg)
+        self._set_program(self._build_steps(fxg))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -219,14 +225,38 @@ class PlannedModule(nn.Module):
         self._program(trace(self._model))
 
     # -- program --------------------------------------------------------------------------------
-    def _build_steps(self, fxnodes: Dict[str, fx.Node]) -> None:
+    def _set_program(self, program: tuple) -> None:
+        steps, last, seg_index = program
+        object.__setattr__(self, "_steps", steps)
+        object.__setattr__(self, "_last", last)
+        object.__setattr__(self, "_seg_index", seg_index)
+
+    def _shape_program(self, x) -> tuple:
+        """The program for a batch of ``x``'s shape, of a model with shape values: the planned one
+        where they are the values the plan was captured with (a model reading only ``x.shape[-2:]``,
+        at another batch size), else one folded with this shape's values (made once per shape)."""
+        shape = tuple(x.shape)
+        hit = self._by_shape.get(shape)
+        if hit is None:
+            values = shape_values(self._traced, shape, _dtype(self.plan.dtype))
+            g = self._traced.graph
+            if read_values(g, values) == read_values(g, self.graph.values):
+                hit = (self._steps, self._last, self._seg_index)
+            else:
+                hit = self._build_steps(fold_values(g, values))
+            self._by_shape[shape] = hit
+        return hit
+
+    def _build_steps(self, fxg: fx.Graph) -> tuple:
+        """The program (steps, last use of every value, step -> plan segment) of the fx graph ``fxg``."""
+        fxnodes = {n.name: n for n in fxg.nodes}
         graph, plan = self.graph, self.plan
         seg_at = {}
         for s in plan.segments:
             seg_at[s.first] = s
         steps: List[Step] = []
         seg_index: Dict[int, int] = {}  # step position -> index of its plan segment
-        order = list(self._fx.nodes)
+        order = list(fxg.nodes)
         i = 0
         while i < len(order):
             n = order[i]
@@ -261,9 +291,7 @@ class PlannedModule(nn.Module):
         for k, st in enumerate(steps):
             for name in st.inputs:
                 last[name] = k
-        object.__setattr__(self, "_steps", steps)
-        object.__setattr__(self, "_last", last)
-        object.__setattr__(self, "_seg_index", seg_index)
+        return steps, last, seg_index
 
     def _modules_of(self, nodes: List[fx.Node]) -> List[nn.Module]:
         """The modules ``nodes`` call, and the owners of the tensors they read by attribute."""
@@ -310,12 +338,15 @@ class PlannedModule(nn.Module):
         env: Dict[str, Any] = {}
         runner = self._runner
         result = None
+        steps, last_use, seg_index = (self._steps, self._last, self._seg_index)
+        if self.graph.values and tuple(x.shape) != tuple(self.plan.input_shape):
+            steps, last_use, seg_index = self._shape_program(x)
         # Segment boundaries for memory/time measurement (executor.memory.mark): only while a
         # measurement is active, so normal runs register nothing.  Backward marks come from
         # gradient hooks that return None (the gradient is untouched).
         marks: Dict[str, List[str]] = {} if _measuring() else None
-        for k, st in enumerate(self._steps):
-            seg = self._seg_index.get(k) if marks is not None else None
+        for k, st in enumerate(steps):
+            seg = seg_index.get(k) if marks is not None else None
             if seg is not None:
                 _mark(f"segment {seg} forward begin")
                 self._grad_mark(env[st.src], st.src, f"segment {seg} backward", marks)
@@ -337,7 +368,7 @@ class PlannedModule(nn.Module):
                 _mark(f"segment {seg} forward")
                 self._grad_mark(env[st.out], st.out, f"segment {seg} backward begin", marks)
             for name in st.inputs:
-                if self._last.get(name) == k:
+                if last_use.get(name) == k:
                     env.pop(name, None)
         return result
 

@@ -2,8 +2,9 @@
 
 One run = load and check the plan, build the plan's model (random weights, ``--seed``) at the
 plan's dtype on the chosen device, apply the plan, then ``warmup`` unrecorded steps and ``steps``
-recorded ones.  A step is forward, cross-entropy loss, backward, ``optimizer.step()`` and
-``zero_grad(set_to_none=True)``.
+recorded ones.  A step is forward, cross-entropy loss (per pixel for a model with dense
+``(N, C, H, W)`` logits, e.g. a segmentation model: :mod:`lrcnn.models.loss`), backward,
+``optimizer.step()`` and ``zero_grad(set_to_none=True)``.
 
 What is measured, and how (kept honest):
 
@@ -52,7 +53,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
 from lrcnn.executor import distributed as D
@@ -63,6 +63,7 @@ from lrcnn.executor.program import apply_plan
 from lrcnn.models.allocator import (allocator_settings, expandable_segments, LRCNN_ALLOC_CONF,
                                    prefer_expandable_segments)
 from lrcnn.models.capture import compute_dtype
+from lrcnn.models.loss import cross_entropy, is_dense, num_classes as _num_classes, synthetic_target
 from lrcnn.models.zoo import set_bn_mode
 from lrcnn.planner.cost import CostError, CostModel, load_profile
 from lrcnn.planner.files import atomic_write, check_output_path, write_csv_atomic
@@ -197,12 +198,13 @@ def make_optimizer(plan, params, lr: Optional[float] = None):
     return _make_optimizer(params, name, lr, float(t.get("momentum", 0.9)), wd), name, lr
 
 
-def _synthetic(plan, num_classes: int, seed: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def _synthetic(plan, logits_shape, seed: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Random batches of the plan's input shape and random class indices for the model's logits
+    (one per sample, or one per pixel of dense logits: a synthetic mask)."""
     g = torch.Generator().manual_seed(seed + 1)
     shape, dtype = tuple(plan.input_shape), getattr(torch, plan.dtype)
     while True:
-        yield (torch.randn(*shape, generator=g).to(dtype),
-               torch.randint(0, num_classes, (shape[0],), generator=g))
+        yield torch.randn(*shape, generator=g).to(dtype), synthetic_target(logits_shape, g)
 
 
 def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -236,6 +238,12 @@ def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0
     except Exception as e:
         raise RunError(f"--data {path!r}: cannot read {ds.samples[0][0]!r} "
                        f"({' '.join(str(e).split())}); remove or replace it") from None
+    return _loader(ds, n, seed, rank, world_size)
+
+
+def _loader(ds, n: int, seed: int, rank: int, world_size: int):
+    """A shuffling ``DataLoader`` of full batches of ``n`` over ``ds`` (this rank's shard when
+    ``world_size > 1``: a ``DistributedSampler``, the same seed on every rank)."""
     if world_size > 1:
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
                                                       seed=seed, drop_last=True)
@@ -243,6 +251,99 @@ def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0
     g = torch.Generator().manual_seed(seed + 1)
     return torch.utils.data.DataLoader(ds, batch_size=n, shuffle=True, drop_last=True, generator=g,
                                        num_workers=0)
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")  # images of a dense data folder; masks are .png (lossless)
+
+
+class ImageMaskPairs(torch.utils.data.Dataset):
+    """Image / mask pairs for a dense (per-pixel) model: ``DIR/images/NAME.png|jpg`` and
+    ``DIR/masks/NAME.png``, the mask a single-channel image (mode ``L`` or ``P``) whose values are
+    class indices.  Both are brought to ``(h, w)`` alike (short side resized, centre crop; the
+    mask by nearest neighbour, so it keeps its class indices), the image in ImageNet normalisation
+    and ``dtype``; the mask as an ``int64`` (h, w) map.  A mask value outside ``0..num_classes-1``
+    is a :class:`RunError`."""
+
+    def __init__(self, pairs: List[Tuple[str, str]], size: Tuple[int, int], num_classes: int, dtype: torch.dtype):
+        self.pairs, self.size, self.num_classes, self.dtype = pairs, size, num_classes, dtype
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torchvision.transforms.functional as TF
+        from PIL import Image
+
+        ipath, mpath = self.pairs[i]
+        h, w = self.size
+        with Image.open(ipath) as im:
+            img = im.convert("RGB")
+        with Image.open(mpath) as mk:
+            if mk.mode not in ("L", "P", "I", "I;16"):
+                raise RunError(f"mask {mpath!r} is a {mk.mode} image; a mask holds one class index per pixel "
+                               f"(a single-channel PNG, mode L or P)")
+            mask = mk.copy()
+        img = TF.center_crop(TF.resize(img, max(h, w)), [h, w])
+        mask = TF.center_crop(TF.resize(mask, max(h, w), interpolation=TF.InterpolationMode.NEAREST), [h, w])
+        x = TF.normalize(TF.to_tensor(img), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).to(self.dtype)
+        y = torch.from_numpy(np.array(mask, dtype=np.int64))
+        top = int(y.max())
+        if top >= self.num_classes or int(y.min()) < 0:
+            raise RunError(f"mask {mpath!r} holds class index {top if top >= self.num_classes else int(y.min())}, "
+                           f"outside 0..{self.num_classes - 1} of the plan's model; re-create the plan with "
+                           f"training.num_classes > {top} (planner solve --num-classes), or fix the mask")
+        return x, y
+
+
+def mask_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    """A shuffling ``DataLoader`` of image / mask pairs (:class:`ImageMaskPairs`) at the plan's
+    resolution, full batches only, for a model with dense logits.  Every image must have its mask
+    (same file name, ``.png``) of the image's size: checked for every pair before the run (from
+    the files' headers), a :class:`RunError` naming the first that fails."""
+    from PIL import Image
+
+    n, _, h, w = plan.input_shape
+    if not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise RunError(f"--data {path!r} {what}; give a folder with images/ and masks/ (or 'synthetic')")
+    idir, mdir = os.path.join(path, "images"), os.path.join(path, "masks")
+    for d in (idir, mdir):
+        if not os.path.isdir(d):
+            raise RunError(f"--data {path!r} has no {os.path.basename(d)}/ folder; the plan's model predicts a class "
+                           f"per pixel: give DIR/images/*.png|jpg and DIR/masks/*.png (class indices) of the same names")
+    images = sorted(f for f in os.listdir(idir) if f.lower().endswith(IMAGE_EXTS))
+    if not images:
+        raise RunError(f"--data {path!r}: images/ holds no .png or .jpg image")
+    pairs = []
+    for f in images:
+        ipath, mpath = os.path.join(idir, f), os.path.join(mdir, os.path.splitext(f)[0] + ".png")
+        if not os.path.isfile(mpath):
+            raise RunError(f"--data {path!r}: image images/{f} has no mask masks/{os.path.basename(mpath)}; "
+                           f"add it or remove the image")
+        try:
+            with Image.open(ipath) as im, Image.open(mpath) as mk:
+                isize, msize = im.size, mk.size
+        except Exception as e:
+            raise RunError(f"--data {path!r}: cannot read images/{f} or its mask ({' '.join(str(e).split())}); "
+                           f"remove or replace it") from None
+        if isize != msize:
+            raise RunError(f"--data {path!r}: mask masks/{os.path.basename(mpath)} is {msize[0]}x{msize[1]} (WxH), its "
+                           f"image images/{f} {isize[0]}x{isize[1]}; a mask labels its image pixel for pixel")
+        pairs.append((ipath, mpath))
+    if len(pairs) < n * world_size:
+        each = f" per rank x {world_size} ranks" if world_size > 1 else ""
+        raise RunError(f"--data {path!r} has {len(pairs)} image(s), fewer than the plan's batch of {n}{each}; "
+                       f"add images or plan a smaller batch")
+    ds = ImageMaskPairs(pairs, (h, w), num_classes, getattr(torch, plan.dtype))
+    try:  # decode one pair now: a broken file is bad input, not a crash mid-run
+        ds[0]
+    except RunError:
+        raise
+    except Exception as e:
+        raise RunError(f"--data {path!r}: cannot read {pairs[0][0]!r} or its mask "
+                       f"({' '.join(str(e).split())}); remove or replace it") from None
+    return _loader(ds, n, seed, rank, world_size)
 
 
 def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -268,7 +369,7 @@ def _grad_step(m: nn.Module, x, y, amp: Optional[str]) -> Tuple[torch.Tensor, Di
     """One forward+backward: the loss and every parameter's gradient (None where none was made)."""
     m.zero_grad(set_to_none=True)
     with autocast(x.device.type, amp):
-        loss = F.cross_entropy(m(x), y)
+        loss = cross_entropy(m(x), y)
     loss.backward()
     grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
@@ -454,9 +555,11 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
 
     The model is the plan's zoo model with random weights (``seed``), or ``model``: your own
     ``nn.Module`` (the one the plan was solved for, e.g. by :func:`lrcnn.solve`), captured again
-    and checked against the plan, then trained in place.  ``data``: ``"synthetic"``, an
-    ``ImageFolder`` root, or any iterable of ``(images, labels)`` batches of the plan's shape
-    (a ``DataLoader``; it is iterated again when it runs out).
+    and checked against the plan, then trained in place.  ``data``: ``"synthetic"`` (random
+    images, random labels: per pixel, a random mask, for dense logits), an ``ImageFolder`` root
+    (classifiers), a folder of image / mask pairs (``DIR/images``, ``DIR/masks``: models with
+    dense logits, :func:`mask_folder`), or any iterable of ``(images, targets)`` batches of the
+    plan's shape (a ``DataLoader``; it is iterated again when it runs out).
 
     Mixed precision is the plan's (``training.amp``, set by ``planner solve --amp``): forward and
     loss under ``torch.autocast`` in that dtype, float16 with a ``torch.amp.GradScaler``.
@@ -491,15 +594,17 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
         model, graph = build_model(plan, seed)
     else:
         graph = module_graph(model, plan)
-    num_classes = graph.output_node.shape[-1]
+    logits = graph.output_node.shape  # (N, C) or dense (N, C, H, W): the loss's target follows
+    num_classes = _num_classes(logits)
     if not isinstance(data, str):
         batches = _cycle(data)
         data_label = type(data).__name__
     elif data == "synthetic":
-        batches = _synthetic(plan, num_classes, seed + info.rank)  # every rank its own data
+        batches = _synthetic(plan, logits, seed + info.rank)  # every rank its own data
         data_label = "synthetic"
     else:
-        batches = _cycle(image_folder(data, plan, num_classes, seed, info.rank, info.world_size))
+        folder = mask_folder if is_dense(logits) else image_folder
+        batches = _cycle(folder(data, plan, num_classes, seed, info.rank, info.world_size))
         data_label = os.path.abspath(data)
     pred = predicted_for(plan, graph, dev.type)
     # the caching allocator lrcnn's reserve is modeled with (PyTorch reads it when CUDA starts)

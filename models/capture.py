@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
+from lrcnn.models.loss import logits_of, synthetic_target, cross_entropy as _cross_entropy
 from lrcnn.models.geometry import HGeom, IDENTITY, RowGraph, cumulative_strides, receptive_fields
 from lrcnn.models.memory import StorageTracker
 from lrcnn.models.zoo import default_resolution, get_model, parse_dtype, set_bn_mode
@@ -140,6 +141,11 @@ class LayerGraph:
     training: bool = True
     amp: Optional[str] = None  # captured under autocast (a key of AMP_DTYPES): half-precision activations
     by_name: Dict[str, Node] = field(default_factory=dict, repr=False)
+    # the shape values of the traced model at this input shape (fx node -> value): nodes that
+    # compute no tensor, only numbers from tensors' shapes (``x.shape[-2:]``, ``x.size(0)``); they
+    # are no nodes of the graph (no live tensor, no cut point blocked), and an executor folds them
+    # into the nodes that read them (:func:`fold_values`)
+    values: Dict[str, object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.by_name = {n.name: n for n in self.nodes}
@@ -325,8 +331,18 @@ def graph_at_batch(ga: LayerGraph, gb: LayerGraph, n: int) -> LayerGraph:
                 changes[f.name] = v
         changes.update({k: peaks.get(x.name, {}).get(k, 0) for k in ("fwd_work", "bwd_peak", "bwd_net")})
         nodes.append(replace(x, **changes))
+    if set(ga.values) != set(gb.values):
+        raise CaptureError(f"cannot derive batch {n} of {ga.model_name or 'the model'}: the captures at batches {a} "
+                           f"and {a + 1} read different shape values; capture at batch {n}")
+    values = {}
+    for k, va in ga.values.items():  # (x.size(0) follows the batch, x.shape[-2:] stays)
+        v = _affine(va, gb.values[k], n, a)
+        if v is _NO_LINE:
+            raise CaptureError(f"cannot derive batch {n} of {ga.model_name or 'the model'}: shape value {k} is "
+                               f"{va!r} at batch {a} and {gb.values[k]!r} at batch {a + 1}; capture at batch {n}")
+        values[k] = v
     g = LayerGraph(nodes, _affine(ga.input_shape, gb.input_shape, n, a), ga.dtype, ga.model_name,
-                   training=ga.training, amp=ga.amp)
+                   training=ga.training, amp=ga.amp, values=values)
     for k in _GRAPH_COUNTS:
         if hasattr(ga, k):
             setattr(g, k, _affine(getattr(ga, k), getattr(gb, k), n, a))
@@ -336,8 +352,8 @@ def graph_at_batch(ga: LayerGraph, gb: LayerGraph, n: int) -> LayerGraph:
 
 def same_graph(a: LayerGraph, b: LayerGraph) -> bool:
     """Whether two graphs agree in every field a capture records (nodes, input shape, dtype,
-    autocast, totals and the memory timeline)."""
-    keys = ("input_shape", "dtype", "model_name", "training", "amp") + _GRAPH_COUNTS + ("memory_timeline",)
+    autocast, shape values, totals and the memory timeline)."""
+    keys = ("input_shape", "dtype", "model_name", "training", "amp", "values") + _GRAPH_COUNTS + ("memory_timeline",)
     return a.nodes == b.nodes and all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
 
 
@@ -491,6 +507,126 @@ def _tensor_args(n: fx.Node) -> List[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# shape values: what a traced model computes from its tensors' shapes, not their contents
+
+#: reads of a tensor that see its shape only: ``getattr(x, "shape")``, ``x.size(2)``, ``len(x)``, ...
+_SHAPE_ATTRS = frozenset({"shape", "ndim"})
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
+_VALUE_LEAVES = (int, float, bool)
+
+
+def _reads_shape_of(n: fx.Node, a: fx.Node) -> bool:
+    """Whether node ``n`` reads tensor ``a`` for its shape only (``a`` is the object of a shape
+    attribute, a shape method or ``len``, and no other argument of ``n``)."""
+    if not n.args or n.args[0] is not a:
+        return False
+    others: List[fx.Node] = []
+    fx.node.map_arg((n.args[1:], n.kwargs), others.append)
+    if a in others:
+        return False
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    if n.target is getattr:
+        return len(n.args) == 2 and n.args[1] in _SHAPE_ATTRS
+    return n.target is len and len(n.args) == 1
+
+
+def is_shape_value(n: fx.Node, out, values) -> bool:
+    """Whether fx node ``n``, which computed ``out``, is a shape value: a call that makes no
+    tensor, only numbers (an int, a ``torch.Size``, a tuple of them), from the shapes of tensors
+    (:func:`_reads_shape_of`) and from other shape values (``values``: their names).  Its value is
+    fixed by the model's input shape, whatever the tensors hold."""
+    if n.op not in ("call_function", "call_method") or out is None:
+        return False
+    if not all(isinstance(v, _VALUE_LEAVES) for v in tree_flatten(out)[0]):
+        return False
+    return all(a.name in values or _reads_shape_of(n, a) for a in n.all_input_nodes)
+
+
+def _plain_value(v):
+    """A shape value as a plain Python constant (a ``torch.Size`` as a tuple)."""
+    return tuple(v) if isinstance(v, torch.Size) else v
+
+
+def read_values(graph: fx.Graph, values: Dict[str, object]) -> Dict[str, object]:
+    """The shape values (``values``: node name -> value) that a node other than a shape value
+    reads: what :func:`fold_values` puts into ``graph`` (``x.shape[-2:]`` of ``x.shape``)."""
+    return {a.name: values[a.name] for n in graph.nodes if n.name not in values
+            for a in n.all_input_nodes if a.name in values}
+
+
+def fold_values(graph: fx.Graph, values: Dict[str, object]) -> fx.Graph:
+    """A copy of ``graph`` without its shape value nodes (``values``: node name -> value, as
+    :attr:`LayerGraph.values` holds them for one input shape): each node that read one reads the
+    constant instead.  The remaining nodes keep their names and order, which are those of the
+    :class:`LayerGraph` captured at that input shape."""
+    g = fx.Graph()
+    env: Dict[fx.Node, object] = {}
+    for n in graph.nodes:
+        env[n] = values[n.name] if n.name in values else g.node_copy(n, lambda a: env[a])
+    return g
+
+
+def shape_values(gm: fx.GraphModule, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Dict[str, object]:
+    """The shape values (:func:`is_shape_value`) of traced model ``gm`` at another input shape:
+    one forward under ``FakeTensorMode`` (no real memory, no gradient, no state written), what
+    an executor folds for a batch of a shape its plan was not captured at."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    state = _fake_state(gm, fake_mode, dtype)
+    values: Dict[str, object] = {}
+
+    class _Interp(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if is_shape_value(n, out, values):
+                values[n.name] = _plain_value(out)
+            return out
+
+    with _cumulative_bn_momentum(gm), fake_mode, torch.no_grad():
+        x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
+        functional_call(_Runner(gm, _Interp), {"g." + k: v for k, v in state.items()}, (x,), strict=False)
+    return values
+
+
+def _fake_state(gm: fx.GraphModule, fake_mode, dtype: torch.dtype, autocast: Optional[torch.dtype] = None):
+    """Fake copies of ``gm``'s parameters and buffers (floating ones in ``dtype``; on the meta device,
+    or under ``autocast`` on the CPU, where CPU autocast applies), parameters with their
+    ``requires_grad``."""
+    state = {}
+    for k, v in list(gm.named_parameters()) + list(gm.named_buffers()):
+        mv = v.detach().to("meta")
+        if mv.is_floating_point():
+            mv = mv.to(dtype)
+        if autocast is None:
+            fv = fake_mode.from_tensor(mv)
+        else:
+            with fake_mode:
+                fv = torch.empty_strided(mv.shape, mv.stride(), dtype=mv.dtype, device="cpu")
+        if isinstance(v, nn.Parameter):
+            fv.requires_grad_(v.requires_grad)
+        state[k] = fv
+    return state
+
+
+@contextlib.contextmanager
+def _cumulative_bn_momentum(gm: nn.Module) -> Iterator[None]:
+    """BN with momentum=None reads float(num_batches_tracked), which fake tensors cannot answer;
+    the momentum changes no shape and the fake running statistics are thrown away: momentum 0
+    while a fake forward runs."""
+    cumulative = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+    for m in cumulative:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m in cumulative:
+            m.momentum = None
+
+
 def _owner(n: fx.Node) -> str:
     stack = n.meta.get("nn_module_stack")
     if stack:
@@ -613,15 +749,16 @@ def _memory_profile(gm: fx.GraphModule, fake_mode, state: Dict[str, torch.Tensor
         x = torch.empty(input_shape, dtype=dtype, device=device)
         set_producer(x, "__input__")
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            out = functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
-            if isinstance(out, torch.Tensor) and out.requires_grad:
+            out = logits_of(functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False))
+            if out.requires_grad:
                 current["node"] = "output"
-                if out.dim() == 2:
-                    y = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
-                    loss = nn.functional.cross_entropy(out, y)
+                if out.dim() >= 2:  # the step's loss: cross-entropy, per pixel for dense logits
+                    y = synthetic_target(out.shape, device=out.device)
+                    set_producer(y, "__input__")  # the batch's labels: made before the step, not by the loss
+                    loss = _cross_entropy(out, y)
                 else:
                     loss = out.sum()
-        if isinstance(out, torch.Tensor) and out.requires_grad:
+        if out.requires_grad:
             tracker.mark(("bwd", "output"))
             loss.backward()
             tracker.mark(("end", ""))
@@ -704,6 +841,9 @@ def _failure_hint(msg: str, where: Optional[str], gm: fx.GraphModule, input_shap
                 f"together; {runs}")
     if any(t in low for t in _TOO_SMALL):
         return "use a larger --resolution"
+    if "sizes of tensors must match" in low:
+        return ("a concatenation joins maps of different sizes: a network that halves its map n times and "
+                "doubles it back (a U-Net) needs H and W a multiple of 2^n (16 for the zoo's unet)")
     if "mat1 and mat2" in low or "same reduction dim" in low:
         return ("a Linear layer takes a fixed number of features, which a Flatten before it ties to H and W: use the "
                 "input size the model was built for, or an adaptive pooling before the Flatten")
@@ -736,22 +876,11 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     device = "meta" if autocast is None else "cpu"  # (autocast applies to CPU tensors, fake or not)
-    state = {}
-    for k, v in list(gm.named_parameters()) + list(gm.named_buffers()):
-        mv = v.detach().to("meta")
-        if mv.is_floating_point():
-            mv = mv.to(dtype)
-        if autocast is None:
-            fv = fake_mode.from_tensor(mv)
-        else:
-            with fake_mode:
-                fv = torch.empty_strided(mv.shape, mv.stride(), dtype=mv.dtype, device=device)
-        if isinstance(v, nn.Parameter):
-            fv.requires_grad_(v.requires_grad)
-        state[k] = fv
+    state = _fake_state(gm, fake_mode, dtype, autocast)
     param_keys = {_storage_key(v) for v in state.values()}
 
     records: Dict[str, dict] = {}
+    values: Dict[str, object] = {}  # the shape values (is_shape_value), by node
     seen_storages: Dict[int, str] = {}
     current = {"node": None}
     input_key: set = set()
@@ -777,6 +906,10 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
             if isinstance(out, torch.Tensor):
                 rec["shape"] = tuple(out.shape)
                 rec["bytes"] = out.numel() * out.element_size()
+            elif n.op == "output":  # what the loss reads: the output tensor, a dict's "out" entry
+                rec["shape"] = tuple(logits_of(out).shape)
+            elif is_shape_value(n, out, values):
+                values[n.name] = _plain_value(out)
             return out
 
     from torch.func import functional_call
@@ -787,18 +920,14 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # a too-small input is reported below, in one line
-    # BN with momentum=None reads float(num_batches_tracked), which fake tensors cannot answer;
-    # the momentum changes no shape and the fake running statistics are thrown away
-    cumulative = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
-    for m in cumulative:
-        m.momentum = 0.0
     try:
-        with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+        with _cumulative_bn_momentum(gm), fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             x = torch.empty(input_shape, dtype=dtype, device=device).requires_grad_(True)
             input_key.add(_storage_key(x))
             functional_call(runner, {"g." + k: v for k, v in state.items()}, (x,), strict=False)
-        profile, timeline = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
+        with _cumulative_bn_momentum(gm):
+            profile, timeline = _memory_profile(gm, fake_mode, state, input_shape, dtype, param_keys, autocast)
     except LrcnnError:  # lrcnn code the model runs refused something: its own message names the fix
         raise
     except Exception as e:
@@ -809,15 +938,15 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
                            f"{model_name or type(model).__name__} (at node {where}: {msg}); {hint}") from None
     finally:
         fake_log.setLevel(level)
-        for m in cumulative:
-            m.momentum = None
 
     nodes: List[Node] = []
     nodes_by: Dict[str, Node] = {}
     for n in gm.graph.nodes:
+        if n.name in values:  # a number, folded into its readers: no node, no live tensor
+            continue
         rec = records.get(n.name, {})
         shape = tuple(rec.get("shape", ()))
-        ins = _tensor_args(n)
+        ins = [u for u in _tensor_args(n) if u not in values]
         in_shapes = [nodes_by[u].shape for u in ins if u in nodes_by]
         mod = None
         if n.op == "placeholder":
@@ -826,7 +955,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         elif n.op == "output":
             info = _ops.OpInfo("output", _ops.OUTPUT, None, False, "graph output")
             target = "output"
-            shape = nodes[-1].shape if nodes else ()
+            shape = tuple(rec["shape"]) if "shape" in rec else (nodes[-1].shape if nodes else ())
         elif n.op == "call_module":
             mod = modules[n.target]
             info = _ops.classify_module(mod)
@@ -872,7 +1001,7 @@ def capture(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = t
         nodes_by[node.name] = node
 
     graph = LayerGraph(nodes, input_shape, _dtype_name(dtype), model_name or type(model).__name__,
-                       training=model.training, amp=amp)
+                       training=model.training, amp=amp, values=values)
     rg = graph.row_graph()
     cs = cumulative_strides(rg)
     rf = receptive_fields(rg)

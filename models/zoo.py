@@ -1,7 +1,10 @@
-"""Model zoo: torchvision classification CNNs by name, plus small networks for fast tests.
+"""Model zoo: torchvision classification CNNs by name, dense (segmentation) models, plus small
+networks for fast tests.
 
-Models are built with random initialisation; nothing is ever downloaded.  A local state dict can be
-loaded with ``weights=PATH``.
+Dense models predict a class per pixel: torchvision's segmentation models (FCN, DeepLabV3, LR-ASPP;
+their output is a dict, the logits under ``"out"``; built without the auxiliary head) and a
+standard U-Net (:class:`UNet`).  Models are built with random initialisation (backbones too);
+nothing is ever downloaded.  A local state dict can be loaded with ``weights=PATH``.
 """
 from __future__ import annotations
 
@@ -32,8 +35,21 @@ _TV_NAMES = [
     "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0", "mnasnet1_0", "googlenet",
 ]
 
-# Default input resolution per model (H = W); torchvision's classification models use 224.
-_DEFAULT_RES = {"inception_v3": 299}
+#: torchvision's segmentation models (``torchvision.models.segmentation``), built with random weights
+#: and random backbones and without the auxiliary head (``aux_loss=False``: the output holds the
+#: logits alone, under ``"out"``)
+_TV_SEG_NAMES = [
+    "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+]
+_NO_AUX = ("lraspp_mobilenet_v3_large",)  # (no auxiliary head to switch off)
+
+#: what a model predicts: one class per image, or one class per pixel (a dense model)
+TASKS = ("classification", "segmentation")
+
+# Default input resolution per model (H = W); torchvision's classification models use 224, its
+# segmentation references train on 520x520 crops; a U-Net halves its map 4 times (a multiple of 16).
+_DEFAULT_RES = {"inception_v3": 299, "unet": 512}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,24 +126,95 @@ class TinyMobileNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+class DoubleConv(nn.Sequential):
+    """U-Net's block: (3x3 convolution, BatchNorm, ReLU) twice, the map's size kept."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """A standard U-Net (Ronneberger et al. 2015, with same-padding convolutions and BatchNorm):
+    ``levels`` times down (2x2 max-pool, :class:`DoubleConv` doubling the width), then as many times
+    up (2x2 stride-2 transposed convolution halving the width, concatenation with the skip of the
+    same level, :class:`DoubleConv`), a 1x1 convolution to ``num_classes`` logits per pixel.  The
+    logits have the input's size; H and W must be multiples of ``2**levels`` (16 by default)."""
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 3, width: int = 64, levels: int = 4):
+        super().__init__()
+        w = [width * 2 ** i for i in range(levels + 1)]
+        self.inc = DoubleConv(in_channels, w[0])
+        self.down = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2), DoubleConv(w[i], w[i + 1])) for i in range(levels))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(levels)))
+        self.dec = nn.ModuleList(DoubleConv(2 * w[i], w[i]) for i in reversed(range(levels)))
+        self.outc = nn.Conv2d(w[0], num_classes, 1)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            x = dec(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.outc(x)
+
+
+class TinyFCN(nn.Module):
+    """A small dense model written as torchvision writes its segmentation models: a strided
+    backbone, a 1x1 classifier, logits upsampled back to the input's size read from
+    ``x.shape[-2:]`` (bilinear ``F.interpolate``), returned as ``{"out": logits}``."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                        nn.ReLU(inplace=True), nn.Conv2d(8, num_classes, 1))
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        y = self.classifier(self.backbone(x))
+        return {"out": nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)}
+
+
 _TINY: Dict[str, Callable[..., nn.Module]] = {
     "tiny_vgg": lambda num_classes=10, **kw: TinyVGG(num_classes, bn=False),
     "tiny_vgg_bn": lambda num_classes=10, **kw: TinyVGG(num_classes, bn=True),
     "tiny_resnet": lambda num_classes=10, **kw: TinyResNet(num_classes),
     "tiny_mobilenet": lambda num_classes=10, **kw: TinyMobileNet(num_classes),
+    "tiny_fcn": lambda num_classes=3, **kw: TinyFCN(num_classes),
+    "tiny_unet": lambda num_classes=3, **kw: UNet(num_classes, width=4, levels=2),
 }
+_DENSE = {"unet", "tiny_fcn", "tiny_unet", *_TV_SEG_NAMES}  # models with a class per pixel
 
 
-def list_models() -> List[str]:
-    """Names ``get_model`` accepts (torchvision models available in this install, then tiny nets)."""
+def model_task(name: str) -> str:
+    """What zoo model ``name`` predicts (one of :data:`TASKS`): ``segmentation`` (a class per pixel,
+    dense logits) or ``classification``."""
+    return "segmentation" if name in _DENSE else "classification"
+
+
+def list_models(task: Optional[str] = None) -> List[str]:
+    """Names ``get_model`` accepts (torchvision classification models available in this install,
+    dense models, then tiny nets); ``task`` (one of :data:`TASKS`): only the models of that task."""
     import torchvision.models as tvm
 
-    return [n for n in _TV_NAMES if hasattr(tvm, n)] + list(_TINY)
+    names = ([n for n in _TV_NAMES if hasattr(tvm, n)] + ["unet"]
+             + [n for n in _TV_SEG_NAMES if hasattr(tvm.segmentation, n)] + list(_TINY))
+    if task is not None and task not in TASKS:
+        raise ModelError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    return names if task is None else [n for n in names if model_task(n) == task]
 
 
 def default_resolution(name: str) -> int:
     if name.startswith("tiny_"):
         return 32
+    if name in _TV_SEG_NAMES:
+        return 520
     return _DEFAULT_RES.get(name, 224)
 
 
@@ -135,14 +222,24 @@ def get_model(name: str, num_classes: Optional[int] = None, weights: Optional[st
               device: Optional[str] = None, **kw) -> nn.Module:
     """Build a model by name with random weights (never downloads).
 
-    ``num_classes`` defaults to 1000 for torchvision models and 10 for the tiny test nets.
+    ``num_classes`` defaults to 1000 for torchvision classification models, 21 for its
+    segmentation models (Pascal VOC's), 2 for ``unet`` and 10 (3 for the dense ones) for the tiny
+    test nets.  Segmentation backbones are random too, and built without the auxiliary head.
     ``weights``: path of a local state dict (``torch.save(model.state_dict(), path)``) to load.
     ``device="meta"`` builds the model without allocating parameter memory (for capture/planning).
     """
     import torchvision.models as tvm
 
     if name in _TINY:
-        ctor = lambda: _TINY[name](num_classes=num_classes or 10, **kw)  # noqa: E731
+        ctor = lambda: _TINY[name](**({"num_classes": num_classes} if num_classes else {}), **kw)  # noqa: E731
+    elif name == "unet":
+        ctor = lambda: UNet(num_classes=num_classes or 2, **kw)  # noqa: E731
+    elif name in _TV_SEG_NAMES and hasattr(tvm.segmentation, name):
+        kw.setdefault("weights", None)
+        kw.setdefault("weights_backbone", None)  # (its default downloads ImageNet weights)
+        if name not in _NO_AUX:
+            kw.setdefault("aux_loss", False)
+        ctor = lambda: getattr(tvm.segmentation, name)(num_classes=num_classes or 21, **kw)  # noqa: E731
     elif name in _TV_NAMES and hasattr(tvm, name):
         kw.setdefault("weights", None)
         if name in ("googlenet", "inception_v3"):

@@ -5,9 +5,12 @@ FLOPs, row geometry and the per-node memory profile capture records) and a
 :class:`DeviceProfile`; nothing runs on a device.  The planner's ILP consumes the per-segment
 numbers (:meth:`CostModel.segment`) and composes them exactly as :meth:`CostModel.compose` does:
 
-* ``fixed``: always live: parameters, buffers, optimizer state, the input batch and labels, the
-  loss and logits;
+* ``fixed``: always live: parameters, buffers, optimizer state, the input batch and its labels
+  (one class index per sample, or per pixel of dense logits);
 * forward of segment *k*:  ``fixed + sum(keep[j] for j < k) + fwd_peak[k]``;
+* the loss (cross-entropy, per pixel for dense logits): ``fixed + sum(keep) + loss`` at the end of
+  the forward (the logits are the last segment's kept output; ``loss``: what the cross-entropy
+  keeps, its log-softmax map), and its backward on top of that;
 * backward of segment *k*: ``fixed + sum(keep[j] for j < k) + sum(grad[j] for j > k) + bwd_peak[k]``;
 * optimizer step: ``fixed + sum(grad) + optimizer transient``.
 
@@ -54,6 +57,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from lrcnn.errors import LrcnnError
 from lrcnn.models import ops as _ops
 from lrcnn.models.capture import compute_dtype
+from lrcnn.models.loss import target_bytes
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, input_rows, max_strips,
                                    ResizeGeom, segment_ancestors, strip_schedule)
 from lrcnn.planner.files import check_input_file
@@ -431,10 +435,18 @@ class CostModel:
             "params": self.param_bytes,
             "buffers": getattr(g, "buffer_bytes", 0),
             "optimizer": STATE_COPIES[self.optimizer] * self.graph.grad_bytes,  # trainable only
-            "input": g.input_node.out_bytes + 8 * batch,
-            "loss": out.extra_saved + self._last_model_node().out_bytes,
+            # the batch and its int64 class indices (one per sample, or per pixel of dense logits),
+            # and the loss's value (a scalar, kept by the step to its end)
+            "input": (g.input_node.out_bytes + (target_bytes(out.shape) if len(out.shape) >= 2 else 8 * batch)
+                      + self._round(self._esize)),
             "workspace": self.profile.workspace,
         }
+
+    def loss_bytes(self) -> int:
+        """Bytes the loss keeps from its forward until its backward (the cross-entropy's log-softmax
+        of the logits: a map as large as the logits of a dense model), on top of the logits (the last
+        segment's output) at the end of the forward; freed by the loss's backward."""
+        return self.graph.output_node.extra_saved
 
     def fixed_bytes(self) -> int:
         """Bytes live during the whole step, whatever the plan."""
@@ -451,6 +463,15 @@ class CostModel:
 
     def _last_model_node(self):
         return self.graph.nodes[-2]
+
+    def _logits_freed(self) -> int:
+        """Bytes of the logits (the last segment's output, in its ``keep``) when no op saves them for
+        backward: then they die as the loss's forward returns (the cross-entropy keeps its own
+        log-softmax of them), before the loss's backward; else 0."""
+        last = self._last_model_node()
+        if last.alias or any(last.name in (n.saves + n.also_saves) for n in self.graph.nodes):
+            return 0
+        return self._out(last)
 
     # -- units ------------------------------------------------------------------------------------
     def units(self) -> List[Tuple[str, str]]:
@@ -1271,7 +1292,10 @@ class CostModel:
             bwd = max(bwd, kept + later + c.bwd_peak)
             kept += c.keep
         out = self.graph.output_node
-        bwd = max(bwd, kept + out.bwd_peak)  # the loss's own backward, before the model's
+        loss = self.loss_bytes()
+        fwd = max(fwd, kept + loss)  # the loss's forward, on the logits kept
+        # the loss's own backward, before the model's: the logits, which no op saved, are gone
+        bwd = max(bwd, kept - self._logits_freed() + loss + out.bwd_peak)
         phases = {"forward": fixed + fwd, "backward": fixed + bwd,
                   "optimizer": fixed + total_grad + self.optimizer_peak()}
         opt_s = self.optimizer_time()
@@ -1325,7 +1349,7 @@ class CostModel:
             "phases": {k: int(ph[k]) for k in ("forward", "backward", "optimizer")},
             "segments": seg_rows,
             "breakdown": {"params": fb["params"] + fb["buffers"], "grads": sum(c.grad_bytes for c in costs),
-                          "optimizer": fb["optimizer"], "input": fb["input"] + fb["loss"],
+                          "optimizer": fb["optimizer"], "input": fb["input"],
                           "activations": acts, "workspace": fb["workspace"]},
         }
 

@@ -121,9 +121,9 @@ class Problem:
         self.fixed = int(cm.fixed_bytes())
         self.opt_peak = int(cm.optimizer_peak())
         # compose()'s terms that belong to no segment: with no segments it is just them (the loss's
-        # own backward on top of everything kept, the optimizer step's time)
+        # forward and its own backward on top of everything kept, the optimizer step's time)
         empty = cm.compose([])
-        self.tail = max(0, int(empty["backward"]) - self.fixed)
+        self.tail = max(0, int(max(empty["forward"], empty["backward"])) - self.fixed)
         self.max_row_units, self.max_ckpt_units, self.recompute = max_row_units, max_ckpt_units, recompute
         self.min_row_height, self.max_strips, self.strip_gain = min_row_height, max_strips, strip_gain
         self.unit_nodes = [graph.span(a, b) for a, b in self.units]

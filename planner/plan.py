@@ -149,8 +149,8 @@ class Plan:
         if getattr(graph, "amp", None):
             train["amp"] = graph.amp  # mixed precision the graph was captured (and priced) under
         out_shape = graph.output_node.shape
-        if len(out_shape) == 2:  # classifier: the model is rebuilt with this many classes
-            train.setdefault("num_classes", int(out_shape[-1]))
+        if len(out_shape) in (2, 4):  # classifier, dense model: the model is rebuilt with this many classes
+            train.setdefault("num_classes", int(out_shape[1]))
         plan = cls(model=model or graph.model_name, fingerprint=graph.fingerprint(),
                    input_shape=list(graph.input_shape), dtype=graph.dtype,
                    training=train, budget_bytes=budget_bytes, segments=segs)

@@ -42,7 +42,7 @@ def eager_leaf_calls(model: nn.Module, shape):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_graph_matches_module_structure_and_shapes(name, size):
     model = get_model(name, device="meta")
     shape = (1, 3) + size
@@ -90,10 +90,15 @@ def test_graph_matches_module_structure_and_shapes(name, size):
 
 
 def test_every_zoo_model_is_captured():
-    """No model in list_models() is skipped by the structural test above."""
+    """No classifier in list_models() is skipped by the structural test above; the dense models
+    (a class per pixel) are the rest, tested in tests/test_dense.py."""
     names = list_models()
     assert len(names) == len(set(names)) and len(names) >= 33
     assert {"vgg16", "resnet50", "mobilenet_v2", "densenet121", "googlenet", "regnet_y_400mf"} <= set(names)
+    dense = list_models("segmentation")
+    assert sorted(list_models("classification") + dense) == sorted(names)
+    assert {"unet", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+            "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "tiny_fcn", "tiny_unet"} == set(dense)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -95,13 +95,15 @@ def test_models(capfd):
     rc, out, err = run(capfd, "models")
     assert rc == 0 and err == ""
     cols, header, rows = parse_table(out.splitlines())
-    assert header == ["model", "resolution", "params", "source"]
+    assert header == ["model", "resolution", "params", "source", "task"]
     assert [r[0] for r in rows] == list_models()
     by = {r[0]: r for r in rows}
-    assert by["resnet50"] == ["resnet50", "224x224", "25,557,032", "torchvision"]
-    assert by["vgg16"] == ["vgg16", "224x224", "138,357,544", "torchvision"]
+    assert by["resnet50"] == ["resnet50", "224x224", "25,557,032", "torchvision", "classification"]
+    assert by["vgg16"] == ["vgg16", "224x224", "138,357,544", "torchvision", "classification"]
     assert by["regnet_y_400mf"][2] == "4,344,144"
-    assert by["tiny_resnet"] == ["tiny_resnet", "32x32", "6,770", "test net"]
+    assert by["tiny_resnet"] == ["tiny_resnet", "32x32", "6,770", "test net", "classification"]
+    assert by["unet"] == ["unet", "512x512", "31,037,698", "lrcnn", "segmentation"]
+    assert by["fcn_resnet50"] == ["fcn_resnet50", "520x520", "32,957,013", "torchvision", "segmentation"]
 
 
 # ------------------------------------------------------------------------------------------------

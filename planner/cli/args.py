@@ -105,7 +105,8 @@ def add_model_args(p: argparse.ArgumentParser, batch_default: int = DEFAULT_BATC
                    help="local state dict to load (torch.save(model.state_dict(), PATH)); "
                         "without it the model is built on the meta device (no memory)")
     p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
-                   help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
+                   help="classes the model predicts, per image or per pixel (default: 1000 for torchvision "
+                        "classifiers, 21 for its segmentation models, 2 for unet, 10 (dense: 3) for tiny_*)")
 
 
 def shape_text(s) -> str:

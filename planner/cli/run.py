@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "run", help="train with a plan for real; record predicted vs actual memory and time",
         description="Build the plan's model (random weights), apply the plan and run real training "
-                    "steps (cross-entropy, the plan's optimizer).  Records per step, phase and segment "
+                    "steps (cross-entropy, per pixel for a dense model; the plan's optimizer).  Records per step, phase and segment "
                     "predicted and actual peak bytes and time.  Memory is measured on the first "
                     "recorded step (absolute live bytes: parameters, optimizer state, batch, "
                     "gradients, activations), time on the others, with the CUDA caching allocator's "
@@ -42,7 +42,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="cuda, cpu or auto (cuda when available; default)")
     p.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
-                   help="'synthetic' (random tensors, default) or an ImageFolder root (one folder per class)")
+                   help="'synthetic' (random tensors and labels, random masks for a dense model; default), an "
+                        "ImageFolder root (one folder per class), or for a dense (segmentation) model a folder "
+                        "with DIR/images/*.png|jpg and DIR/masks/*.png (class indices, same names)")
     p.add_argument("--lr", type=positive_number("a positive learning rate such as 0.01"), default=None, metavar="LR",
                    help="learning rate (default: the plan's training.lr, else 0.01 for sgd/momentum, "
                         "1e-3 for adam/adamw)")

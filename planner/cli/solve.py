@@ -90,7 +90,8 @@ def add_parser(sub) -> None:
                    help="with --amp: also plan row segments, whose gradients differ from plain autocast at "
                         "half-precision rounding (forward bit-identical); recorded as training.amp_rows")
     p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
-                   help="classifier outputs (default: 1000 for torchvision models, 10 for tiny_*)")
+                   help="classes the model predicts, per image or per pixel (default: 1000 for torchvision "
+                        "classifiers, 21 for its segmentation models, 2 for unet, 10 (dense: 3) for tiny_*)")
     p.add_argument("--device-profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
                    help=f"device the times are predicted for: a profile name or JSON file (default {DEFAULT_PROFILE})")
     p.add_argument("--policy", choices=POLICIES, default="auto",
