@@ -125,7 +125,7 @@ def test_segmentation_zoo():
     assert sum(p.numel() for p in unet.parameters()) == 31_037_893
     g = capture(set_bn_mode(get_model("tiny_unet", device="meta"), "train"), (1, 3, 32, 48))
     assert g.output_node.shape == (1, 3, 32, 48) and not g.values
-    assert [n.op for n in g.nodes].count("convtranspose2d") == 2
+    assert [n.op for n in g.nodes].count("conv_transpose2d") == 2
 
 
 def test_torchvision_segmentation_capture():
