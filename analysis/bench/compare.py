@@ -23,7 +23,7 @@ method runs real training steps (cross-entropy, SGD with momentum) on the same m
   (:func:`compile_settings`);
 * ``rockmate``: the PyPI package, if it imports and runs here; otherwise one row saying why;
 * ``lightstream``: StreamingCNN (PyPI ``lightstream``, ``pip install -e '.[bench]'``) streaming the
-  case's ResNet trunk (``conv1..layerK``) in square tiles (``--lightstream-tiles``, default 3/4 of
+  case's ResNet trunk (``conv1..layerK``) in square tiles (``--lightstream-tiles``, default 5/6 of
   the input), then the plain head and loss (:mod:`lrcnn.analysis.bench.lightstream_peer`); it trains
   frozen BN only, so on ``train`` cases its row says so instead;
 * ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to

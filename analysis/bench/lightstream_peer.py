@@ -50,15 +50,18 @@ def resnet_trunk(model: nn.Module) -> Optional[List[str]]:
 
 
 def default_tile(case: Case) -> int:
-    """Three quarters of the input, rounded down to a multiple of the trunk's output stride (the
-    steps lightstream moves its tiles in): large against the trunk's receptive field, as
-    lightstream needs (its own example streams 4800x4800 in 3200-pixel tiles)."""
+    """Five sixths of the input, rounded down to a multiple of the trunk's output stride (the
+    steps lightstream moves its tiles in).  Its tiles must be large against the trunk's receptive
+    field: a tile's backward completes the gradient only inside a border of about the receptive
+    field on each side (ResNet-18: 490 pixels), so a tile of 1024 pixels keeps 32 valid rows and
+    a 1536x1536 input takes 18x18 of them, one of 1280 pixels keeps 288 and takes 2x2; its own
+    example streams 4800x4800 in 3200-pixel tiles."""
     model = get_model(case.model_name, device="meta")
     names = resnet_trunk(model) or []
     trunk = nn.Sequential(*[getattr(model, n) for n in names])
     out = trunk(torch.empty(1, 3, case.resolution, case.resolution, device="meta"))
     stride = max(1, case.resolution // int(out.shape[-2]))
-    return max(stride, case.resolution * 3 // 4 // stride * stride)
+    return max(stride, case.resolution * 5 // 6 // stride * stride)
 
 
 def tile_counts(scnn, height: int) -> Tuple[int, int]:
@@ -167,7 +170,7 @@ def methods(case: Case, tiles: Optional[Sequence[int]] = None) -> List[Method]:
     plain head and loss; a row with the reason where it cannot run (not installed, train-mode BN,
     not a ResNet, a build that fails, tiles with no valid gradient row)."""
     why = status(case)
-    tiles = list(tiles) if tiles else ([default_tile(case)] if not why else [case.resolution * 3 // 4])
+    tiles = list(tiles) if tiles else ([default_tile(case)] if not why else [case.resolution * 5 // 6])
     if why:
         return [Method("lightstream", f"tile {t}", note=why) for t in tiles]
     names = resnet_trunk(case.model)

@@ -69,7 +69,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", type=positive_int, default=4,
                    help="lrcnn budgets swept from the smallest feasible to the plain peak (default: 4)")
     p.add_argument("--lightstream-tiles", type=_sizes, default=None, metavar="N,N",
-                   help="lightstream's square tile sizes in pixels, one row each (default: 3/4 of the input, "
+                   help="lightstream's square tile sizes in pixels, one row each (default: 5/6 of the input, "
                         "a multiple of the trunk's output stride)")
     p.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per method (default: 1)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per method, median (default: 5)")
