@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from lrcnn.analysis.bench import lightstream_peer
 from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt, split_blocks
 from lrcnn.analysis.bench.cases import is_exact, make_case, max_rel_err, rel_errs
 from lrcnn.models import get_model
@@ -76,6 +77,25 @@ def test_compiled_methods_small_case(tmp_path, capfd):
     assert "| lrcnn-compile |" in (tmp_path / "compare-cpu.md").read_text()
 
 
+def test_lightstream_streams_frozen_bn_exactly():
+    """lightstream (optional: the bench extra) streams a ResNet trunk with frozen BN tile by tile and
+    trains the case's own model: tiny_resnet at 136x136 in 128-pixel tiles (2x2 tiles forward, 2x2
+    backward, overlapping by the trunk's gradient border) matches plain PyTorch in float64 to 1e-10
+    (its maths is exact; only the summation order of the per-tile weight gradients differs, ~1e-15).
+    Tiles without a valid gradient row are refused before they run; a train-BN case gets the reason."""
+    pytest.importorskip("lightstream.core.constructor")
+    case = make_case("t", "tiny_resnet", 1, 136, torch.device("cpu"), "float64", bn="frozen")
+    ls, small = lightstream_peer.methods(case, [128, 104])
+    assert ls.forward is not None and ls.note.startswith("2x2 tiles forward, 2x2 backward"), ls.note
+    errs = rel_errs(case, ls.forward)
+    assert max(errs.values()) <= 1e-10 and is_exact(case, errs)
+    bns = [m for m in case.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(p.requires_grad for m in bns for p in m.parameters())  # frozen BN
+    assert small.forward is None and "divides by zero" in small.note
+    (train,) = lightstream_peer.methods(make_case("t", "tiny_resnet", 1, 32, torch.device("cpu"), "float64"))
+    assert train.forward is None and "frozen" in train.note
+
+
 def test_float32_spread_of_plain_pytorch():
     """float32: plain PyTorch against itself with oneDNN off is the spread a method may show and
     still be exact; a real difference (checkpoint's second BN update) stays far above it."""
@@ -132,6 +152,8 @@ def test_compare_small_case(tmp_path, capfd):
     (["--case", "nope"], ["--case", "nope"]),
     (["--model", "resnet18"], ["--batch"]),
     (["--batch", "2"], ["--model"]),
+    (["--bn", "frozen"], ["--model"]),
+    (["--lightstream-tiles", "1024,0"], ["--lightstream-tiles", "positive"]),
     (["--model", "alexnet", "--batch", "1", "--resolution", "64"], ["AlexNet", "ResNet"]),
     (["--model", "nosuchnet", "--batch", "1", "--resolution", "64"], ["nosuchnet"]),
     (["--methods", "plain,foo"], ["foo"]),

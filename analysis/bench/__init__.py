@@ -13,11 +13,18 @@ This module holds only the vocabulary the command line shares and is light to im
 from __future__ import annotations
 
 
-CASES = {  # name: (model, batch, square resolution)
-    "vgg16": ("vgg16", 32, 224),
-    "resnet50": ("resnet50", 8, 224),
-    "resnet50-1024": ("resnet50", 1, 1024),
-    "mobilenet_v2": ("mobilenet_v2", 16, 224),
+CASES = {  # name: (model, batch, square resolution, BatchNorm: train, or frozen: eval mode, parameters frozen)
+    "vgg16": ("vgg16", 32, 224, "train"),
+    "resnet50": ("resnet50", 8, 224, "train"),
+    "resnet50-1024": ("resnet50", 1, 1024, "train"),
+    "mobilenet_v2": ("mobilenet_v2", 16, 224, "train"),
+    # lightstream's case: frozen BN, an input large against ResNet-18's receptive field (its tiles
+    # must be, and it takes tiles of at least ~1000 pixels for this trunk)
+    "resnet18-frozen-1536": ("resnet18", 1, 1536, "frozen"),
 }
+# BatchNorm in a case: ``train`` (batch statistics, trained affine parameters: what people train
+# with) or ``frozen`` (eval mode, running statistics and affine parameters frozen: how fine-tuning on
+# large inputs runs, and the only BN that tiled training such as lightstream streams)
+BENCH_BN = ("train", "frozen")
 METHODS = ("plain", "checkpoint-blocks", "checkpoint-sqrt", "compile", "rockmate", "lightstream", "lrcnn",
            "lrcnn-checkpoint", "lrcnn-compile")

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrcnn.analysis.bench import BENCH_BN
 from lrcnn.errors import LrcnnError
 from lrcnn.executor.measure import make_optimizer, opt_state, train_step
 from lrcnn.models import get_model, memory, set_bn_mode
@@ -21,6 +22,8 @@ EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wis
 
 
 OPTIMIZER = "momentum"  # SGD with momentum, at its default learning rate
+CLASSES = 1000  # every case's model classifies into ImageNet's classes (a tiny test net too)
+
 
 
 class BenchError(LrcnnError, ValueError):
@@ -50,6 +53,7 @@ class Case:
     resolution: int
     device: torch.device
     dtype: str = "float32"
+    bn: str = "train"  # one of BENCH_BN
     model: nn.Module = field(repr=False, default=None)
     x: torch.Tensor = field(repr=False, default=None)
     y: torch.Tensor = field(repr=False, default=None)
@@ -73,15 +77,21 @@ def _sync(device: torch.device) -> None:
 
 
 def make_case(name: str, model_name: str, batch: int, resolution: int, device: torch.device,
-              dtype: str = "float32", seed: int = 0) -> Case:
-    """The real model (random weights, train-mode BN), a fixed batch and the plain reference."""
+              dtype: str = "float32", seed: int = 0, bn: str = "train") -> Case:
+    """The real model (random weights; BatchNorm in ``bn`` mode, one of :data:`BENCH_BN`), a fixed
+    batch and the plain reference."""
+    if bn not in BENCH_BN:
+        raise BenchError(f"BatchNorm mode {bn!r} is not one of {', '.join(BENCH_BN)}")
     torch.manual_seed(seed)
-    model = get_model(model_name).to(device=device, dtype=getattr(torch, dtype))
-    model.train()
-    set_bn_mode(model, "train")
-    case = Case(name, model_name, batch, resolution, device, dtype, model)
+    model = get_model(model_name, num_classes=CLASSES).to(device=device, dtype=getattr(torch, dtype))
+    set_bn_mode(model, "train" if bn == "train" else "eval")
+    if bn == "frozen":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+    case = Case(name, model_name, batch, resolution, device, dtype, bn, model)
     case.x = torch.randn(*case.shape, device=device, dtype=getattr(torch, dtype))
-    case.y = torch.randint(0, 1000, (batch,), device=device)
+    case.y = torch.randint(0, CLASSES, (batch,), device=device)
     case.state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     case.reference = _one_step(case, model)
     if dtype == "float32":

@@ -6,8 +6,9 @@
     planner bench --study                  # max batch / resolution under 8 GiB (simulated)
     planner bench ...                                # the same
 
-For each case (model, batch, resolution; BatchNorm in training mode for every method) every method
-runs real training steps (cross-entropy, SGD with momentum) on the same model and batch:
+For each case (model, batch, resolution, BatchNorm mode: ``train``, or ``frozen``: eval mode with
+its affine parameters frozen, as fine-tuning on large inputs runs; the same for every method) every
+method runs real training steps (cross-entropy, SGD with momentum) on the same model and batch:
 
 * ``plain``: plain PyTorch;
 * ``checkpoint-blocks``: ``torch.utils.checkpoint`` (non-reentrant) around every residual block
@@ -22,8 +23,9 @@ runs real training steps (cross-entropy, SGD with momentum) on the same model an
   (:func:`compile_settings`);
 * ``rockmate``: the PyPI package, if it imports and runs here; otherwise one row saying why;
 * ``lightstream``: StreamingCNN (PyPI ``lightstream``, ``pip install -e '.[bench]'``) streaming the
-  case's ResNet trunk (``conv1..layer4``, eval-mode BN: it freezes normalization) in tiles of half
-  the input; this run records whether it can stream that trunk on this device, and why not;
+  case's ResNet trunk (``conv1..layerK``) in square tiles (``--lightstream-tiles``, default 5/6 of
+  the input), then the plain head and loss (:mod:`lrcnn.analysis.bench.lightstream_peer`); it trains
+  frozen BN only, so on ``train`` cases its row says so instead;
 * ``lrcnn``: plans from ``planner.solve`` at a sweep of budgets from the smallest feasible one up to
   the plain step's peak, plus one plan at each alternative's measured peak (same budget, so the
   Pareto comparison is direct); ``lrcnn-checkpoint``: the same with ``policy='checkpoint'``, so the
@@ -65,8 +67,9 @@ import torch
 
 from lrcnn.analysis.bench import CASES, METHODS
 from lrcnn.analysis.bench.cases import BenchError, Case, make_case, measure, Method
+from lrcnn.analysis.bench import lightstream_peer
 from lrcnn.analysis.bench.methods import (CheckpointBlocks, CheckpointSqrt, compile_methods, compile_settings,
-                                          lightstream_methods, LrcnnPlans, rockmate_methods, split_blocks, sweep)
+                                          LrcnnPlans, rockmate_methods, split_blocks, sweep)
 from lrcnn.analysis.bench.studies import size_study
 from lrcnn.analysis.bench.tables import earlier_rows, machine_line, study_markdown, write_compare
 from lrcnn.models import get_model
@@ -78,17 +81,19 @@ from lrcnn.planner.units import parse_bytes
 
 def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float], points: int,
              profile: str, warmup: int, repeats: int, progress: bool = True,
-             on_row: Optional[Callable[[List[Dict]], None]] = None, paired: bool = True) -> List[Dict]:
+             on_row: Optional[Callable[[List[Dict]], None]] = None, paired: bool = True,
+             lightstream_tiles: Optional[Sequence[int]] = None) -> List[Dict]:
     """Every method on one case; rows for the CSV (ratios to plain filled in).  ``on_row(rows)``
     is called after every method with the case's rows so far (a long run saves as it goes).
-    ``paired``: time every eager method in pairs with plain steps (:func:`measure`)."""
+    ``paired``: time every eager method in pairs with plain steps (:func:`measure`).
+    ``lightstream_tiles``: lightstream's tile sizes (default: :func:`lightstream_peer.default_tile`)."""
     from tqdm import tqdm
 
     rows: List[Dict] = []
 
     def record(m: Method, **res):
         rows.append(dict(case=case.name, model=case.model_name, batch=case.batch, resolution=case.resolution,
-                         dtype=case.dtype, noise_floor=case.noise_floor,
+                         dtype=case.dtype, bn=case.bn, noise_floor=case.noise_floor,
                          method=m.method, setting=m.setting, budget_bytes=m.budget_bytes,
                          predicted_peak_bytes=m.predicted_peak_bytes, note=m.note, simulated=False, **res))
 
@@ -107,10 +112,10 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
         if on_row is not None:
             on_row(_ratios(rows))
 
-    def run_compiled(m: Method, bar):
+    def run_guarded(m: Method, bar):
         try:
             run(m, bar)
-        except Exception as e:  # e.g. Inductor without a C++ compiler: record why, go on
+        except Exception as e:  # e.g. Inductor without a C++ compiler, a peer's own bug: record why, go on
             m.note = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:200]
             m.forward = None
             run(m, bar)
@@ -131,7 +136,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             run(m, bar)
         if "compile" in methods:
             for m in compile_methods(case, compile_budgets):
-                run_compiled(m, bar)
+                run_guarded(m, bar)
                 if m.setting.endswith("=1") and m.forward is not None:  # the first: the others' pair
                     compiled_plain = m.forward
         alt_peaks = [r["peak_bytes"] for r in rows if r["method"] != "plain" and not math.isnan(r["peak_bytes"])]
@@ -141,10 +146,11 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             for m in rm:
                 run(m, bar)
         if "lightstream" in methods:
-            ls = lightstream_methods(case)
+            ls = lightstream_peer.methods(case, lightstream_tiles)
             bar.total += len(ls)
             for m in ls:
-                run(m, bar)
+                run_guarded(m, bar)
+            alt_peaks += [r["peak_bytes"] for r in rows[-len(ls):] if not math.isnan(r["peak_bytes"])]
         if "lrcnn-compile" in methods:
             plans.append(LrcnnPlans(case, "auto", profile, compiled=True))
             if compiled_plain is None:  # compiled at its first call, under the first plan's setup (1.0)
@@ -155,7 +161,7 @@ def run_case(case: Case, methods: Sequence[str], compile_budgets: Sequence[float
             budgets = sorted(set(int(b) for b in budgets + alt_peaks if b >= pl.smallest()))
             bar.total += len(budgets)
             for b in budgets:
-                (run_compiled if pl.compiled else run)(pl.method(b), bar)
+                (run_guarded if pl.compiled else run)(pl.method(b), bar)
     return _ratios(rows)
 
 
@@ -180,13 +186,14 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
           compile_budgets: Sequence[float] = (0.5, 0.1), points: int = 4, warmup: int = 1, repeats: int = 5,
           unpaired: bool = False, dtype: str = "float32", device: str = "auto", profile: Optional[str] = None,
           out_dir: str = "bench/results", fresh: bool = False, study: Optional[str] = None,
-          study_budget: str = "8GiB", progress: bool = True) -> str:
+          study_budget: str = "8GiB", progress: bool = True, bn: Optional[str] = None,
+          lightstream_tiles: Optional[Sequence[int]] = None) -> str:
     """Run the benchmark (``planner bench``): the cases (``case`` names from :data:`CASES`, or a
-    custom ``model`` at ``batch`` x ``resolution``) with ``methods`` side by side, or with
-    ``study`` (``"batch"``, ``"resolution"`` or ``"both"``) the max-batch / max-resolution study
-    under ``study_budget``.  Writes ``compare-<device>.csv/.png/.md`` (``study-<device>.csv/.md``)
-    into ``out_dir`` and returns the markdown.  Bad input raises :class:`BenchError` (or
-    ``OSError``) with a one-line message."""
+    custom ``model`` at ``batch`` x ``resolution`` with BatchNorm ``bn``, default ``train``) with
+    ``methods`` side by side, or with ``study`` (``"batch"``, ``"resolution"`` or ``"both"``) the
+    max-batch / max-resolution study under ``study_budget``.  Writes ``compare-<device>.csv/.png/.md``
+    (``study-<device>.csv/.md``) into ``out_dir`` and returns the markdown.  Bad input raises
+    :class:`BenchError` (or ``OSError``) with a one-line message."""
     import os
 
     import pandas as pd
@@ -230,15 +237,17 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
             raise BenchError("give either --case or --model, not both")
         if not (batch and resolution):
             raise BenchError("--model needs --batch and --resolution")
-        cases = [(f"{model}-b{batch}-{resolution}", model, batch, resolution)]
+        bn = bn or "train"
+        cases = [(f"{model}-b{batch}-{resolution}" + ("" if bn == "train" else f"-{bn}-bn"), model, batch, resolution,
+                  bn)]
     else:
-        if batch or resolution:
-            raise BenchError("--batch/--resolution define a custom case: give --model too")
+        if batch or resolution or bn:
+            raise BenchError("--batch/--resolution/--bn define a custom case: give --model too")
         cases = [(c, *CASES[c]) for c in (case or list(CASES))]
     csv, png, md = (os.path.join(out_dir, f"compare-{tag}.{e}") for e in ("csv", "png", "md"))
     for path in (csv, png, md):
         check_output_path(path, "output")
-    for _, model_name, _, _ in cases:  # an unknown model or one without blocks: say so before any work
+    for _, model_name, _, _, _ in cases:  # an unknown model or one without blocks: say so before any work
         split_blocks(get_model(model_name, device="meta"))
     earlier = [] if fresh else earlier_rows(csv, [])
     names = [c[0] for c in cases]
@@ -250,11 +259,11 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
         return sorted(rs, key=lambda r: order.index(r["case"]))
 
     rows: List[Dict] = list(kept)
-    for name, model_name, n, res in cases:
-        one = make_case(name, model_name, n, res, dev, dtype)
+    for name, model_name, n, res, case_bn in cases:
+        one = make_case(name, model_name, n, res, dev, dtype, bn=case_bn)
         done = list(rows)
         rows += run_case(one, methods, compile_budgets, points, profile, warmup, repeats,
-                         paired=not unpaired, progress=not (not progress),  # files rewritten after every method: a long run keeps what it measured
+                         paired=not unpaired, progress=not (not progress), lightstream_tiles=lightstream_tiles,  # files rewritten after every method: a long run keeps what it measured
                          on_row=lambda case_rows: write_compare(in_order(done + case_rows), dev, csv, png, md))
         del one
         text = write_compare(in_order(rows), dev, csv, png, md)

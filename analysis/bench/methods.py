@@ -1,5 +1,6 @@
 """The methods lrcnn is measured against (checkpointing per block and sqrt(n), torch.compile's
-memory budget, Rockmate, lightstream) and lrcnn's own plans across the budget range."""
+memory budget, Rockmate; lightstream: :mod:`~lrcnn.analysis.bench.lightstream_peer`) and lrcnn's own
+plans across the budget range."""
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 from lrcnn.analysis.bench.cases import BenchError, Case, Method, OPTIMIZER
 from lrcnn.executor import apply_plan
 from lrcnn.executor.compiled import compile_plan
-from lrcnn.models.capture import trace, build_and_capture
-from lrcnn.planner.solve import Solver
+from lrcnn.models.capture import trace
+from lrcnn.planner.solve import Solver, capture_model
 
 GiB = 2**30
 
@@ -167,52 +168,17 @@ def rockmate_methods(case: Case, budgets: Sequence[float]) -> List[Method]:
     return out
 
 
-def lightstream_status(case: Case) -> str:
-    """Why lightstream cannot stream the case's trunk on its device ('' if it can): imports the
-    package and builds a StreamingCNN over ``conv1..layer4`` (eval BN) in tiles of half the input,
-    as its own ResNet example does; the first line of whatever fails."""
-    try:
-        from lightstream.core.constructor import StreamingConstructor
-    except ImportError as e:
-        return f"import lightstream fails: {e} (pip install -e '.[bench]')".replace("\n", " ")
-    except Exception as e:  # a broken install raises anything
-        return f"import lightstream fails: {type(e).__name__}: {e}".replace("\n", " ")
-    import copy
-    import contextlib
-    import io
-
-    model = copy.deepcopy(case.model).eval()
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    if not all(hasattr(model, n) for n in names):
-        return f"lightstream streams ResNet-type trunks (conv1..layer4); {case.model_name} is not one"
-    trunk = nn.Sequential(*[getattr(model, n) for n in names])
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # (it prints its progress)
-            StreamingConstructor(trunk, max(1, case.resolution // 2), verbose=False,
-                                 copy_to_gpu=case.device.type == "cuda", statistics_on_cpu=True,
-                                 normalize_on_gpu=False).prepare_streaming_model()
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"lightstream cannot build its StreamingCNN here: {type(e).__name__}: {first}"[:300]
-    return ""
-
-
-def lightstream_methods(case: Case) -> List[Method]:
-    why = lightstream_status(case)
-    return [Method("lightstream", f"tile {case.resolution // 2}",
-                   note=why or "builds on this device; its measured step is issue 26's GPU work, not written yet")]
-
-
 class LrcnnPlans:
     """``planner.solve`` for one case: the captured graph and Solver reused for every budget."""
 
     def __init__(self, case: Case, policy: str, profile: str, compiled: bool = False) -> None:
-        _, self.graph = build_and_capture(case.model_name, case.batch, (case.resolution, case.resolution),
-                                          case.dtype, "train")
+        # the case's own model: a frozen-BN case's BN parameters get no gradient, and the plan knows
+        bn = "train" if case.bn == "train" else "eval"
+        _, self.graph = capture_model(case.model, case.shape, case.dtype, bn=bn)
         self.case = case
         self.policy = policy
         self.compiled = compiled  # plans priced for compile_plan (fused pointwise recompute is free)
-        self.solver = Solver(self.graph, case.model_name, policy=policy, bn="train", optimizer=OPTIMIZER,
+        self.solver = Solver(self.graph, case.model_name, policy=policy, bn=bn, optimizer=OPTIMIZER,
                              device_profile=profile, compiled=compiled)
 
     def smallest(self) -> int:

@@ -77,7 +77,8 @@ def machine_line(device: torch.device) -> str:
 
 def markdown(df, tg: List[Dict], device: torch.device) -> str:
     lines = [f"Measured on {machine_line(device)}. Peak = absolute bytes of one training step "
-             f"(SGD momentum, train-mode BN); step peak = what the step adds above parameters, optimizer "
+             f"(SGD momentum, train-mode BN unless the case says frozen BN: eval mode, affine parameters "
+             f"frozen); step peak = what the step adds above parameters, optimizer "
              f"state and batch (activations, gradients, transients: the original LR-CNN's measure); "
              f"time = median step; ratios against plain PyTorch "
              f"(compile, lrcnn-compile: against compiled plain; time of a method with a `paired_ratio` in "
@@ -91,10 +92,11 @@ def markdown(df, tg: List[Dict], device: torch.device) -> str:
     for case, d in df.groupby("case", sort=False):
         r0 = d.iloc[0]
         spread = f"; float32 spread of plain PyTorch {r0['noise_floor']:.1e}" if r0['dtype'] == "float32" else ""
+        bn = ", frozen BN" if r0.get("bn") == "frozen" else ""  # (rows of older runs have no bn: train)
         where = r0.get("device")
         where = f"; measured on {where}" if isinstance(where, str) and where != machine_line(device) else ""
         lines += [f"**{case}** ({r0['model']}, batch {r0['batch']}, {r0['resolution']}x{r0['resolution']}, "
-                  f"{r0['dtype']}{spread}{where})", "",
+                  f"{r0['dtype']}{bn}{spread}{where})", "",
                   "| method | setting | peak | x plain | step peak | step s | x plain | exact (max rel err) | note |",
                   "|---|---|---:|---:|---:|---:|---:|---|---|"]
         for _, r in d.iterrows():

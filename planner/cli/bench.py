@@ -6,14 +6,14 @@ import argparse
 import sys
 from typing import List
 
-from lrcnn.analysis.bench import CASES, METHODS
+from lrcnn.analysis.bench import BENCH_BN, CASES, METHODS
 from lrcnn.analysis.bench.compare import bench
 from lrcnn.planner.cli.args import EXIT_OK, positive_int
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="benchmark lrcnn against plain PyTorch, checkpointing, torch.compile and Rockmate",
+        "bench", help="benchmark lrcnn against plain PyTorch, checkpointing, torch.compile, Rockmate and lightstream",
         description="Peak memory, step time and exactness of lrcnn plans and the alternatives, measured "
                     "side by side in one run.")
     add_compare_arguments(p)
@@ -39,6 +39,16 @@ def _fractions(text: str) -> List[float]:
     return vals
 
 
+def _sizes(text: str) -> List[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma list of positive pixel sizes, e.g. 1280,1024")
+    return vals
+
+
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m bench compare`` / ``planner bench``."""
     p.add_argument("--case", action="append", choices=sorted(CASES),
@@ -48,6 +58,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                                    "(default resnet50)")
     p.add_argument("--batch", type=positive_int, help="custom case: batch size")
     p.add_argument("--resolution", type=positive_int, help="custom case: square input size")
+    p.add_argument("--bn", choices=BENCH_BN, default=None,
+                   help="custom case: BatchNorm in training mode (train, the default) or frozen (eval mode, "
+                        "affine parameters frozen: what lightstream trains)")
     p.add_argument("--methods", type=_methods, default=list(METHODS),
                    help=f"comma list of methods (default: all: {','.join(METHODS)})")
     p.add_argument("--compile-budgets", type=_fractions, default=[0.5, 0.1], metavar="B,B",
@@ -55,6 +68,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                         "1.0 (compiled plain) always runs (default: 0.5,0.1)")
     p.add_argument("--points", type=positive_int, default=4,
                    help="lrcnn budgets swept from the smallest feasible to the plain peak (default: 4)")
+    p.add_argument("--lightstream-tiles", type=_sizes, default=None, metavar="N,N",
+                   help="lightstream's square tile sizes in pixels, one row each (default: 5/6 of the input, "
+                        "a multiple of the trunk's output stride)")
     p.add_argument("--warmup", type=positive_int, default=1, help="untimed steps per method (default: 1)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per method, median (default: 5)")
     p.add_argument("--unpaired", action="store_true",
@@ -86,7 +102,8 @@ def command(args) -> int:
                  methods=args.methods, compile_budgets=args.compile_budgets, points=args.points,
                  warmup=args.warmup, repeats=args.repeats, unpaired=args.unpaired, dtype=args.dtype,
                  device=args.device, profile=args.profile, out_dir=args.out_dir, fresh=args.fresh,
-                 study=args.study, study_budget=args.study_budget, progress=not args.no_progress)
+                 study=args.study, study_budget=args.study_budget, progress=not args.no_progress, bn=args.bn,
+                 lightstream_tiles=args.lightstream_tiles)
     print(text)
     if not args.study:
         print(f"wrote compare-<device>.csv, .png and .md into {args.out_dir}", file=sys.stderr)
