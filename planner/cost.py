@@ -436,9 +436,10 @@ class CostModel:
             "buffers": getattr(g, "buffer_bytes", 0),
             "optimizer": STATE_COPIES[self.optimizer] * self.graph.grad_bytes,  # trainable only
             # the batch and its int64 class indices (one per sample, or per pixel of dense logits),
-            # and the loss's value (a scalar, kept by the step to its end)
+            # the loss's value (a scalar the step keeps to its end) and its gradient (a scalar
+            # backward() holds while it runs; counted throughout)
             "input": (g.input_node.out_bytes + (target_bytes(out.shape) if len(out.shape) >= 2 else 8 * batch)
-                      + self._round(self._esize)),
+                      + 2 * self._round(self._esize)),
             "workspace": self.profile.workspace,
         }
 

@@ -153,13 +153,13 @@ def test_dense_loss_priced_and_simulated(fcn_ref):
     m = set_bn_mode(get_model("tiny_fcn", device="meta"), "train")
     g = capture(m, (2, 3, 64, 64))
     cm = CostModel(g, optimizer="sgd", profile="cpu")
-    assert cm.fixed_breakdown()["input"] == 2 * 3 * 64 * 64 * 4 + 2 * 64 * 64 * 8 + 4  # batch, masks, loss
+    assert cm.fixed_breakdown()["input"] == 2 * 3 * 64 * 64 * 4 + 2 * 64 * 64 * 8 + 2 * 4  # batch, masks, loss
     assert 0 <= cm.loss_bytes() - 2 * 3 * 64 * 64 * 4 <= 64  # the log-softmax map (and a scalar)
     for segs in ([], [Segment("backbone_0", "backbone_8", "checkpoint")]):
         plan = Plan.build(g, segs)
         pred = cm.predict(plan)["phases"]
         sim = train_step_memory(apply_plan(m, plan, g), g.input_shape, "sgd", fake=True).absolute_phase_peaks()
-        assert pred["optimizer"] == sim["optimizer"]
+        assert 0 <= pred["optimizer"] - sim["optimizer"] <= 4  # (the loss's gradient, counted throughout)
         for ph in ("forward", "backward"):
             assert abs(pred[ph] - sim[ph]) <= 0.005 * sim[ph], (segs, ph, pred[ph], sim[ph])
 
