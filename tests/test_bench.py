@@ -153,6 +153,7 @@ def test_compare_small_case(tmp_path, capfd):
     (["--model", "resnet18"], ["--batch"]),
     (["--batch", "2"], ["--model"]),
     (["--bn", "frozen"], ["--model"]),
+    (["--study", "batch", "--bn", "frozen"], ["--bn", "--study"]),
     (["--lightstream-tiles", "1024,0"], ["--lightstream-tiles", "positive"]),
     (["--model", "alexnet", "--batch", "1", "--resolution", "64"], ["AlexNet", "ResNet"]),
     (["--model", "nosuchnet", "--batch", "1", "--resolution", "64"], ["nosuchnet"]),

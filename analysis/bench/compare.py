@@ -211,6 +211,8 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
             raise BenchError(f"--out-dir {out_dir!r}: cannot create it ({e.strerror}); give a writable folder")
     tag = "cuda" if dev.type == "cuda" else "cpu"
     if study:
+        if bn:
+            raise BenchError("--bn sets a compared case's BatchNorm; the --study runs train-mode BN: drop --bn")
         budget = parse_bytes(study_budget)
         csv, md = (os.path.join(out_dir, f"study-{tag}.{e}") for e in ("csv", "md"))
         for path in (csv, md):

@@ -134,7 +134,7 @@ def _time_cell(r) -> str:
 
 
 def _exact_cell(r) -> str:
-    if r.exact and r.max_rel_err > EXACT_RTOL.get(r.dtype, 0.0):
+    if r.exact and r.max_rel_err > EXACT_RTOL.get(r["dtype"], 0.0):  # (r.dtype: the Series's own dtype)
         return f"yes ({r.max_rel_err:.1e} <= spread)"
     return f"{'yes' if r.exact else 'no'} ({r.max_rel_err:.1e})"
 

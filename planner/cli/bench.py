@@ -52,7 +52,7 @@ def _sizes(text: str) -> List[int]:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m bench compare`` / ``planner bench``."""
     p.add_argument("--case", action="append", choices=sorted(CASES),
-                   help="a case to run (repeatable); default: all four, or a custom one with --model")
+                   help="a case to run (repeatable); default: all of them, or a custom one with --model")
     p.add_argument("--model", help="custom case: a torchvision ResNet, VGG or MobileNetV2 name "
                                    "(with --batch and --resolution); with --study, the model studied "
                                    "(default resnet50)")
