@@ -244,3 +244,22 @@ def test_planner_runs_a_unet_in_rows():
         # (down to the bottleneck and up through both skip joins; the top skip may be the input)
         assert any(graph.index(a) <= graph.index("enc1_0") and graph.index(b) >= graph.index("cat_2")
                    for a, b in spans), [sg.to_dict() for sg in segs]
+
+
+def test_size_read_at_run_time_runs_at_the_planned_height_only():
+    """An interpolation to a size read from a tensor at run time has the captured size as its
+    geometry (models.ops.refine): exact at the planned height, refused at another."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = Sandwich(nn.Upsample(size=(23, 9), mode="bilinear"), 4).double()
+    graph = capture(model, (1, 2, 14, 6), torch.float64)
+    node = graph["op"]
+    node.geom = dataclasses.replace(node.geom, dynamic=True)  # (as the capture records such a size)
+    first, last = _whole(graph)
+    pm = apply_plan(copy.deepcopy(model), Plan.build(graph, [Segment(first, last, "rows", policy="2ps",
+                                                                     strips=3)]), graph)
+    x = torch.randn(1, 2, 14, 6, dtype=torch.float64)
+    assert rel(pm(x), model(x)) <= 1e-10
+    with pytest.raises(RowSegmentError, match="read from a tensor at run time"):
+        pm(torch.randn(1, 2, 16, 6, dtype=torch.float64))
