@@ -365,12 +365,21 @@ def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
 # --check-grads
 # ------------------------------------------------------------------------------------------------
 
+#: the random seed every model of a --check-grads comparison runs its step under (the same dropout
+#: masks in the plain and the planned step; the run's own random state is left as it was)
+CHECK_SEED = 1234
+
+
 def _grad_step(m: nn.Module, x, y, amp: Optional[str]) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
-    """One forward+backward: the loss and every parameter's gradient (None where none was made)."""
+    """One forward+backward: the loss and every parameter's gradient (None where none was made),
+    under :data:`CHECK_SEED`."""
     m.zero_grad(set_to_none=True)
-    with autocast(x.device.type, amp):
-        loss = cross_entropy(m(x), y)
-    loss.backward()
+    cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(CHECK_SEED)
+        with autocast(x.device.type, amp):
+            loss = cross_entropy(m(x), y)
+        loss.backward()
     grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
     return loss.detach(), grads

@@ -240,3 +240,22 @@ def test_run_reads_image_mask_pairs(dense_plan, tmp_path, capfd):
     bad(tmp_path / "flat", "has no images/ folder", "DIR/masks/*.png")
     _pairs(tmp_path / "one", [(40, 48)])
     bad(tmp_path / "one", "has 1 image(s), fewer than the plan's batch of 2")
+
+
+def test_check_grads_draws_the_same_dropout_masks():
+    """--check-grads runs the plain and the planned step under one seed: a dense head with dropout
+    (DeepLabV3's ASPP has one) compares equal in float64, and the caller's random state is untouched."""
+    from lrcnn.executor.run import check_grads
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5),
+                      nn.Conv2d(6, 4, 1)).double().train()
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 12, 10))
+    g = capture(m, tuple(x.shape), torch.float64)
+    names = [n.name for n in g.nodes[1:-1]]
+    planned = apply_plan(copy.deepcopy(m), Plan.build(g, [Segment(names[0], names[-1], "checkpoint")]), g)
+    state = torch.get_rng_state()
+    ok, msg = check_grads(m, planned, x, y, "float64")
+    assert ok, msg
+    assert torch.equal(torch.get_rng_state(), state)
