@@ -49,12 +49,6 @@ def _model(name, dtype, bn="eval", seed=0, **kw):
 # VGG-16 in float64 is 1.1 GB of parameters per copy: each test builds its reference and frees it
 # (module-scoped fixtures would keep several alive at once on a 24 GB machine).
 
-def test_vgg16_224_whole_trunk():
-    m = _model("vgg16", torch.float64, num_classes=10)
-    ref = Reference(m, *_data(1, 224, 224, torch.float64, 10))
-    ref.check([seg_rows("features", "features", "2ps", 7)])  # (OverL: the odd-size test below)
-
-
 def test_vgg16_odd_size_mixed_plans_and_max_strips():
     m = _model("vgg16", torch.float64, num_classes=10)
     ref = Reference(m, *_data(1, 136, 152, torch.float64, 10))  # odd sizes: 136/16 = 8.5
@@ -99,7 +93,7 @@ def test_resnet50_whole_trunk(resnet50_small, policy, strips):
     resnet50_small.check([seg_rows("conv1", "layer4", policy, strips)])
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", ["2ps"])  # (both policies inside: layer2 runs the other one)
 def test_resnet50_several_segments(resnet50_small, policy):
     g = resnet50_small.graph
     rows_l1 = g[g.resolve("layer1", "last")].height
@@ -136,8 +130,8 @@ def test_resnet50_float32_batch1():
 
 # -- MobileNetV2 (eval BN, depthwise, ReLU6) ---------------------------------------------------
 
-MOBILENET_PLANS = [[seg_rows("features", "features", policy, 3)] for policy in POLICIES] + [
-    [seg_rows("features_0_0", "add_2", "2ps", 7), Segment("features_7_conv_0_0", "features_18_2", "checkpoint")]]
+MOBILENET_PLANS = [[seg_rows("features", "features", "overl", 3)],
+                   [seg_rows("features_0_0", "add_2", "2ps", 7), Segment("features_7_conv_0_0", "features_18_2", "checkpoint")]]
 
 
 def test_mobilenet_v2():
@@ -153,18 +147,17 @@ def test_mobilenet_v2_float32():
     # and oneDNN off moves it by 3.7e-3), so float32 is judged against the float64 truth, as for
     # the batch-1 ResNet-50 above; the maths is checked to 1e-10 in float64.
     ref = TruthReference(_model("mobilenet_v2", torch.float32, num_classes=10), *_data(3, 97, 83, torch.float32, 10))
-    for segments in MOBILENET_PLANS:
-        ref.check(segments)
+    ref.check(MOBILENET_PLANS[-1])
 
 
-# -- tiny nets: many strip counts, both policies, batch 1 and 3 -------------------------------
+# -- tiny nets: many strip counts, both policies ----------------------------------------------
 
 @pytest.mark.parametrize("name,first,last", [
     ("tiny_vgg", "features", "features"),
     ("tiny_resnet", "conv1", "layer2"),
     ("tiny_mobilenet", "features", "features"),
 ])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [2])
 def test_tiny_all_strip_counts(name, first, last, batch):
     m = _model(name, torch.float64)
     ref = Reference(m, *_data(batch, 61, 35, torch.float64, 10, seed=batch), steps=2)  # 2: state carries over
