@@ -56,6 +56,13 @@ class InputRows:
     def rows(self) -> int:
         return self.hi - self.lo
 
+    @classmethod
+    def clipped(cls, lo: int, hi: int, in_h: int) -> "InputRows":
+        """The rows ``[lo, hi)`` inside a map of ``in_h`` rows, no filler: the needs of ops that
+        read no padding (transposed convolutions, interpolations)."""
+        lo, hi = min(max(lo, 0), in_h), min(max(hi, 0), in_h)
+        return cls(lo, max(lo, hi), 0, 0)
+
 
 @dataclass(frozen=True)
 class HGeom:
@@ -172,9 +179,7 @@ class TransposeGeom:
     def needs(self, a: int, b: int, in_h: int) -> InputRows:
         if a >= b:
             return InputRows(0, 0, 0, 0)
-        lo, hi = self.window(a, b)
-        lo, hi = min(max(lo, 0), in_h), min(max(hi, 0), in_h)
-        return InputRows(lo, max(lo, hi), 0, 0)
+        return InputRows.clipped(*self.window(a, b), in_h)
 
     def computable(self, avail: int, in_h: int, out_h: int) -> int:
         if avail >= in_h:
@@ -267,9 +272,8 @@ class ResizeGeom:
         if a >= b:
             return InputRows(0, 0, 0, 0)
         out_h = self.out_size(in_h)
-        lo, hi = self._span(max(a, 0), in_h, out_h)[0], self._span(min(b, out_h) - 1, in_h, out_h)[1]
-        lo, hi = min(max(lo, 0), in_h), min(max(hi, 0), in_h)
-        return InputRows(lo, max(lo, hi), 0, 0)
+        return InputRows.clipped(self._span(max(a, 0), in_h, out_h)[0], self._span(min(b, out_h) - 1, in_h, out_h)[1],
+                                 in_h)
 
     def computable(self, avail: int, in_h: int, out_h: int) -> int:
         if avail >= in_h:
