@@ -236,6 +236,12 @@ class Solver:
             b -= 1
         return b
 
+    def price(self, segments: Sequence[Segment]) -> Dict[str, Any]:
+        """compose() of a plan of ``segments`` (store units cover the rest): its peak, phases and
+        step time."""
+        cm = self.cm
+        return cm.compose([cm.segment(s) for s in cm.cover(list(segments))])
+
     def baseline(self) -> Dict[str, Any]:
         """compose() of the plan-less step (every unit stored, nothing recomputed)."""
         if self._baseline is None:
@@ -530,8 +536,7 @@ class BatchSearch:
 
     def plan_at(self, n: int, segments: Sequence[Segment]) -> Dict[str, float]:
         """compose() of a plan's ``segments`` at batch ``n`` (peak, phases, step time)."""
-        cm = self.solver(n).cm
-        return cm.compose([cm.segment(s) for s in cm.cover(list(segments))])
+        return self.solver(n).price(segments)
 
     def _plan_test(self, segments, slowdown: Optional[float] = None):
         """Cheap: at batch m, whether the plan of ``segments`` fits (and keeps the time per sample
@@ -668,7 +673,7 @@ def largest_inputs(solver: Solver, graph_at: Callable[[Tuple[int, int]], Any], m
     stride = max(1, max(cumulative_strides(g.row_graph()).values(), default=1))
     fixed = cm.fixed_breakdown()
     floor = fixed["params"] + fixed["buffers"] + fixed["optimizer"] + fixed["workspace"] + g.grad_bytes
-    target = budget * (1 - solver.headroom)
+    target = solver.peak_room(budget)
 
     def size(f: float) -> Tuple[int, int]:
         return max(stride, int(h0 * f) // stride * stride), max(stride, int(w0 * f) // stride * stride)
@@ -691,10 +696,7 @@ def largest_inputs(solver: Solver, graph_at: Callable[[Tuple[int, int]], Any], m
             f = min(math.sqrt(max(target - floor, 0) / grown), (hw[0] - stride) / h0)
         return None
 
-    def planned(s: Solver) -> Dict[str, float]:
-        return s.cm.compose([s.cm.segment(x) for x in s.cm.cover(list(segments))])
-
     out = {"plain": search(solver.baseline()["peak"], lambda s: s.baseline()), "lrcnn": None}
     if segments:
-        out["lrcnn"] = search(planned(solver)["peak"], planned)
+        out["lrcnn"] = search(solver.price(segments)["peak"], lambda s: s.price(segments))
     return out

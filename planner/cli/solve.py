@@ -157,9 +157,8 @@ def _per_sample(time_s: float, n: int, ref: float = 0.0) -> str:
     step's time per sample' inside the brackets."""
     t = time_s / n
     rate = f"{1 / t:,.0f}" if t > 0 else "inf"
-    ms = ("%#.3g" % (t * 1e3)).rstrip(".")
     vs = f", {t / ref:.3g}x the plain step's" if ref else ""
-    return f"{rate} samples/s ({ms} ms a sample{vs})"
+    return f"{rate} samples/s ({_sig3(t * 1e3)} ms a sample{vs})"
 
 
 def _up_to(n: int, search: BatchSearch) -> str:
@@ -336,8 +335,12 @@ def _inputs_it_buys(args, solver: Solver, budget: int, segments) -> str:
 
 
 def _step_time(seconds: float) -> str:
-    value, unit = (seconds, "s") if seconds >= 1 else (seconds * 1e3, "ms")
-    return ("%#.3g" % value).rstrip(".") + " " + unit
+    return f"{_sig3(seconds)} s" if seconds >= 1 else f"{_sig3(seconds * 1e3)} ms"
+
+
+def _sig3(v: float) -> str:
+    """Three significant digits, trailing zeros kept, no bare trailing point ('326', '6.30')."""
+    return ("%#.3g" % v).rstrip(".")
 
 
 def format_solve_summary(plan, solver, note: str = "") -> str:
