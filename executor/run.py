@@ -207,37 +207,71 @@ def _synthetic(plan, logits_shape, seed: int) -> Iterator[Tuple[torch.Tensor, to
         yield torch.randn(*shape, generator=g).to(dtype), synthetic_target(logits_shape, g)
 
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _fit(img, size: Tuple[int, int], interpolation=None):
+    """A PIL image brought to ``size`` (h, w) as both data readers do: the short side resized to
+    the longer of h and w, then a centre crop (``interpolation``: nearest for a mask)."""
+    import torchvision.transforms.functional as TF
+
+    h, w = size
+    kw = {} if interpolation is None else {"interpolation": interpolation}
+    return TF.center_crop(TF.resize(img, max(h, w), **kw), [h, w])
+
+
+def _image_tensor(img, size: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """An RGB PIL image as a model input: fitted to ``size`` (:func:`_fit`), ImageNet-normalised,
+    in ``dtype``."""
+    import torchvision.transforms.functional as TF
+
+    return TF.normalize(TF.to_tensor(_fit(img, size)), IMAGENET_MEAN, IMAGENET_STD).to(dtype)
+
+
+def _check_folder(path: str, want: str) -> None:
+    if not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise RunError(f"--data {path!r} {what}; give {want} or 'synthetic'")
+
+
+def _check_count(path: str, count: int, n: int, world_size: int) -> None:
+    if count < n * world_size:
+        each = f" per rank x {world_size} ranks" if world_size > 1 else ""
+        raise RunError(f"--data {path!r} has {count} image(s), fewer than the plan's batch of {n}{each}; "
+                       f"add images or plan a smaller batch")
+
+
+def _decode_first(ds, path: str, first: str, also: str = "") -> None:
+    """Decode one sample now (``first``: its file, ``also``: what else it reads): a broken file is
+    bad input, not a crash mid-run."""
+    try:
+        ds[0]
+    except RunError:
+        raise
+    except Exception as e:
+        raise RunError(f"--data {path!r}: cannot read {first!r}{also} ({' '.join(str(e).split())}); "
+                       f"remove or replace it") from None
+
+
 def image_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0, world_size: int = 1):
     """A shuffling ``DataLoader`` over a torchvision ``ImageFolder`` at the plan's resolution
     (resize the short side, centre crop to HxW, ImageNet normalisation), full batches only.
     ``world_size > 1``: this rank's shard (``DistributedSampler``, same seed on every rank)."""
-    import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
     n, _, h, w = plan.input_shape
-    if not os.path.isdir(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise RunError(f"--data {path!r} {what}; give an ImageFolder root (one sub-folder per class) or 'synthetic'")
-    tf = T.Compose([T.Resize(max(h, w)), T.CenterCrop((h, w)), T.ToTensor(),
-                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-                    T.ConvertImageDtype(getattr(torch, plan.dtype))])
+    _check_folder(path, "an ImageFolder root (one sub-folder per class)")
+    dtype = getattr(torch, plan.dtype)
     try:
-        ds = ImageFolder(path, transform=tf)
+        ds = ImageFolder(path, transform=lambda img: _image_tensor(img, (h, w), dtype))
     except (FileNotFoundError, RuntimeError) as e:
         raise RunError(f"--data {path!r} holds no usable images ({' '.join(str(e).split())}); "
                        f"put images in one sub-folder per class") from None
     if len(ds.classes) > num_classes:
         raise RunError(f"--data {path!r} has {len(ds.classes)} classes but the plan's model has "
                        f"{num_classes} outputs; re-create the plan with training.num_classes >= {len(ds.classes)}")
-    if len(ds) < n * world_size:
-        each = f" per rank x {world_size} ranks" if world_size > 1 else ""
-        raise RunError(f"--data {path!r} has {len(ds)} image(s), fewer than the plan's batch of {n}{each}; "
-                       f"add images or plan a smaller batch")
-    try:  # decode one image now: a broken file is bad input, not a crash mid-run
-        ds[0]
-    except Exception as e:
-        raise RunError(f"--data {path!r}: cannot read {ds.samples[0][0]!r} "
-                       f"({' '.join(str(e).split())}); remove or replace it") from None
+    _check_count(path, len(ds), n, world_size)
+    _decode_first(ds, path, ds.samples[0][0])
     return _loader(ds, n, seed, rank, world_size)
 
 
@@ -276,7 +310,6 @@ class ImageMaskPairs(torch.utils.data.Dataset):
         from PIL import Image
 
         ipath, mpath = self.pairs[i]
-        h, w = self.size
         with Image.open(ipath) as im:
             img = im.convert("RGB")
         with Image.open(mpath) as mk:
@@ -284,10 +317,8 @@ class ImageMaskPairs(torch.utils.data.Dataset):
                 raise RunError(f"mask {mpath!r} is a {mk.mode} image; a mask holds one class index per pixel "
                                f"(a single-channel PNG, mode L or P)")
             mask = mk.copy()
-        img = TF.center_crop(TF.resize(img, max(h, w)), [h, w])
-        mask = TF.center_crop(TF.resize(mask, max(h, w), interpolation=TF.InterpolationMode.NEAREST), [h, w])
-        x = TF.normalize(TF.to_tensor(img), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).to(self.dtype)
-        y = torch.from_numpy(np.array(mask, dtype=np.int64))
+        x = _image_tensor(img, self.size, self.dtype)
+        y = torch.from_numpy(np.array(_fit(mask, self.size, TF.InterpolationMode.NEAREST), dtype=np.int64))
         top = int(y.max())
         if top >= self.num_classes or int(y.min()) < 0:
             raise RunError(f"mask {mpath!r} holds class index {top if top >= self.num_classes else int(y.min())}, "
@@ -304,9 +335,7 @@ def mask_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0,
     from PIL import Image
 
     n, _, h, w = plan.input_shape
-    if not os.path.isdir(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise RunError(f"--data {path!r} {what}; give a folder with images/ and masks/ (or 'synthetic')")
+    _check_folder(path, "a folder with images/ and masks/")
     idir, mdir = os.path.join(path, "images"), os.path.join(path, "masks")
     for d in (idir, mdir):
         if not os.path.isdir(d):
@@ -331,18 +360,9 @@ def mask_folder(path: str, plan, num_classes: int, seed: int = 0, rank: int = 0,
             raise RunError(f"--data {path!r}: mask masks/{os.path.basename(mpath)} is {msize[0]}x{msize[1]} (WxH), its "
                            f"image images/{f} {isize[0]}x{isize[1]}; a mask labels its image pixel for pixel")
         pairs.append((ipath, mpath))
-    if len(pairs) < n * world_size:
-        each = f" per rank x {world_size} ranks" if world_size > 1 else ""
-        raise RunError(f"--data {path!r} has {len(pairs)} image(s), fewer than the plan's batch of {n}{each}; "
-                       f"add images or plan a smaller batch")
+    _check_count(path, len(pairs), n, world_size)
     ds = ImageMaskPairs(pairs, (h, w), num_classes, getattr(torch, plan.dtype))
-    try:  # decode one pair now: a broken file is bad input, not a crash mid-run
-        ds[0]
-    except RunError:
-        raise
-    except Exception as e:
-        raise RunError(f"--data {path!r}: cannot read {pairs[0][0]!r} or its mask "
-                       f"({' '.join(str(e).split())}); remove or replace it") from None
+    _decode_first(ds, path, pairs[0][0], " or its mask")
     return _loader(ds, n, seed, rank, world_size)
 
 
