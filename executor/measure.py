@@ -29,12 +29,16 @@ def _classes(model: nn.Module) -> int:
     return last[-1].out_features if last else 10
 
 
-def _target(model: nn.Module, input_shape: Sequence[int], device) -> torch.Tensor:
-    """The class-index target of a step of ``model``: per pixel for a planned module whose
-    captured logits are dense (``model.graph``), else one class per sample."""
+def _target(model: nn.Module, input_shape: Sequence[int], device,
+            logits_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The class-index target of a step of ``model``: per pixel for dense logits (``logits_shape``
+    when given, else a planned module's captured output, ``model.graph``), else one class per
+    sample."""
     graph = getattr(model, "graph", None)
-    if graph is not None and len(graph.output_node.shape) > 2:
-        return synthetic_target(graph.output_node.shape, device=device)
+    if logits_shape is None and graph is not None:
+        logits_shape = graph.output_node.shape
+    if logits_shape is not None and len(logits_shape) > 2:
+        return synthetic_target(logits_shape, device=device)
     return torch.randint(0, _classes(model), (input_shape[0],), device=device)
 
 
@@ -153,7 +157,8 @@ def opt_state(opt: torch.optim.Optimizer) -> list:
 def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: str = "sgd",
                       fake: bool = True, dtype: torch.dtype = torch.float32,
                       device: Optional[str] = None, warmup: int = 1,
-                      amp: Optional[str] = None, reserved: bool = False) -> memory.MemoryReport:
+                      amp: Optional[str] = None, reserved: bool = False,
+                      logits_shape: Optional[Sequence[int]] = None) -> memory.MemoryReport:
     """Absolute peak device bytes of one whole training step, as the cost model predicts it.
 
     Counts everything live: parameters, buffers, optimizer state, input batch and labels,
@@ -163,7 +168,8 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
     step's forward and loss under autocast in that dtype (:func:`train_step`); a model on the meta
     device is then simulated with fake CPU tensors, where CPU autocast applies.  ``reserved``: also
     model the CUDA caching allocator's reserved peak on the step's allocation sequence
-    (:func:`lrcnn.models.memory.measure_step`).
+    (:func:`lrcnn.models.memory.measure_step`).  ``logits_shape``: the model's output shape, for a
+    plain dense model (a planned one knows its own): the target is then per pixel.
     """
     ctx = memory.fake_mode() if fake else None
     if ctx is not None:
@@ -187,7 +193,7 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
             existing = [model]
         opt = make_optimizer(params, optimizer)
         x = torch.randn(*input_shape, dtype=dtype, device=device)
-        y = _target(model, input_shape, device)
+        y = _target(model, input_shape, device, logits_shape)
 
         opt.zero_grad(set_to_none=True)  # gradients are made by the step, not pre-existing
         for _ in range(warmup):
