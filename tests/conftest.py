@@ -22,6 +22,20 @@ settings.register_profile("ci", max_examples=300, derandomize=True, database=Non
 settings.register_profile("long", max_examples=2000, derandomize=False, print_blob=True, **_PROPERTY)
 settings.load_profile("ci")  # (pytest's --hypothesis-profile, applied after this, overrides it)
 
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the long cases (marker 'full': minutes each on a small CPU), which CI skips")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="a long case: run it with --full")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
+
 @functools.lru_cache(maxsize=32)
 def _captured(name: str, shape: tuple, dtype: str = "float32", training: bool = True,
               num_classes=None):

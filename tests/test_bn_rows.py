@@ -64,7 +64,7 @@ def _check(ref: Reference, segments, zero_grads=()):
     for k, e in errs.items():
         name = k.split(":", 1)[-1].split("@")[0]
         if k.startswith("grad:") and name in zero_grads:
-            step = int(k.split("@")[1])
+            step = int(k.split("@")[1]) if "@" in k else 0  # (the first step's keys have no @)
             g_ref = ref.records[step]["grads"]
             scale = g_ref[name.replace(".bias", ".weight")].norm().item()
             assert e * g_ref[name].norm().item() <= tol * scale, f"{k}: {e:.3e}"

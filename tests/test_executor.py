@@ -67,6 +67,7 @@ def test_vgg16_odd_size_mixed_plans_and_max_strips():
                Segment(after(pools[1]), "features_30", "rows", policy="2ps", strips=g[pools[1]].height)])
 
 
+@pytest.mark.full  # (VGG-16-BN's 134 M float64 parameters: ~15 s a step here; CI's VGG rows: the odd-size test)
 def test_vgg16_bn_eval():
     # float64 only: in float32 plain PyTorch itself (oneDNN vs native convolution, or float32 vs
     # float64) differs by ~0.1 relative in the gradients after two SGD steps, because max-pool/ReLU

@@ -24,7 +24,7 @@ def test_budget_points_run_from_the_plain_step_down_to_the_smallest_plan():
 def test_validate_end_to_end_on_cpu(tmp_path, capsys):
     out, png, csv = str(tmp_path / "r.csv"), str(tmp_path / "v.png"), str(tmp_path / "t.csv")
     rc = main(["validate", "--model", "resnet18", "--batch", "2", "--resolution", "96", "--device", "cpu",
-               "--steps", "2", "--out", out, "--png", png, "--csv", csv, "--quiet"])
+               "--points", "3", "--steps", "1", "--out", out, "--png", png, "--csv", csv, "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "plans within budget" in text and "budget_MiB" in text
