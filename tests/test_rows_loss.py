@@ -184,13 +184,13 @@ def test_loss_in_rows_memory_measured_and_priced():
     """Storage accounting of real training steps (float32): the step with the loss inside peaks
     lower than the same plan's plain step by at least the logits' bytes (the logits map, its
     gradient and the loss's log-softmax map never exist), and the cost model
-    (``loss_in_rows=True``) predicts both phases within 0.5 %."""
-    h, w = 97, 129
-    model = TinyUNet((h, w), c=2, classes=16).train()
+    (``loss_in_rows=True``) predicts both phases within 0.1 % (OverL; measured: 0.01 %)."""
+    h, w = 65, 97
+    model = TinyUNet((h, w), c=2, classes=32).train()
     shape = (1, 3, h, w)
     g = capture(model, shape, torch.float32)
     first, last = _whole(g)
-    seg = rows(first, last, "overl", 6)
+    seg = rows(first, last, "overl", 4)
     peak = {}
     for inside in (False, True):
         plan = Plan.build(g, [seg], training={"optimizer": "sgd", "bn": "train", "loss_in_rows": inside})
@@ -199,6 +199,6 @@ def test_loss_in_rows_memory_measured_and_priced():
         pred = CostModel(g, "sgd", loss_in_rows=inside).predict(plan)
         got = real.absolute_phase_peaks()
         for ph in ("forward", "backward"):
-            assert abs(pred["phases"][ph] - got[ph]) <= 0.005 * got[ph], (inside, ph, pred["phases"][ph], got[ph])
+            assert abs(pred["phases"][ph] - got[ph]) <= 0.001 * got[ph], (inside, ph, pred["phases"][ph], got[ph])
         peak[inside] = real.absolute_peak
     assert peak[False] - peak[True] >= g[last].out_bytes, (peak, g[last].out_bytes)
