@@ -283,14 +283,14 @@ class StepMeasure:
 
 
 def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
-                        scaler=None) -> Tuple[StepMeasure, float, str]:
+                        scaler=None, loss_inside: bool = False) -> Tuple[StepMeasure, float, str]:
     """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
-    state and batch included), with the reserved peak (:class:`StepMeasure`).  ``amp``, ``scaler``:
-    see :func:`lrcnn.executor.measure.train_step`.  Returns (timeline, loss, method)."""
+    state and batch included), with the reserved peak (:class:`StepMeasure`).  ``amp``, ``scaler``,
+    ``loss_inside``: see :func:`lrcnn.executor.measure.train_step`.  Returns (timeline, loss, method)."""
     state = opt_state(opt)
     loss = []
     t0 = time.perf_counter()
-    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler)), device=device,
+    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler, loss_inside)), device=device,
                               track_existing=[model, state, x, y], reserved=True)
     wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
     b = rep.baseline_bytes
@@ -304,10 +304,10 @@ def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[st
 
 
 def measure_time_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
-                      scaler=None) -> Tuple[StepMeasure, float]:
+                      scaler=None, loss_inside: bool = False) -> Tuple[StepMeasure, float]:
     clock = Clock(device)
     with clock:
-        loss = train_step(model, opt, x, y, amp, scaler)
+        loss = train_step(model, opt, x, y, amp, scaler, loss_inside)
     secs = clock.seconds()
     entries = [(lab, math.nan, math.nan, t) for (lab, _, _), t in zip(clock.timeline, secs)]
     return StepMeasure(entries), float(loss)

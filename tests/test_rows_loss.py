@@ -202,3 +202,22 @@ def test_loss_in_rows_memory_measured_and_priced():
             assert abs(pred["phases"][ph] - got[ph]) <= 0.001 * got[ph], (inside, ph, pred["phases"][ph], got[ph])
         peak[inside] = real.absolute_peak
     assert peak[False] - peak[True] >= g[last].out_bytes, (peak, g[last].out_bytes)
+
+
+def test_planner_run_loss_in_rows(tmp_path, capfd):
+    """``planner run --loss-in-rows`` on a dense plan that ends in rows at the logits (zoo tiny_fcn,
+    float64): --check-grads against the plain model's cross-entropy passes and the step runs; a
+    plan that ends otherwise is one line on stderr, exit 2."""
+    from test_cli import assert_one_line_error, run
+
+    m = get_model("tiny_fcn").double().train()
+    g = capture(m, (2, 3, 16, 12), torch.float64, model_name="tiny_fcn")
+    good, bad = tmp_path / "rows.json", tmp_path / "ckpt.json"
+    Plan.build(g, [Segment("backbone_0", "interpolate", "rows", policy="overl", strips=2)]).save(str(good))
+    Plan.build(g, [Segment("backbone_0", "interpolate", "checkpoint")]).save(str(bad))
+    rc, out, err = run(capfd, "run", good, "--loss-in-rows", "--check-grads", "--steps", 1, "--warmup", 0,
+                       "--device", "cpu", "--quiet")
+    assert rc == 0, err
+    assert "check-grads OK" in out and "1 step(s), loss" in out
+    rc, out, err = run(capfd, "run", bad, "--loss-in-rows", "--steps", 1, "--device", "cpu", "--quiet")
+    assert_one_line_error(rc, out, err, "loss_in_rows", "'interpolate' must be made by the last segment in rows")
