@@ -23,7 +23,7 @@ from lrcnn.models.loss import LossError, logits_of, pixel_cross_entropy
 from lrcnn.planner import Plan, Segment
 from lrcnn.planner.cost import CostError, CostModel
 from lrcnn.planner.plan import PlanError
-from test_rows_dense import TinyUNet, _whole, rows
+from test_rows_dense import TinyUNet, _whole, rows, unet_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,13 +66,7 @@ class _Case:
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    h, w = 97, 129
-    model = TinyUNet((h, w)).double().train()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (2, h, w), generator=g)
-    return _Case(model, x, y)
+    return _Case(*unet_batch())
 
 
 @pytest.mark.parametrize("policy,strips,bn", [("2ps", 4, "sweeps"), ("2ps", 7, "layerwise"),
