@@ -398,9 +398,10 @@ class CostModel:
     :func:`lrcnn.executor.compiled.compile_plan` (``torch.compile``): a store segment's recomputed
     BN / ReLU / add nodes run inside the backward's fused pointwise kernels that read their inputs
     anyway, so their recompute costs no time (memory is still predicted for eager execution).
-    ``loss_in_rows``: price plans whose last segment, a rows segment ending at the logits,
-    evaluates the per-pixel loss inside its strips (plan ``training.loss_in_rows``;
-    ``apply_plan(..., loss=...)``).
+    ``loss_in_rows``: price segments (:meth:`segment`, :meth:`compose`) as a plan whose last
+    segment, a rows segment ending at the logits, evaluates the per-pixel loss inside its strips
+    (plan ``training.loss_in_rows``; ``apply_plan(..., loss=...)``); :meth:`predict` of a
+    :class:`Plan` follows the plan's own ``training.loss_in_rows``.
     """
 
     def __init__(self, graph, optimizer: str = "sgd", profile: Union[str, DeviceProfile, None] = "cpu",
@@ -728,12 +729,14 @@ class CostModel:
         return (STATE_COPIES[self.optimizer] + 2) * 2 * self.graph.grad_bytes / self.profile.bandwidth
 
     # -- segments ---------------------------------------------------------------------------------
-    def segment(self, seg: Segment) -> SegmentCost:
-        """Cost of one segment (cached by its fields)."""
-        key = (seg.first, seg.last, seg.mode, seg.policy, seg.strips,
-               tuple(seg.bounds or ()), tuple(sorted(seg.recompute)), tuple(sorted((seg.options or {}).items())))
+    def segment(self, seg: Segment, loss_in_rows: Optional[bool] = None) -> SegmentCost:
+        """Cost of one segment (cached by its fields).  ``loss_in_rows``: this model's setting
+        unless given (a rows segment that makes the logits then evaluates the loss in its strips)."""
+        loss_in_rows = self.loss_in_rows if loss_in_rows is None else loss_in_rows
         # (the loss evaluated in the strips of a rows segment that makes the logits)
-        loss = self.loss_in_rows and seg.mode == "rows" and seg.last == self._last_model_node().name
+        loss = bool(loss_in_rows) and seg.mode == "rows" and seg.last == self._last_model_node().name
+        key = (seg.first, seg.last, seg.mode, seg.policy, seg.strips, tuple(seg.bounds or ()),
+               tuple(sorted(seg.recompute)), tuple(sorted((seg.options or {}).items())), loss)
         hit = self._cache.get(key)
         if hit is None:
             nodes = self.graph.span(seg.first, seg.last)
@@ -743,7 +746,7 @@ class CostModel:
                 hit = self._store(nodes, set())
             elif seg.mode == "rows" and (seg.options or {}).get("bn") == "layerwise":
                 base = Segment(seg.first, seg.last, "rows", seg.policy, seg.strips, seg.bounds)
-                hit = self._layerwise(seg, nodes, self.segment(base))
+                hit = self._layerwise(seg, nodes, self.segment(base, loss))
             elif seg.mode == "rows":
                 hit = self._rows(seg, nodes, loss)
             elif seg.mode == "checkpoint":
@@ -1358,12 +1361,9 @@ class CostModel:
     def predict(self, plan: Union[Plan, Sequence[Segment]]) -> dict:
         """The ``predicted`` block of a plan: peak, phases, per-segment costs, breakdown, time."""
         segs = plan.segments if isinstance(plan, Plan) else list(plan)
-        if isinstance(plan, Plan) and bool(plan.training.get("loss_in_rows")) != self.loss_in_rows:
-            flag = bool(plan.training.get("loss_in_rows"))
-            raise CostError(f"the plan's training.loss_in_rows is {str(flag).lower()}, this cost model prices "
-                            f"loss_in_rows={self.loss_in_rows}: price it with CostModel(graph, loss_in_rows={flag})")
+        inside = bool(plan.training.get("loss_in_rows")) if isinstance(plan, Plan) else self.loss_in_rows
         full = self.cover(segs)
-        costs = [self.segment(s) for s in full]
+        costs = [self.segment(s, inside) for s in full]
         bad = [(s, c) for s, c in zip(full, costs) if not c.supported]
         if bad:
             s, c = bad[0]

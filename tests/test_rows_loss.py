@@ -21,7 +21,7 @@ from lrcnn.executor.measure import train_step_memory
 from lrcnn.models import capture, get_model
 from lrcnn.models.loss import LossError, logits_of, pixel_cross_entropy
 from lrcnn.planner import Plan, Segment
-from lrcnn.planner.cost import CostError, CostModel
+from lrcnn.planner.cost import CostModel
 from lrcnn.planner.plan import PlanError
 from test_rows_dense import TinyUNet, _whole, rows, unet_batch
 
@@ -137,7 +137,7 @@ def test_refusals(unet):
     the logits then); a target of the
     wrong shape; a loss that reduces (no per-position map); ``pm(x, target)`` without ``loss=``;
     a plan ``training.loss_in_rows`` that is no bool, or whose last segment does not make the
-    logits; a cost model pricing the other way."""
+    logits."""
     g = unet.graph
     first, last = _whole(g)
     names = [n.name for n in g.nodes[1:-1]]
@@ -169,9 +169,10 @@ def test_refusals(unet):
         Plan.from_dict(d)
     with pytest.raises(PlanError, match="loss_in_rows: the logits 'head' must be made by the last segment"):
         Plan.build(g, [Segment(first, last, "checkpoint")], training={"bn": "train", "loss_in_rows": True})
+    # (a plan is priced by its own training.loss_in_rows, whatever the cost model's default)
     inside = Plan.build(g, [rows(first, last, "overl", 2)], training={"bn": "train", "loss_in_rows": True})
-    with pytest.raises(CostError, match="loss_in_rows=True"):
-        CostModel(g).predict(inside)
+    assert CostModel(g).predict(inside) == CostModel(g, loss_in_rows=True).predict(inside)
+    assert CostModel(g).predict(inside)["peak_bytes"] < CostModel(g).predict(plan)["peak_bytes"]
 
 
 def test_loss_in_rows_memory_measured_and_priced():
