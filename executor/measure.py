@@ -126,16 +126,18 @@ def grad_scaler(device_type: str, amp: Optional[str]):
 
 
 def train_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               amp: Optional[str] = None, scaler=None) -> torch.Tensor:
+               amp: Optional[str] = None, scaler=None, loss_inside: bool = False) -> torch.Tensor:
     """One training step (cross-entropy, per pixel for dense logits: :func:`lrcnn.models.loss.cross_entropy`) marking its phases ``forward``, ``backward``,
     ``optimizer`` for :mod:`lrcnn.models.memory`; the gradients are released at the end
     (``zero_grad(set_to_none=True)``), so every step starts without them.  Returns the loss.
 
     ``amp``: forward and loss under :func:`autocast` in that dtype (backward and optimizer step
     outside it, as PyTorch's recipe has it); ``scaler``: a ``GradScaler`` scales the loss, unscales
-    and checks the gradients before the optimizer step and updates its scale."""
+    and checks the gradients before the optimizer step and updates its scale.  ``loss_inside``:
+    ``forward(x, y)`` returns the loss itself (a planned module applied with ``loss=``, which
+    evaluates it inside its last row segment)."""
     with autocast(x.device.type, amp):
-        loss = cross_entropy(forward(x), y)
+        loss = forward(x, y) if loss_inside else cross_entropy(forward(x), y)
     memory.mark("forward")
     (scaler.scale(loss) if scaler is not None else loss).backward()
     memory.mark("backward")
@@ -169,8 +171,11 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
     device is then simulated with fake CPU tensors, where CPU autocast applies.  ``reserved``: also
     model the CUDA caching allocator's reserved peak on the step's allocation sequence
     (:func:`lrcnn.models.memory.measure_step`).  ``logits_shape``: the model's output shape, for a
-    plain dense model (a planned one knows its own): the target is then per pixel.
+    plain dense model (a planned one knows its own): the target is then per pixel.  A planned module
+    applied with ``loss=`` is stepped as ``loss = model(x, target)`` (its loss inside its last row
+    segment).
     """
+    inside = getattr(model, "row_loss", None) is not None
     ctx = memory.fake_mode() if fake else None
     if ctx is not None:
         ctx.__enter__()
@@ -184,8 +189,8 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
             state = memory.fake_state(model, device=device if amp is not None else None)
             params = [v for v in state.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
-            def run(x):
-                return torch.func.functional_call(model, state, (x,))
+            def run(x, y=None):
+                return torch.func.functional_call(model, state, (x,) if y is None else (x, y))
             existing = list(state.values())
         else:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -197,8 +202,8 @@ def train_step_memory(model: nn.Module, input_shape: Sequence[int], optimizer: s
 
         opt.zero_grad(set_to_none=True)  # gradients are made by the step, not pre-existing
         for _ in range(warmup):
-            train_step(run, opt, x, y, amp)
-        return memory.measure_step(lambda: train_step(run, opt, x, y, amp), device=device,
+            train_step(run, opt, x, y, amp, loss_inside=inside)
+        return memory.measure_step(lambda: train_step(run, opt, x, y, amp, loss_inside=inside), device=device,
                                    track_existing=existing + [x, y] + opt_state(opt), reserved=reserved)
     finally:
         if ctx is not None:
@@ -278,14 +283,14 @@ class StepMeasure:
 
 
 def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
-                        scaler=None) -> Tuple[StepMeasure, float, str]:
+                        scaler=None, loss_inside: bool = False) -> Tuple[StepMeasure, float, str]:
     """One step under the memory meter (absolute bytes: the pre-existing parameters, optimizer
-    state and batch included), with the reserved peak (:class:`StepMeasure`).  ``amp``, ``scaler``:
-    see :func:`lrcnn.executor.measure.train_step`.  Returns (timeline, loss, method)."""
+    state and batch included), with the reserved peak (:class:`StepMeasure`).  ``amp``, ``scaler``,
+    ``loss_inside``: see :func:`lrcnn.executor.measure.train_step`.  Returns (timeline, loss, method)."""
     state = opt_state(opt)
     loss = []
     t0 = time.perf_counter()
-    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler)), device=device,
+    rep = memory.measure_step(lambda: loss.append(train_step(model, opt, x, y, amp, scaler, loss_inside)), device=device,
                               track_existing=[model, state, x, y], reserved=True)
     wall = time.perf_counter() - t0  # includes the tracker's overhead: flagged tracked=True
     b = rep.baseline_bytes
@@ -299,10 +304,10 @@ def measure_memory_step(model, opt, x, y, device: torch.device, amp: Optional[st
 
 
 def measure_time_step(model, opt, x, y, device: torch.device, amp: Optional[str] = None,
-                      scaler=None) -> Tuple[StepMeasure, float]:
+                      scaler=None, loss_inside: bool = False) -> Tuple[StepMeasure, float]:
     clock = Clock(device)
     with clock:
-        loss = train_step(model, opt, x, y, amp, scaler)
+        loss = train_step(model, opt, x, y, amp, scaler, loss_inside)
     secs = clock.seconds()
     entries = [(lab, math.nan, math.nan, t) for (lab, _, _), t in zip(clock.timeline, secs)]
     return StepMeasure(entries), float(loss)

@@ -11,6 +11,10 @@ Its forward walks the model's fx graph; plan segments replace runs of nodes:
 * ``checkpoint``: ``torch.utils.checkpoint`` (non-reentrant); BatchNorm running statistics are
   updated once, in the forward pass, never again in the recompute;
 * ``rows``: :mod:`lrcnn.executor.rows`.
+
+A loss inside the last row segment (``apply_plan(model, plan, loss=fn)``, ``pm(x, target)``): the
+segment that makes a dense model's logits evaluates the per-position loss ``fn`` strip by strip
+and returns its mean (:class:`lrcnn.executor.rows.RowLoss`), so the logits map never exists.
 """
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils.checkpoint as tcp
 
-from lrcnn.errors import UsageTypeError
-from lrcnn.executor.rows import RowSegment, bn_normalise, run_rows
+from lrcnn.errors import UsageError, UsageTypeError
+from lrcnn.executor.rows import RowLoss, RowSegment, bn_normalise, run_rows
 from lrcnn.executor.state import StateSlots, amp_replay, amp_state, no_cast_cache
 from lrcnn.models import ops as _ops
 from lrcnn.models.capture import capture, fetch_attr, fold_values, read_values, shape_values, trace
+from lrcnn.models.loss import OUT_KEY, logits_of
 from lrcnn.models.memory import mark as _mark, measuring as _measuring
 from lrcnn.models.ops import call, out_of_place_call, out_of_place_module
 from lrcnn.planner.plan import Plan, PlanError
@@ -187,9 +192,11 @@ class PlannedModule(nn.Module):
     _DERIVED = ("_fx", "_runner", "_steps", "_last", "_seg_index", "_modes", "_code", "_by_modes", "_traced",
                 "_by_shape")
 
-    def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule):
+    def __init__(self, model: nn.Module, plan: Plan, graph, gm: fx.GraphModule, loss=None):
         super().__init__()
         adopt(self, model)
+        # the per-position loss ``forward(x, target)`` evaluates inside the last row segment
+        object.__setattr__(self, "row_loss", loss)
         self.training = model.training  # not train(): that would reset the children's modes
         object.__setattr__(self, "plan", plan)
         object.__setattr__(self, "graph", graph)
@@ -326,21 +333,70 @@ class PlannedModule(nn.Module):
                             "solve again with the modules in these modes")
         return self._model
 
+    def _loss_step(self, steps: List[Step]) -> int:
+        """The position of the step that evaluates the loss (``row_loss``): the plan's last
+        segment, a rows segment ending at the node whose output is the model's logits (the output
+        itself, or its dict's ``"out"`` entry), with nothing but the output after it.  PlanError
+        otherwise (the fix in the message)."""
+        out = steps[-1].node if steps and isinstance(steps[-1], NodeStep) else None
+        if out is None or out.op != "output":
+            raise PlanError("internal: the program does not end at the model's output")
+        res = out.args[0]
+        if isinstance(res, dict):
+            logits = res.get(OUT_KEY) if OUT_KEY in res else (next(iter(res.values())) if len(res) == 1 else None)
+        elif isinstance(res, (tuple, list)):
+            logits = res[0] if len(res) == 1 else None
+        else:
+            logits = res
+        fix = ("apply the plan without loss= (then compute the loss on the output), or plan the model "
+               "with its last row segment ending at the logits")
+        if not isinstance(logits, fx.Node):
+            raise PlanError(f"loss inside the last row segment: the model's output holds no logits tensor under "
+                            f"{OUT_KEY!r}; {fix}")
+        others = [a.name for a in out.all_input_nodes if a is not logits]
+        if others:
+            raise PlanError(f"loss inside the last row segment: the model's output reads {', '.join(others)} "
+                            f"besides its logits {logits.name!r} (an auxiliary head?): only the logits can "
+                            f"be reduced to the loss inside the strips; build the model without them, or {fix}")
+        k = len(steps) - 2
+        st = steps[k] if k >= 0 else None
+        if not (isinstance(st, RowsStep) and st.out == logits.name):
+            what = (f"rows segment {st.seg.name}" if isinstance(st, RowsStep)
+                    else f"node {st.node.name!r} (outside every row segment)" if isinstance(st, NodeStep)
+                    else f"a {type(st).__name__.replace('Step', '').lower()} segment ending at {st.out!r}"
+                    if st is not None else "nothing")
+            raise PlanError(f"loss inside the last row segment: the logits {logits.name!r} must be made by the "
+                            f"plan's last segment in rows mode, but {what} makes them; {fix}")
+        return k
+
     @property
     def row_segments(self) -> List[RowSegment]:
         return [st.seg for st in self._steps if isinstance(st, RowsStep)]
 
     # -- execution ----------------------------------------------------------------------------
-    def forward(self, x):
+    def forward(self, x, target=None):
+        """The model's output for the batch ``x``; with ``target`` (a module applied with
+        ``loss=``), the loss's mean over every output position, evaluated inside the last row
+        segment (the logits map never exists)."""
+        if target is not None and self.row_loss is None:
+            raise UsageError("forward(x, target) returns the loss of a module applied with a per-position loss: "
+                             "apply_plan(model, plan, loss=lrcnn.models.loss.pixel_cross_entropy); without "
+                             "one, call it with x alone and compute the loss on its output")
         other = self._mode_program()
         if other is not None:
-            return other(x)
+            if target is None:
+                return other(x)
+            logits = logits_of(other(x))  # (eval-mode code of its own: the plain loss of its output)
+            rl = RowLoss(self.row_loss, target)
+            rl.check(logits, logits.shape[2] if logits.dim() == 4 else 0, "(the model's eval-mode code)")
+            return rl.sum(logits, 0, logits.shape[2], "(the model's eval-mode code)") / rl.count
         env: Dict[str, Any] = {}
         runner = self._runner
         result = None
         steps, last_use, seg_index = (self._steps, self._last, self._seg_index)
         if self.graph.values and tuple(x.shape) != tuple(self.plan.input_shape):
             steps, last_use, seg_index = self._shape_program(x)
+        loss_at = self._loss_step(steps) if target is not None else -1
         # Segment boundaries for memory/time measurement (executor.memory.mark): only while a
         # measurement is active, so normal runs register nothing.  Backward marks come from
         # gradient hooks that return None (the gradient is untouched).
@@ -358,6 +414,8 @@ class PlannedModule(nn.Module):
                     result = fx.node.map_arg(n.args[0], lambda a: env[a.name])
                 else:
                     env[n.name] = runner.run(n, env)
+            elif k == loss_at:  # the loss's mean, in place of the logits (the last step: returned)
+                env[st.out] = result = run_rows(st.seg, env[st.src], RowLoss(self.row_loss, target))
             elif isinstance(st, RowsStep):
                 env[st.out] = run_rows(st.seg, env[st.src])
             elif isinstance(st, CheckpointStep):
@@ -370,6 +428,8 @@ class PlannedModule(nn.Module):
             for name in st.inputs:
                 if last_use.get(name) == k:
                     env.pop(name, None)
+            if k == loss_at:
+                break
         return result
 
     @staticmethod
@@ -515,7 +575,7 @@ def _check_model_dtype(model: nn.Module, plan: Plan) -> None:
                   f"its memory prediction and budget do not hold for this model; {fix}", PlanDtypeWarning, stacklevel=3)
 
 
-def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
+def apply_plan(model: nn.Module, plan: Plan, graph=None, loss=None) -> PlannedModule:
     """Return a module that computes exactly what ``model`` computes, with the plan's memory use.
 
     The result shares the model's submodules, parameters and buffers; train it with your own loop
@@ -523,6 +583,16 @@ def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
     that step's forward and loss under ``torch.autocast`` in its dtype).  ``graph``: a capture of the model at
     the plan's input shape, if you already have one.  Raises PlanError / RowSegmentError with a
     message naming the node when the plan does not fit the model.
+
+    ``loss``: a per-position loss ``loss(logits_rows, target_rows)`` returning the loss of every
+    position (reduction none), e.g. :func:`lrcnn.models.loss.pixel_cross_entropy`, for a dense
+    model whose plan ends in a rows segment that makes its logits (the output, or the output
+    dict's ``"out"``; PlanError otherwise).  Then ``m(x, target)`` returns the mean of the loss over
+    every position (a scalar to call ``backward()`` on), evaluated inside that segment strip by
+    strip: the full-resolution logits, their gradient and the loss's log-softmax map never exist
+    (plan ``training.loss_in_rows`` prices that step).  ``m(x)`` still returns the output.  The
+    mean is over every position: a target with ignored positions (``ignore_index``) is not the
+    plain cross-entropy's mean.
     """
     if not isinstance(plan, Plan):
         raise UsageTypeError(f"apply_plan needs a planner.Plan, got {type(plan).__name__} (use Plan.load(path) "
@@ -533,4 +603,10 @@ def apply_plan(model: nn.Module, plan: Plan, graph=None) -> PlannedModule:
         graph = capture(model, plan.input_shape, _dtype(plan.dtype), model_name=plan.model, gm=gm,
                         amp=plan.training.get("amp"))
     plan.validate(graph)
-    return PlannedModule(model, plan, graph, gm)
+    if loss is not None and not callable(loss):
+        raise UsageTypeError(f"apply_plan's loss must be a function loss(logits_rows, target_rows) -> per-position "
+                             f"losses, got {type(loss).__name__}")
+    pm = PlannedModule(model, plan, graph, gm, loss)
+    if loss is not None:
+        pm._loss_step(pm._steps)  # (refused here: the plan's last segment does not make the logits)
+    return pm

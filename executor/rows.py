@@ -21,6 +21,15 @@ per-channel sums BN's input gradient needs (see :class:`_BNStrip`; the cost mode
 The segment is a ``torch.autograd.Function`` taking the segment input and the segment's parameters,
 so one ``loss.backward()`` drives everything, parameter gradients arrive through ordinary autograd
 (once per parameter: DDP-safe), and the user's optimizer keeps working.
+
+A per-position loss inside the segment (:class:`RowLoss`; ``apply_plan(model, plan, loss=...)``):
+the last segment of a dense model may evaluate the loss itself.  Each strip evaluates it on the
+output rows it finishes against the matching target rows and keeps only the sum; the segment
+returns the mean over every position (the strips' sums over the count: the mean reduction, exact
+to rounding).  In backward each strip's autograd root is its loss sum, seeded with the scalar
+gradient over the count, where a plain segment back-propagates the output gradient's rows (the
+BN gradient sweeps alike).  The full-resolution output (logits), its gradient and the loss's
+log-softmax map never exist: a strip's rows of them are its own transients.
 """
 from __future__ import annotations
 
@@ -36,7 +45,47 @@ from lrcnn.executor.strips import Band, build_strip_op, check_module, RowSegment
 from lrcnn.models import memory
 from lrcnn.models.geometry import (bn_cover, bn_levels, default_bounds, full_map_schedule, max_strips,
                                    propagate_heights, RowGraph, segment_ancestors, strip_schedule, StripSchedule)
+from lrcnn.models.loss import LossError, target_shape
 from lrcnn.planner.plan import BN_STRATEGIES
+
+
+class RowLoss:
+    """A per-position loss a row segment evaluates on its output rows, for one step.
+
+    ``fn(logits_rows, target_rows)`` returns the loss of every position (reduction none: shape
+    ``target_rows.shape``), e.g. :func:`lrcnn.models.loss.pixel_cross_entropy`; ``target``: one
+    class index (or value) per output position, ``(N, H, W)`` for ``(N, C, H, W)`` output.  The
+    segment's value is ``sum over strips of fn(rows).sum() / target.numel()``: the mean reduction
+    of ``fn`` over the whole map, exact to rounding."""
+
+    __slots__ = ("fn", "target", "count")
+
+    def __init__(self, fn, target: torch.Tensor):
+        self.fn, self.target = fn, target
+        self.count = max(1, target.numel())
+
+    def check(self, rows: torch.Tensor, height: int, seg_name: str) -> None:
+        """Refuse (LossError) a target that does not give one value per position of the segment's
+        output (``rows``: a band of it, ``height`` its rows), or an output that is not dense."""
+        if rows.dim() != 4:
+            raise LossError(f"row segment {seg_name}: its output has {rows.dim()} dimensions; a loss inside row "
+                            f"strips needs dense (N, C, H, W) logits")
+        want = target_shape((rows.shape[0], rows.shape[1], height) + tuple(rows.shape[3:]))
+        if tuple(self.target.shape) != want:
+            raise LossError(f"the target has shape {tuple(self.target.shape)}, the logits of row segment {seg_name} "
+                            f"({rows.shape[0]}, {rows.shape[1]}, {height}, {rows.shape[3]}) need one value per "
+                            f"position, shape {want}")
+
+    def sum(self, rows: torch.Tensor, a: int, b: int, seg_name: str) -> torch.Tensor:
+        """The loss summed over output rows ``a..b`` (``rows``: those rows of the logits)."""
+        t = self.target[:, a:b]
+        part = self.fn(rows, t)
+        if not isinstance(part, torch.Tensor) or tuple(part.shape) != tuple(t.shape):
+            got = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+            raise LossError(f"row segment {seg_name}: the loss returned {got} for target rows of shape "
+                            f"{tuple(t.shape)}; a loss inside row strips returns the loss of every position "
+                            f"(reduction='none'), e.g. lrcnn.models.loss.pixel_cross_entropy")
+        return part.sum()
 
 
 class RowSegment:
@@ -280,9 +329,12 @@ class RowSegment:
             update_running_stats(self.ops[n].module, st.mean, st.var, st.count)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, list, Optional[Dict[str, "_BNStat"]]]:
+    def forward(self, x: torch.Tensor, loss: Optional[RowLoss] = None
+                ) -> Tuple[torch.Tensor, list, Optional[Dict[str, "_BNStat"]]]:
         """No-grad strip-wise forward.  Returns the output map, the per-strip carried rows and the
-        training-mode BN statistics (None without such BNs); updates BN running statistics."""
+        training-mode BN statistics (None without such BNs); updates BN running statistics.
+        ``loss``: the mean loss over every output position instead of the output map (each strip
+        evaluates it on the rows it finishes; the map is never assembled)."""
         sched = self.schedule(x.shape[2])
         bns = self.batch_bns()
         bn = None
@@ -295,6 +347,7 @@ class RowSegment:
         out: Optional[torch.Tensor] = None
         carries = Carries(sched)
         carried = {} if sched.policy == "2ps" else None
+        total: Optional[torch.Tensor] = None
         for i in range(sched.strips):
             lo, hi = sched.rows[i][self.source].lo, sched.rows[i][self.source].hi
             carries.keep(i, carried)
@@ -302,7 +355,12 @@ class RowSegment:
                                                count=self.rows_computed, bn=bn)
             y = bands[self.out]
             a, b = sched.out[i]
-            if b > a:  # 2PS: early strips may not reach the output yet
+            if b > a and loss is not None:
+                if total is None:
+                    loss.check(y.t, sched.out[-1][1], self.name)
+                part = loss.sum(y.rows(a, b), a, b, self.name)
+                total = part if total is None else total + part
+            elif b > a:  # 2PS: early strips may not reach the output yet
                 if out is None:
                     shp = list(y.t.shape)
                     shp[2] = sched.out[-1][1]
@@ -311,11 +369,16 @@ class RowSegment:
             del bands, y
             carried = carry_out if sched.policy == "2ps" else None
         memory.mark(f"rows {self.name} forward")
+        if loss is not None:
+            out = total / loss.count
         return out, carries, bn
 
     def backward(self, x: torch.Tensor, gy: torch.Tensor, carries: "Carries", need_gx: bool,
-                 params: List[torch.Tensor], bn: Optional[Dict[str, "_BNStat"]] = None):
+                 params: List[torch.Tensor], bn: Optional[Dict[str, "_BNStat"]] = None,
+                 loss: Optional[RowLoss] = None):
         """Strip-wise recompute + backward, last strip first. Returns (grad_x, grads of params).
+        ``loss``: the forward's :class:`RowLoss` (``gy`` is then the scalar gradient of the mean
+        loss; each strip's root is its loss sum, seeded with ``gy / count``).
 
         With training-mode BNs, first one gradient sweep per backward level finds the global
         constants mean(dy), mean(dy * xhat) of that level's BNs (those of the BNs downstream are
@@ -328,19 +391,21 @@ class RowSegment:
             for targets in levels:
                 known = {b for b, st in bn.items() if st.c1 is not None}
                 carry_nodes = {n for n in self.nodes if all(b in known for b in self._desc[n] if b in bn)}
-                sums = self._sweep(x, gy, carries, sched, False, [], bn, targets, carry_nodes, rows)[2]
+                sums = self._sweep(x, gy, carries, sched, False, [], bn, targets, carry_nodes, rows, loss)[2]
                 for t in targets:  # no gradient reached the BN's output at all: dy = 0
                     zero = torch.zeros_like(bn[t].mean)
                     s1, s2 = sums.get(t, (zero, zero))
                     bn[t].c1, bn[t].c2 = s1 / bn[t].count, s2 / bn[t].count
             self.bn_sweeps["backward"] = len(levels)
-        gx, gparams, _ = self._sweep(x, gy, carries, sched, need_gx, params, bn, [], set(self.nodes), None)
+        gx, gparams, _ = self._sweep(x, gy, carries, sched, need_gx, params, bn, [], set(self.nodes), None, loss)
         return gx, gparams
 
     def _sweep(self, x, gy, carries, sched: StripSchedule, need_gx: bool, params: List[torch.Tensor],
-               bn, targets: List[str], carry_nodes: set, count):
+               bn, targets: List[str], carry_nodes: set, count, loss: Optional[RowLoss] = None):
         """One bottom-up recompute + backward sweep.  Returns (grad_x, param grads, per target BN
-        the sums over all rows of dy and dy * xhat at its output)."""
+        the sums over all rows of dy and dy * xhat at its output).  The seed of each strip: the
+        rows of ``gy`` it finishes, or with ``loss`` its loss sum and ``gy / count``."""
+        seed = gy / loss.count if loss is not None else None
         gx = torch.zeros_like(x) if need_gx else None
         gparams: List[Optional[torch.Tensor]] = [None] * len(params)
         owned = [False] * len(params)
@@ -374,7 +439,10 @@ class RowSegment:
                 bands, _ = self._run_strip(sched, i, Band(srow.lo, xs), carried, forward=False, on_new=on_new,
                                            count=count, bn=bn, bn_io=bn_io, bn_hold=set(targets))
                 a, b = sched.out[i]
-                if b > a:
+                if b > a and loss is not None:
+                    roots.append(loss.sum(bands[self.out].rows(a, b), a, b, self.name))
+                    grads.append(seed)
+                elif b > a:
                     roots.append(bands[self.out].rows(a, b))
                     grads.append(gy[:, :, a:b])
                 # every BN with known constants is a root through its token (a scalar output of
@@ -437,14 +505,18 @@ class RowSegment:
             memory.mark(f"rows {self.name} backward strip {i}")
         return gx, gparams, sums
 
-    def plain_backward(self, x: torch.Tensor, gy: torch.Tensor, need_gx: bool, params: List[torch.Tensor]):
+    def plain_backward(self, x: torch.Tensor, gy: torch.Tensor, need_gx: bool, params: List[torch.Tensor],
+                       loss: Optional[RowLoss] = None):
         """Backward with ``create_graph=True`` (a gradient penalty, double backward): the segment's
         nodes run once more as plain whole-map autograd (the forward's parameters and state; BN
         running statistics are not touched again) and are differentiated with a graph, so the
         gradients are exact and differentiable again.  Whole maps: this backward does not keep
         the plan's memory bound.  Call it with the forward's parameters and copies of its buffers
-        bound.  Returns (grad_x, grads of ``params``)."""
+        bound.  Returns (grad_x, grads of ``params``).  ``loss``: ``gy`` is the mean loss's
+        gradient; the loss runs on the whole output map here."""
         y = self._root()._run_nodes(self._fxnodes, x, self.source, "pure")
+        if loss is not None:
+            y = loss.sum(y, 0, y.shape[2], self.name) / loss.count
         ins = ([x] if need_gx else []) + list(params)
         got = torch.autograd.grad(y, ins, gy, create_graph=True, allow_unused=True)
         return (got[0] if need_gx else None), list(got[1 if need_gx else 0:])
@@ -649,9 +721,10 @@ def amp_refusal(seg_name: str) -> str:
 
 class _RowFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, seg: RowSegment, x: torch.Tensor, *params):
+    def forward(ctx, seg: RowSegment, loss: Optional[RowLoss], x: torch.Tensor, *params):
         with no_cast_cache():  # (the strips keep no autocast weight copies for later)
-            y, carries, bn = seg.forward(x)
+            y, carries, bn = seg.forward(x, loss)
+        ctx.loss = loss
         ctx.amp = amp_state()  # the backward's strip recompute runs each op in the forward's dtype
         ctx.seg = seg
         ctx.carries = carries
@@ -670,14 +743,15 @@ class _RowFunction(torch.autograd.Function):
                                   f"(retain_graph=True) is not supported in row strips; run the forward again, "
                                   f"or plan this part as checkpoint/store")
         # frozen parameters (requires_grad False) are neither differentiated nor given a gradient
-        want = [k for k in range(len(ctx.params)) if ctx.needs_input_grad[2 + k]]
+        want = [k for k in range(len(ctx.params)) if ctx.needs_input_grad[3 + k]]
         if torch.is_grad_enabled():  # backward(create_graph=True)
             with seg.state.bound(ctx.params, [b.clone() for b in ctx.buffers]), amp_replay(ctx.amp):
-                gx, got = seg.plain_backward(x, gy, ctx.needs_input_grad[1], [ctx.params[k] for k in want])
+                gx, got = seg.plain_backward(x, gy, ctx.needs_input_grad[2], [ctx.params[k] for k in want],
+                                             ctx.loss)
         else:
             with seg.state.bound(ctx.params, ctx.buffers), amp_replay(ctx.amp):
-                gx, got = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[1],
-                                       [ctx.params[k] for k in want], ctx.bn)
+                gx, got = seg.backward(x, gy.contiguous(), ctx.carries, ctx.needs_input_grad[2],
+                                       [ctx.params[k] for k in want], ctx.bn, ctx.loss)
         # a parameter of a node no strip computes a row of (every output row reads only border
         # padding of it) gets no gradient from the strips; plain PyTorch gives it zeros, and
         # None would make an optimizer skip it (no weight decay, no momentum step)
@@ -687,21 +761,23 @@ class _RowFunction(torch.autograd.Function):
         if not torch.is_grad_enabled():
             # the strips' state is not needed again (a create_graph backward leaves it: the
             # first-order backward that usually follows runs the strips)
-            ctx.carries = ctx.params = ctx.buffers = ctx.bn = None
-        return (None, gx, *gparams)
+            ctx.carries = ctx.params = ctx.buffers = ctx.bn = ctx.loss = None
+        return (None, None, gx, *gparams)
 
 
-def run_rows(seg: RowSegment, x: torch.Tensor) -> torch.Tensor:
+def run_rows(seg: RowSegment, x: torch.Tensor, loss: Optional[RowLoss] = None) -> torch.Tensor:
     """Apply a row segment to its input map (differentiable).  Refuses (RowSegmentError) a module
     that got a hook, a parametrization or the like after the plan was applied, and a forward that
-    will be differentiated under autocast unless the plan allows it (:func:`amp_refusal`)."""
+    will be differentiated under autocast unless the plan allows it (:func:`amp_refusal`).
+    ``loss``: return the mean of this per-position loss over the segment's output instead of the
+    output (:class:`RowLoss`)."""
     for n, op in seg.ops.items():
         if op.module is not None:
             check_module(n, op.module, seg.name)
     params = seg.params
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         with torch.no_grad():
-            return seg.forward(x)[0]
+            return seg.forward(x, loss)[0]
     if not seg.allow_amp and any(enabled for _, enabled, _ in amp_state()):
         raise RowSegmentError(amp_refusal(seg.name))
-    return _RowFunction.apply(seg, x, *params)
+    return _RowFunction.apply(seg, loss, x, *params)

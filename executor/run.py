@@ -63,7 +63,7 @@ from lrcnn.executor.program import apply_plan
 from lrcnn.models.allocator import (allocator_settings, expandable_segments, LRCNN_ALLOC_CONF,
                                    prefer_expandable_segments)
 from lrcnn.models.capture import compute_dtype
-from lrcnn.models.loss import cross_entropy, is_dense, num_classes as _num_classes, synthetic_target
+from lrcnn.models.loss import cross_entropy, is_dense, num_classes as _num_classes, pixel_cross_entropy, synthetic_target
 from lrcnn.models.zoo import set_bn_mode
 from lrcnn.planner.cost import CostError, CostModel, load_profile
 from lrcnn.planner.files import atomic_write, check_output_path, write_csv_atomic
@@ -116,7 +116,8 @@ def predicted_for(plan, graph, device_kind: str = "cpu") -> Dict[str, Any]:
         return pred
     profile = "cpu" if device_kind == "cpu" else (prof if kind == "cuda" else "h100")
     try:
-        cm = CostModel(graph, optimizer=plan.training.get("optimizer", "sgd"), profile=profile)
+        cm = CostModel(graph, optimizer=plan.training.get("optimizer", "sgd"), profile=profile,
+                       loss_in_rows=bool(plan.training.get("loss_in_rows")))
         return cm.predict(plan)
     except Exception as e:  # a cost-model bug must not stop the measurement; say so, once
         print(f"planner: warning: cost model failed ({' '.join(str(e).split()) or type(e).__name__}); "
@@ -390,15 +391,17 @@ def _cycle(loader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
 CHECK_SEED = 1234
 
 
-def _grad_step(m: nn.Module, x, y, amp: Optional[str]) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
+def _grad_step(m: nn.Module, x, y, amp: Optional[str],
+               inside: bool = False) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
     """One forward+backward: the loss and every parameter's gradient (None where none was made),
-    under :data:`CHECK_SEED`."""
+    under :data:`CHECK_SEED`.  ``inside``: the loss is ``m(x, y)`` (a planned module applied with
+    ``loss=``)."""
     m.zero_grad(set_to_none=True)
     cuda = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(CHECK_SEED)
         with autocast(x.device.type, amp):
-            loss = cross_entropy(m(x), y)
+            loss = m(x, y) if inside else cross_entropy(m(x), y)
         loss.backward()
     grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
@@ -406,7 +409,7 @@ def _grad_step(m: nn.Module, x, y, amp: Optional[str]) -> Tuple[torch.Tensor, Di
 
 
 def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
-                amp: Optional[str] = None) -> Tuple[bool, str]:
+                amp: Optional[str] = None, loss_inside: bool = False) -> Tuple[bool, str]:
     """One forward+backward of the plain model and the planned one on the same input: the loss and
     every parameter gradient, compared norm-wise, each gradient against at least
     :data:`~lrcnn.executor.exactness.GRAD_FLOOR` x the whole gradient's norm (a gradient that is
@@ -420,14 +423,16 @@ def check_grads(plain: nn.Module, planned: nn.Module, x, y, dtype: str,
     float32 step, float32 for a half-precision one; made here from ``plain``'s weights).  Each
     quantity may differ from plain's by :data:`~lrcnn.executor.exactness.SPREAD_FACTOR` times that
     spread, there or plain's largest over the gradients
-    (:func:`~lrcnn.executor.exactness.within_plain_spread`), at least :data:`GRAD_TOL`."""
+    (:func:`~lrcnn.executor.exactness.within_plain_spread`), at least :data:`GRAD_TOL`.
+    ``loss_inside``: ``planned`` computes the loss itself, ``planned(x, y)`` (``apply_plan(...,
+    loss=...)``), against plain ``cross_entropy(plain(x), y)``."""
 
     compute = compute_dtype(dtype, amp)
     tol = GRAD_TOL[compute]
     exact = compute == "float64"
     ref_dtype = torch.float64 if compute == "float32" else torch.float32
     ref = None if exact else copy.deepcopy(plain).to(ref_dtype)  # (before plain's step moves BN running stats)
-    (l0, g0), (l1, g1) = _grad_step(plain, x, y, amp), _grad_step(planned, x, y, amp)
+    (l0, g0), (l1, g1) = _grad_step(plain, x, y, amp), _grad_step(planned, x, y, amp, loss_inside)
     for name, r in g0.items():
         if (r is None) != (g1.get(name) is None):
             return False, f"parameter {name!r} has a gradient in one model only"
@@ -578,7 +583,8 @@ def plan_precision(plan, amp: Optional[str] = None) -> Optional[str]:
 def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
              data: Any = "synthetic", lr: Optional[float] = None, check: bool = False,
              out: Optional[str] = None, seed: int = 0, progress: bool = True,
-             dist_info=None, amp: Optional[str] = None, model: Optional[nn.Module] = None) -> RunResult:
+             dist_info=None, amp: Optional[str] = None, model: Optional[nn.Module] = None,
+             loss_in_rows: bool = False) -> RunResult:
     """Run a plan (a path, or a :class:`lrcnn.planner.Plan`) for real and return its records (see the
     module docstring).
 
@@ -594,6 +600,11 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     loss under ``torch.autocast`` in that dtype, float16 with a ``torch.amp.GradScaler``.
     ``amp`` (``--amp``) states the precision expected: a plan solved for another one is refused,
     since its memory prediction holds only for the precision it was priced at.
+
+    ``loss_in_rows`` (``--loss-in-rows``), or a plan with ``training.loss_in_rows``: the per-pixel
+    cross-entropy of a dense model is evaluated inside the plan's last row segment
+    (``apply_plan(..., loss=pixel_cross_entropy)``: the full-resolution logits never exist), and
+    predicted so; PlanError unless the plan ends in a rows segment at the logits.
 
     ``dist_info``: this process's :class:`lrcnn.executor.distributed.DistInfo` when it is one rank of a
     distributed run (the process group already initialised, see :func:`run_command`): the planned
@@ -623,6 +634,12 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
         model, graph = build_model(plan, seed)
     else:
         graph = module_graph(model, plan)
+    if loss_in_rows and not plan.training.get("loss_in_rows"):  # (priced again: the plan's prediction is without)
+        plan = Plan.from_dict({**plan.to_dict(), "predicted": {},
+                               "training": {**plan.training, "loss_in_rows": True}})
+    inside = bool(plan.training.get("loss_in_rows"))
+    if inside:
+        plan.validate(graph)  # (refused before any data is read: the plan must end in rows at the logits)
     logits = graph.output_node.shape  # (N, C) or dense (N, C, H, W): the loss's target follows
     num_classes = _num_classes(logits)
     if not isinstance(data, str):
@@ -647,7 +664,7 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
 
     model.to(dev)
     plain = copy.deepcopy(model) if check else None
-    planned = apply_plan(model, plan, graph)
+    planned = apply_plan(model, plan, graph, loss=pixel_cross_entropy if inside else None)
     opt, opt_name, lr = make_optimizer(plan, planned.parameters(), lr)
     scaler = grad_scaler(dev.type, plan_amp)  # float16 only: loss scaling against underflow
     failures: List[str] = []
@@ -657,7 +674,7 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
         x, y = next(batches)
         x, y = x.to(dev), y.to(dev)
         saved = copy.deepcopy(planned.state_dict())  # the check must not move BN running stats
-        ok, msg = check_grads(plain, planned, x, y, plan.dtype, plan_amp)
+        ok, msg = check_grads(plain, planned, x, y, plan.dtype, plan_amp, inside)
         planned.load_state_dict(saved)
         del plain, saved
         if info.enabled and not all(D.all_gather(ok, info)):  # every rank stops, or none does
@@ -684,15 +701,15 @@ def run_plan(plan_path, steps: int = 20, warmup: int = 2, device: str = "auto",
     try:
         for _ in range(warmup):
             x, y = next(batches)
-            train_step(trained, opt, x.to(dev), y.to(dev), plan_amp, scaler)
+            train_step(trained, opt, x.to(dev), y.to(dev), plan_amp, scaler, inside)
             bar.update(1)
         for s in range(1, steps + 1):
             x, y = next(batches)
             x, y = x.to(dev), y.to(dev)
             if s == 1:
-                meas, loss, _ = measure_memory_step(trained, opt, x, y, dev, plan_amp, scaler)
+                meas, loss, _ = measure_memory_step(trained, opt, x, y, dev, plan_amp, scaler, inside)
             else:
-                meas, loss = measure_time_step(trained, opt, x, y, dev, plan_amp, scaler)
+                meas, loss = measure_time_step(trained, opt, x, y, dev, plan_amp, scaler, inside)
             rows += _rows_for_step(s, s == 1, meas, loss, plan, pred, base)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")

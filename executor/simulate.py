@@ -14,6 +14,7 @@ import torch
 from lrcnn.executor import apply_plan
 from lrcnn.executor.measure import train_step_memory
 from lrcnn.models.allocator import expandable_segments, replay
+from lrcnn.models.loss import pixel_cross_entropy
 from lrcnn.planner.cost import CostModel, CostError, load_profile
 from lrcnn.planner.plan import plan_model, Plan
 
@@ -48,7 +49,8 @@ def simulate_plan(path, profile: Optional[str] = None, optimizer: Optional[str] 
     cm = CostModel(graph, optimizer=optimizer, profile=profile)
     pred = cm.predict(plan)
     ws = int(cm.fixed_breakdown().get("workspace", 0))
-    planned = apply_plan(model, plan, graph)
+    # (a plan priced with the loss inside its last row segment is stepped so: model(x, target))
+    planned = apply_plan(model, plan, graph, loss=pixel_cross_entropy if plan.training.get("loss_in_rows") else None)
     t0 = time.perf_counter()
     rep = train_step_memory(planned, plan.input_shape, optimizer, fake=True, dtype=getattr(torch, plan.dtype),
                             amp=plan.training.get("amp"), reserved=True)

@@ -77,6 +77,14 @@ def cross_entropy(out: Any, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target)
 
 
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of every position (reduction none): ``(N, H, W)`` losses of ``(N, C, H, W)``
+    logits against class indices ``(N, H, W)``.  Its mean is :func:`cross_entropy` of dense logits;
+    ``apply_plan(model, plan, loss=pixel_cross_entropy)`` evaluates it inside the last row segment,
+    a band of rows at a time (so the full logits never exist)."""
+    return F.cross_entropy(logits, target, reduction="none")
+
+
 def synthetic_target(logits_shape: Sequence[int], generator: Optional[torch.Generator] = None,
                      device: Any = None) -> torch.Tensor:
     """Random class indices for logits of ``logits_shape`` (zeros under a fake mode or on the
@@ -95,5 +103,5 @@ def target_bytes(logits_shape: Sequence[int]) -> int:
     return 8 * n
 
 
-__all__ = ["LossError", "logits_of", "target_shape", "num_classes", "is_dense", "cross_entropy",
+__all__ = ["LossError", "logits_of", "target_shape", "num_classes", "is_dense", "cross_entropy", "pixel_cross_entropy",
            "synthetic_target", "target_bytes", "OUT_KEY"]

@@ -10,7 +10,11 @@ numbers (:meth:`CostModel.segment`) and composes them exactly as :meth:`CostMode
 * forward of segment *k*:  ``fixed + sum(keep[j] for j < k) + fwd_peak[k]``;
 * the loss (cross-entropy, per pixel for dense logits): ``fixed + sum(keep) + loss`` at the end of
   the forward (the logits are the last segment's kept output; ``loss``: what the cross-entropy
-  keeps, its log-softmax map), and its backward on top of that;
+  keeps, its log-softmax map), and its backward on top of that; with ``loss_in_rows`` (plan
+  ``training.loss_in_rows``: the last segment, in rows, evaluates the loss strip by strip) no such
+  phase: each strip's share of the loss (its logits rows, their log-softmax and per-position
+  losses, the loss's backward) is part of that strip's peaks, and the segment keeps no logits map
+  and back-propagates no logits gradient;
 * backward of segment *k*: ``fixed + sum(keep[j] for j < k) + sum(grad[j] for j > k) + bwd_peak[k]``;
 * optimizer step: ``fixed + sum(grad) + optimizer transient``.
 
@@ -394,16 +398,21 @@ class CostModel:
     :func:`lrcnn.executor.compiled.compile_plan` (``torch.compile``): a store segment's recomputed
     BN / ReLU / add nodes run inside the backward's fused pointwise kernels that read their inputs
     anyway, so their recompute costs no time (memory is still predicted for eager execution).
+    ``loss_in_rows``: price segments (:meth:`segment`, :meth:`compose`) as a plan whose last
+    segment, a rows segment ending at the logits, evaluates the per-pixel loss inside its strips
+    (plan ``training.loss_in_rows``; ``apply_plan(..., loss=...)``); :meth:`predict` of a
+    :class:`Plan` follows the plan's own ``training.loss_in_rows``.
     """
 
     def __init__(self, graph, optimizer: str = "sgd", profile: Union[str, DeviceProfile, None] = "cpu",
-                 compiled: bool = False):
+                 compiled: bool = False, loss_in_rows: bool = False):
         if optimizer not in OPTIMIZERS:
             raise CostError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         self.graph = graph
         self.optimizer = optimizer
         self.profile = load_profile(profile)
         self.compiled = bool(compiled)
+        self.loss_in_rows = bool(loss_in_rows)
         self.rg = graph.row_graph()
         self._cache: Dict[tuple, SegmentCost] = {}
         self._time_terms: Dict[tuple, tuple] = {}  # _time's per-node terms
@@ -720,10 +729,14 @@ class CostModel:
         return (STATE_COPIES[self.optimizer] + 2) * 2 * self.graph.grad_bytes / self.profile.bandwidth
 
     # -- segments ---------------------------------------------------------------------------------
-    def segment(self, seg: Segment) -> SegmentCost:
-        """Cost of one segment (cached by its fields)."""
-        key = (seg.first, seg.last, seg.mode, seg.policy, seg.strips,
-               tuple(seg.bounds or ()), tuple(sorted(seg.recompute)), tuple(sorted((seg.options or {}).items())))
+    def segment(self, seg: Segment, loss_in_rows: Optional[bool] = None) -> SegmentCost:
+        """Cost of one segment (cached by its fields).  ``loss_in_rows``: this model's setting
+        unless given (a rows segment that makes the logits then evaluates the loss in its strips)."""
+        loss_in_rows = self.loss_in_rows if loss_in_rows is None else loss_in_rows
+        # (the loss evaluated in the strips of a rows segment that makes the logits)
+        loss = bool(loss_in_rows) and seg.mode == "rows" and seg.last == self._last_model_node().name
+        key = (seg.first, seg.last, seg.mode, seg.policy, seg.strips, tuple(seg.bounds or ()),
+               tuple(sorted(seg.recompute)), tuple(sorted((seg.options or {}).items())), loss)
         hit = self._cache.get(key)
         if hit is None:
             nodes = self.graph.span(seg.first, seg.last)
@@ -733,9 +746,9 @@ class CostModel:
                 hit = self._store(nodes, set())
             elif seg.mode == "rows" and (seg.options or {}).get("bn") == "layerwise":
                 base = Segment(seg.first, seg.last, "rows", seg.policy, seg.strips, seg.bounds)
-                hit = self._layerwise(seg, nodes, self.segment(base))
+                hit = self._layerwise(seg, nodes, self.segment(base, loss))
             elif seg.mode == "rows":
-                hit = self._rows(seg, nodes)
+                hit = self._rows(seg, nodes, loss)
             elif seg.mode == "checkpoint":
                 hit = self._checkpoint(nodes)
             else:
@@ -878,7 +891,9 @@ class CostModel:
             return nodes[:j], True
         return nodes[:j + 1], False
 
-    def _rows(self, seg: Segment, nodes) -> SegmentCost:
+    def _rows(self, seg: Segment, nodes, loss: bool = False) -> SegmentCost:
+        """A row segment's cost.  ``loss``: it evaluates the per-pixel loss in its strips (it is
+        the last segment and makes the logits: :class:`lrcnn.executor.rows.RowLoss`)."""
         g = self.graph
         why = ""
         for n in nodes:
@@ -901,6 +916,9 @@ class CostModel:
         src = g[source]
         need_gx = g.index(seg.first) > 1  # (the executor's: the segment input requires grad)
         out_full = self._round(by[out].out_bytes)
+        # the output map the forward assembles and keeps, and its gradient: none with the loss inside
+        out_map = 0 if loss else out_full
+        lo_node = g.output_node
         carries_total = 0
         fwd_peak = 0
         strip_bwd = 0
@@ -941,7 +959,18 @@ class CostModel:
             sgraph, sizes = self._strip_graph(g, nodes, by, strip)
             walk = self._walk_plan(sgraph, mem, sizes=sizes)
             # forward (no grad): bands live until their last use; output rows copied into the map
-            pk, _ = self._walk_run(walk, store=False)
+            pk, fend = self._walk_run(walk, store=False)
+            # the loss inside the strip (executor.rows.RowLoss) on the output rows it finishes: a
+            # share of the captured cross-entropy's log-softmax and of its backward, and the
+            # per-position losses (one value per logits row position, in the logits' dtype)
+            oa, ob = sched.out[i]
+            lsm = lmap = lb_peak = lb_net = 0
+            if loss and ob > oa and strip[out].computed:
+                f = (ob - oa) / max(1, by[out].height)
+                lsm = self._round(lo_node.extra_saved * f)
+                lmap = self._round(by[out].out_bytes / max(1, by[out].shape[1]) * f)
+                lb_peak, lb_net = int(lo_node.bwd_peak * f), int(lo_node.bwd_net * f)
+                pk = max(pk, fend + lsm + lmap)
             carry = 0
             if seg.policy == "2ps" and i + 1 < sched.strips:
                 nxt = sched.rows[i + 1]
@@ -961,6 +990,8 @@ class CostModel:
                     roots = [n for n in below if strip[n].computed]
             # (the same tensors as the forward's; ``keep`` adds the roots to what stays live)
             rpk, rkeep = self._walk_run(walk, store=True, keep=roots)
+            # (the loss's forward after the recompute: it saves the log-softmax rows)
+            rpk, rkeep = max(rpk, rkeep + lsm + lmap), rkeep + lsm
             # training-mode BN in strips (executor.rows._BNStrip, an autograd root through a
             # scalar token): its backward holds xhat next to the input gradient (one band of the
             # rows it computes; the constant part of the rows it owns is made in place on xhat),
@@ -973,13 +1004,17 @@ class CostModel:
             # of the output gradient map: both live through the strip's whole backward, where the
             # captured profile frees the output's incoming gradient (and its output, if its own
             # op saved it) after the output node's backward
-            oa, ob = sched.out[i]
+            # (with the loss inside: the gradient of the rows is the loss backward's own tensor,
+            # which the output node's backward frees as the captured profile does)
             if ob > oa and strip[out].computed:
                 saved_self = any(self._owner.get(q, q) == self._owner[out] for q in by[out].saves)
                 rows_b = self._round(by[out].out_bytes / max(1, by[out].height) * (ob - oa))
                 leaves = dict(leaves)
-                leaves[out] = leaves.get(out, 0) + rows_b + (min(rows_b, sizes[out]) if saved_self else 0)
+                leaves[out] = (leaves.get(out, 0) + (0 if loss else rows_b)
+                               + (min(rows_b, sizes[out]) if saved_self else 0))
             bpk, bnet = self._store_backward(nodes, mem, retain=leaves, extra=bnx, partial=part_gx)
+            # the loss's backward runs first (from the strip's loss sum to its logits rows)
+            bpk, bnet = max(lb_peak, lb_net + bpk), lb_net + bnet
             # the gradient-constant sweeps before it (executor.rows.RowSegment.backward), one per
             # backward level: the same recompute, with the level's target BNs' input and output
             # rows held; the backward runs only below the targets (their dy is the result), makes
@@ -992,8 +1027,10 @@ class CostModel:
                 roots_c = [n for n in below_c if strip[n].computed]
                 held = [t for t in targets if strip[t].computed]
                 cpk, ckeep = self._walk_run(walk, store=True, keep=roots_c + held)
+                cpk, ckeep = max(cpk, ckeep + lsm + lmap), ckeep + lsm
                 cbpk, _ = self._store_backward(below_t, mem, retain=leaves_c, extra=bnx, partial=part,
                                                params=False)
+                cbpk = max(lb_peak, lb_net + cbpk)
                 const = max(const, sum(below_c.values()) + max(cpk, ckeep + cbpk))
             # the first strip through a layer finds its weights cold, later strips warm
             w = i > 0
@@ -1012,7 +1049,7 @@ class CostModel:
                 c = memo[key] = strip_costs(i, strip)
             # (forward: the rows carried into the next strip are a new band; the rows of it no
             # earlier strip kept stay for the backward)
-            fwd_peak = max(fwd_peak, out_full + carries_total + c.fwd_peak + c.carry)
+            fwd_peak = max(fwd_peak, out_map + carries_total + c.fwd_peak + c.carry)
             carries_total += kept[i]
             strip_const = max(strip_const, recon[i] + c.const_peak)
             # during the strip's backward, then while its parameter gradients are summed
@@ -1029,15 +1066,15 @@ class CostModel:
             bn_state = self._bn_state(bs)
         grads = self._grads(nodes)
         gx = self._round(src.out_bytes) if need_gx else 0
-        gy = out_full
-        keep = out_full + carries_total + bn_state
+        gy = out_map  # (with the loss inside: a scalar)
+        keep = out_map + carries_total + bn_state
         bwd_peak = carries_total + bn_state + gy + max(gx + strip_bwd, strip_const)
         return SegmentCost(keep=keep, fwd_peak=fwd_peak + bn_state, bwd_peak=bwd_peak, grad_bytes=grads,
                            fwd_s=fwd_s + p.launch_s * sched.strips,
                            bwd_s=bwd_s + bn_s + p.launch_s * sched.strips * (1 + levels),
                            detail={"strips": sched.strips, "carries": carries_total, "bn_levels": levels,
-                                   "bn_extra_s": bn_s, "bn_stat_s": stat_s, "out_full": out_full,
-                                   "bn_state": bn_state, "strip_bwd": strip_bwd})
+                                   "bn_extra_s": bn_s, "bn_stat_s": stat_s, "out_full": out_map,
+                                   "bn_state": bn_state, "strip_bwd": strip_bwd, "loss_in_rows": int(loss)})
 
     @staticmethod
     def _half_bn(n) -> int:
@@ -1162,7 +1199,8 @@ class CostModel:
         (rows,), pk = self._bn_stat_passes(seg, bs, layerwise=True)
         stat_s = sum(self._time(bs.by[n], r / max(1, bs.by[n].height)) for n, r in rows.items())
         d = dict(base.detail)
-        return SegmentCost(keep=base.keep, fwd_peak=max(base.fwd_peak, d["out_full"] + pk + d["bn_state"]),
+        # (the pass runs before the segment's first strip: the output map does not exist yet)
+        return SegmentCost(keep=base.keep, fwd_peak=max(base.fwd_peak, pk + d["bn_state"]),
                            bwd_peak=base.bwd_peak, grad_bytes=base.grad_bytes, fwd_s=base.fwd_s,
                            bwd_s=base.bwd_s - d["bn_stat_s"] + stat_s, detail={**d, "bn_stat_s": stat_s})
 
@@ -1294,9 +1332,10 @@ class CostModel:
             kept += c.keep
         out = self.graph.output_node
         loss = self.loss_bytes()
-        fwd = max(fwd, kept + loss)  # the loss's forward, on the logits kept
-        # the loss's own backward, before the model's: the logits, which no op saved, are gone
-        bwd = max(bwd, kept - self._logits_freed() + loss + out.bwd_peak)
+        if not (costs and costs[-1].detail.get("loss_in_rows")):  # (else: inside the last segment's strips)
+            fwd = max(fwd, kept + loss)  # the loss's forward, on the logits kept
+            # the loss's own backward, before the model's: the logits, which no op saved, are gone
+            bwd = max(bwd, kept - self._logits_freed() + loss + out.bwd_peak)
         phases = {"forward": fixed + fwd, "backward": fixed + bwd,
                   "optimizer": fixed + total_grad + self.optimizer_peak()}
         opt_s = self.optimizer_time()
@@ -1322,8 +1361,9 @@ class CostModel:
     def predict(self, plan: Union[Plan, Sequence[Segment]]) -> dict:
         """The ``predicted`` block of a plan: peak, phases, per-segment costs, breakdown, time."""
         segs = plan.segments if isinstance(plan, Plan) else list(plan)
+        inside = bool(plan.training.get("loss_in_rows")) if isinstance(plan, Plan) else self.loss_in_rows
         full = self.cover(segs)
-        costs = [self.segment(s) for s in full]
+        costs = [self.segment(s, inside) for s in full]
         bad = [(s, c) for s, c in zip(full, costs) if not c.supported]
         if bad:
             s, c = bad[0]

@@ -21,7 +21,11 @@ Nodes not covered by any segment run as ``store``.  ``training`` says how the st
 ``"fp16"``: captured, priced and run under ``torch.autocast`` in that dtype over float32
 parameters; absent: no autocast) and ``amp_rows`` (true: row segments may be trained under
 autocast, accepting gradients that differ from plain autocast at half-precision rounding; else
-``apply_plan`` refuses that).  Hand-written plans are made with
+``apply_plan`` refuses that) and ``loss_in_rows`` (true: a dense model's per-pixel loss is
+evaluated inside the last segment, a rows segment ending at the logits, strip by strip:
+``apply_plan(model, plan, loss=pixel_cross_entropy)`` and ``m(x, target)``; the cost model prices
+the step without the full logits, their gradient and the loss's log-softmax map).  Hand-written
+plans are made with
 :meth:`Plan.build`::
 
     plan = Plan.build(graph, [
@@ -202,6 +206,23 @@ class Plan:
             for r in s.recompute:
                 if r not in graph.by_name or not (a <= graph.index(r) <= b):
                     raise PlanError(f"{where}: recompute node {r!r} is not inside the segment")
+        if self.training.get("loss_in_rows"):
+            self._check_loss_in_rows(graph)
+
+    def _check_loss_in_rows(self, graph) -> None:
+        """``training.loss_in_rows``: the last segment is a rows segment ending at the node whose
+        output is the model's dense logits (the only tensor the output reads)."""
+        out = graph.output_node
+        logits = graph.nodes[-2].name
+        last = max(self.segments, key=lambda s: graph.index(s.last), default=None)
+        fix = "set training.loss_in_rows to false, or end the plan in a rows segment at the logits"
+        if len(out.shape) != 4 or out.inputs != [logits]:
+            raise PlanError(f"plan training.loss_in_rows: the model's output ({', '.join(out.inputs)}, shape "
+                            f"{tuple(out.shape)}) is not one dense (N, C, H, W) logits map; {fix}")
+        if last is None or last.mode != "rows" or last.last != logits:
+            what = f"segment {last.first}..{last.last} ({last.mode})" if last else "no segment"
+            raise PlanError(f"plan training.loss_in_rows: the logits {logits!r} must be made by the last segment "
+                            f"in rows mode, the plan ends with {what}; {fix}")
 
     @staticmethod
     def _check_strips(graph, s: Segment, where: str) -> None:
@@ -277,6 +298,8 @@ class Plan:
             raise PlanError(f"plan training.amp {amp!r} needs float32 parameters, the plan's dtype is {dtype}")
         if not isinstance(training.get("amp_rows", False), bool):
             raise PlanError(f"plan training.amp_rows {training['amp_rows']!r} must be true or false")
+        if not isinstance(training.get("loss_in_rows", False), bool):
+            raise PlanError(f"plan training.loss_in_rows {training['loss_in_rows']!r} must be true or false")
         ws = training.get("world_size")  # DDP processes the plan was made for; input_shape[0] is per rank
         if ws is not None and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 1):
             raise PlanError(f"plan training.world_size {ws!r} must be a positive integer (the number of "

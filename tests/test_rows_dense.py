@@ -154,15 +154,20 @@ def test_resampling_op_in_rows_exact(make, mid, policy):
 
 # -- whole encoder-decoders in one row segment, training-mode BN ------------------------------------
 
-@pytest.fixture(scope="module")
-def unet_ref():
+def unet_batch():
+    """The tiny U-Net (train-mode BN, float64) at 97x129 with a batch of 2 and its per-pixel mask."""
     torch.manual_seed(0)
     h, w = 97, 129
     model = TinyUNet((h, w)).double().train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (2, h, w), generator=g)
-    return Reference(model, x, y, steps=1)
+    return model, x, y
+
+
+@pytest.fixture(scope="module")
+def unet_ref():
+    return Reference(*unet_batch(), steps=1)
 
 
 @pytest.mark.parametrize("policy,strips,bn", [("2ps", 4, "sweeps"), ("2ps", 9, "layerwise"),

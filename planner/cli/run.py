@@ -53,6 +53,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP_DTYPES, default=None,
                    help="mixed precision to run; the plan's own (planner solve --amp) is used either way, "
                         "and a plan solved for another precision is refused (default: the plan's)")
+    p.add_argument("--loss-in-rows", action="store_true",
+                   help="a dense model whose plan ends in a rows segment at its logits: evaluate the per-pixel "
+                        "cross-entropy inside that segment's strips, so the full-resolution logits never exist "
+                        "(predicted so; the plan's training.loss_in_rows does the same)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--out", default=None, metavar="RECORDS.parquet",
                    help="write the records (.parquet, or .csv by the name's extension)")
@@ -76,7 +80,8 @@ def command(args) -> int:
     try:
         res = run_plan(args.plan, steps=args.steps, warmup=args.warmup, device=args.device, data=args.data,
                        lr=args.lr, check=args.check_grads, out=args.out, seed=args.seed,
-                       progress=not args.quiet, dist_info=info, amp=getattr(args, "amp", None))
+                       progress=not args.quiet, dist_info=info, amp=getattr(args, "amp", None),
+                       loss_in_rows=getattr(args, "loss_in_rows", False))
     finally:
         D.shutdown(info)
     if res.records is not None and info.is_main:
@@ -100,6 +105,7 @@ def launch_argv(args) -> List[str]:
     if args.out is not None:
         argv += ["--out", args.out]
     argv += ["--check-grads"] * bool(args.check_grads) + ["--quiet"] * bool(args.quiet)
+    argv += ["--loss-in-rows"] * bool(getattr(args, "loss_in_rows", False))
     if getattr(args, "amp", None):
         argv += ["--amp", args.amp]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
