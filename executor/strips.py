@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrcnn.errors import LrcnnError
-from lrcnn.models import ops as _ops
+from lrcnn.models import memory, ops as _ops
 from lrcnn.models.geometry import ResizeGeom, RowGeom, input_rows, resize_taps
 from lrcnn.models.ops import call, out_of_place_call, out_of_place_module, pair
 
@@ -61,6 +61,12 @@ class Band:
         return self.t[:, :, lo - self.start: hi - self.start]
 
 
+def _index(values: List[int], like: torch.Tensor) -> torch.Tensor:
+    """An int64 index tensor of ``values`` on ``like``'s device, fake where ``like`` is (a simulated
+    step: index_select takes no real tensor beside a fake one)."""
+    return memory.constant_like(torch.tensor(values, dtype=torch.long, device=like.device), like)
+
+
 def _pad_rows(x: torch.Tensor, top: int, bottom: int, value: float) -> torch.Tensor:
     if top == 0 and bottom == 0:
         return x
@@ -78,7 +84,7 @@ def _avgpool_row_scale(m: nn.AvgPool2d, lo: int, hi: int, in_h: int, like: torch
         factors.append(k / cnt)
     if all(f == 1.0 for f in factors):
         return None
-    return torch.tensor(factors, dtype=like.dtype, device=like.device).view(1, 1, -1, 1)
+    return memory.constant_like(torch.tensor(factors, dtype=like.dtype, device=like.device), like).view(1, 1, -1, 1)
 
 
 class StripOp:
@@ -200,12 +206,13 @@ class StripOp:
         half = x.dtype in (torch.float16, torch.bfloat16)
         variant = "f32" if x.dtype != torch.float64 else ("cuda64" if x.is_cuda else "cpu64")
         taps = [resize_taps(g, o, in_h, out_h, variant) for o in range(lo, hi)]
-        i0 = torch.tensor([t[0] - ir.lo for t in taps], device=x.device)
+        i0 = _index([t[0] - ir.lo for t in taps], x)
         y = x.index_select(2, i0)
         if g.mode == "bilinear":
-            i1 = torch.tensor([t[1] - ir.lo for t in taps], device=x.device)
+            i1 = _index([t[1] - ir.lo for t in taps], x)
             work = torch.float32 if half else x.dtype
-            l1 = torch.tensor([t[2] for t in taps], dtype=work, device=x.device).view(1, 1, -1, 1)
+            l1 = memory.constant_like(torch.tensor([t[2] for t in taps], dtype=work, device=x.device), x)
+            l1 = l1.view(1, 1, -1, 1)
             y = y.to(work) * (1 - l1) + x.index_select(2, i1).to(work) * l1
         w = self.wgeom
         if w.scale is not None:

@@ -421,6 +421,15 @@ def fake_mode(**kwargs) -> FakeTensorMode:
     return FakeTensorMode(**kwargs)
 
 
+def constant_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (a constant made from Python values) as a fake tensor of ``like``'s fake mode when
+    ``like`` is fake (some ops refuse a real tensor beside fake ones), else ``t`` itself."""
+    mode = getattr(like, "fake_mode", None)
+    if mode is None or getattr(t, "fake_mode", None) is mode:
+        return t
+    return mode.from_tensor(t)
+
+
 def fake_state(module: nn.Module, mode: Optional[FakeTensorMode] = None,
                device: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Fake copies of ``module``'s parameters and buffers, for ``torch.func.functional_call``.

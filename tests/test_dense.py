@@ -259,3 +259,20 @@ def test_check_grads_draws_the_same_dropout_masks():
     ok, msg = check_grads(m, planned, x, y, "float64")
     assert ok, msg
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_simulated_row_interpolation_is_the_real_step():
+    """A row segment through the bilinear upsampling of the logits is simulated on the meta device
+    (the interpolation's row indices and weights made fake like the map they index: a real constant
+    beside fake tensors is refused) and its simulated peak is the real step's."""
+    peaks = []
+    for device, fake in (("cpu", False), ("meta", True)):
+        torch.manual_seed(0)
+        m = get_model("tiny_fcn", device=device).train()
+        g = capture(m, (2, 3, 20, 24), torch.float32)
+        names = [n.name for n in g.nodes]
+        assert names[-2] == "interpolate"
+        plan = Plan.build(g, [Segment(names[1], names[-2], "rows", policy="overl", strips=3)])
+        pm = apply_plan(m, plan, g)
+        peaks.append(train_step_memory(pm, (2, 3, 20, 24), "sgd", fake=fake, dtype=torch.float32).absolute_peak)
+    assert abs(peaks[1] - peaks[0]) <= 0.01 * peaks[0], peaks

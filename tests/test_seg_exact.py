@@ -27,7 +27,7 @@ MODELS = ["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "
           "deeplabv3_resnet50", "deeplabv3_resnet101"]
 # the zoo's U-Net: one row segment over the whole encoder-decoder (multi-scale: rows down to the
 # bottleneck and up through every skip join; at this size its smallest plan is checkpoint only)
-WHOLE = {"unet": {"2ps": 5, "overl": 3}}
+WHOLE = {"unet": {"2ps": (5, "layerwise"), "overl": (3, "sweeps")}}  # (strips, options.bn)
 SIZE = {"unet": (80, 112)}  # (the zoo's U-Net joins its skips by concatenation: 16 must divide H and W)
 IN_CI = {("lraspp_mobilenet_v3_large", "overl")}
 CASES = [pytest.param(m, p, marks=() if (m, p) in IN_CI else pytest.mark.full)
@@ -56,7 +56,9 @@ def test_segmentation_model_in_rows_exact(name, policy):
     ref = _reference(name)
     if name in WHOLE:
         g = ref.graph
-        segments = [Segment(g.nodes[1].name, g.nodes[-2].name, "rows", policy=policy, strips=WHOLE[name][policy])]
+        strips, bn = WHOLE[name][policy]
+        segments = [Segment(g.nodes[1].name, g.nodes[-2].name, "rows", policy=policy, strips=strips,
+                            options={"bn": bn})]
     else:
         solver = Solver(ref.graph, name, policy=policy, bn="train")
         segments = [c.seg for c in solver.problem.min_peak_path()]
