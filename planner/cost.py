@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from lrcnn.errors import LrcnnError
@@ -64,7 +64,7 @@ from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
-           "CostError", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE", "ALLOCATOR_RESERVE_BYTES"]
+           "CostError", "SPLIT_SHARE", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE", "ALLOCATOR_RESERVE_BYTES"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 # A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
@@ -72,6 +72,10 @@ ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segm
 # temporaries beyond the captured BN's, in bands of its output (an element 2 bytes, float32 4):
 BN_HALF_FWD = 2   # the normalised band in float32 before it is rounded
 BN_HALF_BWD = 2   # xhat and a product (or the input gradient) in float32: 3 bands where the captured BN backward makes 1
+
+#: A unit (a run of nodes between two cut points) holding at least this share of the step's saved
+#: activation bytes is split at its bypass boundaries (:meth:`CostModel._split`)
+SPLIT_SHARE = 0.5
 
 STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimizer state: copies of the parameters
 assert tuple(STATE_COPIES) == OPTIMIZERS  # (one list of names: the plan format's)
@@ -408,6 +412,7 @@ class CostModel:
         self._cache: Dict[tuple, SegmentCost] = {}
         self._time_terms: Dict[tuple, tuple] = {}  # _time's per-node terms
         self._consumers = graph.consumers()
+        self._cuts = set(graph.cut_points())
         nodes = graph.nodes
         self._esize = max(1, nodes[0].out_bytes // max(1, math.prod(nodes[0].shape)))
         # the dtype convolutions run in: the graph's, or under autocast (graph.amp) the half one
@@ -476,19 +481,64 @@ class CostModel:
 
     # -- units ------------------------------------------------------------------------------------
     def units(self) -> List[Tuple[str, str]]:
-        """(first, last) node of every unit: the runs between consecutive cut points."""
+        """(first, last) node of every unit: the runs between consecutive cut points, where a run
+        holds at least :data:`SPLIT_SHARE` of the step's saved activation bytes split further at
+        its bypass boundaries (:meth:`_split`)."""
+        hit = self.__dict__.get("_units")
+        if hit is not None:
+            return list(hit)
         g = self.graph
-        cuts = set(g.cut_points())
-        units, start = [], None
-        for n in g.nodes[1:-1]:
+        cuts = self._cuts
+        runs, start = [], None
+        for i, n in enumerate(g.nodes[1:-1], 1):
             if start is None:
-                start = n.name
+                start = i
             if n.name in cuts:
-                units.append((start, n.name))
+                runs.append((start, i))
                 start = None
         if start is not None:
-            units.append((start, g.nodes[-2].name))
-        return units
+            runs.append((start, len(g.nodes) - 2))
+        total = sum(n.saved_bytes for n in g.nodes)
+        units = []
+        for a, b in runs:
+            units.extend(self._split(a, b, total))
+        self._units = [(g.nodes[a].name, g.nodes[b].name) for a, b in units]
+        return list(self._units)
+
+    def _split(self, a: int, b: int, total: int) -> List[Tuple[int, int]]:
+        """The unit ``a..b`` (node indices), split at its bypass boundaries where it pays.
+
+        A run of nodes between two cut points has no place where one tensor alone is live, but
+        may have places where, besides one tensor it made, only tensors made before the run are
+        live: they pass over the rest of it (LR-ASPP's stride-8 feature over the whole stride-16
+        backbone, a U-Net skip over the levels below it; equally a residual block's identity over
+        its branch).  The run is split there only when it holds at least :data:`SPLIT_SHARE` of
+        the step's saved activation bytes (no plan of whole units gets below that share of the
+        plain step's activations), and each piece again by the same rule (the levels of a U-Net);
+        units of the classification zoo hold far less (at most ~0.3) and stay whole, so their
+        solve times do not grow.  Every piece has one tensor read after it, its last node's
+        (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`'s second condition); whether a
+        range of pieces may be a checkpoint, rows or recompute segment is checked per range (a
+        piece that reads a passing tensor runs plainly, as store)."""
+        g = self.graph
+        if b <= a or total <= 0 or sum(n.saved_bytes for n in g.nodes[a:b + 1]) < SPLIT_SHARE * total:
+            return [(a, b)]
+        last_read = g.read_indices()[0]
+        pieces, start, reach = [], a, -1
+        for k in range(a, b):
+            # a boundary after k: nothing made in this run before k is read after k (what is
+            # live there besides k's output was made before the run: it passes over the rest)
+            if reach <= k:
+                pieces.append((start, k))
+                start = k + 1
+            reach = max(reach, last_read[k])
+        pieces.append((start, b))
+        if len(pieces) == 1:
+            return pieces
+        out: List[Tuple[int, int]] = []
+        for p, q in pieces:
+            out.extend(self._split(p, q, total))
+        return out
 
     # -- node-level pieces ------------------------------------------------------------------------
     def _out(self, n, f: float = 1.0) -> int:
@@ -733,15 +783,37 @@ class CostModel:
                 hit = self._store(nodes, set())
             elif seg.mode == "rows" and (seg.options or {}).get("bn") == "layerwise":
                 base = Segment(seg.first, seg.last, "rows", seg.policy, seg.strips, seg.bounds)
-                hit = self._layerwise(seg, nodes, self.segment(base))
+                hit = self._layerwise(seg, nodes, self.segment(base))  # (its passing gradients included)
+                self._cache[key] = hit
+                return hit
             elif seg.mode == "rows":
                 hit = self._rows(seg, nodes)
             elif seg.mode == "checkpoint":
                 hit = self._checkpoint(nodes)
             else:
                 hit = self._store(nodes, set(seg.recompute))
+            hit = self._passing(seg, hit)
             self._cache[key] = hit
         return hit
+
+    def passing_grad_bytes(self, first: str, last: str) -> int:
+        """Bytes of the gradients of the tensors that pass over ``first..last``
+        (:meth:`~lrcnn.models.capture.LayerGraph.passing`): a reader after the segment made each
+        in its backward, and it lives until the tensor's producer, before the segment, takes it:
+        through the segment's whole backward.  None where ``last`` is a cut point."""
+        g = self.graph
+        if last in self._cuts:
+            return 0
+        return sum(self._round(g[v].out_bytes) for v in g.passing(first, last)
+                   if g[v].needs_grad and g[v].kind != _ops.INPUT)
+
+    def _passing(self, seg: Segment, cost: SegmentCost) -> SegmentCost:
+        """``cost`` with the gradients of the tensors passing over ``seg`` on its backward peak
+        (the tensors themselves are in the keep of the segments that made them)."""
+        pg = self.passing_grad_bytes(seg.first, seg.last) if cost.supported else 0
+        if not pg:
+            return cost
+        return replace(cost, bwd_peak=cost.bwd_peak + pg, detail={**cost.detail, "passing_grad": pg})
 
     def _store(self, nodes, recompute: set) -> SegmentCost:
         extra: Dict[str, int] = {}
@@ -1312,12 +1384,38 @@ class CostModel:
         for s in sorted(segments, key=lambda s: g.index(s.first)):
             a = g.index(s.first)
             if a > pos:
-                out.append(Segment(g.nodes[pos].name, g.nodes[a - 1].name, "store"))
+                out.extend(self._gap(pos, a - 1))
             out.append(s)
             pos = g.index(s.last) + 1
         if pos < len(g.nodes) - 1:
-            out.append(Segment(g.nodes[pos].name, g.nodes[-2].name, "store"))
+            out.extend(self._gap(pos, len(g.nodes) - 2))
         return out
+
+    def _gap(self, a: int, b: int) -> List[Segment]:
+        """Store segments over nodes ``a..b`` (indices) that no plan segment covers: one, unless
+        more than one tensor it makes is read after it (a tensor passing over the plan segment
+        that follows); then pieces each of which leaves one tensor (its last node's) to the nodes
+        after it, as :meth:`_walk` prices a segment (it frees any other tensor after its last use
+        inside)."""
+        g = self.graph
+        last_read = g.read_indices()[0]
+        names = lambda p, q: Segment(g.nodes[p].name, g.nodes[q].name, "store")  # noqa: E731
+        if all(last_read[k] <= b for k in range(a, b)):
+            return [names(a, b)]
+        pieces, start = [], a
+        for k in range(a, b):
+            if all(last_read[i] <= k for i in range(start, k)):
+                pieces.append((start, k))
+                start = k + 1
+        pieces.append((start, b))
+        merged = [pieces[0]]  # as few pieces as keep the rule
+        for p, q in pieces[1:]:
+            s0 = merged[-1][0]
+            if all(last_read[i] <= q for i in range(s0, q)):
+                merged[-1] = (s0, q)
+            else:
+                merged.append((p, q))
+        return [names(p, q) for p, q in merged]
 
     def predict(self, plan: Union[Plan, Sequence[Segment]]) -> dict:
         """The ``predicted`` block of a plan: peak, phases, per-segment costs, breakdown, time."""

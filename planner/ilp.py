@@ -1,8 +1,11 @@
 """The plan search: candidate segments over the model's units and an ILP (PuLP) that picks them.
 
 Units are the cost model's runs of nodes between consecutive cut points (a residual block or a
-single layer), ``cm.units()``.  Boundary ``b`` (0..U) lies before unit ``b``.  A *candidate* is a
-unit range ``i..j`` with one configuration:
+single layer), ``cm.units()``, where a run holding most of the step's saved bytes is split at its
+bypass boundaries (tensors made before it pass over the pieces: ``CostModel._split``).  Boundary
+``b`` (0..U) lies before unit ``b``.  A *candidate* is a unit range ``i..j`` with one
+configuration; every candidate but a plain store unit is a legal segment (``Problem._legal``: one
+tensor enters, one leaves), a plain store unit that is not runs node by node:
 
 * ``store``      one unit, without recompute or (when the unit has any) dropping its cheap
                  pointwise / BN / add outputs (``Segment.recompute``); adjacent store units are
@@ -127,6 +130,7 @@ class Problem:
         self.max_row_units, self.max_ckpt_units, self.recompute = max_row_units, max_ckpt_units, recompute
         self.min_row_height, self.max_strips, self.strip_gain = min_row_height, max_strips, strip_gain
         self.unit_nodes = [graph.span(a, b) for a, b in self.units]
+        self._cuts = set(graph.cut_points())
         self.cands: List[Candidate] = []
         self.priced = 0
         self.refused: Dict[str, int] = {}
@@ -200,7 +204,7 @@ class Problem:
                 raise ValueError(f"the cost model refuses a plain store segment {first}..{last}: "
                                  f"{self.cm.segment(Segment(first, last, 'store')).why}")
             group.append(c)
-            if self.recompute:
+            if self.recompute and self._legal(i, i):
                 cheap = [n.name for n in self.unit_nodes[i][:-1] if recomputable(n)]
                 if cheap:
                     c = self._price(i, i, Segment(first, last, "store", recompute=cheap))
@@ -219,7 +223,7 @@ class Problem:
                 chain = chain and rowwise_unit[j] and span <= self.max_row_units
                 if not ckpt and not chain:
                     break
-                if not major[j + 1]:
+                if not major[j + 1] or not self._legal(i, j):
                     continue
                 last = self.units[j][1]
                 group = []
@@ -231,6 +235,17 @@ class Problem:
                     for pol in ROW_POLICIES[self.policy]:
                         group.extend(self._row_candidates(i, j, first, last, source.name, pol, rg))
                 self.cands.extend(_pareto(group))
+
+    def _legal(self, i: int, j: int) -> bool:
+        """Whether units ``i..j`` may form a segment other than plain store
+        (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`: one tensor enters, one leaves;
+        others may pass over).  A range between two cut points always may; a plain store unit
+        that may not (it reads a tensor passing over the units before it) runs node by node."""
+        first, last = self.units[i][0], self.units[j][1]
+        cuts = self._cuts
+        if last in cuts and self.graph.source_of(first).name in cuts:
+            return True
+        return self.graph.segment_refusal(first, last) is None
 
     def _row_candidates(self, i, j, first, last, source, pol, rg) -> List[Candidate]:
         """Row candidates of one range and policy: the forced strip count, or 2, 4, 8, ... while
