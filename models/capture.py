@@ -238,11 +238,11 @@ class LayerGraph:
 
         A segment reads one tensor made before it, its input (the output of the node before
         ``first``), and one tensor it makes is read after it, ``last``'s output; older values
-        (and the input itself) may pass over it, read by nodes after it.  It must not overwrite
-        (in place) or view an input that is read again after it: the executor runs such a node
-        out of place, and the reader after the segment would see the unmodified input."""
+        (and the input itself) may pass over it, read by nodes after it.  (An in-place op inside
+        it that overwrites its input cannot hide a second output: the capture names what a
+        reader after it reads by that op, a tensor the segment makes.)"""
         a, b = self._index[first], self._index[last]
-        last_read, lowest, owner = self.read_indices()
+        last_read, lowest, _ = self.read_indices()
         src = a - 1
         for i in range(a, b + 1):
             if lowest[i] < src:
@@ -258,13 +258,6 @@ class LayerGraph:
                 return (f"more than one tensor leaves the segment after {last!r} ({n.name!r} is read by "
                         f"{reader!r} too); end it at a block boundary (one of the graph's cut points) or "
                         f"where only its last node's output is read after it")
-        if src >= 0 and last_read[src] > b:
-            for i in range(a, b + 1):
-                if owner[i] == owner[src] and i != src:
-                    n = self.nodes[i]
-                    return (f"node {n.name!r} overwrites or views the segment input {self.nodes[src].name!r} in "
-                            f"place, which {self.nodes[last_read[src]].name!r} reads again after the segment; "
-                            f"start the segment after {n.name!r}")
         return None
 
     def resolve(self, ref: str, end: str = "first") -> str:

@@ -804,16 +804,58 @@ class CostModel:
         g = self.graph
         if last in self._cuts:
             return 0
-        return sum(self._round(g[v].out_bytes) for v in g.passing(first, last)
-                   if g[v].needs_grad and g[v].kind != _ops.INPUT)
+        b = g.index(last)
+        total, joins = 0, set()
+        for v in g.passing(first, last):
+            if not g[v].needs_grad or g[v].kind == _ops.INPUT:
+                continue
+            after = {r for r in self._consumers[v] if g.index(r) > b}
+            if len(after) == 1 and g[next(iter(after))].op == "cat":
+                joins |= after  # its gradient is a slice of the join's
+            else:
+                total += self._round(g[v].out_bytes)
+        # a concatenation's backward hands each input a slice of its output's gradient, which
+        # stays live whole while any slice does (the slice of ``last``, if one, is the
+        # segment's own output gradient, counted as such)
+        for r in joins:
+            total += self._round(g[r].out_bytes) - (self._round(g[last].out_bytes) if last in g[r].inputs else 0)
+        return total
+
+    def input_freed_bytes(self, seg: Segment) -> int:
+        """Bytes of a plain store segment's input that its forward frees, at a bypass boundary
+        (the segment starts or ends where a tensor passes): the input is counted in the keep of
+        the segment that made it, but no node saves it and nothing after this segment reads it,
+        so it is freed as this segment's forward ends (a U-Net's up-sampled map, read only by the
+        concatenation that joins it to its skip: ``cat`` saves no input).  Segments between two
+        cut points are priced as before (0)."""
+        g = self.graph
+        if seg.mode != "store" or seg.recompute:
+            return 0
+        a = g.index(seg.first)
+        src = g.nodes[a - 1]
+        if a < 2 or (src.name in self._cuts and seg.last in self._cuts) or src.alias:
+            return 0
+        last_read, _, owner = g.read_indices()
+        k = a - 1
+        if last_read[k] > g.index(seg.last) or any(owner[i] == k for i in range(a, len(g.nodes))):
+            return 0  # read after the segment, or its storage lives on in a view / in-place result
+        if any(self._owner.get(q, q) == src.name for n in g.nodes for q in n.saves + n.also_saves):
+            return 0  # saved for a backward
+        return self._out(src)
 
     def _passing(self, seg: Segment, cost: SegmentCost) -> SegmentCost:
         """``cost`` with the gradients of the tensors passing over ``seg`` on its backward peak
-        (the tensors themselves are in the keep of the segments that made them)."""
-        pg = self.passing_grad_bytes(seg.first, seg.last) if cost.supported else 0
-        if not pg:
+        (the tensors themselves are in the keep of the segments that made them), and less its
+        input where its forward frees it (:meth:`input_freed_bytes`: off its keep, and off its
+        backward peak, which is relative to what the segments before it keep)."""
+        if not cost.supported:
             return cost
-        return replace(cost, bwd_peak=cost.bwd_peak + pg, detail={**cost.detail, "passing_grad": pg})
+        pg = self.passing_grad_bytes(seg.first, seg.last)
+        freed = min(self.input_freed_bytes(seg), cost.keep)
+        if not pg and not freed:
+            return cost
+        return replace(cost, keep=cost.keep - freed, bwd_peak=max(0, cost.bwd_peak + pg - freed),
+                       detail={**cost.detail, "passing_grad": pg, "input_freed": freed})
 
     def _store(self, nodes, recompute: set) -> SegmentCost:
         extra: Dict[str, int] = {}

@@ -7,10 +7,10 @@ just before ``first``), and of whose tensors only ``last``'s output is read afte
 may *pass over* a segment: made before it and read after it (LR-ASPP's stride-8 feature over the
 stride-16 backbone, a U-Net skip over the levels below it, a residual block's identity over its
 branch); they stay live in the executor while the segment runs, in forward and backward, and
-their gradients (made by the later readers' backward) live through the segment's backward.  A
-segment must not overwrite or view in place an input that is read again after it.  Segments
-between two cut points (places where one tensor alone crosses) are always legal.  Each segment
-has a mode:
+their gradients (made by the later readers' backward) live through the segment's backward.
+Segments between two cut points (places where one tensor alone crosses) are always legal.  The
+planner's units split only a run that holds most of the step's saved bytes at such places
+(``planner.cost.CostModel.units``).  Each segment has a mode:
 
 * ``store``      plain autograd; optionally a ``recompute`` set of cheap nodes (activations, BN, add:
                  ``models.ops.recomputable``) whose outputs are dropped after forward and recomputed
