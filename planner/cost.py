@@ -499,11 +499,20 @@ class CostModel:
         if start is not None:
             runs.append((start, len(g.nodes) - 2))
         total = sum(n.saved_bytes for n in g.nodes)
-        units = []
-        for a, b in runs:
-            units.extend(self._split(a, b, total))
+        units, of_run = [], []
+        for r, (a, b) in enumerate(runs):
+            pieces = self._split(a, b, total)
+            units.extend(pieces)
+            of_run.extend([r] * len(pieces))
         self._units = [(g.nodes[a].name, g.nodes[b].name) for a, b in units]
+        self._unit_runs = of_run
         return list(self._units)
+
+    def unit_runs(self) -> List[int]:
+        """Per unit (:meth:`units`), the index of the run between two cut points it lies in: the
+        same for the pieces of a split run, else one run per unit."""
+        self.units()
+        return list(self._unit_runs)
 
     def _split(self, a: int, b: int, total: int) -> List[Tuple[int, int]]:
         """The unit ``a..b`` (node indices), split at its bypass boundaries where it pays.
@@ -513,15 +522,19 @@ class CostModel:
         live: they pass over the rest of it (LR-ASPP's stride-8 feature over the whole stride-16
         backbone, a U-Net skip over the levels below it; equally a residual block's identity over
         its branch).  The run is split there only when it holds at least :data:`SPLIT_SHARE` of
-        the step's saved activation bytes (no plan of whole units gets below that share of the
-        plain step's activations), and each piece again by the same rule (the levels of a U-Net);
-        units of the classification zoo hold far less (at most ~0.3) and stay whole, so their
-        solve times do not grow.  Every piece has one tensor read after it, its last node's
+        the step's saved activation bytes ``total`` (no plan of whole units gets below that share
+        of the plain step's activations), and each piece again by the same rule against the run
+        it lies in (a piece holding most of it; LR-ASPP's residual blocks hold a sixth at most and
+        the zoo U-Net's next level 0.45: they stay whole.  Finer is not always better: a
+        checkpoint spans at most ``max_ckpt_units`` units, and the U-Net's smallest plan is
+        smaller with its lower levels in one unit).  Units of the classification zoo hold far
+        less (at most ~0.3 at 224x224) and stay whole, so their solve times do not grow.  Every piece has one tensor read after it, its last node's
         (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`'s second condition); whether a
         range of pieces may be a checkpoint, rows or recompute segment is checked per range (a
         piece that reads a passing tensor runs plainly, as store)."""
         g = self.graph
-        if b <= a or total <= 0 or sum(n.saved_bytes for n in g.nodes[a:b + 1]) < SPLIT_SHARE * total:
+        saved = sum(n.saved_bytes for n in g.nodes[a:b + 1])
+        if b <= a or total <= 0 or saved < SPLIT_SHARE * total:
             return [(a, b)]
         last_read = g.read_indices()[0]
         pieces, start, reach = [], a, -1
@@ -537,7 +550,7 @@ class CostModel:
             return pieces
         out: List[Tuple[int, int]] = []
         for p, q in pieces:
-            out.extend(self._split(p, q, total))
+            out.extend(self._split(p, q, saved))
         return out
 
     # -- node-level pieces ------------------------------------------------------------------------

@@ -196,6 +196,14 @@ class Problem:
         # and row segments start and end on them (a lone ReLU gains nothing from either mode)
         major = [any(n.kind not in LIGHT_KINDS for n in nodes) for nodes in self.unit_nodes] + [True]
         major[0] = True
+        runs = self.cm.unit_runs()  # the run between cut points each unit lies in
+        run_first = [i == 0 or runs[i - 1] != runs[i] for i in range(U)]
+        run_last = [i == U - 1 or runs[i + 1] != runs[i] for i in range(U)]
+        run_major: Dict[int, bool] = {}
+        for i in range(U):
+            run_major[runs[i]] = run_major.get(runs[i], False) or major[i]
+        run_major_at = [run_major[runs[i]] for i in range(U)] + [True]
+        run_major_at[0] = True
         for i in range(U):
             first, last = self.units[i]
             group: List[Candidate] = []
@@ -213,17 +221,32 @@ class Problem:
             # the plain store stays even where the recompute beats it (compiled pricing: the
             # recompute is free): it is the no-plan path (store_path) and the baseline
             self.cands.extend([group[0]] + [c for c in _pareto(group) if c is not group[0]])
-            if not major[i]:
+            # ranges counted in units (pieces), and ranges of whole runs counted in runs: a run
+            # split at bypass boundaries still forms every range it formed whole (a row segment
+            # over a whole U-Net), besides the ranges of its pieces
+            by_piece, by_run = major[i], run_first[i] and run_major_at[i]
+            if not by_piece and not by_run:
                 continue
             source = g.source_of(first)
-            span, chain = 0, ("rows" in modes and source.is_map and source.height >= self.min_row_height)
+            rows_ok = "rows" in modes and source.is_map and source.height >= self.min_row_height
+            span = rspan = 0
+            chain_p, chain_r = rows_ok and by_piece, rows_ok and by_run
             for j in range(i, U):
                 span += major[j]
-                ckpt = "checkpoint" in modes and span <= self.max_ckpt_units
-                chain = chain and rowwise_unit[j] and span <= self.max_row_units
-                if not ckpt and not chain:
+                rspan += run_first[j] and run_major[runs[j]]
+                ckpt_p = by_piece and span <= self.max_ckpt_units
+                ckpt_r = by_run and rspan <= self.max_ckpt_units
+                chain_p = chain_p and rowwise_unit[j] and span <= self.max_row_units
+                chain_r = chain_r and rowwise_unit[j] and rspan <= self.max_row_units
+                if "checkpoint" not in modes:
+                    ckpt_p = ckpt_r = False
+                if not (ckpt_p or ckpt_r or chain_p or chain_r):
                     break
-                if not major[j + 1] or not self._legal(i, j):
+                end_p = major[j + 1]
+                end_r = run_last[j] and run_major_at[j + 1]
+                ckpt = (ckpt_p and end_p) or (ckpt_r and end_r)
+                chain = (chain_p and end_p) or (chain_r and end_r)
+                if not (ckpt or chain) or not self._legal(i, j):
                     continue
                 last = self.units[j][1]
                 group = []
