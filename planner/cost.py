@@ -18,6 +18,13 @@ numbers (:meth:`CostModel.segment`) and composes them exactly as :meth:`CostMode
 its output, 2PS boundary rows), ``fwd_peak``/``bwd_peak`` its peaks above that baseline, ``grad``
 its parameter-gradient bytes (live from its backward until the optimizer step).
 
+Tensors that pass over a segment (made before it, read after it: ``LayerGraph.passing``, see
+:mod:`lrcnn.planner.plan`) are counted once, in the keep of the segment that made them (its
+output); their gradients, made by a later reader's backward, are on the segment's ``bwd_peak``
+(:meth:`CostModel.passing_grad_bytes`: a concatenation's whole output gradient while a slice of it
+waits).  A plain store segment at a bypass boundary whose input nothing saves or reads later frees
+it in its forward: off its ``keep`` and ``bwd_peak`` (:meth:`CostModel.input_freed_bytes`).
+
 How each mode is modelled (mirrors :mod:`executor`):
 
 * ``store``: the capture's own per-node profile of a plain step (what each node saves, its
@@ -852,7 +859,10 @@ class CostModel:
         k = a - 1
         if last_read[k] > g.index(seg.last) or any(owner[i] == k for i in range(a, len(g.nodes))):
             return 0  # read after the segment, or its storage lives on in a view / in-place result
-        if any(self._owner.get(q, q) == src.name for n in g.nodes for q in n.saves + n.also_saves):
+        saved = self.__dict__.get("_saved_owners")
+        if saved is None:
+            saved = self._saved_owners = {self._owner.get(q, q) for n in g.nodes for q in n.saves + n.also_saves}
+        if src.name in saved:
             return 0  # saved for a backward
         return self._out(src)
 

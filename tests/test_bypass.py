@@ -179,3 +179,43 @@ def test_bypass_segments_priced_as_measured(kind):
         got = rep.absolute_phase_peaks()
         for ph in ("forward", "backward", "optimizer"):
             assert got[ph] <= pred["phases"][ph] <= 1.035 * got[ph], (kind, fake, ph, pred["phases"][ph], got[ph])
+
+
+# ------------------------------------------------------------------------------------------------
+# units and the plan search
+
+def test_planner_forms_only_legal_segments():
+    """The hand-written long skip: its run from the stem to the join holds most of the saved bytes
+    and is split where only the stem passes; the join, which reads the stem again, is a unit no
+    segment but a plain store one covers (and the planned step leaves it out).  Every candidate
+    the ILP prices is a legal segment, and the plans it solves run exactly."""
+    from lrcnn.planner.ilp import Problem
+    from lrcnn.planner.solve import Solver
+
+    torch.manual_seed(0)
+    m = set_bn_mode(LongSkip().double(), "train")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 16, 16), generator=gen)
+    ref = Reference(m, x, y)
+    g = ref.graph
+    cm = CostModel(g)
+    units = cm.units()
+    assert len(units) > len(g.cut_points()) and ("cat", "cat") in units
+    assert g.segment_refusal("cat", "cat") is not None  # (it reads the stem)
+    p = Problem(cm, g, policy="auto")
+    plain = [c for c in p.cands if c.seg.mode == "store" and not c.seg.recompute]
+    assert any(g.segment_refusal(c.seg.first, c.seg.last) for c in plain)
+    others = [c for c in p.cands if c not in plain]
+    assert any(c.seg.first == "down" and c.seg.last != "cat" for c in others)  # bypass segments priced
+    assert all(g.segment_refusal(c.seg.first, c.seg.last) is None for c in others)
+    s = Solver(g, policy="checkpoint", device_profile="cpu")
+    lo, hi = s.smallest_budget(), s.baseline()["peak"]
+    bypass = 0
+    for k in (4, 5):  # budgets where the middle is checkpointed with the stem passing over it
+        plan = s.solve(lo + (hi - lo) * k // 8)
+        assert all(seg.first != "cat" for seg in plan.segments)
+        bypass += sum(seg.mode == "checkpoint" and g.passing(seg.first, seg.last) == ["stem"]
+                      for seg in plan.segments)
+        ref.check(plan.segments)
+    assert bypass
