@@ -535,7 +535,9 @@ class CostModel:
         the zoo U-Net's next level 0.45: they stay whole.  Finer is not always better: a
         checkpoint spans at most ``max_ckpt_units`` units, and the U-Net's smallest plan is
         smaller with its lower levels in one unit).  Units of the classification zoo hold far
-        less (at most ~0.3 at 224x224) and stay whole, so their solve times do not grow.  Every piece has one tensor read after it, its last node's
+        less (at most ~0.3 at 224x224) and stay whole, so their solve times do not grow.
+
+        Every piece has one tensor read after it, its last node's
         (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`'s second condition); whether a
         range of pieces may be a checkpoint, rows or recompute segment is checked per range (a
         piece that reads a passing tensor runs plainly, as store)."""
@@ -820,7 +822,7 @@ class CostModel:
         """Bytes of the gradients of the tensors that pass over ``first..last``
         (:meth:`~lrcnn.models.capture.LayerGraph.passing`): a reader after the segment made each
         in its backward, and it lives until the tensor's producer, before the segment, takes it:
-        through the segment's whole backward.  None where ``last`` is a cut point."""
+        through the segment's whole backward.  0 where ``last`` is a cut point."""
         g = self.graph
         if last in self._cuts:
             return 0
@@ -1464,23 +1466,25 @@ class CostModel:
         inside)."""
         g = self.graph
         last_read = g.read_indices()[0]
-        names = lambda p, q: Segment(g.nodes[p].name, g.nodes[q].name, "store")  # noqa: E731
-        if all(last_read[k] <= b for k in range(a, b)):
-            return [names(a, b)]
-        pieces, start = [], a
+        if max(last_read[a:b], default=-1) <= b:
+            return [Segment(g.nodes[a].name, g.nodes[b].name, "store")]
+        pieces, start, reach = [], a, -1  # (reach: the last read of what this piece made so far)
         for k in range(a, b):
-            if all(last_read[i] <= k for i in range(start, k)):
-                pieces.append((start, k))
-                start = k + 1
-        pieces.append((start, b))
-        merged = [pieces[0]]  # as few pieces as keep the rule
-        for p, q in pieces[1:]:
-            s0 = merged[-1][0]
-            if all(last_read[i] <= q for i in range(s0, q)):
-                merged[-1] = (s0, q)
+            if reach <= k:  # the piece start..k leaves k's output only
+                pieces.append([start, k, reach])
+                start, reach = k + 1, -1
             else:
-                merged.append((p, q))
-        return [names(p, q) for p, q in merged]
+                reach = max(reach, last_read[k])
+        pieces.append([start, b, reach])
+        merged = [pieces[0]]  # as few pieces as keep the rule
+        for p, q, r in pieces[1:]:
+            prev = merged[-1]
+            # merged with the piece before, what that piece made must not be read after q
+            if max(prev[2], last_read[prev[1]]) <= q:
+                merged[-1] = [prev[0], q, max(prev[2], last_read[prev[1]], r)]
+            else:
+                merged.append([p, q, r])
+        return [Segment(g.nodes[p].name, g.nodes[q].name, "store") for p, q, _ in merged]
 
     def predict(self, plan: Union[Plan, Sequence[Segment]]) -> dict:
         """The ``predicted`` block of a plan: peak, phases, per-segment costs, breakdown, time."""
