@@ -22,8 +22,10 @@ Tensors that pass over a segment (made before it, read after it: ``LayerGraph.pa
 :mod:`lrcnn.planner.plan`) are counted once, in the keep of the segment that made them (its
 output); their gradients, made by a later reader's backward, are on the segment's ``bwd_peak``
 (:meth:`CostModel.passing_grad_bytes`: a concatenation's whole output gradient while a slice of it
-waits).  A plain store segment at a bypass boundary whose input nothing saves or reads later frees
-it in its forward: off its ``keep`` and ``bwd_peak`` (:meth:`CostModel.input_freed_bytes`).
+waits).  At a bypass boundary, a plain store segment whose input nothing saves or reads later
+frees it in its forward: off its ``keep`` and ``bwd_peak`` (:meth:`CostModel.input_freed_bytes`);
+a store segment's output that nothing saves is gone by its backward: off its ``bwd_peak``
+(:meth:`CostModel.output_dead_bytes`).
 
 How each mode is modelled (mirrors :mod:`executor`):
 
@@ -861,26 +863,50 @@ class CostModel:
         k = a - 1
         if last_read[k] > g.index(seg.last) or any(owner[i] == k for i in range(a, len(g.nodes))):
             return 0  # read after the segment, or its storage lives on in a view / in-place result
-        saved = self.__dict__.get("_saved_owners")
-        if saved is None:
-            saved = self._saved_owners = {self._owner.get(q, q) for n in g.nodes for q in n.saves + n.also_saves}
-        if src.name in saved:
+        if self._is_saved(src.name):
             return 0  # saved for a backward
         return self._out(src)
 
+    def _is_saved(self, name: str) -> bool:
+        """Whether any node's autograd keeps the storage of ``name``'s output for the backward."""
+        saved = self.__dict__.get("_saved_owners")
+        if saved is None:
+            g = self.graph
+            saved = self._saved_owners = {self._owner.get(q, q) for n in g.nodes for q in n.saves + n.also_saves}
+        return self._owner.get(name, name) in saved
+
+    def output_dead_bytes(self, seg: Segment) -> int:
+        """Bytes of a store segment's output that its backward does not find live, at a bypass
+        boundary: no node saves it, so it was freed in the forward after its last reader (a
+        U-Net's up-sampled map, read only by the concatenation that joins it to its skip), but
+        the segment's keep, which its backward peak starts from, holds it.  0 elsewhere."""
+        g = self.graph
+        if seg.mode != "store":
+            return 0
+        a, b = g.index(seg.first), g.index(seg.last)
+        last = g.nodes[b]
+        if (g.nodes[a - 1].name in self._cuts and last.name in self._cuts) or last.alias or b >= len(g.nodes) - 2:
+            return 0
+        owner = g.read_indices()[2]
+        if any(owner[i] == b for i in range(b + 1, len(g.nodes))) or self._is_saved(last.name):
+            return 0
+        return self._out(last)
+
     def _passing(self, seg: Segment, cost: SegmentCost) -> SegmentCost:
         """``cost`` with the gradients of the tensors passing over ``seg`` on its backward peak
-        (the tensors themselves are in the keep of the segments that made them), and less its
-        input where its forward frees it (:meth:`input_freed_bytes`: off its keep, and off its
-        backward peak, which is relative to what the segments before it keep)."""
+        (the tensors themselves are in the keep of the segments that made them), less its input
+        where its forward frees it (:meth:`input_freed_bytes`: off its keep, and off its backward
+        peak, which is relative to what the segments before it keep), and less its output where
+        its backward does not find it (:meth:`output_dead_bytes`, off its backward peak)."""
         if not cost.supported:
             return cost
         pg = self.passing_grad_bytes(seg.first, seg.last)
         freed = min(self.input_freed_bytes(seg), cost.keep)
-        if not pg and not freed:
+        dead = self.output_dead_bytes(seg)
+        if not pg and not freed and not dead:
             return cost
-        return replace(cost, keep=cost.keep - freed, bwd_peak=max(0, cost.bwd_peak + pg - freed),
-                       detail={**cost.detail, "passing_grad": pg, "input_freed": freed})
+        return replace(cost, keep=cost.keep - freed, bwd_peak=max(0, cost.bwd_peak + pg - freed - dead),
+                       detail={**cost.detail, "passing_grad": pg, "input_freed": freed, "output_dead": dead})
 
     def _store(self, nodes, recompute: set) -> SegmentCost:
         extra: Dict[str, int] = {}

@@ -108,8 +108,9 @@ def test_segments_reading_or_leaving_two_tensors_refused(unet_ref):
     # checkpoint with a tensor passing over it, with its input passing too, two in a row
     [("down_0_1_0", "down_0_1_5", "checkpoint"), ("down_1_0", "up_0", "checkpoint"),
      ("dec_0_0", "up_1", "checkpoint")],
-    # store with recompute sets, around a checkpoint whose input passes over it
-    [("down_0_1_0", "down_0_1_5", "store+"), ("down_1_0", "dec_0_5", "checkpoint"), ("up_1", "up_1", "store")],
+    # store with recompute sets under the skip, one whose input passes over it too, a store unit
+    [("down_0_1_0", "down_0_1_5", "store+"), ("down_1_0", "up_0", "store+"), ("dec_0_0", "up_1", "checkpoint"),
+     ("dec_1_0", "dec_1_5", "store")],
     # rows (2PS, OverL) under a passing skip, and with their input passing
     [("down_0_1_0", "down_0_1_5", "2ps"), ("down_1_0", "up_0", "overl"), ("dec_0_0", "up_1", "2ps")],
 ], ids=["checkpoint", "store", "rows"])
@@ -149,9 +150,11 @@ BYPASS_PLANS = {
     # three checkpoints under the top skip, the middle one's input passing over it to the join
     "checkpoint": [Segment("down_0_1_0", "down_0_1_5", "checkpoint"), Segment("down_1_0", "up_0", "checkpoint"),
                    Segment("dec_0_0", "up_1", "checkpoint")],
-    # a store segment with a recompute set under the skip, a checkpoint over the level-1 join
+    # store segments with recompute sets under the skip (the second one's input passing over it
+    # to the join), a checkpoint after the join
     "store": [Segment("down_0_1_0", "down_0_1_5", "store", recompute=["down_0_1_1", "down_0_1_4"]),
-              Segment("down_1_0", "dec_0_5", "checkpoint")],
+              Segment("down_1_0", "up_0", "store", recompute=["down_1_1_1", "down_1_1_2"]),
+              Segment("dec_0_0", "up_1", "checkpoint")],
 }
 
 
