@@ -203,6 +203,63 @@ class LayerGraph:
                 cuts.append(n.name)
         return cuts
 
+    def read_indices(self) -> Tuple[List[int], List[int], List[int]]:
+        """Per node (by index): the index of the last node that reads its output (-1: none), the
+        lowest index of a node it reads (its own index when it reads none), and the node whose
+        storage its output lives in (itself, or for an in-place op or view its input's owner).
+        Computed once per graph (its nodes are not changed after capture)."""
+        hit = self.__dict__.get("_reads_cache")
+        if hit is not None and len(hit[0]) == len(self.nodes):
+            return hit
+        idx = self._index
+        last_read = [-1] * len(self.nodes)
+        lowest = list(range(len(self.nodes)))
+        owner = list(range(len(self.nodes)))
+        for i, n in enumerate(self.nodes):
+            for u in n.inputs:
+                k = idx[u]
+                last_read[k] = i
+                lowest[i] = min(lowest[i], k)
+            if n.alias and n.inputs:
+                owner[i] = owner[idx[n.inputs[0]]]
+        hit = (last_read, lowest, owner)
+        self.__dict__["_reads_cache"] = hit
+        return hit
+
+    def passing(self, first: str, last: str) -> List[str]:
+        """Values that pass over the segment ``first..last``: made before it (the segment input
+        included) and read after it.  They stay live while it runs, in forward and backward."""
+        a, b = self._index[first], self._index[last]
+        last_read = self.read_indices()[0]
+        return [self.nodes[k].name for k in range(a) if last_read[k] > b]
+
+    def segment_refusal(self, first: str, last: str) -> Optional[str]:
+        """Why ``first..last`` cannot be a plan segment (None: it can).
+
+        A segment reads one tensor made before it, its input (the output of the node before
+        ``first``), and one tensor it makes is read after it, ``last``'s output; older values
+        (and the input itself) may pass over it, read by nodes after it.  (An in-place op inside
+        it that overwrites its input cannot hide a second output: the capture names what a
+        reader after it reads by that op, a tensor the segment makes.)"""
+        a, b = self._index[first], self._index[last]
+        last_read, lowest, _ = self.read_indices()
+        src = a - 1
+        for i in range(a, b + 1):
+            if lowest[i] < src:
+                n = self.nodes[i]
+                u = next(v for v in n.inputs if self._index[v] < src)
+                return (f"more than one tensor enters the segment before {first!r} ({n.name!r} reads {u!r} "
+                        f"besides the segment input {self.nodes[src].name!r}); start it at a block boundary "
+                        f"(one of the graph's cut points) or where it reads nothing made before its input")
+        for i in range(a, b):
+            if last_read[i] > b:
+                n = self.nodes[i]
+                reader = self.nodes[last_read[i]].name
+                return (f"more than one tensor leaves the segment after {last!r} ({n.name!r} is read by "
+                        f"{reader!r} too); end it at a block boundary (one of the graph's cut points) or "
+                        f"where only its last node's output is read after it")
+        return None
+
     def resolve(self, ref: str, end: str = "first") -> str:
         """Node name for a node name or a module path (first/last node inside that module)."""
         if ref in self.by_name:

@@ -22,6 +22,15 @@ numbers (:meth:`CostModel.segment`) and composes them exactly as :meth:`CostMode
 its output, 2PS boundary rows), ``fwd_peak``/``bwd_peak`` its peaks above that baseline, ``grad``
 its parameter-gradient bytes (live from its backward until the optimizer step).
 
+Tensors that pass over a segment (made before it, read after it: ``LayerGraph.passing``, see
+:mod:`lrcnn.planner.plan`) are counted once, in the keep of the segment that made them (its
+output); their gradients, made by a later reader's backward, are on the segment's ``bwd_peak``
+(:meth:`CostModel.passing_grad_bytes`: a concatenation's whole output gradient while a slice of it
+waits).  At a bypass boundary, a plain store segment whose input nothing saves or reads later
+frees it in its forward: off its ``keep`` and ``bwd_peak`` (:meth:`CostModel.input_freed_bytes`);
+a store segment's output that nothing saves is gone by its backward: off its ``bwd_peak``
+(:meth:`CostModel.output_dead_bytes`).
+
 How each mode is modelled (mirrors :mod:`executor`):
 
 * ``store``: the capture's own per-node profile of a plain step (what each node saves, its
@@ -55,7 +64,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from lrcnn.errors import LrcnnError
@@ -68,7 +77,7 @@ from lrcnn.planner.files import check_input_file
 from lrcnn.planner.plan import OPTIMIZERS, Plan, PlanError, Segment
 
 __all__ = ["DeviceProfile", "PROFILES", "load_profile", "SegmentCost", "BNRowCost", "CostModel", "STATE_COPIES",
-           "CostError", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE", "ALLOCATOR_RESERVE_BYTES"]
+           "CostError", "SPLIT_SHARE", "CUDA_CONTEXT_BYTES", "ALLOCATOR_RESERVE", "ALLOCATOR_RESERVE_BYTES"]
 
 ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segments (exactly)
 # A training-mode BN on a half-precision (autocast) map in row strips works in float32, as
@@ -76,6 +85,10 @@ ROWS_BATCH_STATS = True  # the executor runs batch-statistics BN inside row segm
 # temporaries beyond the captured BN's, in bands of its output (an element 2 bytes, float32 4):
 BN_HALF_FWD = 2   # the normalised band in float32 before it is rounded
 BN_HALF_BWD = 2   # xhat and a product (or the input gradient) in float32: 3 bands where the captured BN backward makes 1
+
+#: A unit (a run of nodes between two cut points) holding at least this share of the step's saved
+#: activation bytes is split at its bypass boundaries (:meth:`CostModel._split`)
+SPLIT_SHARE = 0.5
 
 STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimizer state: copies of the parameters
 assert tuple(STATE_COPIES) == OPTIMIZERS  # (one list of names: the plan format's)
@@ -417,6 +430,7 @@ class CostModel:
         self._cache: Dict[tuple, SegmentCost] = {}
         self._time_terms: Dict[tuple, tuple] = {}  # _time's per-node terms
         self._consumers = graph.consumers()
+        self._cuts = set(graph.cut_points())
         nodes = graph.nodes
         self._esize = max(1, nodes[0].out_bytes // max(1, math.prod(nodes[0].shape)))
         # the dtype convolutions run in: the graph's, or under autocast (graph.amp) the half one
@@ -485,19 +499,79 @@ class CostModel:
 
     # -- units ------------------------------------------------------------------------------------
     def units(self) -> List[Tuple[str, str]]:
-        """(first, last) node of every unit: the runs between consecutive cut points."""
+        """(first, last) node of every unit: the runs between consecutive cut points, where a run
+        holds at least :data:`SPLIT_SHARE` of the step's saved activation bytes split further at
+        its bypass boundaries (:meth:`_split`)."""
+        hit = self.__dict__.get("_units")
+        if hit is not None:
+            return list(hit)
         g = self.graph
-        cuts = set(g.cut_points())
-        units, start = [], None
-        for n in g.nodes[1:-1]:
+        cuts = self._cuts
+        runs, start = [], None
+        for i, n in enumerate(g.nodes[1:-1], 1):
             if start is None:
-                start = n.name
+                start = i
             if n.name in cuts:
-                units.append((start, n.name))
+                runs.append((start, i))
                 start = None
         if start is not None:
-            units.append((start, g.nodes[-2].name))
-        return units
+            runs.append((start, len(g.nodes) - 2))
+        total = sum(n.saved_bytes for n in g.nodes)
+        units, of_run = [], []
+        for r, (a, b) in enumerate(runs):
+            pieces = self._split(a, b, total)
+            units.extend(pieces)
+            of_run.extend([r] * len(pieces))
+        self._units = [(g.nodes[a].name, g.nodes[b].name) for a, b in units]
+        self._unit_runs = of_run
+        return list(self._units)
+
+    def unit_runs(self) -> List[int]:
+        """Per unit (:meth:`units`), the index of the run between two cut points it lies in: the
+        same for the pieces of a split run, else one run per unit."""
+        self.units()
+        return list(self._unit_runs)
+
+    def _split(self, a: int, b: int, total: int) -> List[Tuple[int, int]]:
+        """The unit ``a..b`` (node indices), split at its bypass boundaries where it pays.
+
+        A run of nodes between two cut points has no place where one tensor alone is live, but
+        may have places where, besides one tensor it made, only tensors made before the run are
+        live: they pass over the rest of it (LR-ASPP's stride-8 feature over the whole stride-16
+        backbone, a U-Net skip over the levels below it; equally a residual block's identity over
+        its branch).  The run is split there only when it holds at least :data:`SPLIT_SHARE` of
+        the step's saved activation bytes ``total`` (no plan of whole units gets below that share
+        of the plain step's activations), and each piece again by the same rule against the run
+        it lies in (a piece holding most of it; LR-ASPP's residual blocks hold a sixth at most and
+        the zoo U-Net's next level 0.45: they stay whole.  Finer is not always better: a
+        checkpoint spans at most ``max_ckpt_units`` units, and the U-Net's smallest plan is
+        smaller with its lower levels in one unit).  Units of the classification zoo hold far
+        less (at most ~0.3 at 224x224) and stay whole, so their solve times do not grow.
+
+        Every piece has one tensor read after it, its last node's
+        (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`'s second condition); whether a
+        range of pieces may be a checkpoint, rows or recompute segment is checked per range (a
+        piece that reads a passing tensor runs plainly, as store)."""
+        g = self.graph
+        saved = sum(n.saved_bytes for n in g.nodes[a:b + 1])
+        if b <= a or total <= 0 or saved < SPLIT_SHARE * total:
+            return [(a, b)]
+        last_read = g.read_indices()[0]
+        pieces, start, reach = [], a, -1
+        for k in range(a, b):
+            # a boundary after k: nothing made in this run before k is read after k (what is
+            # live there besides k's output was made before the run: it passes over the rest)
+            if reach <= k:
+                pieces.append((start, k))
+                start = k + 1
+            reach = max(reach, last_read[k])
+        pieces.append((start, b))
+        if len(pieces) == 1:
+            return pieces
+        out: List[Tuple[int, int]] = []
+        for p, q in pieces:
+            out.extend(self._split(p, q, saved))
+        return out
 
     # -- node-level pieces ------------------------------------------------------------------------
     def _out(self, n, f: float = 1.0) -> int:
@@ -746,15 +820,106 @@ class CostModel:
                 hit = self._store(nodes, set())
             elif seg.mode == "rows" and (seg.options or {}).get("bn") == "layerwise":
                 base = Segment(seg.first, seg.last, "rows", seg.policy, seg.strips, seg.bounds)
-                hit = self._layerwise(seg, nodes, self.segment(base, loss))
+                hit = self._layerwise(seg, nodes, self.segment(base, loss))  # (its passing gradients included)
+                self._cache[key] = hit
+                return hit
             elif seg.mode == "rows":
                 hit = self._rows(seg, nodes, loss)
             elif seg.mode == "checkpoint":
                 hit = self._checkpoint(nodes)
             else:
                 hit = self._store(nodes, set(seg.recompute))
+            hit = self._passing(seg, hit)
             self._cache[key] = hit
         return hit
+
+    def passing_grad_bytes(self, first: str, last: str) -> int:
+        """Bytes of the gradients of the tensors that pass over ``first..last``
+        (:meth:`~lrcnn.models.capture.LayerGraph.passing`): a reader after the segment made each
+        in its backward, and it lives until the tensor's producer, before the segment, takes it:
+        through the segment's whole backward.  0 where ``last`` is a cut point."""
+        g = self.graph
+        if last in self._cuts:
+            return 0
+        b = g.index(last)
+        total, joins = 0, set()
+        for v in g.passing(first, last):
+            if not g[v].needs_grad or g[v].kind == _ops.INPUT:
+                continue
+            after = {r for r in self._consumers[v] if g.index(r) > b}
+            if len(after) == 1 and g[next(iter(after))].op == "cat":
+                joins |= after  # its gradient is a slice of the join's
+            else:
+                total += self._round(g[v].out_bytes)
+        # a concatenation's backward hands each input a slice of its output's gradient, which
+        # stays live whole while any slice does (the slice of ``last``, if one, is the
+        # segment's own output gradient, counted as such)
+        for r in joins:
+            total += self._round(g[r].out_bytes) - (self._round(g[last].out_bytes) if last in g[r].inputs else 0)
+        return total
+
+    def input_freed_bytes(self, seg: Segment) -> int:
+        """Bytes of a plain store segment's input that its forward frees, at a bypass boundary
+        (the segment starts or ends where a tensor passes): the input is counted in the keep of
+        the segment that made it, but no node saves it and nothing after this segment reads it,
+        so it is freed as this segment's forward ends (a U-Net's up-sampled map, read only by the
+        concatenation that joins it to its skip: ``cat`` saves no input).  Segments between two
+        cut points are priced as before (0)."""
+        g = self.graph
+        if seg.mode != "store" or seg.recompute:
+            return 0
+        a = g.index(seg.first)
+        src = g.nodes[a - 1]
+        if a < 2 or (src.name in self._cuts and seg.last in self._cuts) or src.alias:
+            return 0
+        last_read, _, owner = g.read_indices()
+        k = a - 1
+        if last_read[k] > g.index(seg.last) or any(owner[i] == k for i in range(a, len(g.nodes))):
+            return 0  # read after the segment, or its storage lives on in a view / in-place result
+        if self._is_saved(src.name):
+            return 0  # saved for a backward
+        return self._out(src)
+
+    def _is_saved(self, name: str) -> bool:
+        """Whether any node's autograd keeps the storage of ``name``'s output for the backward."""
+        saved = self.__dict__.get("_saved_owners")
+        if saved is None:
+            g = self.graph
+            saved = self._saved_owners = {self._owner.get(q, q) for n in g.nodes for q in n.saves + n.also_saves}
+        return self._owner.get(name, name) in saved
+
+    def output_dead_bytes(self, seg: Segment) -> int:
+        """Bytes of a store segment's output that its backward does not find live, at a bypass
+        boundary: no node saves it, so it was freed in the forward after its last reader (a
+        U-Net's up-sampled map, read only by the concatenation that joins it to its skip), but
+        the segment's keep, which its backward peak starts from, holds it.  0 elsewhere."""
+        g = self.graph
+        if seg.mode != "store":
+            return 0
+        a, b = g.index(seg.first), g.index(seg.last)
+        last = g.nodes[b]
+        if (g.nodes[a - 1].name in self._cuts and last.name in self._cuts) or last.alias or b >= len(g.nodes) - 2:
+            return 0
+        owner = g.read_indices()[2]
+        if any(owner[i] == b for i in range(b + 1, len(g.nodes))) or self._is_saved(last.name):
+            return 0
+        return self._out(last)
+
+    def _passing(self, seg: Segment, cost: SegmentCost) -> SegmentCost:
+        """``cost`` with the gradients of the tensors passing over ``seg`` on its backward peak
+        (the tensors themselves are in the keep of the segments that made them), less its input
+        where its forward frees it (:meth:`input_freed_bytes`: off its keep, and off its backward
+        peak, which is relative to what the segments before it keep), and less its output where
+        its backward does not find it (:meth:`output_dead_bytes`, off its backward peak)."""
+        if not cost.supported:
+            return cost
+        pg = self.passing_grad_bytes(seg.first, seg.last)
+        freed = min(self.input_freed_bytes(seg), cost.keep)
+        dead = self.output_dead_bytes(seg)
+        if not pg and not freed and not dead:
+            return cost
+        return replace(cost, keep=cost.keep - freed, bwd_peak=max(0, cost.bwd_peak + pg - freed - dead),
+                       detail={**cost.detail, "passing_grad": pg, "input_freed": freed, "output_dead": dead})
 
     def _store(self, nodes, recompute: set) -> SegmentCost:
         extra: Dict[str, int] = {}
@@ -1351,12 +1516,40 @@ class CostModel:
         for s in sorted(segments, key=lambda s: g.index(s.first)):
             a = g.index(s.first)
             if a > pos:
-                out.append(Segment(g.nodes[pos].name, g.nodes[a - 1].name, "store"))
+                out.extend(self._gap(pos, a - 1))
             out.append(s)
             pos = g.index(s.last) + 1
         if pos < len(g.nodes) - 1:
-            out.append(Segment(g.nodes[pos].name, g.nodes[-2].name, "store"))
+            out.extend(self._gap(pos, len(g.nodes) - 2))
         return out
+
+    def _gap(self, a: int, b: int) -> List[Segment]:
+        """Store segments over nodes ``a..b`` (indices) that no plan segment covers: one, unless
+        more than one tensor it makes is read after it (a tensor passing over the plan segment
+        that follows); then pieces each of which leaves one tensor (its last node's) to the nodes
+        after it, as :meth:`_walk` prices a segment (it frees any other tensor after its last use
+        inside)."""
+        g = self.graph
+        last_read = g.read_indices()[0]
+        if max(last_read[a:b], default=-1) <= b:
+            return [Segment(g.nodes[a].name, g.nodes[b].name, "store")]
+        pieces, start, reach = [], a, -1  # (reach: the last read of what this piece made so far)
+        for k in range(a, b):
+            if reach <= k:  # the piece start..k leaves k's output only
+                pieces.append([start, k, reach])
+                start, reach = k + 1, -1
+            else:
+                reach = max(reach, last_read[k])
+        pieces.append([start, b, reach])
+        merged = [pieces[0]]  # as few pieces as keep the rule
+        for p, q, r in pieces[1:]:
+            prev = merged[-1]
+            # merged with the piece before, what that piece made must not be read after q
+            if max(prev[2], last_read[prev[1]]) <= q:
+                merged[-1] = [prev[0], q, max(prev[2], last_read[prev[1]], r)]
+            else:
+                merged.append([p, q, r])
+        return [Segment(g.nodes[p].name, g.nodes[q].name, "store") for p, q, _ in merged]
 
     def predict(self, plan: Union[Plan, Sequence[Segment]]) -> dict:
         """The ``predicted`` block of a plan: peak, phases, per-segment costs, breakdown, time."""

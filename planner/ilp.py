@@ -1,8 +1,11 @@
 """The plan search: candidate segments over the model's units and an ILP (PuLP) that picks them.
 
 Units are the cost model's runs of nodes between consecutive cut points (a residual block or a
-single layer), ``cm.units()``.  Boundary ``b`` (0..U) lies before unit ``b``.  A *candidate* is a
-unit range ``i..j`` with one configuration:
+single layer), ``cm.units()``, where a run holding most of the step's saved bytes is split at its
+bypass boundaries (tensors made before it pass over the pieces: ``CostModel._split``).  Boundary
+``b`` (0..U) lies before unit ``b``.  A *candidate* is a unit range ``i..j`` with one
+configuration; every candidate but a plain store unit is a legal segment (``Problem._legal``: one
+tensor enters, one leaves), a plain store unit that is not runs node by node:
 
 * ``store``      one unit, without recompute or (when the unit has any) dropping its cheap
                  pointwise / BN / add outputs (``Segment.recompute``); adjacent store units are
@@ -127,6 +130,7 @@ class Problem:
         self.max_row_units, self.max_ckpt_units, self.recompute = max_row_units, max_ckpt_units, recompute
         self.min_row_height, self.max_strips, self.strip_gain = min_row_height, max_strips, strip_gain
         self.unit_nodes = [graph.span(a, b) for a, b in self.units]
+        self._cuts = set(graph.cut_points())
         self.cands: List[Candidate] = []
         self.priced = 0
         self.refused: Dict[str, int] = {}
@@ -192,6 +196,14 @@ class Problem:
         # and row segments start and end on them (a lone ReLU gains nothing from either mode)
         major = [any(n.kind not in LIGHT_KINDS for n in nodes) for nodes in self.unit_nodes] + [True]
         major[0] = True
+        runs = self.cm.unit_runs()  # the run between cut points each unit lies in
+        run_first = [i == 0 or runs[i - 1] != runs[i] for i in range(U)]
+        run_last = [i == U - 1 or runs[i + 1] != runs[i] for i in range(U)]
+        run_major: Dict[int, bool] = {}
+        for i in range(U):
+            run_major[runs[i]] = run_major.get(runs[i], False) or major[i]
+        run_major_at = [run_major[runs[i]] for i in range(U)] + [True]
+        run_major_at[0] = True
         for i in range(U):
             first, last = self.units[i]
             group: List[Candidate] = []
@@ -200,7 +212,7 @@ class Problem:
                 raise ValueError(f"the cost model refuses a plain store segment {first}..{last}: "
                                  f"{self.cm.segment(Segment(first, last, 'store')).why}")
             group.append(c)
-            if self.recompute:
+            if self.recompute and self._legal(i, i):
                 cheap = [n.name for n in self.unit_nodes[i][:-1] if recomputable(n)]
                 if cheap:
                     c = self._price(i, i, Segment(first, last, "store", recompute=cheap))
@@ -209,17 +221,32 @@ class Problem:
             # the plain store stays even where the recompute beats it (compiled pricing: the
             # recompute is free): it is the no-plan path (store_path) and the baseline
             self.cands.extend([group[0]] + [c for c in _pareto(group) if c is not group[0]])
-            if not major[i]:
+            # ranges counted in units (pieces), and ranges of whole runs counted in runs: a run
+            # split at bypass boundaries still forms every range it formed whole (a row segment
+            # over a whole U-Net), besides the ranges of its pieces
+            by_piece, by_run = major[i], run_first[i] and run_major_at[i]
+            if not by_piece and not by_run:
                 continue
             source = g.source_of(first)
-            span, chain = 0, ("rows" in modes and source.is_map and source.height >= self.min_row_height)
+            rows_ok = "rows" in modes and source.is_map and source.height >= self.min_row_height
+            span = rspan = 0
+            chain_p, chain_r = rows_ok and by_piece, rows_ok and by_run
             for j in range(i, U):
                 span += major[j]
-                ckpt = "checkpoint" in modes and span <= self.max_ckpt_units
-                chain = chain and rowwise_unit[j] and span <= self.max_row_units
-                if not ckpt and not chain:
+                rspan += run_first[j] and run_major[runs[j]]
+                ckpt_p = by_piece and span <= self.max_ckpt_units
+                ckpt_r = by_run and rspan <= self.max_ckpt_units
+                chain_p = chain_p and rowwise_unit[j] and span <= self.max_row_units
+                chain_r = chain_r and rowwise_unit[j] and rspan <= self.max_row_units
+                if "checkpoint" not in modes:
+                    ckpt_p = ckpt_r = False
+                if not (ckpt_p or ckpt_r or chain_p or chain_r):
                     break
-                if not major[j + 1]:
+                end_p = major[j + 1]
+                end_r = run_last[j] and run_major_at[j + 1]
+                ckpt = (ckpt_p and end_p) or (ckpt_r and end_r)
+                chain = (chain_p and end_p) or (chain_r and end_r)
+                if not (ckpt or chain) or not self._legal(i, j):
                     continue
                 last = self.units[j][1]
                 group = []
@@ -231,6 +258,17 @@ class Problem:
                     for pol in ROW_POLICIES[self.policy]:
                         group.extend(self._row_candidates(i, j, first, last, source.name, pol, rg))
                 self.cands.extend(_pareto(group))
+
+    def _legal(self, i: int, j: int) -> bool:
+        """Whether units ``i..j`` may form a segment other than plain store
+        (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`: one tensor enters, one leaves;
+        others may pass over).  A range between two cut points always may; a plain store unit
+        that may not (it reads a tensor passing over the units before it) runs node by node."""
+        first, last = self.units[i][0], self.units[j][1]
+        cuts = self._cuts
+        if last in cuts and self.graph.source_of(first).name in cuts:
+            return True
+        return self.graph.segment_refusal(first, last) is None
 
     def _row_candidates(self, i, j, first, last, source, pol, rg) -> List[Candidate]:
         """Row candidates of one range and policy: the forced strip count, or 2, 4, 8, ... while

@@ -1,7 +1,16 @@
 """The plan format: one JSON document that says how to train a model (``lrcnn.plan/1``).
 
 A plan is an ordered list of segments over the captured graph.  Each segment is a contiguous run
-of nodes between two cut points (places where one tensor alone crosses) with a mode:
+of nodes ``first..last`` that reads one tensor made before it, its *input* (the output of the node
+just before ``first``), and of whose tensors only ``last``'s output is read after it
+(:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`).  Older tensors, and the input itself,
+may *pass over* a segment: made before it and read after it (LR-ASPP's stride-8 feature over the
+stride-16 backbone, a U-Net skip over the levels below it, a residual block's identity over its
+branch); they stay live in the executor while the segment runs, in forward and backward, and
+their gradients (made by the later readers' backward) live through the segment's backward.
+Segments between two cut points (places where one tensor alone crosses) are always legal.  The
+planner's units split only a run that holds most of the step's saved bytes at such places
+(``planner.cost.CostModel.units``).  Each segment has a mode:
 
 * ``store``      plain autograd; optionally a ``recompute`` set of cheap nodes (activations, BN, add:
                  ``models.ops.recomputable``) whose outputs are dropped after forward and recomputed
@@ -178,7 +187,6 @@ class Plan:
         if fp != self.fingerprint:
             raise PlanError(f"plan fingerprint {self.fingerprint} does not match the model's graph ({fp}): "
                             f"the plan was made for a different model or input shape; re-run 'planner solve'")
-        cuts = set(graph.cut_points())
         prev_end = -1
         for i, s in enumerate(self.segments):
             where = f"segment {i} ({s.first}..{s.last})"
@@ -194,13 +202,9 @@ class Plan:
             prev_end = b
             if graph.nodes[a].kind in ("input", "output") or graph.nodes[b].kind == "output":
                 raise PlanError(f"{where}: segments cover model nodes, not the graph input/output")
-            before = graph.nodes[a - 1].name
-            if before not in cuts:
-                raise PlanError(f"{where}: more than one tensor enters the segment before {s.first!r}; "
-                                f"start it at a block boundary (one of the graph's cut points)")
-            if s.last not in cuts:
-                raise PlanError(f"{where}: more than one tensor leaves the segment after {s.last!r}; "
-                                f"end it at a block boundary (one of the graph's cut points)")
+            why = graph.segment_refusal(s.first, s.last)
+            if why:
+                raise PlanError(f"{where}: {why}")
             if s.mode == "rows":
                 self._check_strips(graph, s, where)
             for r in s.recompute:

@@ -322,12 +322,16 @@ class Solver:
         p, cm = self.problem, self.cm
         exact = p.evaluate(res.path)
         segs = [c.seg for c in res.path]
+        legal = lambda s: self.graph.segment_refusal(s.first, s.last) is None  # noqa: E731
         if merge_store:
-            merged = _merge_store(segs)
+            merged = _merge_store(segs, legal)
             costs = [cm.segment(s) for s in merged]
             comp = cm.compose(costs)
             if comp["peak"] <= max(exact["peak"], budget) and abs(comp["time_s"] - exact["time_s"]) <= 1e-9 * max(1.0, exact["time_s"]):
                 segs = merged
+        # a plain store unit that reads a tensor passing over the units before it is no legal
+        # segment: its nodes are left out of the plan and run as the model runs them
+        segs = [s for s in segs if s.mode != "store" or s.recompute or legal(s)]
         plan = Plan.build(self.graph, segs, model=self.name, training=self.training(), budget_bytes=budget)
         plan.predicted = cm.predict(plan)
         base = self.baseline()
@@ -346,12 +350,17 @@ class Solver:
         return plan
 
 
-def _merge_store(segs: List[Segment]) -> List[Segment]:
+def _merge_store(segs: List[Segment], legal) -> List[Segment]:
+    """Adjacent store segments merged into one where the merged one is a legal segment
+    (``legal(segment)``: a tensor passing over one of them may make it read two)."""
     out: List[Segment] = []
     for s in segs:
+        merged = None
         if out and s.mode == "store" and out[-1].mode == "store":
             prev = out[-1]
-            out[-1] = Segment(prev.first, s.last, "store", recompute=list(prev.recompute) + list(s.recompute))
+            merged = Segment(prev.first, s.last, "store", recompute=list(prev.recompute) + list(s.recompute))
+        if merged is not None and legal(merged):
+            out[-1] = merged
         else:
             out.append(Segment(s.first, s.last, s.mode, s.policy, s.strips, s.bounds, list(s.recompute), dict(s.options)))
     return out

@@ -23,7 +23,7 @@ from lrcnn.models import capture, get_model, list_models, set_bn_mode
 from lrcnn.models.capture import CaptureError
 from lrcnn.models.loss import LossError, cross_entropy, logits_of, target_shape
 from lrcnn.planner import Plan, Segment
-from lrcnn.planner.cost import CostModel
+from lrcnn.planner.cost import SPLIT_SHARE, CostModel
 from tests.exactness import Reference
 from tests.test_cli import assert_one_line_error, run
 
@@ -139,6 +139,24 @@ def test_torchvision_segmentation_capture():
     assert set(g.values) == {"getattr_1", "getitem", "getattr_2", "getitem_1"}  # x.shape and low.shape reads
     assert len(g.cut_points()) >= 20  # (before: 2, the input and the last node)
     print(f"lraspp 2x3x64x64 capture: {took:.2f} s")
+    # the run from the stride-8 feature to the head holds most of the step's saved bytes and has
+    # no cut point: the planner's units split it where only that feature passes; the pieces it
+    # passes over are legal segments, the one that reads it again (the residual of block 5) is not
+    low = "backbone_4_block_3_1"
+    cm = CostModel(g)
+    units = cm.units()
+    assert len(units) > 60  # (24 between cut points)
+    inside = [(a, b) for a, b in units if g.index(low) < g.index(a) and g.index(b) < g.index("add_10")]
+    assert len(inside) > 40 and any(a.startswith("backbone_14") for a, _ in inside)
+    for a, b in inside:
+        assert low in g.passing(a, b)
+        assert (g.segment_refusal(a, b) is None) == (a != "add_2"), (a, b)
+    saved = sum(n.saved_bytes for n in g.nodes)
+    assert max(sum(n.saved_bytes for n in g.span(a, b)) for a, b in units) < SPLIT_SHARE * saved
+    # the stride-16 backbone in two checkpoints; the head, which reads the feature again, runs stored
+    plan = Plan.build(g, [Segment("backbone_5_block_0_0", "add_7", "checkpoint"),
+                          Segment("backbone_13_block_0_0", "interpolate", "checkpoint")])
+    assert cm.segment(plan.segments[0]).detail["passing_grad"] == g[low].out_bytes
 
 
 def test_u_net_needs_a_multiple_of_2_to_its_levels():

@@ -133,16 +133,21 @@ def test_load_validates_against_graph(plan, captured, tmp_path):
 
 
 def test_segment_not_at_cut_point(r18):
+    """A segment reads one tensor made before it and leaves one; others may pass over it (the
+    identity over a residual branch): tests/test_bypass.py has more."""
+    Plan.build(r18, [Segment("layer1_0_conv1", "layer1_0_conv2", "checkpoint")])
+    assert r18.passing("layer1_0_conv1", "layer1_0_conv2") == ["maxpool"]
     with pytest.raises(PlanError) as e:
-        Plan.build(r18, [Segment("layer1_0_conv1", "layer1_0_conv2", "checkpoint")])
-    assert str(e.value) == ("segment 0 (layer1_0_conv1..layer1_0_conv2): more than one tensor leaves the "
-                            "segment after 'layer1_0_conv2'; end it at a block boundary (one of the "
-                            "graph's cut points)")
+        Plan.build(r18, [Segment("maxpool", "layer1_0_conv1", "checkpoint")])
+    assert str(e.value) == ("segment 0 (maxpool..layer1_0_conv1): more than one tensor leaves the segment after "
+                            "'layer1_0_conv1' ('maxpool' is read by 'add' too); end it at a block boundary (one of "
+                            "the graph's cut points) or where only its last node's output is read after it")
     with pytest.raises(PlanError) as e:
         Plan.build(r18, [Segment("layer1_0_conv2", "layer1_0_relu_1", "checkpoint")])
-    assert str(e.value) == ("segment 0 (layer1_0_conv2..layer1_0_relu_1): more than one tensor enters the "
-                            "segment before 'layer1_0_conv2'; start it at a block boundary (one of the "
-                            "graph's cut points)")
+    assert str(e.value) == ("segment 0 (layer1_0_conv2..layer1_0_relu_1): more than one tensor enters the segment "
+                            "before 'layer1_0_conv2' ('add' reads 'maxpool' besides the segment input "
+                            "'layer1_0_relu'); start it at a block boundary (one of the graph's cut points) or "
+                            "where it reads nothing made before its input")
 
 
 def test_other_segment_errors(r18):
