@@ -318,20 +318,31 @@ class Solver:
         d = self.device_profile
         return d if isinstance(d, str) else getattr(d, "name", str(d))
 
+    def _legal(self, seg: Segment) -> bool:
+        return self.graph.segment_refusal(seg.first, seg.last) is None
+
+    def plan_segments(self, segments: Sequence[Segment]) -> List[Segment]:
+        """The segments a plan holds of a path's ``segments`` (a candidate path's ``c.seg``): a
+        plain store unit that reads a tensor passing over the units before it is no legal segment
+        (:meth:`~lrcnn.models.capture.LayerGraph.segment_refusal`): it is left out, and its nodes
+        run as the model runs them (priced the same: a store unit is the plain step's)."""
+        return [s for s in segments if s.mode != "store" or s.recompute or self._legal(s)]
+
+    def smallest_segments(self) -> List[Segment]:
+        """The plan segments of the smallest plan (the least predicted peak, whatever its time)."""
+        return self.plan_segments([c.seg for c in self.problem.min_peak_path()])
+
     def _plan(self, res, budget: int, merge_store: bool) -> Plan:
         p, cm = self.problem, self.cm
         exact = p.evaluate(res.path)
         segs = [c.seg for c in res.path]
-        legal = lambda s: self.graph.segment_refusal(s.first, s.last) is None  # noqa: E731
         if merge_store:
-            merged = _merge_store(segs, legal)
+            merged = _merge_store(segs, self._legal)
             costs = [cm.segment(s) for s in merged]
             comp = cm.compose(costs)
             if comp["peak"] <= max(exact["peak"], budget) and abs(comp["time_s"] - exact["time_s"]) <= 1e-9 * max(1.0, exact["time_s"]):
                 segs = merged
-        # a plain store unit that reads a tensor passing over the units before it is no legal
-        # segment: its nodes are left out of the plan and run as the model runs them
-        segs = [s for s in segs if s.mode != "store" or s.recompute or legal(s)]
+        segs = self.plan_segments(segs)
         plan = Plan.build(self.graph, segs, model=self.name, training=self.training(), budget_bytes=budget)
         plan.predicted = cm.predict(plan)
         base = self.baseline()
@@ -572,9 +583,9 @@ class BatchSearch:
                 ok = plan.predicted["time_s"] / n <= slowdown
                 guide = self._plan_test(plan.segments, slowdown=slowdown)
             elif not s.fits(b):
-                ok, guide = False, self._plan_test([c.seg for c in s.problem.min_peak_path()], slowdown=slowdown)
+                ok, guide = False, self._plan_test(s.smallest_segments(), slowdown=slowdown)
             elif slowdown is None:
-                ok, guide = True, self._plan_test([c.seg for c in s.problem.min_peak_path()])
+                ok, guide = True, self._plan_test(s.smallest_segments())
             else:
                 plan = s.solve(b, time_limit=self.time_limit, gap=self.gap)
                 ok = plan.predicted["time_s"] / n <= slowdown
@@ -625,7 +636,7 @@ class BatchSearch:
     def smallest_segments(self, n: int, policy: str = "overl") -> List[Segment]:
         """A plan with the smallest peak at batch ``n`` among row segments of one ``policy`` (the
         quicker search :meth:`estimate` starts from)."""
-        return [c.seg for c in self.solver(n, policy).problem.min_peak_path()]
+        return self.solver(n, policy).smallest_segments()
 
     def passes(self, n: int, slowdown: Optional[float] = None) -> bool:
         """Exact at batch ``n``: a plan fits (and, with ``slowdown``, the fastest one that fits takes

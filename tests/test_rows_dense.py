@@ -242,7 +242,7 @@ def test_planner_runs_a_unet_in_rows():
     s = Solver(graph, "tiny-unet")
     fixed, plain = s.cm.fixed_bytes(), s.baseline()["peak"]
     assert s.min_peak() - fixed <= 0.25 * (plain - fixed)
-    smallest = [c.seg for c in s.problem.min_peak_path()]
+    smallest = s.smallest_segments()
     plan = s.solve(s.budget_for(int(fixed + 0.5 * (plain - fixed))))  # (the solver keeps its headroom free)
     for segs in (smallest, plan.segments):
         spans = [(sg.first, sg.last) for sg in segs if sg.mode == "rows"]

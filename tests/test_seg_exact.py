@@ -61,7 +61,7 @@ def test_segmentation_model_in_rows_exact(name, policy):
                             options={"bn": bn})]
     else:
         solver = Solver(ref.graph, name, policy=policy, bn="train")
-        segments = [c.seg for c in solver.problem.min_peak_path()]
+        segments = solver.smallest_segments()
     rows = [s for s in segments if s.mode == "rows"]
     assert rows and all(s.policy == policy for s in rows), [s.to_dict() for s in segments]
     errs = ref.check(segments)

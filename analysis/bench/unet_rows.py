@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     s = Solver(graph, "unet")
     ws = s.cm.fixed_breakdown()["workspace"]
     plain_pred, min_pred = s.baseline()["peak"] - ws, s.min_peak() - ws
-    segs = [c.seg for c in s.problem.min_peak_path()]
+    segs = s.smallest_segments()
     print("smallest plan:", [sg.to_dict() for sg in segs if sg.mode != "store"])
     t0 = time.perf_counter()
     plain = train_step_memory(model, shape, "momentum", logits_shape=graph.output_node.shape).absolute_peak
