@@ -320,8 +320,6 @@ SIM_REQUIRED = ("case", "model", "resolution", "method", "setting", "peak_bytes"
 def _simulate_case(name, model_name, measured, sizes, profile, dev, points, progress, fresh, csv, png, md) -> str:
     """The dense case's model at ``sizes`` (:func:`lrcnn.analysis.bench.dense.simulated_rows`) and its
     time target at the first size, into ``seg-sim-<device>.*`` (other cases' rows kept)."""
-    import pandas as pd
-
     kept = [] if fresh else earlier_rows(csv, [name], required=list(SIM_REQUIRED), what="seg-sim CSV")
     rows = dense_sim.simulated_rows(name, model_name, sizes, profile, measured, points=max(points, 6),
                                     progress=progress)
@@ -331,11 +329,4 @@ def _simulate_case(name, model_name, measured, sizes, profile, dev, points, prog
     for r in rows:
         r["device"] = machine_line(dev)
         r.update({f"target_{k}": v for k, v in target.items()} if r is plain else {})
-    everything = kept + rows
-    targets = [{k[len("target_"):]: v for k, v in r.items() if k.startswith("target_")}
-               for r in everything if isinstance(r.get("target_model"), str)]
-    text = dense_sim.sim_markdown(everything, targets, dev)
-    write_csv_atomic(pd.DataFrame(everything), csv)
-    dense_sim.plot(everything, png)
-    write_text_atomic(text, md, "markdown")
-    return text
+    return dense_sim.write_sim(kept + rows, dev, csv, png, md)

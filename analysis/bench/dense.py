@@ -31,7 +31,7 @@ from lrcnn.analysis.bench.cases import OPTIMIZER
 from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt, sweep
 from lrcnn.analysis.bench.studies import simulated_peak
 from lrcnn.analysis.bench.tables import machine_line, pareto
-from lrcnn.planner.files import atomic_write
+from lrcnn.planner.files import atomic_write, write_csv_atomic, write_text_atomic
 from lrcnn.planner.units import fmt_bytes
 
 SIM_SIZES = (2048, 4096, 8192)  # the first is where the time target is judged
@@ -239,6 +239,20 @@ def target_markdown(t: Dict) -> List[str]:
            + (f"{t['checkpoint_only_ratio']:.2f}x plain ({t['checkpoint_only_plan']})"
               if not math.isnan(t['checkpoint_only_ratio']) else t['checkpoint_only_plan']) + " |", ""]
     return out
+
+
+def write_sim(rows: List[Dict], device: torch.device, csv: str, png: str, md: str) -> str:
+    """Write the simulated rows (each case's time target rides on its first plain row as
+    ``target_*`` columns) as CSV, plot and markdown; returns the markdown."""
+    import pandas as pd
+
+    targets = [{k[len("target_"):]: v for k, v in r.items() if k.startswith("target_")}
+               for r in rows if isinstance(r.get("target_model"), str)]
+    text = sim_markdown(rows, targets, device)
+    write_csv_atomic(pd.DataFrame(rows), csv)
+    plot(rows, png)
+    write_text_atomic(text, md, "markdown")
+    return text
 
 
 def plot(rows: List[Dict], path: str) -> None:
