@@ -216,6 +216,7 @@ def sim_markdown(rows: List[Dict], targets: Sequence[Dict], device: torch.device
 
 
 def target_markdown(t: Dict) -> List[str]:
+    t = dict(t, resolution=int(t["resolution"]), bn_levels=int(t.get("bn_levels", 0) or 0))  # (CSV: floats)
     head = (f"**Time target**, {t['model']} at {t['resolution']}x{t['resolution']} (predicted, `{t['profile']}` "
             f"profile): budget = half the plain step's simulated peak ({fmt_bytes(t['plain_peak_bytes'])} / 2 = "
             f"{fmt_bytes(t['budget_bytes'])}); plain's step {t['plain_s']:.4g} s.")
@@ -259,14 +260,19 @@ def plot(rows: List[Dict], path: str) -> None:
     """Peak against step time per case and size: lrcnn's Pareto front (predicted) and the
     baselines' points."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    groups = list(df.groupby(["case", "resolution"], sort=False))
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.2 * max(1, len(groups)), 4.4), squeeze=False)
-    for ax, ((case, size), d) in zip(axes[0], groups):
+    cases, sizes = list(dict.fromkeys(df.case)), list(dict.fromkeys(df.resolution))
+    fig, axes = plt.subplots(len(cases), len(sizes), figsize=(5.2 * len(sizes), 4.4 * len(cases)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (case, size), d in df.groupby(["case", "resolution"], sort=False):  # a row per case, a column per size
+        ax = axes[cases.index(case)][sizes.index(size)]
+        ax.set_visible(True)
         d = d[d.time_s.notna()]
         for meth, dm in d.groupby("method", sort=False):
             pts = list(zip(dm.peak_bytes / 2**30, dm.time_s / 3600))
@@ -276,7 +282,8 @@ def plot(rows: List[Dict], path: str) -> None:
                 ax.step(*zip(*fr), where="post", alpha=0.6, color=sc.get_facecolor()[0])
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{case} at {size}x{size}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # (minor labels overlap)
+        ax.set_title(f"{case} at {int(size)}x{int(size)}")
         ax.set_xlabel("peak memory (GiB)")
         ax.set_ylabel("step time (h, predicted)")
         ax.grid(alpha=0.3, which="both")
