@@ -3,7 +3,8 @@
 ``planner bench`` runs lrcnn against the alternatives (:func:`lrcnn.analysis.bench.compare.bench`),
 built from :mod:`~lrcnn.analysis.bench.cases` (a case and one method's measured step),
 :mod:`~lrcnn.analysis.bench.methods` (the alternatives and lrcnn's plans),
-:mod:`~lrcnn.analysis.bench.studies` (max batch / resolution under a budget) and
+:mod:`~lrcnn.analysis.bench.studies` (max batch / resolution under a budget),
+:mod:`~lrcnn.analysis.bench.dense` (dense cases simulated at large sizes, the time target) and
 :mod:`~lrcnn.analysis.bench.tables` (markdown, plot, kept rows).  The other benchmarks are scripts:
 ``python -m lrcnn.analysis.bench.cost_grid`` (cost model accuracy), ``.solve_time`` (solver),
 ``.memory_rows`` (row memory) and ``.timm_sweep`` (exactness of plans of many timm CNNs; needs timm).
