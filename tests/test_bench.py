@@ -267,3 +267,73 @@ def test_pareto_targets_count_beaten_and_matched_alternatives():
     assert t["pareto"] == "1/3" and t["pareto_ties"] == 1  # b=0.5 beaten, b=1 matched, checkpoint neither
     assert t["lrcnn_min_bytes"] == 55
     assert "| 1/3 (+1) |" in markdown(df, [t], torch.device("cpu"))
+
+
+# ---- dense (segmentation) cases: a per-pixel target, the U-Net's blocks, the study and the simulation
+
+def test_dense_case_and_unet_blocks_exact():
+    """A dense case carries a mask of class indices per pixel and is trained with the per-pixel
+    cross-entropy; checkpointing the zoo U-Net per block (its levels, skips passed along) and
+    checkpoint_sequential over them compute exactly plain PyTorch's loss and gradients in float64
+    (frozen BN: everything exact; train BN: the recomputation moves the running statistics twice,
+    as for ResNet)."""
+    from lrcnn.analysis.bench.cases import Method, measure
+
+    case = make_case("t", "tiny_unet", 1, 32, torch.device("cpu"), "float64", bn="frozen")
+    assert case.dense and case.logits_shape == (1, 3, 32, 32) and tuple(case.y.shape) == (1, 32, 32)
+    assert case.y.dtype == torch.long and 0 <= int(case.y.min()) and int(case.y.max()) < 3
+    stem, blocks, head = split_blocks(case.model)
+    assert len(blocks) == 1 + 2 * len(case.model.down)  # first level, each level down and up
+    for wrap in (CheckpointBlocks, CheckpointSqrt):
+        assert max_rel_err(case, wrap(case.model)) <= 1e-10
+    train = make_case("t", "tiny_unet", 1, 32, torch.device("cpu"), "float64")
+    errs = rel_errs(train, CheckpointBlocks(train.model))
+    assert max(v for k, v in errs.items() if k == "loss" or k.startswith("grad:")) <= 1e-10
+    assert max(v for k, v in errs.items() if k.endswith("running_mean")) > 1e-3
+    r = measure(case, Method("checkpoint-blocks", "-", CheckpointBlocks(case.model)), repeats=1)
+    assert r["exact"] and r["peak_bytes"] > r["baseline_bytes"] > 0 and r["mem_method"] == "storage"
+
+
+def test_dense_blocks_refused_for_unknown_dense_model():
+    from lrcnn.analysis.bench.cases import BenchError
+
+    with pytest.raises(BenchError, match="no block structure known for TinyFCN.*UNet"):
+        split_blocks(get_model("tiny_fcn"))
+
+
+def test_fcn_blocks_compute_the_model():
+    """torchvision's FCN (ResNet backbone): stem, residual blocks, classifier, then the resampling
+    to the input size as ``{"out": ...}``: the model's own output, through both wrappers."""
+    torch.manual_seed(0)
+    m = get_model("fcn_resnet50").double().eval()
+    x = torch.randn(1, 3, 40, 48, dtype=torch.float64)
+    stem, blocks, head = split_blocks(m)
+    assert len(blocks) == 3 + 4 + 6 + 3 + 1
+    with torch.no_grad():
+        ref = m(x)["out"]
+        h = stem(x)
+        for b in blocks:
+            h = b(h)
+        assert torch.equal(head(h)["out"], ref)
+        for wrap in (CheckpointBlocks, CheckpointSqrt):
+            assert torch.equal(wrap(m)(x)["out"], ref)
+
+
+def test_size_study_dense_tiny_unet():
+    """The max-resolution study on a dense model (simulated): each answer fits and the next side
+    does not, lrcnn's smallest plan reaches at least checkpointing per block, and the pixel ratio
+    against checkpoint-blocks is reported."""
+    from lrcnn.analysis.bench.studies import simulated_peak, size_study
+
+    budget = 3 * 2**19
+    rows = {r["method"]: r for r in size_study(budget, "cpu", "tiny_unet", progress=False, which="resolution",
+                                                step=16, limit=5, simulate=False)}
+    assert set(rows) == {"plain", "checkpoint-blocks", "checkpoint-sqrt", "lrcnn"}
+    for name, wrapper in (("plain", None), ("checkpoint-blocks", CheckpointBlocks)):
+        side = rows[name]["largest"]
+        assert side >= 32 and rows[name]["peak_bytes"] <= budget
+        assert simulated_peak("tiny_unet", wrapper, (1, 3, side + 16, side + 16)) > budget
+    assert rows["plain"]["largest"] <= rows["checkpoint-blocks"]["largest"] <= rows["lrcnn"]["largest"]
+    assert rows["lrcnn"]["peak_bytes"] <= budget and rows["lrcnn"]["how"] == "planner prediction"
+    ck = rows["checkpoint-blocks"]["largest"]
+    assert rows["lrcnn"]["x_pixels_checkpoint_blocks"] == (rows["lrcnn"]["largest"] / ck) ** 2 > 1

@@ -10,19 +10,22 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lrcnn.analysis.bench import BENCH_BN
 from lrcnn.errors import LrcnnError
 from lrcnn.executor.measure import make_optimizer, opt_state, train_step
 from lrcnn.models import get_model, memory, set_bn_mode
+from lrcnn.models.loss import cross_entropy, logits_of, synthetic_target
+from lrcnn.models.zoo import model_task
 
 
 EXACT_RTOL = {"float32": 1e-5, "float64": 1e-10}  # the project's bars (norm-wise relative)
 
 
 OPTIMIZER = "momentum"  # SGD with momentum, at its default learning rate
-CLASSES = 1000  # every case's model classifies into ImageNet's classes (a tiny test net too)
+CLASSES = 1000  # every classification case's model classifies into ImageNet's classes (a tiny test net too)
+# a dense (segmentation) case's model keeps the zoo's classes (unet 2, torchvision's 21, tiny nets 3)
+# and its target is a class index per pixel
 
 
 
@@ -60,6 +63,12 @@ class Case:
     state0: Dict[str, torch.Tensor] = field(repr=False, default=None)
     reference: Tuple = field(repr=False, default=None)
     noise: Dict[str, float] = field(repr=False, default_factory=dict)  # plain's own float32 spread
+    logits_shape: Tuple[int, ...] = ()  # the model's logits at the case's input (dense: (N, C, H, W))
+
+    @property
+    def dense(self) -> bool:
+        """Whether the model predicts a class per pixel (the target is a per-pixel mask)."""
+        return len(self.logits_shape) > 2
 
     @property
     def noise_floor(self) -> float:
@@ -79,11 +88,16 @@ def _sync(device: torch.device) -> None:
 def make_case(name: str, model_name: str, batch: int, resolution: int, device: torch.device,
               dtype: str = "float32", seed: int = 0, bn: str = "train") -> Case:
     """The real model (random weights; BatchNorm in ``bn`` mode, one of :data:`BENCH_BN`), a fixed
-    batch and the plain reference."""
+    batch and the plain reference.  A classification model predicts :data:`CLASSES` classes, one
+    index per sample its target; a dense model (``models.zoo.model_task``: segmentation) keeps its
+    zoo classes and its target is a mask of class indices, one per pixel of its logits
+    (:func:`lrcnn.models.loss.cross_entropy` on the tensor or ``{"out": ...}`` output)."""
     if bn not in BENCH_BN:
         raise BenchError(f"BatchNorm mode {bn!r} is not one of {', '.join(BENCH_BN)}")
     torch.manual_seed(seed)
-    model = get_model(model_name, num_classes=CLASSES).to(device=device, dtype=getattr(torch, dtype))
+    dense = model_task(model_name) == "segmentation"
+    model = get_model(model_name, num_classes=None if dense else CLASSES)
+    model = model.to(device=device, dtype=getattr(torch, dtype))
     set_bn_mode(model, "train" if bn == "train" else "eval")
     if bn == "frozen":
         for m in model.modules():
@@ -91,12 +105,27 @@ def make_case(name: str, model_name: str, batch: int, resolution: int, device: t
                 m.requires_grad_(False)
     case = Case(name, model_name, batch, resolution, device, dtype, bn, model)
     case.x = torch.randn(*case.shape, device=device, dtype=getattr(torch, dtype))
-    case.y = torch.randint(0, CLASSES, (batch,), device=device)
+    case.logits_shape = logits_shape(model, case.shape, dtype) if dense else (batch, CLASSES)
+    if dense:
+        case.y = synthetic_target(case.logits_shape, torch.Generator().manual_seed(seed), device=device)
+    else:
+        case.y = torch.randint(0, CLASSES, (batch,), device=device)
     case.state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     case.reference = _one_step(case, model)
     if dtype == "float32":
         case.noise = noise_errs(case)
     return case
+
+
+def logits_shape(model: nn.Module, shape, dtype: str = "float32") -> Tuple[int, ...]:
+    """The shape of ``model``'s logits (:func:`lrcnn.models.loss.logits_of`) for an input of
+    ``shape``: one forward under ``FakeTensorMode`` (no memory, no running statistic moved)."""
+    with memory.fake_mode():
+        state = memory.fake_state(model)
+        x = torch.empty(*shape, dtype=getattr(torch, dtype), device=next(iter(state.values())).device)
+        with torch.no_grad():
+            out = torch.func.functional_call(model, state, (x,))
+        return tuple(int(v) for v in logits_of(out).shape)
 
 
 NOISE_FACTOR = 10  # one perturbed run samples plain PyTorch's spread; allow an order of magnitude
@@ -125,7 +154,7 @@ def _one_step(case: Case, forward: Callable) -> Tuple[float, Dict[str, torch.Ten
     m.load_state_dict(case.state0)
     m.zero_grad(set_to_none=True)
     torch.manual_seed(1234)  # the same dropout masks for every method
-    loss = F.cross_entropy(forward(case.x), case.y)
+    loss = cross_entropy(forward(case.x), case.y)  # (per pixel for dense logits)
     loss.backward()
     out = {f"grad:{n}": (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
            for n, p in m.named_parameters()}

@@ -65,7 +65,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 
-from lrcnn.analysis.bench import CASES, METHODS
+from lrcnn.analysis.bench import ALL_CASES, CASES, METHODS
+from lrcnn.analysis.bench import dense as dense_sim
 from lrcnn.analysis.bench.cases import BenchError, Case, make_case, measure, Method
 from lrcnn.analysis.bench import lightstream_peer
 from lrcnn.analysis.bench.methods import (CheckpointBlocks, CheckpointSqrt, compile_methods, compile_settings,
@@ -73,6 +74,7 @@ from lrcnn.analysis.bench.methods import (CheckpointBlocks, CheckpointSqrt, comp
 from lrcnn.analysis.bench.studies import size_study
 from lrcnn.analysis.bench.tables import earlier_rows, machine_line, study_markdown, write_compare
 from lrcnn.models import get_model
+from lrcnn.models.zoo import model_task
 from lrcnn.models.capture import trace
 from lrcnn.planner.cost import check_profile
 from lrcnn.planner.files import check_output_path, write_csv_atomic, write_text_atomic
@@ -187,12 +189,18 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
           unpaired: bool = False, dtype: str = "float32", device: str = "auto", profile: Optional[str] = None,
           out_dir: str = "bench/results", fresh: bool = False, study: Optional[str] = None,
           study_budget: str = "8GiB", progress: bool = True, bn: Optional[str] = None,
-          lightstream_tiles: Optional[Sequence[int]] = None) -> str:
-    """Run the benchmark (``planner bench``): the cases (``case`` names from :data:`CASES`, or a
+          lightstream_tiles: Optional[Sequence[int]] = None,
+          sim_sizes: Sequence[int] = dense_sim.SIM_SIZES) -> str:
+    """Run the benchmark (``planner bench``): the cases (``case`` names from :data:`ALL_CASES`,
+    default the classification ones of :data:`CASES`, or a
     custom ``model`` at ``batch`` x ``resolution`` with BatchNorm ``bn``, default ``train``) with
     ``methods`` side by side, or with ``study`` (``"batch"``, ``"resolution"`` or ``"both"``) the
     max-batch / max-resolution study under ``study_budget``.  Writes ``compare-<device>.csv/.png/.md``
-    (``study-<device>.csv/.md``) into ``out_dir`` and returns the markdown.  Bad input raises
+    (``study-<device>.csv/.md``) into ``out_dir`` and returns the markdown.  Dense (segmentation)
+    cases write ``seg-<device>.csv/.png/.md`` (their real steps) and ``seg-sim-<device>.csv/.png/.md``
+    (every method at batch 1 and each of ``sim_sizes``, simulated / predicted, with the time target
+    at the first size: :mod:`lrcnn.analysis.bench.dense`; ``sim_sizes`` empty: none), and their study
+    ``seg-study-<device>.csv/.md``.  Bad input raises
     :class:`BenchError` (or ``OSError``) with a one-line message."""
     import os
 
@@ -214,16 +222,18 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
         if bn:
             raise BenchError("--bn sets a compared case's BatchNorm; the --study runs train-mode BN: drop --bn")
         budget = parse_bytes(study_budget)
-        csv, md = (os.path.join(out_dir, f"study-{tag}.{e}") for e in ("csv", "md"))
+        model_name = model or "resnet50"
+        stem = "seg-study" if model_task(model_name) == "segmentation" else "study"
+        csv, md = (os.path.join(out_dir, f"{stem}-{tag}.{e}") for e in ("csv", "md"))
         for path in (csv, md):
             check_output_path(path, "output")
         running = ["max batch", "max resolution"] if study == "both" else [f"max {study}"]
         kept = [] if fresh else earlier_rows(csv, running, key="study",
                                                   required=["study", "fixed", "method", "largest", "peak_bytes",
                                                             "x_best_alternative", "how"], what="study CSV")
-        model_name = model or "resnet50"
         split_blocks(get_model(model_name, device="meta"))  # a model the alternatives can wrap: say so now
-        rows = size_study(budget, profile, model_name=model_name, progress=progress, which=study)
+        rows = size_study(budget, profile, model_name=model_name, progress=progress, which=study,
+                          step=_side_step(model_name))
         for r in rows:
             r["device"], r["budget_bytes"] = machine_line(dev), budget
         # a kept study under another budget is another study (rows without one predate the column)
@@ -245,12 +255,40 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
     else:
         if batch or resolution or bn:
             raise BenchError("--batch/--resolution/--bn define a custom case: give --model too")
-        cases = [(c, *CASES[c]) for c in (case or list(CASES))]
-    csv, png, md = (os.path.join(out_dir, f"compare-{tag}.{e}") for e in ("csv", "png", "md"))
-    for path in (csv, png, md):
-        check_output_path(path, "output")
-    for _, model_name, _, _, _ in cases:  # an unknown model or one without blocks: say so before any work
+        cases = [(c, *ALL_CASES[c]) for c in (case or list(CASES))]
+    for _, model_name, _, res, _ in cases:  # an unknown model or one without blocks: say so before any work
         split_blocks(get_model(model_name, device="meta"))
+        if res % _side_step(model_name, 1):
+            raise BenchError(f"--resolution {res}: {model_name} takes sides that are multiples of "
+                             f"{_side_step(model_name, 1)}")
+    text = ""
+    for stem in ("compare", "seg"):  # classification cases, then dense ones: each family its own files
+        group = [c for c in cases if (model_task(c[1]) == "segmentation") == (stem == "seg")]
+        if group:
+            text = _run_cases(group, stem, tag, dev, dtype, methods, compile_budgets, points, profile, warmup,
+                              repeats, unpaired, progress, lightstream_tiles, out_dir, fresh, sim_sizes)
+    return text
+
+
+def _side_step(model_name: str, default: int = 32) -> int:
+    """The step of the input sides of ``model_name`` (a U-Net's are multiples of 2**levels), else
+    ``default`` (the size study's step)."""
+    from lrcnn.models.zoo import UNet
+
+    m = get_model(model_name, device="meta")
+    return 2 ** len(m.down) if isinstance(m, UNet) else default
+
+
+def _run_cases(cases, stem: str, tag: str, dev, dtype, methods, compile_budgets, points, profile, warmup,
+               repeats, unpaired, progress, lightstream_tiles, out_dir, fresh, sim_sizes) -> str:
+    """Run ``cases`` into ``<stem>-<tag>.csv/.png/.md`` (rows of other cases kept unless ``fresh``);
+    dense cases also into ``seg-sim-<tag>.*`` at ``sim_sizes``."""
+    import os
+
+    csv, png, md = (os.path.join(out_dir, f"{stem}-{tag}.{e}") for e in ("csv", "png", "md"))
+    sim_files = [os.path.join(out_dir, f"seg-sim-{tag}.{e}") for e in ("csv", "png", "md")]
+    for path in (csv, png, md, *(sim_files if stem == "seg" and sim_sizes else [])):
+        check_output_path(path, "output")
     earlier = [] if fresh else earlier_rows(csv, [])
     names = [c[0] for c in cases]
     kept = [r for r in earlier if r["case"] not in names]
@@ -267,6 +305,28 @@ def bench(case: Optional[Sequence[str]] = None, model: Optional[str] = None, bat
         rows += run_case(one, methods, compile_budgets, points, profile, warmup, repeats,
                          paired=not unpaired, progress=not (not progress), lightstream_tiles=lightstream_tiles,  # files rewritten after every method: a long run keeps what it measured
                          on_row=lambda case_rows: write_compare(in_order(done + case_rows), dev, csv, png, md))
+        case_rows = [r for r in rows if r["case"] == name]
         del one
         text = write_compare(in_order(rows), dev, csv, png, md)
+        if stem == "seg" and sim_sizes:
+            text += "\n" + _simulate_case(name, model_name, case_rows, sim_sizes, profile, dev, points, progress,
+                                          fresh, *sim_files)
     return text
+
+
+SIM_REQUIRED = ("case", "model", "resolution", "method", "setting", "peak_bytes", "peak_how", "time_s", "time_how")
+
+
+def _simulate_case(name, model_name, measured, sizes, profile, dev, points, progress, fresh, csv, png, md) -> str:
+    """The dense case's model at ``sizes`` (:func:`lrcnn.analysis.bench.dense.simulated_rows`) and its
+    time target at the first size, into ``seg-sim-<device>.*`` (other cases' rows kept)."""
+    kept = [] if fresh else earlier_rows(csv, [name], required=list(SIM_REQUIRED), what="seg-sim CSV")
+    rows = dense_sim.simulated_rows(name, model_name, sizes, profile, measured, points=max(points, 6),
+                                    progress=progress)
+    plain = next(r for r in rows if r["method"] == "plain" and r["resolution"] == sizes[0])
+    target = dense_sim.time_target(model_name, sizes[0], profile, plain["peak_bytes"])
+    target["case"] = name
+    for r in rows:
+        r["device"] = machine_line(dev)
+        r.update({f"target_{k}": v for k, v in target.items()} if r is plain else {})
+    return dense_sim.write_sim(kept + rows, dev, csv, png, md)

@@ -22,9 +22,12 @@ GiB = 2**30
 
 
 def split_blocks(model: nn.Module) -> Tuple[nn.Module, List[nn.Module], nn.Module]:
-    """``(stem, blocks, head)`` of a torchvision ResNet, VGG or MobileNetV2: running them in order
-    computes exactly ``model(x)``.  The blocks are what people checkpoint: residual blocks,
-    inverted-residual blocks, VGG stages (convolutions up to and including a max-pool)."""
+    """``(stem, blocks, head)``: running them in order computes exactly ``model(x)``.  The blocks are
+    what people checkpoint: residual blocks (ResNet), inverted-residual blocks (MobileNetV2), VGG
+    stages (convolutions up to and including a max-pool), and for dense models (:func:`dense_blocks`)
+    the U-Net's levels and torchvision's ResNet-backbone segmentation models' residual blocks and
+    classifier.  What passes between blocks is a tensor, or for dense models a tuple (the U-Net's
+    skips; the input size the segmentation head resamples to)."""
     from torchvision.models import VGG, MobileNetV2, ResNet
 
     if isinstance(model, ResNet):
@@ -47,9 +50,119 @@ def split_blocks(model: nn.Module) -> Tuple[nn.Module, List[nn.Module], nn.Modul
         stem, blocks = feats[0], feats[1:-1]
         head = nn.Sequential(feats[-1], nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(1), model.classifier)
     else:
-        raise BenchError(f"no block structure known for {type(model).__name__}: the checkpoint baselines "
-                         f"cover torchvision ResNet, VGG and MobileNetV2 models")
+        dense = dense_blocks(model)
+        if dense is None:
+            raise BenchError(f"no block structure known for {type(model).__name__}: the checkpoint baselines "
+                             f"cover torchvision ResNet, VGG and MobileNetV2 models, the zoo's UNet and "
+                             f"torchvision's FCN / DeepLabV3 with a ResNet backbone")
+        return dense
     return stem, blocks, head
+
+
+# ---- dense models: the blocks pass a tuple along (U-Net: the skips so far; FCN: the map and the
+# input size its head resamples to); each block reads and replaces the tuple's last entries
+
+class _Skips(nn.Module):
+    """U-Net stem: the input as a one-entry tuple."""
+
+    def forward(self, x):
+        return (x,)
+
+
+class _Level(nn.Module):
+    """A U-Net level down: ``block`` on the last entry, its output appended (a skip), or replacing
+    the input (``push=False``: the first level, whose input is no skip)."""
+
+    def __init__(self, block: nn.Module, push: bool = True) -> None:
+        super().__init__()
+        self.block, self.push = block, push
+
+    def forward(self, skips):
+        y = self.block(skips[-1])
+        return (*skips, y) if self.push else (*skips[:-1], y)
+
+
+class _UpLevel(nn.Module):
+    """A U-Net level up: the last entry up-sampled, concatenated after the skip before it, the
+    level's convolutions: the two entries replaced by the result (the zoo UNet's ``forward``)."""
+
+    def __init__(self, up: nn.Module, dec: nn.Module) -> None:
+        super().__init__()
+        self.up, self.dec = up, dec
+
+    def forward(self, skips):
+        return (*skips[:-2], self.dec(torch.cat([skips[-2], self.up(skips[-1])], dim=1)))
+
+
+class _Last(nn.Module):
+    """U-Net head: ``block`` on the one entry left."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, skips):
+        (x,) = skips
+        return self.block(x)
+
+
+class _SizedStem(nn.Module):
+    """Segmentation stem: ``(stem(x), input size)``."""
+
+    def __init__(self, stem: nn.Module) -> None:
+        super().__init__()
+        self.stem = stem
+
+    def forward(self, x):
+        return (self.stem(x), x.shape[-2:])
+
+
+class _Sized(nn.Module):
+    """A block of a segmentation model: on the map, the input size carried along."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, state):
+        h, size = state
+        return (self.block(h), size)
+
+
+class _SizedHead(nn.Module):
+    """torchvision's segmentation head's end: the logits resampled to the input size, as ``{"out": ...}``."""
+
+    def forward(self, state):
+        h, size = state
+        return {"out": nn.functional.interpolate(h, size=size, mode="bilinear", align_corners=False)}
+
+
+def dense_blocks(model: nn.Module) -> Optional[Tuple[nn.Module, List[nn.Module], nn.Module]]:
+    """``(stem, blocks, head)`` of a dense model whose structure is known, else ``None``.
+
+    * the zoo's :class:`~lrcnn.models.zoo.UNet`: blocks = the first level's convolutions, every
+      level down (max-pool and convolutions), every level up (transposed convolution, concatenation
+      with the skip, convolutions); the skips are block outputs, kept as checkpointing keeps
+      every block's output; head = the 1x1 classifier;
+    * torchvision's FCN / DeepLabV3 with a ResNet backbone (no auxiliary head): stem = the
+      backbone's stem, blocks = its residual blocks and the classifier, head = the bilinear
+      resampling to the input size (``{"out": logits}``)."""
+    from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+
+    from lrcnn.models.zoo import UNet
+
+    if isinstance(model, UNet):
+        blocks = [_Level(model.inc, push=False)] + [_Level(d) for d in model.down]
+        blocks += [_UpLevel(u, d) for u, d in zip(model.up, model.dec)]
+        return _Skips(), blocks, _Last(model.outc)
+    if isinstance(model, _SimpleSegmentationModel) and model.aux_classifier is None:
+        bb = model.backbone
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        if list(bb.keys()) == list(names) and dict(bb.return_layers) == {"layer4": "out"}:
+            stem = _SizedStem(nn.Sequential(bb.conv1, bb.bn1, bb.relu, bb.maxpool))
+            blocks = [_Sized(b) for layer in (bb.layer1, bb.layer2, bb.layer3, bb.layer4) for b in layer]
+            return stem, blocks + [_Sized(model.classifier)], _SizedHead()
+    return None
 
 
 class CheckpointBlocks(nn.Module):
@@ -68,7 +181,8 @@ class CheckpointBlocks(nn.Module):
 
 
 class CheckpointSqrt(nn.Module):
-    """``checkpoint_sequential`` over ``[stem, *blocks, head]`` with round(sqrt(n)) segments."""
+    """``checkpoint_sequential`` over ``[stem, *blocks, head]`` with round(sqrt(n)) segments (for a
+    U-Net every skip alive at a segment's start is that segment's input, and kept)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

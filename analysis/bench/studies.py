@@ -9,26 +9,34 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 
-from lrcnn.analysis.bench.cases import OPTIMIZER
+from lrcnn.analysis.bench.cases import CLASSES, OPTIMIZER
 from lrcnn.analysis.bench.methods import CheckpointBlocks, CheckpointSqrt
 from lrcnn.executor.measure import make_optimizer, opt_state, train_step
 from lrcnn.executor.simulate import simulate_plan
 from lrcnn.models import get_model, memory, set_bn_mode
 from lrcnn.models.capture import build_and_capture
+from lrcnn.models.loss import logits_of, synthetic_target
+from lrcnn.models.zoo import model_task
 from lrcnn.planner.solve import max_batch, Solver
 
 
 def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int]) -> int:
-    """Absolute peak of one training step of the (wrapped) model, simulated under FakeTensorMode."""
+    """Absolute peak of one training step of the (wrapped) model, simulated under FakeTensorMode
+    (a dense model's target: a class index per pixel of its logits, as the bench's cases)."""
+    dense = model_task(model_name) == "segmentation"
     with memory.fake_mode():
         torch.manual_seed(0)
-        model = get_model(model_name)
+        model = get_model(model_name, num_classes=None if dense else CLASSES)
         set_bn_mode(model, "train")
         fwd = wrapper(model) if wrapper else model
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, OPTIMIZER)
         x = torch.randn(*shape)
-        y = torch.randint(0, 1000, (shape[0],))
+        if dense:
+            with torch.no_grad():
+                y = synthetic_target(logits_of(model(x)).shape)
+        else:
+            y = torch.randint(0, CLASSES, (shape[0],))
         train_step(fwd, opt, x, y)  # optimizer state
         state = opt_state(opt)
         rep = memory.measure_step(lambda: train_step(fwd, opt, x, y), track_existing=[model, state, x, y])
@@ -36,8 +44,14 @@ def simulated_peak(model_name: str, wrapper: Optional[type], shape: Sequence[int
 
 
 def size_study(budget: int, profile: str, model_name: str = "resnet50", resolution: int = 224,
-          progress: bool = True, which: str = "both") -> List[Dict]:
-    """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``."""
+               progress: bool = True, which: str = "both", step: int = 32, limit: int = 1 << 9,
+               simulate: bool = True) -> List[Dict]:
+    """Largest batch at ``resolution`` and largest square input at batch 1 within ``budget``
+    (sides in multiples of ``step``, up to ``step * limit``; a U-Net's side must be a multiple of
+    16).  Resolution rows carry ``x_pixels_checkpoint_blocks``: their pixels over those
+    checkpointing per block reaches.  ``simulate``: lrcnn's plan at its answer is also simulated
+    (the executor's step under FakeTensorMode; minutes for a plan of many strips), else its peak
+    is the planner's prediction."""
     from tqdm import tqdm
 
     rows = []
@@ -73,7 +87,8 @@ def size_study(budget: int, profile: str, model_name: str = "resnet50", resoluti
     # resolutions start at 64: at 32x32 and batch 1, train-mode BN of ResNet's last stage sees one
     # value per channel, which PyTorch refuses
     studies = [("max batch", f"{resolution}x{resolution}", lambda n: (n, 3, resolution, resolution), lambda n: n, 1 << 12),
-               ("max resolution", "batch 1", lambda n: (1, 3, 32 * (n + 1), 32 * (n + 1)), lambda n: 32 * (n + 1), 1 << 9)]
+               ("max resolution", "batch 1", lambda n: (1, 3, step * (n + 1), step * (n + 1)), lambda n: step * (n + 1),
+                limit)]
     studies = [s for s in studies if which == "both" or s[0] == f"max {which}"]
     for what, fixed, shape_of, size_of, limit in studies:
         best_n = 0
@@ -91,10 +106,14 @@ def size_study(budget: int, profile: str, model_name: str = "resnet50", resoluti
         if n:
             shape = shape_of(n)
             plan = solvers[shape].solve(budget)
-            df, _ = simulate_plan(plan)
-            sim = float(df[df.phase == "peak"].simulated_bytes.iloc[0])
+            if simulate:
+                df, _ = simulate_plan(plan)
+                sim = float(df[df.phase == "peak"].simulated_bytes.iloc[0])
+            else:
+                sim = float(plan.predicted["peak_bytes"])
+        how = "planner prediction" + ("; plan simulated (FakeTensorMode executor step)" if simulate else "")
         rows.append(dict(study=what, fixed=fixed, method="lrcnn", largest=size_of(n) if n else 0, peak_bytes=sim,
-                         how="planner prediction; plan simulated (FakeTensorMode executor step)"))
+                         how=how))
     bar.close()
     best = {}
     for r in rows:
@@ -102,4 +121,8 @@ def size_study(budget: int, profile: str, model_name: str = "resnet50", resoluti
             best[r["study"]] = max(best.get(r["study"], 0), r["largest"])
     for r in rows:
         r["x_best_alternative"] = r["largest"] / best[r["study"]] if best.get(r["study"]) else math.nan
+    ckb = {r["study"]: r["largest"] for r in rows if r["method"] == "checkpoint-blocks"}
+    for r in rows:
+        if r["study"] == "max resolution":
+            r["x_pixels_checkpoint_blocks"] = (r["largest"] / ckb[r["study"]]) ** 2 if ckb.get(r["study"]) else math.nan
     return rows

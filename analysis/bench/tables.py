@@ -171,13 +171,15 @@ def study_markdown(rows: List[Dict], budget: int, device: torch.device, model_na
     where = here if set(runs.values()) <= {here} else "; ".join(f"{k}: {v}" for k, v in runs.items())
     lines = [f"{model_name}, train-mode BN, SGD momentum, budget {fmt_bytes(budget)}; every number simulated "
              f"(FakeTensorMode, no memory used) on {where}.", "",
-             "| study | fixed | method | largest | peak at it | x best alternative | how |",
-             "|---|---|---|---:|---:|---:|---|"]
+             "| study | fixed | method | largest | peak at it | x best alternative | pixels x checkpoint-blocks | how |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         pk = "-" if math.isnan(r["peak_bytes"]) else fmt_bytes(r["peak_bytes"])
         size = str(r["largest"]) if r["study"] == "max batch" else f"{r['largest']}x{r['largest']}"
+        px = r.get("x_pixels_checkpoint_blocks", math.nan)  # (resolution rows; older CSVs have none)
+        px = "-" if not isinstance(px, float) or math.isnan(px) else f"{px:.2f}"
         lines.append(f"| {r['study']} | {r['fixed']} | {r['method']} | {size} | {pk} | "
-                     f"{r['x_best_alternative']:.2f} | {r['how']} |")
+                     f"{r['x_best_alternative']:.2f} | {px} | {r['how']} |")
     return "\n".join(lines) + "\n"
 
 

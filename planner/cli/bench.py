@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import List
 
-from lrcnn.analysis.bench import BENCH_BN, CASES, METHODS
+from lrcnn.analysis.bench import ALL_CASES, BENCH_BN, CASES, DENSE_CASES, METHODS
 from lrcnn.analysis.bench.compare import bench
+from lrcnn.analysis.bench.dense import SIM_SIZES
 from lrcnn.planner.cli.args import EXIT_OK, positive_int
 
 
@@ -49,13 +50,21 @@ def _sizes(text: str) -> List[int]:
     return vals
 
 
+def _sim_sizes(text: str) -> List[int]:
+    return [] if text.strip().lower() == "none" else _sizes(text)
+
+
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m bench compare`` / ``planner bench``."""
-    p.add_argument("--case", action="append", choices=sorted(CASES),
-                   help="a case to run (repeatable); default: all of them, or a custom one with --model")
-    p.add_argument("--model", help="custom case: a torchvision ResNet, VGG or MobileNetV2 name "
+    p.add_argument("--case", action="append", choices=sorted(ALL_CASES), metavar="CASE",
+                   help=f"a case to run (repeatable): {', '.join(CASES)} (the default: all of these), or the "
+                        f"dense (segmentation) cases, run only when named: {', '.join(DENSE_CASES)} (per-pixel "
+                        f"target; into seg-<device>.*, and every method at --sim-sizes into seg-sim-<device>.*); "
+                        f"or a custom case with --model")
+    p.add_argument("--model", help="custom case: a torchvision ResNet, VGG or MobileNetV2 name, or a dense "
+                                   "unet, tiny_unet, fcn_resnet50/101 or deeplabv3_resnet50/101 "
                                    "(with --batch and --resolution); with --study, the model studied "
-                                   "(default resnet50)")
+                                   "(default resnet50; a dense model's study goes into seg-study-<device>.*)")
     p.add_argument("--batch", type=positive_int, help="custom case: batch size")
     p.add_argument("--resolution", type=positive_int, help="custom case: square input size")
     p.add_argument("--bn", choices=BENCH_BN, default=None,
@@ -90,6 +99,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="start compare-<device>.csv (study-<device>.csv) anew (default: rows of cases, or "
                         "studies, not run now are kept from the existing file, so they can be run one at a "
                         "time into one table)")
+    p.add_argument("--sim-sizes", type=_sim_sizes, default=list(SIM_SIZES), metavar="N,N",
+                   help=f"dense cases: the square sizes every method is simulated at (batch 1; the time target "
+                        f"is judged at the first), or 'none' (default: {','.join(map(str, SIM_SIZES))})")
     p.add_argument("--study", nargs="?", const="both", choices=["batch", "resolution", "both"],
                    help="run the max-batch and/or max-resolution study (--model, default ResNet-50) under --study-budget "
                         "instead (simulated; default when given without a value: both)")
@@ -103,7 +115,7 @@ def command(args) -> int:
                  warmup=args.warmup, repeats=args.repeats, unpaired=args.unpaired, dtype=args.dtype,
                  device=args.device, profile=args.profile, out_dir=args.out_dir, fresh=args.fresh,
                  study=args.study, study_budget=args.study_budget, progress=not args.no_progress, bn=args.bn,
-                 lightstream_tiles=args.lightstream_tiles)
+                 lightstream_tiles=args.lightstream_tiles, sim_sizes=args.sim_sizes)
     print(text)
     if not args.study:
         print(f"wrote compare-<device>.csv, .png and .md into {args.out_dir}", file=sys.stderr)
