@@ -425,14 +425,20 @@ def max_batch(fits_at: Callable[[int], Tuple[bool, int]], budget: int, limit: in
         ok, pk = fits_at(start)
         if not ok:
             return max_batch(fits_at, budget, min(limit, start - 1))
+        if start >= limit:
+            return limit
         lo, plo, hi, phi, slope, capped = start, pk, None, None, max(1.0, pk / start), True
     else:
         ok1, p1 = fits_at(1)
         if not ok1:
             return 0
+        if limit <= 1:
+            return 1
         ok2, p2 = fits_at(2)
         if not ok2:
             return 1
+        if limit <= 2:  # (no guess left between the batches tried and the limit)
+            return 2
         lo, plo, hi, phi = 2, p2, None, None
         slope, capped = max(1.0, float(p2 - p1)), False
     turn = 0

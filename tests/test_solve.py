@@ -173,6 +173,13 @@ def test_max_batch_search():
     assert max(calls) <= 2 * best and len(calls) <= 12
     calls.clear()
     assert max_batch(fits2, 1_000_000, limit=10_000, start=900) == best  # a hint that does not fit
+    # limits of 1 or 2, or at the hint (a hint that does not fit leaves limit hint - 1): the limit, never a
+    # try past it (this divided by zero: size_study on tiny_unet, limit 4)
+    for limit in (1, 2, 3):
+        calls.clear()
+        assert max_batch(fits, 10_000, limit=limit) == limit and max(calls) <= limit
+    assert max_batch(fits, 10_000, limit=4, start=3) == 4
+    assert max_batch(lambda n: (n <= 2, n), 10, limit=4, start=3) == 2
 
 
 # ------------------------------------------------------------------------------------------------
